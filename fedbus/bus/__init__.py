@@ -1,0 +1,41 @@
+"""NATS bus layer: embedded server, connections, subject layout, claim-check blobs."""
+
+from .blobs import BlobIntegrityError, BlobNotFound, BlobRef, BlobStore
+from .connection import connect, publish_with_retry
+from .layout import (
+    BLOBS_BUCKET,
+    JOB_ID_PATTERN,
+    KV_BUCKET,
+    MODELS_BUCKET,
+    Subjects,
+    ensure_job_infrastructure,
+)
+from .server import (
+    EmbeddedNatsServer,
+    NatsServerError,
+    NatsServerNotFound,
+    find_nats_server_binary,
+    free_port,
+    run_foreground,
+)
+
+__all__ = [
+    "BLOBS_BUCKET",
+    "JOB_ID_PATTERN",
+    "KV_BUCKET",
+    "MODELS_BUCKET",
+    "BlobIntegrityError",
+    "BlobNotFound",
+    "BlobRef",
+    "BlobStore",
+    "EmbeddedNatsServer",
+    "NatsServerError",
+    "NatsServerNotFound",
+    "Subjects",
+    "connect",
+    "ensure_job_infrastructure",
+    "find_nats_server_binary",
+    "free_port",
+    "publish_with_retry",
+    "run_foreground",
+]

@@ -1,0 +1,242 @@
+"""Claim-check storage for payloads bigger than a NATS message (models, large updates).
+
+Writes go through nats-py's object store, so the layout (stream OBJ_<bucket>, chunk
+subject $O.<bucket>.C.<nuid>, meta subject, SHA-256 digest) is the standard one any
+NATS client can read. Reads do not use nats-py's ObjectStore.get(): it grows the
+result by concatenation and stalls on flow control (~26 s for 100 MiB). Here the
+chunks are streamed by an ordered push consumer into a preallocated buffer and
+hashed on the way in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+import structlog
+from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions
+from nats.js.object_store import ObjectStore
+
+from .layout import BLOBS_BUCKET
+
+log = structlog.get_logger(__name__)
+
+DIGEST_PREFIX = "SHA-256="
+# A chunk is one NATS message: leave room under max_payload for headers that
+# mirrors/sources add when the bucket is replicated to another domain.
+HEADER_ROOM = 4 * 1024
+# Bigger chunks barely speed up writes past 1 MiB, and each one must fit in the
+# client's outgoing buffer and the reader's pending queue.
+MAX_CHUNK_SIZE = 1024 * 1024
+MIN_CHUNK_SIZE = 4 * 1024
+
+
+def chunk_size_for(max_payload: int) -> int:
+    """Largest chunk that stays under the server's max_payload with header room."""
+    return max(MIN_CHUNK_SIZE, min(MAX_CHUNK_SIZE, max_payload - HEADER_ROOM))
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """What a signed envelope carries instead of the bytes."""
+
+    bucket: str
+    name: str
+    size: int
+    digest: str  # "SHA-256=<base64url>", exactly as the object store writes it
+
+
+class BlobIntegrityError(Exception):
+    """The stored object is not what was promised. `reason` is a stable name:
+    size_mismatch, digest_mismatch, missing_chunks, malformed_digest."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class BlobNotFound(Exception):
+    """No such object (or no such bucket)."""
+
+
+def _digest_bytes(digest: str) -> bytes:
+    """Raw SHA-256 from "SHA-256=<base64url>" (prefix case-insensitive, padding optional)."""
+    if not isinstance(digest, str) or not digest.upper().startswith(DIGEST_PREFIX):
+        raise BlobIntegrityError("malformed_digest", f"{digest!r} does not start with {DIGEST_PREFIX}")
+    encoded = digest[len(DIGEST_PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError) as err:
+        raise BlobIntegrityError("malformed_digest", f"{digest!r}: {err}") from None
+    if len(raw) != hashlib.sha256().digest_size:
+        raise BlobIntegrityError("malformed_digest", f"{digest!r} is not a SHA-256 digest")
+    return raw
+
+
+def format_digest(raw: bytes) -> str:
+    return DIGEST_PREFIX + base64.urlsafe_b64encode(raw).decode()
+
+
+class _ChunkReader:
+    """Callback state for one read: writes chunks in order into `buf` and hashes them."""
+
+    def __init__(self, size: int, chunks: int) -> None:
+        self.buf = bytearray(size)
+        self.chunks = chunks
+        self.offset = 0
+        self.received = 0
+        self.hasher = hashlib.sha256()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _fail(self, reason: str, detail: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(BlobIntegrityError(reason, detail))
+
+    async def on_chunk(self, msg: Any) -> None:
+        if self.done.done():
+            return
+        data = msg.data
+        end = self.offset + len(data)
+        if end > len(self.buf):
+            self._fail("size_mismatch", f"chunks exceed the declared size {len(self.buf)}")
+            return
+        self.buf[self.offset : end] = data
+        self.hasher.update(data)
+        self.offset = end
+        self.received += 1
+        if self.received == self.chunks:
+            self.done.set_result(None)
+        elif msg.metadata.num_pending == 0:
+            # Nothing more is stored for this object: chunks were purged or lost.
+            self._fail("missing_chunks", f"stream has only {self.received} of {self.chunks} chunks")
+
+
+class BlobStore:
+    """Put/get/delete large payloads in one object-store bucket."""
+
+    def __init__(self, nc: Any, js: Any, bucket: str = BLOBS_BUCKET) -> None:
+        self._nc = nc
+        self._js = js
+        self.bucket = bucket
+        self._store: ObjectStore | None = None
+
+    @property
+    def stream(self) -> str:
+        return f"OBJ_{self.bucket}"
+
+    @property
+    def chunk_size(self) -> int:
+        return chunk_size_for(self._nc.max_payload)
+
+    async def _object_store(self) -> ObjectStore:
+        if self._store is None:
+            try:
+                self._store = await self._js.object_store(self.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                raise BlobNotFound(
+                    f"object store bucket {self.bucket!r} does not exist (ensure_job_infrastructure creates it)"
+                ) from None
+        return self._store
+
+    async def put(self, name: str, data: bytes | bytearray | memoryview) -> BlobRef:
+        if not isinstance(name, str) or not name:
+            raise ValueError("blob name must be a non-empty string")
+        store = await self._object_store()
+        # nats-py only reads bytes synchronously; other buffers would go through a
+        # thread-pool reader per chunk. One copy is cheaper.
+        payload = data if isinstance(data, bytes) else bytes(data)
+        meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=self.chunk_size))
+        info = await store.put(name, payload, meta=meta)
+        ref = BlobRef(bucket=self.bucket, name=info.name, size=info.size or 0, digest=info.digest or "")
+        log.debug("bus.blob.put", bucket=self.bucket, name=name, size=ref.size, chunks=info.chunks)
+        return ref
+
+    async def info(self, name: str) -> ObjectInfo:
+        store = await self._object_store()
+        try:
+            return await store.get_info(name)
+        except nats.js.errors.NotFoundError:
+            raise BlobNotFound(f"blob {name!r} not found in bucket {self.bucket!r}") from None
+
+    async def get(
+        self,
+        name: str,
+        *,
+        expected_size: int | None = None,
+        expected_digest: str | None = None,
+        timeout: float = 30.0,
+    ) -> bytearray:
+        """Read and verify a blob. Raises BlobNotFound, BlobIntegrityError, TimeoutError."""
+        info = await self.info(name)
+        if info.is_link():
+            raise BlobNotFound(f"blob {name!r} is a link; links are not supported")
+        size, chunks = info.size or 0, info.chunks or 0
+        stored_digest = _digest_bytes(info.digest or "")
+
+        # Check what the caller was promised before downloading anything: a
+        # claim-check that names a different object must not cost a transfer.
+        if expected_size is not None and expected_size != size:
+            raise BlobIntegrityError("size_mismatch", f"expected {expected_size} bytes, stored {size}")
+        if expected_digest is not None and _digest_bytes(expected_digest) != stored_digest:
+            raise BlobIntegrityError("digest_mismatch", f"expected {expected_digest}, stored {info.digest}")
+
+        if chunks == 0:
+            if size:
+                raise BlobIntegrityError("missing_chunks", f"declared {size} bytes in 0 chunks")
+            buf, actual = bytearray(), hashlib.sha256().digest()
+        else:
+            buf, actual = await self._read_chunks(info, timeout)
+        if actual != stored_digest:
+            raise BlobIntegrityError("digest_mismatch", f"read {format_digest(actual)}, declared {info.digest}")
+        return buf
+
+    async def _read_chunks(self, info: ObjectInfo, timeout: float) -> tuple[bytearray, bytes]:
+        size, chunks = info.size or 0, info.chunks or 0
+        subject = f"$O.{self.bucket}.C.{info.nuid}"
+        # Count the stored chunks first (a small JSON answer): a purged object fails
+        # at once instead of waiting for chunks that will never come.
+        state = (await self._js.stream_info(self.stream, subjects_filter=subject)).state
+        stored = (state.subjects or {}).get(subject, 0)
+        if stored < chunks:
+            raise BlobIntegrityError("missing_chunks", f"stream has {stored} of {chunks} chunks")
+
+        reader = _ChunkReader(size, chunks)
+        sub = await self._js.subscribe(
+            subject,
+            stream=self.stream,
+            cb=reader.on_chunk,
+            ordered_consumer=True,
+            # nats-py drops messages above this limit *after* advancing the ordered
+            # consumer's sequence, so a drop would look like a missing chunk: make
+            # room for the whole object.
+            pending_bytes_limit=max(64 * 1024 * 1024, 2 * size),
+        )
+        try:
+            await asyncio.wait_for(reader.done, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"blob {info.name!r}: {reader.received} of {chunks} chunks after {timeout}s"
+            ) from None
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception as err:  # the connection may be gone; the read result stands
+                log.warning("bus.blob.unsubscribe_failed", error=repr(err))
+        if reader.offset != size:
+            raise BlobIntegrityError("size_mismatch", f"read {reader.offset} bytes, declared {size}")
+        return reader.buf, reader.hasher.digest()
+
+    async def delete(self, name: str) -> None:
+        """Delete a blob. Idempotent: deleting a missing blob is not an error, so
+        cleanup can be retried after a crash."""
+        store = await self._object_store()
+        try:
+            await store.delete(name)
+        except nats.js.errors.NotFoundError:
+            log.debug("bus.blob.delete_missing", bucket=self.bucket, name=name)

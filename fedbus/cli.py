@@ -1,0 +1,211 @@
+"""`fedbus` command line: one sub-command per role, plus local tooling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+
+def _env_nats() -> str:
+    return os.environ.get("FEDBUS_NATS_URL", DEFAULT_NATS)
+
+
+def _run_service(coro_factory, *, process: str, service: str, instance: str, span_file: str | None) -> int:
+    """Run one role's service with logging, tracing and clean shutdown on SIGTERM/SIGINT."""
+    from fedbus.telemetry import configure_logging, setup_tracing, shutdown_tracing
+
+    configure_logging(process=process)
+    setup_tracing(service, span_file=span_file, instance=instance)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        return await coro_factory()
+
+    try:
+        return asyncio.run(main()) or 0
+    except asyncio.CancelledError:
+        return 130
+    finally:
+        shutdown_tracing()
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedbus.coordinator.service import CoordinatorService
+    from fedbus.crypto.federation import Federation
+    from fedbus.crypto.keys import Identity
+    from fedbus.protocol.jobspec import JobSpec
+
+    torch.set_num_threads(args.threads)
+    job = JobSpec.load(args.job)
+    run_dir = Path(args.run_dir or f"runs/{job.job}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load(args.key)
+    service = CoordinatorService(job, Federation.load(args.federation), identity, args.nats, run_dir)
+
+    async def go() -> int:
+        summary = await service.run()
+        return 0 if summary.reason == "completed" else 3
+
+    return _run_service(go, process="coordinator", service="fedbus-coordinator", instance=identity.id,
+                        span_file=args.span_file or str(run_dir / "spans.jsonl"))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedbus.crypto.federation import Federation
+    from fedbus.crypto.keys import Identity
+    from fedbus.protocol.jobspec import JobSpec
+    from fedbus.worker.service import WorkerService
+
+    # Many workers share a machine in local runs; one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(args.threads)
+    identity = Identity.load(args.key)
+    if args.id and args.id != identity.id:
+        print(f"error: --id {args.id} does not match the key file's id {identity.id}", file=sys.stderr)
+        return 2
+    service = WorkerService(JobSpec.load(args.job), Federation.load(args.federation), identity, args.nats,
+                            partition=args.partition)
+    return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
+                        instance=identity.id, span_file=args.span_file)
+
+
+def cmd_keys_gen(args: argparse.Namespace) -> int:
+    from fedbus.crypto.keys import Identity
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.id}.key"
+    if path.exists() and not args.force:
+        print(f"error: {path} exists (use --force to overwrite)", file=sys.stderr)
+        return 2
+    identity = Identity.generate(args.id, args.role, args.region)
+    identity.save(path)
+    print(f"wrote {path} (private, mode 600); public entry:")
+    import yaml
+
+    print(yaml.safe_dump([identity.participant_entry()], sort_keys=False), end="")
+    return 0
+
+
+def cmd_keys_federation(args: argparse.Namespace) -> int:
+    from fedbus.crypto.federation import Federation, FederationFile, Participant
+    from fedbus.crypto.keys import Identity
+
+    keys = sorted(Path(args.keys).glob("*.key"))
+    if not keys:
+        print(f"error: no *.key files in {args.keys}", file=sys.stderr)
+        return 2
+    order = {"coordinator": 0, "aggregator": 1, "worker": 2}
+    entries = sorted((Identity.load(k).participant_entry() for k in keys), key=lambda e: (order[e["role"]], e["id"]))
+    Federation(FederationFile(federation=args.name, participants=[Participant(**e) for e in entries])).dump(args.out)
+    print(f"wrote {args.out} with {len(entries)} participants (public keys only)")
+    return 0
+
+
+def cmd_nats_up(args: argparse.Namespace) -> int:
+    from fedbus.bus import run_foreground
+
+    return run_foreground(Path(args.store_dir) if args.store_dir else None, args.port)
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from fedbus.protocol import schemas
+
+    if args.check:
+        drift = schemas.check(args.out)
+        for name in drift:
+            print(f"drift: {name}")
+        return 1 if drift else 0
+    for path in schemas.write(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedbus.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedbus", description="Federated learning over NATS JetStream.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("coordinator", help="run the coordinator of a job")
+    c.add_argument("--job", required=True, help="job spec YAML")
+    c.add_argument("--federation", required=True, help="federation YAML (participants and public keys)")
+    c.add_argument("--key", required=True, help="this coordinator's private key file")
+    c.add_argument("--nats", default=_env_nats(), help="NATS URL (env FEDBUS_NATS_URL)")
+    c.add_argument("--run-dir", help="where summary.json, spans and the final model go (default runs/<job>)")
+    c.add_argument("--span-file", help="JSONL span file (default <run-dir>/spans.jsonl)")
+    c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    c.set_defaults(func=cmd_coordinator)
+
+    w = sub.add_parser("worker", help="run a worker (data holder)")
+    w.add_argument("--job", required=True)
+    w.add_argument("--federation", required=True)
+    w.add_argument("--key", required=True, help="this worker's private key file")
+    w.add_argument("--id", help="worker id (must match the key file)")
+    w.add_argument("--nats", default=_env_nats())
+    w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
+    w.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
+    w.add_argument("--threads", type=int, default=1)
+    w.set_defaults(func=cmd_worker)
+
+    d = sub.add_parser("demo", help="a whole local federation: nats-server, coordinator and workers")
+    d.add_argument("--workers", type=int, default=10)
+    d.add_argument("--rounds", type=int, default=None, help="default: the digits job's default")
+    d.add_argument("--run-dir", help="default runs/demo-<timestamp>")
+    d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    d.set_defaults(func=cmd_demo)
+
+    n = sub.add_parser("nats", help="NATS helpers")
+    nsub = n.add_subparsers(dest="nats_command", required=True)
+    up = nsub.add_parser("up", help="run an embedded nats-server with JetStream in the foreground")
+    up.add_argument("--port", type=int, default=4222)
+    up.add_argument("--store-dir", help="JetStream store directory (default: a temporary one)")
+    up.set_defaults(func=cmd_nats_up)
+
+    k = sub.add_parser("keys", help="identities")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    gen = ksub.add_parser("gen", help="generate an Ed25519 key pair")
+    gen.add_argument("--id", required=True)
+    gen.add_argument("--role", required=True, choices=["coordinator", "aggregator", "worker"])
+    gen.add_argument("--region", default="default")
+    gen.add_argument("--out", required=True, help="directory for <id>.key")
+    gen.add_argument("--force", action="store_true")
+    gen.set_defaults(func=cmd_keys_gen)
+    fed = ksub.add_parser("federation", help="write a federation file from a directory of key files")
+    fed.add_argument("--keys", required=True)
+    fed.add_argument("--out", required=True)
+    fed.add_argument("--name", default="fedbus")
+    fed.set_defaults(func=cmd_keys_federation)
+
+    s = sub.add_parser("schemas", help="write or check the JSON Schemas generated from the models")
+    s.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"))
+    s.add_argument("--check", action="store_true")
+    s.set_defaults(func=cmd_schemas)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

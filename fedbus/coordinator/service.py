@@ -1,0 +1,330 @@
+"""CoordinatorService: wires the RoundStateMachine to NATS JetStream.
+
+It translates only: heartbeats and verified updates become events; actions become
+signed publishes, spans, audit records and the run summary. All round logic lives in
+``coordinator.rounds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import structlog
+import torch
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import trace as otel_trace
+
+from fedbus.aggregation.base import ClientUpdate
+from fedbus.audit import AuditTrail
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.coordinator.rounds import (
+    CloseRound,
+    EvalReceived,
+    FinishJob,
+    MessageRejected,
+    OpenEval,
+    OpenRound,
+    RejectUpdate,
+    RoundPolicy,
+    RoundStateMachine,
+    Start,
+    Tick,
+    UpdateReceived,
+    WorkerSeen,
+)
+from fedbus.coordinator.summary import RunSummary
+from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, now_ms
+from fedbus.crypto.federation import Federation
+from fedbus.crypto.keys import Identity
+from fedbus.messaging import Messenger
+from fedbus.protocol.jobspec import JobSpec
+from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update
+from fedbus.tasks import load_task
+from fedbus.telemetry import get_tracer, inject_trace_headers
+
+log = structlog.get_logger("fedbus.coordinator")
+
+TICK_S = 0.05
+
+
+def policy_from(job: JobSpec) -> RoundPolicy:
+    return RoundPolicy(
+        rounds=job.rounds,
+        min_workers=job.cohort.min_workers,
+        cohort_size=job.cohort.size,
+        min_updates=job.cohort.min_updates,
+        round_deadline_ms=int(job.round_deadline_s * 1000),
+        wait_for_workers_ms=int(job.cohort.wait_for_workers_s * 1000),
+        liveness_ms=int(max(5.0, 5 * job.transport.heartbeat_s) * 1000),
+        final_eval=job.evaluation.final_round and job.evaluation.federated,
+        final_eval_deadline_ms=int(job.round_deadline_s * 1000),
+        seed=job.seed,
+    )
+
+
+class CoordinatorService:
+    def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path):
+        if identity.role != "coordinator":
+            raise ValueError(f"key {identity.id} has role {identity.role}, not coordinator")
+        listed = federation.get(identity.id)
+        if listed is None or listed.public_key != identity.participant_entry()["public_key"]:
+            raise ValueError(f"key {identity.id} is not the coordinator listed in the federation file")
+        self.job = job
+        self.federation = federation
+        self.identity = identity
+        self.nats_url = nats_url
+        self.run_dir = Path(run_dir)
+        self.subjects = Subjects(job.job, prefix=job.transport.prefix)
+        self.task = load_task(job.task)
+        torch.manual_seed(job.seed)
+        self.model = self.task.build_model(job.task_params)
+        self.test_data = self.task.server_test_data(job.task_params, job.seed) if job.evaluation.server_test else None
+        if self.test_data is not None:
+            self.task.evaluate(self.model, self.test_data)  # pay torch's one-time costs before round 1
+        initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.machine = RoundStateMachine(policy_from(job), initial)
+        self.verifier = EnvelopeVerifier(
+            federation, job.job,
+            max_age_ms=int(job.security.max_age_s * 1000), max_future_ms=int(job.security.max_future_s * 1000),
+            max_body_bytes=job.security.max_message_bytes)
+        self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
+        self.tracer = get_tracer("fedbus.coordinator")
+        self._round_spans: dict[int, otel_trace.Span] = {}
+        self._actions: asyncio.Queue = asyncio.Queue()
+        self._done = asyncio.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> RunSummary:
+        started = time.perf_counter()
+        self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}")
+        self.js = self.nc.jetstream()
+        try:
+            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            await self._fresh_start()
+            self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
+                                       inline_max_bytes=self.job.transport.inline_max_bytes)
+            self.audit = AuditTrail(self.js, self.subjects.audit, self.identity.id)
+            await self.audit.publish("job.started", job=self.job.job, rounds=self.job.rounds)
+            hb_sub = await self.nc.subscribe(self.subjects.hb_all, cb=self._on_heartbeat)
+            tasks = [asyncio.create_task(self._consume(self.subjects.upd_all, self.subjects.upd_stream,
+                                                      "coordinator-updates", self._on_update)),
+                     asyncio.create_task(self._consume(self.subjects.metrics_all, self.subjects.metrics_stream,
+                                                      "coordinator-metrics", self._on_eval_report)),
+                     asyncio.create_task(self._tick()),
+                     asyncio.create_task(self._act())]
+            log.info("coordinator.started", job=self.job.job, nats=self.nats_url, rounds=self.job.rounds,
+                     min_workers=self.job.cohort.min_workers)
+            self._emit(self.machine.handle(Start(now_ms())))
+            await self._done.wait()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await hb_sub.unsubscribe()
+        finally:
+            self.summary.wall_seconds = time.perf_counter() - started
+            self.summary.write(self.run_dir / "summary.json")
+            # Every publish was acknowledged already; drain() would wait on the pull consumers.
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        return self.summary
+
+    async def _fresh_start(self) -> None:
+        """A new coordinator run of a job starts from scratch: old control events and
+        updates of the same job id must not leak into it."""
+        for stream in (self.subjects.ctl_stream, self.subjects.upd_stream, self.subjects.metrics_stream):
+            with contextlib.suppress(Exception):
+                await self.js.purge_stream(stream)
+        for stream, durable in ((self.subjects.upd_stream, "coordinator-updates"),
+                                (self.subjects.metrics_stream, "coordinator-metrics")):
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(stream, durable)
+
+    # ---- inputs ------------------------------------------------------------------------
+
+    def _emit(self, actions) -> None:
+        for action in actions:
+            self._actions.put_nowait(action)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._emit(self.machine.handle(Tick(now_ms())))
+
+    def _rejected(self, rej: Rejection, kind: str, subject: str) -> None:
+        header = rej.header
+        self._emit(self.machine.handle(MessageRejected(rej.reason)))
+        self.summary.count_rejection(rej.reason)
+        log.warning(f"{kind}.rejected", reason=rej.reason, detail=rej.detail, subject=subject,
+                    sender=header.sender if header else None, round=header.round if header else None)
+        self._actions.put_nowait(("audit", f"{kind}.rejected", {
+            "reason": rej.reason, "detail": rej.detail[:200], "subject": subject,
+            "sender": header.sender if header else None, "round": header.round if header else None,
+            "nonce": header.nonce.hex() if header else None}))
+
+    async def _on_heartbeat(self, msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        try:
+            got = await self.messenger.receive(self.verifier, msg.data, sender_token=token)
+        except Rejection as rej:
+            self._rejected(rej, "heartbeat", msg.subject)
+            return
+        hb: Heartbeat = got.fields  # type: ignore[assignment]
+        self._emit(self.machine.handle(WorkerSeen(got.header.sender, hb.num_samples, now_ms())))
+
+    async def _consume(self, subject: str, stream: str, durable: str, handler) -> None:
+        config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
+                                ack_wait=60, max_ack_pending=10_000)
+        psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        while True:
+            try:
+                msgs = await psub.fetch(batch=64, timeout=0.25)
+            except (TimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as exc:  # connection hiccups: keep consuming
+                log.warning("consumer.fetch_failed", durable=durable, error=repr(exc))
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                try:
+                    await handler(msg)
+                except Exception as exc:  # a bug in one message's handling must not stop the service
+                    log.exception("message.handler_failed", subject=msg.subject, error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+
+    async def _on_update(self, msg) -> None:
+        parts = msg.subject.split(".")
+        token = parts[-1]
+        try:
+            got = await self.messenger.receive(
+                self.verifier, msg.data, sender_token=token,
+                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
+            if got.header.type != Update.TYPE:
+                raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
+            sender = self.federation.get(got.header.sender)
+            if sender is not None and sender.region != parts[-2]:
+                raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
+        except Rejection as rej:
+            self._rejected(rej, "update", msg.subject)
+            return
+        upd: Update = got.fields  # type: ignore[assignment]
+        state = {k: v for k, v in (got.tensors or {}).items()}
+        event = UpdateReceived(
+            worker_id=got.header.sender, round=upd.round, now_ms=now_ms(),
+            update=ClientUpdate(got.header.sender, upd.num_samples, state, upd.num_steps),
+            train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
+        actions = self.machine.handle(event)
+        if not any(isinstance(a, RejectUpdate) and a.worker_id == event.worker_id for a in actions):
+            self.summary.updates_accepted += 1
+            log.debug("update.accepted", worker=event.worker_id, round=upd.round, samples=upd.num_samples)
+        self._emit(actions)
+
+    async def _on_eval_report(self, msg) -> None:
+        try:
+            got = await self.messenger.receive(self.verifier, msg.data, sender_token=msg.subject.rsplit(".", 1)[-1],
+                                               round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
+            if got.header.type != EvalReport.TYPE:
+                raise Rejection("unknown_type", f"{got.header.type} on a metrics subject", got.header)
+        except Rejection as rej:
+            self._rejected(rej, "metrics", msg.subject)
+            return
+        rep: EvalReport = got.fields  # type: ignore[assignment]
+        self._emit(self.machine.handle(EvalReceived(got.header.sender, rep.round, rep.num_samples, rep.metrics, now_ms())))
+
+    # ---- outputs -----------------------------------------------------------------------
+
+    async def _act(self) -> None:
+        while True:
+            action = await self._actions.get()
+            try:
+                await self._perform(action)
+            except Exception as exc:
+                log.exception("action.failed", action=type(action).__name__, error=repr(exc))
+
+    async def _perform(self, action) -> None:
+        match action:
+            case ("audit", event, fields):
+                await self.audit.publish(event, **fields)
+            case OpenRound():
+                await self._open_round(action)
+            case CloseRound():
+                await self._close_round(action)
+            case RejectUpdate():
+                self.summary.count_rejection(action.reason)
+                log.warning("update.rejected", reason=action.reason, detail=action.detail,
+                            sender=action.worker_id, round=action.round)
+                await self.audit.publish("update.rejected", reason=action.reason, sender=action.worker_id,
+                                         round=action.round, detail=action.detail[:200])
+            case OpenEval():
+                await self._open_eval(action)
+            case FinishJob():
+                await self._finish(action)
+
+    async def _open_round(self, a: OpenRound) -> None:
+        span = self.tracer.start_span("round", attributes={
+            "fedbus.job": self.job.job, "fedbus.round": a.round, "fedbus.model_version": a.model_version,
+            "fedbus.cohort_size": len(a.cohort)})
+        self._round_spans[a.round] = span
+        traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
+        body = RoundOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort),
+                         deadline_ms=a.deadline_ms, train=self.job.train.model_dump(),
+                         evaluate=self.job.evaluation.federated)
+        await self.messenger.publish(self.subjects.ctl("round.open"), body, a.state, round=a.round, trace=traceparent)
+        log.info("round.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
+
+    def _evaluate(self, state) -> dict[str, float]:
+        if self.test_data is None:
+            return {}
+        self.model.load_state_dict(state)
+        result = self.task.evaluate(self.model, self.test_data)
+        return {"test_loss": float(result.loss), "test_accuracy": float(result.accuracy)}
+
+    async def _close_round(self, a: CloseRound) -> None:
+        span = self._round_spans.pop(a.round, None)
+        ctx = otel_trace.set_span_in_context(span) if span else None
+        metrics = dict(a.metrics)
+        if a.status == "aggregated":
+            with self.tracer.start_as_current_span("coordinator.evaluate", context=ctx):
+                metrics.update(self._evaluate(a.state))
+        body = RoundClose(round=a.round, model_version=a.model_version, status=a.status, accepted=list(a.accepted),
+                          rejected=a.rejected, seconds=a.seconds, metrics=metrics)
+        await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round)
+        self.summary.add_round(a.round, a.model_version, a.status, a.seconds, len(a.accepted), a.rejected, metrics)
+        await self.audit.publish("round.closed", round=a.round, status=a.status, model_version=a.model_version,
+                                 accepted=list(a.accepted))
+        log.info("round.closed", round=a.round, status=a.status, seconds=round(a.seconds, 4),
+                 accepted=len(a.accepted), **{k: round(v, 4) for k, v in metrics.items()})
+        if span:
+            span.set_attribute("fedbus.status", a.status)
+            span.set_attribute("fedbus.accepted", len(a.accepted))
+            for k, v in metrics.items():
+                span.set_attribute(f"fedbus.{k}", v)
+            span.end()
+
+    async def _open_eval(self, a: OpenEval) -> None:
+        span = self.tracer.start_span("final_evaluation", attributes={
+            "fedbus.job": self.job.job, "fedbus.round": a.round, "fedbus.model_version": a.model_version})
+        self._round_spans[a.round] = span
+        traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
+        body = EvalOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort), deadline_ms=a.deadline_ms)
+        await self.messenger.publish(self.subjects.ctl("eval.open"), body, a.state, round=a.round, trace=traceparent)
+        log.info("eval.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
+
+    async def _finish(self, a: FinishJob) -> None:
+        for span in self._round_spans.values():
+            span.end()
+        self._round_spans.clear()
+        final = self._evaluate(self.machine.state)
+        metrics = {**final, **a.metrics}
+        self.summary.finish(a.reason, a.rounds_completed, a.model_version, metrics)
+        await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
+            rounds_completed=a.rounds_completed, model_version=a.model_version, metrics=metrics, reason=a.reason),
+            round=self.machine.round)
+        await self.audit.publish("job.done", reason=a.reason, rounds_completed=a.rounds_completed)
+        torch.save(self.machine.state, self.run_dir / "final_model.pt")
+        log.info("job.done", reason=a.reason, rounds=a.rounds_completed, **{k: round(v, 4) for k, v in metrics.items()})
+        self._done.set()

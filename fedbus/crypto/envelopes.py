@@ -1,0 +1,212 @@
+"""Sealing (sign) and opening (verify) fedbus envelopes.
+
+Verification runs cheapest check first and stops at the first failure, before any body
+is decoded: size -> header decode -> known, unrevoked sender -> role allowed for the type
+-> signature -> timestamp freshness -> nonce unseen -> job -> round -> body size ->
+body digest -> body decode. Tensor checks against the model follow in
+``check_tensors``. Every failure is a ``Rejection`` with a stable reason name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nacl.exceptions import BadSignatureError
+
+from fedbus.crypto.federation import Federation, Participant
+from fedbus.crypto.keys import Identity
+from fedbus.crypto.replay import ReplayGuard
+from fedbus.protocol.codec import Tensor, TensorSpec, spec_of
+from fedbus.protocol.envelope import (
+    NONCE_LEN,
+    BlobPointer,
+    EnvelopeError,
+    EnvelopeHeader,
+    body_digest,
+    decode_header,
+    encode_header,
+    frame,
+    split_frame,
+)
+from fedbus.protocol.messages import MESSAGE_TYPES, Body, BodyError, decode_body
+
+# Stable rejection reasons, in verification order. Metrics, logs and audit use these names.
+REASONS = (
+    "oversize",
+    "malformed_header",
+    "unknown_type",
+    "unknown_sender",
+    "revoked_sender",
+    "role_not_allowed",
+    "subject_mismatch",
+    "bad_signature",
+    "stale_timestamp",
+    "future_timestamp",
+    "replayed_nonce",
+    "wrong_job",
+    "wrong_round",
+    "blob_unavailable",
+    "digest_mismatch",
+    "malformed_body",
+    "not_in_cohort",
+    "duplicate_update",
+    "tensor_mismatch",
+    "non_finite",
+)
+
+
+class Rejection(Exception):
+    """A message failed verification; ``reason`` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str = "", header: EnvelopeHeader | None = None):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.header = header
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def seal(identity: Identity, msg_type: str, *, job: str, round: int, body: bytes,
+         trace: str | None = None, blob: BlobPointer | None = None,
+         ts_ms: int | None = None, nonce: bytes | None = None) -> tuple[bytes, EnvelopeHeader]:
+    """Sign a body into wire bytes. With ``blob``, the body travels out of line."""
+    header = EnvelopeHeader(
+        type=msg_type, job=job, round=round, sender=identity.id,
+        nonce=nonce if nonce is not None else os.urandom(NONCE_LEN),
+        ts=ts_ms if ts_ms is not None else now_ms(),
+        digest=body_digest(body), length=len(body), blob=blob, trace=trace,
+    )
+    header_bytes = encode_header(header)
+    return frame(header_bytes, identity.sign(header_bytes), b"" if blob else body), header
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A message whose header passed every check; its body is not yet verified."""
+
+    header: EnvelopeHeader
+    sender: Participant
+    inline_body: memoryview
+
+    @property
+    def body_cls(self) -> type[Body]:
+        return MESSAGE_TYPES[self.header.type]
+
+
+RoundCheck = Callable[[EnvelopeHeader], bool]
+
+
+class EnvelopeVerifier:
+    """Opens envelopes for one job on behalf of one receiving participant."""
+
+    def __init__(self, federation: Federation, job: str, *, max_age_ms: int, max_future_ms: int,
+                 max_body_bytes: int, replay_guard: ReplayGuard | None = None):
+        self.federation = federation
+        self.job = job
+        self.max_age_ms = max_age_ms
+        self.max_future_ms = max_future_ms
+        self.max_body_bytes = max_body_bytes
+        self.replay_guard = replay_guard or ReplayGuard(max_age_ms + max_future_ms)
+
+    def open(self, wire: bytes | bytearray | memoryview, *, now: int | None = None,
+             round_ok: RoundCheck | None = None, sender_token: str | None = None) -> Opened:
+        """Check everything up to (not including) the body. Raises Rejection."""
+        now = now_ms() if now is None else now
+        # 1. size, before decoding anything
+        if len(wire) > self.max_body_bytes + 8192:
+            raise Rejection("oversize", f"{len(wire)} bytes on the wire")
+        # 2. header decode
+        try:
+            header_bytes, signature, inline_body = split_frame(wire)
+            header = decode_header(header_bytes)
+        except EnvelopeError as exc:
+            raise Rejection("malformed_header", str(exc)) from None
+        if header.type not in MESSAGE_TYPES:
+            raise Rejection("unknown_type", header.type, header)
+        # 3. known sender allowed to send this type
+        sender = self.federation.get(header.sender)
+        if sender is None:
+            raise Rejection("unknown_sender", header.sender, header)
+        if sender.revoked:
+            raise Rejection("revoked_sender", header.sender, header)
+        if sender.role not in MESSAGE_TYPES[header.type].SENDER_ROLES:
+            raise Rejection("role_not_allowed", f"{sender.role} may not send {header.type}", header)
+        if sender_token is not None and sender_token != header.sender:
+            raise Rejection("subject_mismatch", f"subject names {sender_token}, header {header.sender}", header)
+        # 4. signature over the exact header bytes
+        try:
+            self.federation.verify_key(sender.id).verify(bytes(header_bytes), signature)
+        except BadSignatureError:
+            raise Rejection("bad_signature", header.sender, header) from None
+        # 5. freshness
+        if header.ts < now - self.max_age_ms:
+            raise Rejection("stale_timestamp", f"{now - header.ts} ms old", header)
+        if header.ts > now + self.max_future_ms:
+            raise Rejection("future_timestamp", f"{header.ts - now} ms ahead", header)
+        # 6. nonce: only looked up here; remembered once the whole message verified, so a
+        # tampered copy cannot burn the nonce of the genuine message.
+        if self.replay_guard.seen(header.nonce, now):
+            raise Rejection("replayed_nonce", header.nonce.hex(), header)
+        # 7. job and round
+        if header.job != self.job:
+            raise Rejection("wrong_job", header.job, header)
+        if round_ok is not None and not round_ok(header):
+            raise Rejection("wrong_round", f"round {header.round}", header)
+        # 8. body size as declared, and consistency of inline vs out-of-line
+        if header.length > self.max_body_bytes:
+            raise Rejection("oversize", f"body of {header.length} bytes", header)
+        if header.blob is None and len(inline_body) != header.length:
+            raise Rejection("digest_mismatch", "inline body length differs from header", header)
+        if header.blob is not None and (len(inline_body) != 0 or header.blob.size != header.length):
+            raise Rejection("malformed_header", "blob pointer inconsistent with header", header)
+        return Opened(header, sender, inline_body)
+
+    def accept_body(self, opened: Opened, body: bytes | bytearray | memoryview, *,
+                    now: int | None = None) -> tuple[Body, dict[str, Tensor] | None]:
+        """Digest and decode the body; on success the nonce is remembered."""
+        header = opened.header
+        if len(body) != header.length or body_digest(body) != header.digest:
+            raise Rejection("digest_mismatch", header.sender, header)
+        try:
+            fields, tensors = decode_body(opened.body_cls, body)
+        except BodyError as exc:
+            raise Rejection("malformed_body", str(exc), header) from None
+        now = now_ms() if now is None else now
+        if not self.replay_guard.check_and_remember(header.nonce, header.ts, now):
+            raise Rejection("replayed_nonce", header.nonce.hex(), header)
+        return fields, tensors
+
+
+def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, TensorSpec],
+                  header: EnvelopeHeader | None = None) -> None:
+    """Names, dtypes and shapes must match the model; float values must be finite."""
+    got = spec_of(tensors)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise Rejection("tensor_mismatch", f"missing {missing[:3]} unexpected {extra[:3]}", header)
+    for name, spec in expected.items():
+        if got[name] != spec:
+            raise Rejection("tensor_mismatch", f"{name}: {got[name]} != {spec}", header)
+    for name, value in tensors.items():
+        if not _all_finite(value):
+            raise Rejection("non_finite", name, header)
+
+
+def _all_finite(value: Tensor) -> bool:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            return bool(torch.isfinite(value).all())
+        return True
+    if np.issubdtype(value.dtype, np.inexact):
+        return bool(np.isfinite(value).all())
+    return True

@@ -1,0 +1,90 @@
+"""The federation file: who takes part, in which role and region, with which public key.
+
+Nothing that is not listed here is trusted; a revoked participant stays listed (so its
+old messages can be explained in the audit trail) but everything it sends is rejected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from nacl.signing import VerifyKey
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedbus.crypto.keys import unb64
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ids become NATS subject tokens
+
+
+class Participant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(pattern=ID_PATTERN)
+    role: Literal["coordinator", "aggregator", "worker"]
+    region: str = Field("default", pattern=ID_PATTERN)
+    public_key: str = Field(description="base64 Ed25519 public key (32 bytes)")
+    revoked: bool = False
+
+    @field_validator("public_key")
+    @classmethod
+    def _is_ed25519(cls, value: str) -> str:
+        try:
+            raw = unb64(value)
+        except ValueError:
+            raise ValueError("public_key is not base64") from None
+        if len(raw) != 32:
+            raise ValueError("public_key must be 32 bytes")
+        return value
+
+
+class FederationFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    federation: str = "fedbus"
+    participants: list[Participant]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> FederationFile:
+        ids = [p.id for p in self.participants]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate participant ids: {dupes}")
+        return self
+
+
+class Federation:
+    """Lookup of participants and their verify keys."""
+
+    def __init__(self, spec: FederationFile):
+        self.spec = spec
+        self._by_id = {p.id: p for p in spec.participants}
+        self._keys = {p.id: VerifyKey(unb64(p.public_key)) for p in spec.participants}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Federation:
+        return cls(FederationFile.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8"))))
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+    def get(self, participant_id: str) -> Participant | None:
+        return self._by_id.get(participant_id)
+
+    def verify_key(self, participant_id: str) -> VerifyKey:
+        return self._keys[participant_id]
+
+    def workers(self) -> list[Participant]:
+        """Workers in file order; a worker's position is its default data partition."""
+        return [p for p in self.spec.participants if p.role == "worker"]
+
+    def coordinator(self) -> Participant:
+        coords = [p for p in self.spec.participants if p.role == "coordinator" and not p.revoked]
+        if len(coords) != 1:
+            raise ValueError(f"a federation needs exactly one active coordinator, found {len(coords)}")
+        return coords[0]
+
+    def partition_of(self, worker_id: str) -> int:
+        for index, p in enumerate(self.workers()):
+            if p.id == worker_id:
+                return index
+        raise KeyError(f"{worker_id!r} is not a worker of this federation")

@@ -1,0 +1,108 @@
+"""Envelope framing: the signed header and how it sits on the wire.
+
+Wire layout of every fedbus message::
+
+    b"FBE1" | u16 header_len | header (msgpack map) | 64-byte Ed25519 signature | body
+
+The signature covers the exact header bytes that travel, so no re-canonicalisation is
+needed on receipt; the header carries the body's digest and length, so the signature
+covers the body too. When a body is too large to travel inline it goes to the Object
+Store and the header's ``blob`` field names it (claim check); the body digest still
+protects it.
+
+This module does no cryptography and no I/O; ``fedbus.crypto`` signs and verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"FBE1"
+SIGNATURE_LEN = 64
+NONCE_LEN = 16
+DIGEST_ALG = "blake2b-256"
+_HLEN = struct.Struct("<H")
+PREFIX_LEN = len(MAGIC) + _HLEN.size
+MAX_HEADER_LEN = 4096
+
+
+class EnvelopeError(ValueError):
+    """The bytes are not a well-formed envelope."""
+
+
+class BlobPointer(BaseModel):
+    """Where an out-of-line body lives in the Object Store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bucket: str = Field(max_length=64)
+    name: str = Field(max_length=256)
+    size: int = Field(ge=0)
+    digest: str = Field(max_length=128, description="Object Store digest, 'SHA-256=<base64url>'")
+
+
+class EnvelopeHeader(BaseModel):
+    """The signed header of every fedbus message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: int = Field(PROTOCOL_VERSION, description="protocol version")
+    type: str = Field(max_length=64, description="message type, e.g. 'update'")
+    job: str = Field(max_length=64)
+    round: int = Field(ge=0, description="round number (sync) or model version (async)")
+    sender: str = Field(max_length=128)
+    nonce: bytes = Field(min_length=NONCE_LEN, max_length=64, description="random, never reused")
+    ts: int = Field(ge=0, description="sender's clock, milliseconds since the Unix epoch")
+    digest: bytes = Field(min_length=32, max_length=32, description="BLAKE2b-256 of the body bytes")
+    length: int = Field(ge=0, description="body length in bytes")
+    blob: BlobPointer | None = Field(None, description="set when the body lives in the Object Store")
+    trace: str | None = Field(None, max_length=128, description="W3C traceparent of the sender's span")
+
+
+def body_digest(body: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.blake2b(body, digest_size=32).digest()
+
+
+def encode_header(header: EnvelopeHeader) -> bytes:
+    fields = header.model_dump(exclude_none=True)
+    # Sorted keys make the bytes deterministic for the same header.
+    return msgpack.packb(dict(sorted(fields.items())), use_bin_type=True)
+
+
+def frame(header_bytes: bytes, signature: bytes, body: bytes | bytearray | memoryview) -> bytes:
+    if len(header_bytes) > MAX_HEADER_LEN:
+        raise EnvelopeError("header too large")
+    if len(signature) != SIGNATURE_LEN:
+        raise EnvelopeError("signature must be 64 bytes")
+    return b"".join((MAGIC, _HLEN.pack(len(header_bytes)), header_bytes, signature, body))
+
+
+def split_frame(wire: bytes | bytearray | memoryview) -> tuple[memoryview, bytes, memoryview]:
+    """Cut the wire bytes into (header bytes, signature, inline body) without decoding."""
+    buf = memoryview(wire)
+    if buf.nbytes < PREFIX_LEN or bytes(buf[:4]) != MAGIC:
+        raise EnvelopeError("bad magic")
+    (hlen,) = _HLEN.unpack(buf[4:PREFIX_LEN])
+    if hlen > MAX_HEADER_LEN:
+        raise EnvelopeError("header too large")
+    sig_start = PREFIX_LEN + hlen
+    body_start = sig_start + SIGNATURE_LEN
+    if buf.nbytes < body_start:
+        raise EnvelopeError("truncated envelope")
+    return buf[PREFIX_LEN:sig_start], bytes(buf[sig_start:body_start]), buf[body_start:]
+
+
+def decode_header(header_bytes: bytes | memoryview) -> EnvelopeHeader:
+    try:
+        fields = msgpack.unpackb(header_bytes, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise EnvelopeError(f"header is not msgpack: {exc}") from None
+    if not isinstance(fields, dict):
+        raise EnvelopeError("header is not a map")
+    try:
+        return EnvelopeHeader.model_validate(fields)
+    except ValidationError as exc:
+        raise EnvelopeError(f"header fields invalid: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None

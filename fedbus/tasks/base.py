@@ -1,0 +1,287 @@
+"""The task plugin API: what a task must provide and the default training loop.
+
+A task owns the model architecture, each worker's data and the local train/evaluate
+functions. fedbus owns everything else (rounds, messaging, aggregation). A user task
+subclasses `Task` and implements `build_model` and `worker_data`; the PyTorch
+defaults for `train` and `evaluate` cover ordinary classification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+# Evaluation has no backward pass, so large batches only cost memory.
+EVAL_BATCH_SIZE = 1024
+
+
+class TrainSettings(BaseModel):
+    """Local training hyper-parameters sent to workers with each round.
+
+    The defaults were chosen with benchmarks/digits_inprocess.py (10 workers,
+    Dirichlet(0.5) digits): they reach >= 0.95 server test accuracy in about 15
+    rounds while one worker's train+eval stays at a few milliseconds.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    # FedProx: (mu/2) * ||w - w_global||^2 is added to the loss when mu > 0.
+    proximal_mu: float = Field(default=0.0, ge=0)
+
+
+@dataclass
+class WorkerData:
+    """One worker's private data: `train` to fit on, `val` to report on."""
+
+    train: Dataset
+    val: Dataset
+
+
+@dataclass
+class TrainResult:
+    """Outcome of one local training call.
+
+    `num_samples` is the size of the training set (the FedAvg weight), not the
+    number of samples seen over all epochs.
+    """
+
+    num_samples: int
+    num_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Outcome of evaluating a model on a dataset (loss and accuracy are means)."""
+
+    num_samples: int
+    loss: float
+    accuracy: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TaskParamsError(ValueError):
+    """A task's `task_params` do not match what the task accepts."""
+
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+
+
+def parse_task_params(
+    params_model: type[ParamsT], params: Mapping[str, Any] | None, task_name: str
+) -> ParamsT:
+    """Validate a job spec's task_params, turning pydantic's report into one readable line per problem."""
+    try:
+        return params_model.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "(params)"
+            problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        allowed = ", ".join(params_model.model_fields)
+        raise TaskParamsError(
+            f"invalid task_params for {task_name}: " + "; ".join(problems) + f". Accepted keys: {allowed}"
+        ) from None
+
+
+class Task:
+    """Base class for fedbus tasks.
+
+    Subclasses must implement `build_model` and `worker_data`; they may override
+    `server_test_data`, `loss`, `train` and `evaluate`.
+
+    About seeds: `worker_data` receives the *job* seed, the same on every worker,
+    because all workers must derive the same global partition to take disjoint
+    shares of it. `train` receives a seed meant to differ per worker and round.
+    """
+
+    name: str = "task"
+
+    # --- what a user implements -------------------------------------------------
+
+    def build_model(self, params: Mapping[str, Any] | None) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement build_model(params)")
+
+    def worker_data(
+        self, partition: int, num_partitions: int, params: Mapping[str, Any] | None, seed: int
+    ) -> WorkerData:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement worker_data(partition, num_partitions, params, seed)"
+        )
+
+    def server_test_data(self, params: Mapping[str, Any] | None, seed: int) -> Dataset | None:
+        """The coordinator's held-out test set; None when the task has none."""
+        return None
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss over a batch; override for tasks that are not classification."""
+        return F.cross_entropy(outputs, targets)
+
+    # --- defaults -----------------------------------------------------------------
+
+    def train(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        settings: TrainSettings,
+        seed: int,
+        global_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> TrainResult:
+        """Minibatch training; returns the mean objective and accuracy over all epochs.
+
+        With `settings.proximal_mu > 0` the objective is FedProx's
+        loss + (mu/2)·||w − w_global||², where w_global comes from `global_state`
+        (parameter name -> tensor). When `global_state` is None the weights the
+        model has on entry are used, which are the global weights in the normal flow.
+        metrics["loss"] is that objective; metrics["proximal"] its FedProx part.
+        """
+        num_samples = len(dataset)  # type: ignore[arg-type]
+        model.train()
+        optimizer = make_optimizer(model, settings)
+        anchors = _proximal_anchors(model, global_state) if settings.proximal_mu > 0 else None
+
+        sum_objective = torch.zeros((), dtype=torch.float64)
+        sum_proximal = torch.zeros((), dtype=torch.float64)
+        num_correct = 0
+        num_seen = 0
+        num_steps = 0
+        # One generator for all epochs, so each epoch gets a fresh order from the same seed.
+        generator = torch.Generator().manual_seed(seed)
+        for _epoch in range(settings.epochs):
+            for inputs, targets in shuffled_batches(dataset, settings.batch_size, generator):
+                outputs = model(inputs)
+                objective = self.loss(outputs, targets)
+                if anchors is not None:
+                    proximal = _proximal_term(anchors, settings.proximal_mu)
+                    objective = objective + proximal
+                    sum_proximal += proximal.detach() * len(targets)
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                num_steps += 1
+                # Accumulate as tensors: calling .item() per batch forces a sync per step.
+                sum_objective += objective.detach() * len(targets)
+                num_correct += _count_correct(outputs, targets)
+                num_seen += len(targets)
+
+        metrics: dict[str, float] = {}
+        if num_seen:
+            metrics["loss"] = float(sum_objective) / num_seen
+            metrics["accuracy"] = num_correct / num_seen
+            if anchors is not None:
+                metrics["proximal"] = float(sum_proximal) / num_seen
+        return TrainResult(num_samples=num_samples, num_steps=num_steps, metrics=metrics)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> EvalResult:
+        """Mean loss and accuracy. An empty dataset gives zeros with num_samples=0,
+        so sample-weighted averages ignore it (NaN would poison unweighted ones)."""
+        was_training = model.training
+        model.eval()
+        try:
+            sum_loss = 0.0
+            num_correct = 0
+            num_seen = 0
+            for inputs, targets in ordered_batches(dataset, EVAL_BATCH_SIZE):
+                outputs = model(inputs)
+                sum_loss += float(self.loss(outputs, targets)) * len(targets)
+                num_correct += _count_correct(outputs, targets)
+                num_seen += len(targets)
+        finally:
+            model.train(was_training)
+        if num_seen == 0:
+            return EvalResult(num_samples=0, loss=0.0, accuracy=0.0)
+        return EvalResult(num_samples=num_seen, loss=sum_loss / num_seen, accuracy=num_correct / num_seen)
+
+
+def warm_up_torch() -> None:
+    """Pay PyTorch's one-time costs now rather than inside the first round.
+
+    The first optimizer step imports torch._dynamo (about a second on a laptop);
+    a worker calling this at start-up keeps its first round as fast as the rest.
+    """
+    layer = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.zeros(1, 2)).sum().backward()
+    optimizer.step()
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def shuffled_batches(
+    dataset: Dataset, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled minibatches, the order drawn from `generator`."""
+    if isinstance(dataset, TensorDataset):
+        # Indexing the tensors directly is an order of magnitude faster than a
+        # DataLoader on small data, and a round's budget is a few milliseconds.
+        inputs, targets = dataset.tensors[0], dataset.tensors[1]
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            yield inputs[index], targets[index]
+    else:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def ordered_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(dataset, TensorDataset):
+        inputs, targets = dataset.tensors[0], dataset.tensors[1]
+        for start in range(0, len(targets), batch_size):
+            yield inputs[start : start + batch_size], targets[start : start + batch_size]
+    else:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def _count_correct(outputs: torch.Tensor, targets: torch.Tensor) -> int:
+    # Only meaningful for class logits against integer labels; other tasks get 0.
+    if outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+        return 0
+    return int((outputs.detach().argmax(dim=1) == targets).sum())
+
+
+def _proximal_anchors(
+    model: nn.Module, global_state: Mapping[str, torch.Tensor] | None
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Pair each trainable parameter with the (constant) global weight it is pulled towards."""
+    pairs = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if global_state is None:
+            anchor = param.detach().clone()
+        elif name in global_state:
+            anchor = torch.as_tensor(global_state[name]).detach().to(dtype=param.dtype, device=param.device)
+        else:
+            raise KeyError(f"proximal_mu > 0 but global_state has no entry for parameter {name!r}")
+        if anchor.shape != param.shape:
+            raise ValueError(
+                f"global_state[{name!r}] has shape {tuple(anchor.shape)}, model has {tuple(param.shape)}"
+            )
+        pairs.append((param, anchor))
+    return pairs
+
+
+def _proximal_term(anchors: list[tuple[nn.Parameter, torch.Tensor]], mu: float) -> torch.Tensor:
+    squared_distance = sum(((param - anchor) ** 2).sum() for param, anchor in anchors)
+    return (mu / 2.0) * squared_distance  # type: ignore[operator]
+

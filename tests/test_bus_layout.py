@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import pytest
+
+from fedbus.bus import (
+    BLOBS_BUCKET,
+    JOB_ID_PATTERN,
+    KV_BUCKET,
+    MODELS_BUCKET,
+    Subjects,
+    connect,
+    ensure_job_infrastructure,
+    publish_with_retry,
+)
+from fedbus.bus.server import EmbeddedNatsServer
+
+
+def test_subject_names() -> None:
+    s = Subjects("job-1")
+    assert s.ctl("round_open") == "fedbus.job-1.ctl.round_open"
+    assert s.ctl("round.open") == "fedbus.job-1.ctl.round.open"
+    assert s.ctl_all == "fedbus.job-1.ctl.>"
+    assert s.upd("eu", "w_7") == "fedbus.job-1.upd.eu.w_7"
+    assert s.upd_all == "fedbus.job-1.upd.>"
+    assert s.upd_region("eu") == "fedbus.job-1.upd.eu.*"
+    assert s.agg("eu") == "fedbus.job-1.agg.eu"
+    assert s.agg_all == "fedbus.job-1.agg.*"
+    assert s.hb("w_7") == "fedbus.job-1.hb.w_7"
+    assert s.hb_all == "fedbus.job-1.hb.*"
+    assert s.metrics("w_7") == "fedbus.job-1.metrics.w_7"
+    assert s.metrics_all == "fedbus.job-1.metrics.*"
+    assert s.audit == "fedbus.job-1.audit"
+
+
+def test_stream_names_have_no_dots_and_keep_job_case() -> None:
+    s = Subjects("Job_a-1", prefix="acme")
+    names = [s.ctl_stream, s.upd_stream, s.agg_stream, s.metrics_stream, s.audit_stream]
+    assert names == ["ACME_Job_a-1_CTL", "ACME_Job_a-1_UPD", "ACME_Job_a-1_AGG", "ACME_Job_a-1_METRICS", "ACME_Job_a-1_AUDIT"]
+    assert Subjects("a").ctl_stream != Subjects("A").ctl_stream
+    assert all("." not in n for n in names)
+    assert s.ctl("x") == "acme.Job_a-1.ctl.x"
+
+
+@pytest.mark.parametrize("job", ["", "a.b", "a*", ">", "a b", "x" * 65, "é", "a/b", None, 7])
+def test_bad_job_ids_are_rejected(job: object) -> None:
+    with pytest.raises(ValueError, match="job id"):
+        Subjects(job)  # type: ignore[arg-type]
+
+
+def test_good_job_ids_match_the_pattern() -> None:
+    for job in ["a", "job-1", "JOB_2", "x" * 64]:
+        assert re.match(JOB_ID_PATTERN, job)
+        Subjects(job)
+
+
+@pytest.mark.parametrize("prefix", ["", "a.b", "fed bus", "*"])
+def test_bad_prefix_is_rejected(prefix: str) -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        Subjects("job", prefix=prefix)
+
+
+def test_bad_tokens_in_names_are_rejected() -> None:
+    s = Subjects("job")
+    with pytest.raises(ValueError, match="region"):
+        s.upd("eu.west", "w1")
+    with pytest.raises(ValueError, match="worker"):
+        s.hb("w*")
+    with pytest.raises(ValueError):
+        s.ctl("round..open")
+    with pytest.raises(ValueError):
+        s.metrics("")
+
+
+async def _stream_names(js) -> set[str]:
+    return {info.config.name for info in await js.streams_info()}
+
+
+def _expected(s: Subjects) -> set[str]:
+    return {
+        s.ctl_stream,
+        s.upd_stream,
+        s.agg_stream,
+        s.metrics_stream,
+        s.audit_stream,
+        f"KV_{KV_BUCKET}",
+        f"OBJ_{MODELS_BUCKET}",
+        f"OBJ_{BLOBS_BUCKET}",
+    }
+
+
+def test_ensure_job_infrastructure_is_idempotent(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-1")
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s)
+            await publish_with_retry(js, s.ctl("job.open"), b"1", msg_id="n1")
+            await ensure_job_infrastructure(js, s)  # again: no error, data kept
+            assert await _stream_names(js) == _expected(s)
+            assert (await js.stream_info(s.ctl_stream)).state.messages == 1
+            # every family lands in its stream
+            await publish_with_retry(js, s.upd("eu", "w1"), b"u")
+            await publish_with_retry(js, s.agg("eu"), b"a")
+            await publish_with_retry(js, s.metrics("w1"), b"m")
+            await publish_with_retry(js, s.audit, b"r")
+            for name in (s.upd_stream, s.agg_stream, s.metrics_stream, s.audit_stream):
+                assert (await js.stream_info(name)).state.messages == 1
+            kv = await js.key_value(KV_BUCKET)
+            await kv.put("job-1", b"state")
+            assert (await kv.get("job-1")).value == b"state"
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_ensure_job_infrastructure_concurrently_and_after_restart(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-2")
+
+    async def from_many_connections() -> None:
+        ncs = [await connect(nats_server.url, f"test-layout-{i}", first_connect_timeout=5) for i in range(2)]
+        try:
+            await asyncio.gather(*(ensure_job_infrastructure(nc.jetstream(), s) for nc in ncs))
+            await asyncio.gather(*(ensure_job_infrastructure(nc.jetstream(), s) for nc in ncs))
+            assert await _stream_names(ncs[0].jetstream()) == _expected(s)
+        finally:
+            for nc in ncs:
+                await nc.close()
+
+    asyncio.run(from_many_connections())
+    nats_server.kill()
+    nats_server.start()
+    asyncio.run(from_many_connections())
+
+
+def test_existing_stream_with_other_settings_is_accepted(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-3")
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s, duplicate_window=120)
+            # an operator tuned it, or another process used other options: keep it
+            await ensure_job_infrastructure(js, s, duplicate_window=30)
+            assert (await js.stream_info(s.ctl_stream)).config.duplicate_window == 120
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_publish_with_retry_deduplicates_by_msg_id(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-4")
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s)
+            first = await publish_with_retry(js, s.ctl("x"), b"1", msg_id="nonce-1")
+            again = await publish_with_retry(js, s.ctl("x"), b"1", headers={"nats-msg-id": "nonce-1"})
+            assert again.seq == first.seq and again.duplicate
+            other = await publish_with_retry(js, s.ctl("x"), b"1")  # generated id: a new message
+            assert other.seq == first.seq + 1
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_publish_with_retry_survives_a_server_restart(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-5")
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-retry", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s)
+            nats_server.kill()
+
+            def restart_later() -> None:
+                time.sleep(1.0)
+                nats_server.start()
+
+            restart = asyncio.get_running_loop().run_in_executor(None, restart_later)
+            ack = await publish_with_retry(js, s.ctl("x"), b"1", msg_id="during-outage", timeout=1.0, attempts=30)
+            await restart
+            assert ack.seq == 1
+            assert (await js.stream_info(s.ctl_stream)).state.messages == 1
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
