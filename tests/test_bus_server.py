@@ -173,3 +173,37 @@ def test_run_foreground_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
         proc.stdout.close()
         proc.stderr.close()
     assert (tmp_path / "store" / "jetstream").is_dir()
+
+
+def test_connect_gives_up_on_first_connect_only_when_asked() -> None:
+    async def main() -> None:
+        with pytest.raises(TimeoutError, match="could not connect"):
+            await connect(f"nats://127.0.0.1:{free_port()}", "test-unreachable", first_connect_timeout=1.0)
+
+    asyncio.run(main())
+
+
+def test_connection_logs_disconnect_and_reconnect(nats_server: EmbeddedNatsServer) -> None:
+    from structlog.testing import capture_logs
+
+    async def main() -> list[str]:
+        reconnected = asyncio.Event()
+
+        async def on_reconnected() -> None:
+            reconnected.set()
+
+        with capture_logs() as logs:
+            nc = await connect(nats_server.url, "test-reconnect", first_connect_timeout=5, reconnected_cb=on_reconnected)
+            try:
+                nats_server.kill()
+                await asyncio.sleep(0.3)
+                await asyncio.get_running_loop().run_in_executor(None, nats_server.start)
+                await asyncio.wait_for(reconnected.wait(), 10)
+                await nc.flush(timeout=5)
+            finally:
+                await nc.close()
+        return [entry["event"] for entry in logs if entry.get("client") == "test-reconnect"]
+
+    events = asyncio.run(main())
+    for name in ("nats.connected", "nats.disconnected", "nats.reconnected", "nats.closed"):
+        assert name in events, events

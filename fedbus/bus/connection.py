@@ -8,7 +8,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 import structlog
@@ -47,6 +46,10 @@ RETRYABLE_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
 _Callback = Callable[[], Awaitable[None]]
 
 
+def _server(nc: Client) -> str | None:
+    return nc.connected_url.netloc if nc.connected_url else None
+
+
 def _chain(ours: _Callback, theirs: _Callback | None) -> _Callback:
     if theirs is None:
         return ours
@@ -82,18 +85,18 @@ async def connect(
 
     async def on_error(err: Exception) -> None:
         # Slow consumers and permission violations only surface here.
-        server = nc.connected_url.netloc if nc.connected_url else None
-        bound.warning("nats.error", error=repr(err), error_type=type(err).__name__, server=server)
+        bound.warning("nats.error", error=repr(err), error_type=type(err).__name__, server=_server(nc))
         if user_error_cb is not None:
             await user_error_cb(err)
 
     async def on_disconnected() -> None:
         # nats-py also calls this on a deliberate close(); only a lost link is a warning.
         emit = bound.info if nc.is_closed else bound.warning
-        emit("nats.disconnected", last_error=repr(nc.last_error) if nc.last_error else None, closing=nc.is_closed)
+        last_error = repr(nc.last_error) if nc.last_error else None
+        emit("nats.disconnected", last_error=last_error, closing=nc.is_closed)
 
     async def on_reconnected() -> None:
-        bound.info("nats.reconnected", server=nc.connected_url and nc.connected_url.netloc)
+        bound.info("nats.reconnected", server=_server(nc))
 
     async def on_closed() -> None:
         bound.info("nats.closed")
@@ -118,8 +121,8 @@ async def connect(
         await asyncio.wait_for(nc.connect(**options), first_connect_timeout)
     except asyncio.TimeoutError:
         await nc.close()
-        raise asyncio.TimeoutError(f"could not connect to {server_list} within {first_connect_timeout}s") from None
-    bound.info("nats.connected", server=nc.connected_url and nc.connected_url.netloc, max_payload=nc.max_payload)
+        raise TimeoutError(f"could not connect to {server_list} within {first_connect_timeout}s") from None
+    bound.info("nats.connected", server=_server(nc), max_payload=nc.max_payload)
     return nc
 
 
@@ -157,20 +160,21 @@ async def publish_with_retry(
         msg_id = msg_id or found
     hdrs[MSG_ID_HEADER] = msg_id or new_msg_id()
 
+    bound = log.bind(subject=subject, msg_id=hdrs[MSG_ID_HEADER])
     delay = backoff
     for attempt in range(1, attempts + 1):
         try:
             ack = await js.publish(subject, payload, timeout=timeout, headers=hdrs)
         except RETRYABLE_PUBLISH_ERRORS as err:
             if attempt == attempts:
-                log.error("nats.publish.gave_up", subject=subject, msg_id=hdrs[MSG_ID_HEADER], attempts=attempts, error=repr(err))
+                bound.error("nats.publish.gave_up", attempts=attempts, error=repr(err))
                 raise
-            log.warning("nats.publish.retry", subject=subject, msg_id=hdrs[MSG_ID_HEADER], attempt=attempt, error=type(err).__name__)
+            bound.warning("nats.publish.retry", attempt=attempt, error=type(err).__name__)
             # Jitter keeps many workers from hammering a freshly elected leader in step.
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, max_backoff)
             continue
         if attempt > 1:
-            log.info("nats.publish.recovered", subject=subject, msg_id=hdrs[MSG_ID_HEADER], attempt=attempt, duplicate=ack.duplicate)
+            bound.info("nats.publish.recovered", attempt=attempt, duplicate=ack.duplicate)
         return ack
     raise AssertionError("unreachable")

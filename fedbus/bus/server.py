@@ -126,7 +126,8 @@ class EmbeddedNatsServer:
         server_name: str = "fedbus-embedded",
     ) -> None:
         self.host = host
-        self._auto_ports = port is None and http_port is None
+        # Only ports we picked ourselves may be re-picked after a bind race.
+        self._auto_port, self._auto_http_port = port is None, http_port is None
         self.port = port if port is not None else free_port(host)
         self.http_port = http_port if http_port is not None else free_port(host)
         self.max_payload = max_payload
@@ -192,7 +193,9 @@ class EmbeddedNatsServer:
         if self.running:
             return self
         binary = find_nats_server_binary()
-        attempts = _PORT_RETRIES if self._auto_ports else 1
+        # After the first start the URL is known to clients: a restart keeps it.
+        may_repick = self.pid is None and (self._auto_port or self._auto_http_port)
+        attempts = _PORT_RETRIES if may_repick else 1
         for attempt in range(1, attempts + 1):
             try:
                 self._start_once(binary, timeout)
@@ -200,7 +203,10 @@ class EmbeddedNatsServer:
             except NatsServerError as err:
                 if attempt < attempts and "address already in use" in str(err):
                     log.warning("nats.server.port_taken", port=self.port, http_port=self.http_port)
-                    self.port, self.http_port = free_port(self.host), free_port(self.host)
+                    if self._auto_port:
+                        self.port = free_port(self.host)
+                    if self._auto_http_port:
+                        self.http_port = free_port(self.host)
                     continue
                 raise
         raise AssertionError("unreachable")

@@ -48,6 +48,7 @@ from fedbus.telemetry import get_tracer, inject_trace_headers
 log = structlog.get_logger("fedbus.coordinator")
 
 TICK_S = 0.05
+CONNECT_TIMEOUT_S = 60.0
 
 
 def policy_from(job: JobSpec) -> RoundPolicy:
@@ -100,7 +101,8 @@ class CoordinatorService:
 
     async def run(self) -> RunSummary:
         started = time.perf_counter()
-        self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}")
+        self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}",
+                                first_connect_timeout=CONNECT_TIMEOUT_S)
         self.js = self.nc.jetstream()
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
@@ -181,7 +183,10 @@ class CoordinatorService:
         psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         while True:
             try:
-                msgs = await psub.fetch(batch=64, timeout=0.25)
+                # batch=1: with nats-py 2.16 a larger batch after a timed-out fetch can
+                # stall until its timeout (a late timeout reply in the shared inbox),
+                # which would land directly on round latency; batch=1 never stalled.
+                msgs = await psub.fetch(batch=1, timeout=1.0)
             except (TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # connection hiccups: keep consuming

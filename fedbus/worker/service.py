@@ -29,6 +29,8 @@ from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from
 
 log = structlog.get_logger("fedbus.worker")
 
+CONNECT_TIMEOUT_S = 60.0
+
 
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
@@ -80,7 +82,8 @@ class WorkerService:
     async def run(self) -> int:
         # Announce ourselves (heartbeats) only once we can train at full speed.
         await asyncio.to_thread(self.warm_up)
-        self.nc = await connect(self.nats_url, name=f"fedbus-worker-{self.identity.id}")
+        self.nc = await connect(self.nats_url, name=f"fedbus-worker-{self.identity.id}",
+                                first_connect_timeout=CONNECT_TIMEOUT_S)
         self.js = self.nc.jetstream()
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)

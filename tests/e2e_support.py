@@ -1,0 +1,80 @@
+"""Helpers for end-to-end tests: real nats-server, real CLI processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from fedbus.crypto.federation import Federation
+from fedbus.demo import ProcessGroup, cli_command, write_federation
+from fedbus.protocol.jobspec import CohortSpec, JobSpec
+
+
+def small_job(job_id: str, *, rounds: int, min_workers: int, min_updates: int, deadline_s: float = 30.0,
+              **overrides) -> JobSpec:
+    return JobSpec(job=job_id, task="fedbus.tasks.digits:task", rounds=rounds, seed=1,
+                   task_params={"model": "mlp", "partition": "iid"},
+                   cohort=CohortSpec(min_workers=min_workers, min_updates=min_updates, wait_for_workers_s=120),
+                   round_deadline_s=deadline_s, **overrides)
+
+
+class LocalFederation:
+    """Keys, federation file and job spec in a directory, and the CLI processes run from it."""
+
+    def __init__(self, run_dir: Path, nats_url: str, job: JobSpec, num_workers: int):
+        self.run_dir = run_dir
+        self.nats_url = nats_url
+        self.job = job
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.federation: Federation = write_federation(run_dir, num_workers)
+        job.dump(run_dir / "job.yaml")
+        self.spans = run_dir / "spans.jsonl"
+        env = dict(os.environ, FEDBUS_LOG_JSON="1", FEDBUS_SPAN_FILE=str(self.spans))
+        self.group = ProcessGroup(run_dir / "logs", env)
+
+    def key(self, participant_id: str) -> Path:
+        return self.run_dir / "keys" / f"{participant_id}.key"
+
+    def _common(self) -> list[str]:
+        return ["--job", str(self.run_dir / "job.yaml"), "--federation", str(self.run_dir / "federation.yaml"),
+                "--nats", self.nats_url]
+
+    def start_coordinator(self) -> subprocess.Popen:
+        return self.group.start("coordinator", cli_command(
+            "coordinator", *self._common(), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir)))
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen:
+        return self.group.start(worker_id, cli_command(
+            "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id))
+
+    def wait_coordinator(self, timeout: float) -> int:
+        proc = self.group.procs["coordinator"]
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"coordinator did not finish in {timeout} s; logs:\n{self.tail_logs()}") from None
+
+    def wait_all(self, timeout: float) -> dict[str, int | None]:
+        deadline = time.monotonic() + timeout
+        for proc in self.group.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return {name: p.poll() for name, p in self.group.procs.items()}
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def tail_logs(self, lines: int = 15) -> str:
+        out = []
+        for path in sorted((self.run_dir / "logs").glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name}\n" + "\n".join(t[:300] for t in text))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        self.group.stop_all(grace=5)

@@ -1,0 +1,198 @@
+"""Every rejection reason, on real messages through a real nats-server, while honest
+workers (separate `fedbus worker` processes) finish the job.
+
+The test process plays w04: a listed worker whose key the attacker holds. It heartbeats
+so it is selected, and in round 1 sends one message of each bad kind before a valid
+update; in later rounds it behaves. It also holds an unlisted key ("mallory").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import pytest
+import torch
+from nats.js.api import DeliverPolicy
+
+from fedbus.audit import verify_chain
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, now_ms, seal
+from fedbus.crypto.keys import Identity
+from fedbus.messaging import Messenger
+from fedbus.protocol.envelope import PREFIX_LEN, SIGNATURE_LEN
+from fedbus.protocol.messages import Heartbeat, RoundOpen, Update, encode_body
+from tests.e2e_support import LocalFederation, small_job
+
+pytestmark = pytest.mark.e2e
+
+EXPECTED = {"unknown_sender", "bad_signature", "stale_timestamp", "wrong_round", "digest_mismatch",
+            "tensor_mismatch", "non_finite", "replayed_nonce"}
+
+
+def update_body(round_: int, base_version: int) -> Update:
+    return Update(round=round_, base_version=base_version, num_samples=50, num_steps=1)
+
+
+class Attacker:
+    def __init__(self, fed: LocalFederation):
+        self.fed = fed
+        self.job = fed.job
+        self.subjects = Subjects(fed.job.job)
+        self.me = Identity.load(fed.key("w04"))
+        self.mallory = Identity.generate("mallory", "worker")  # not in the federation file
+        self.sent: dict[str, int] = {}
+
+    async def run(self, deadline_s: float) -> None:
+        nc = await connect(self.fed.nats_url, name="attacker")
+        js = nc.jetstream()
+        await ensure_job_infrastructure(js, self.subjects)
+        self.nc, self.js = nc, js
+        self.messenger = Messenger(nc, js, self.me, self.subjects, inline_max_bytes=self.job.transport.inline_max_bytes)
+        self.verifier = verifier = EnvelopeVerifier(self.fed.federation, self.job.job, max_age_ms=120_000, max_future_ms=30_000,
+                                    max_body_bytes=64 << 20)
+        control: asyncio.Queue = asyncio.Queue()
+        honest: asyncio.Queue = asyncio.Queue()
+        await js.subscribe(self.subjects.ctl("round.open"), ordered_consumer=True, cb=control.put)
+        await js.subscribe(self.subjects.ctl("job.done"), ordered_consumer=True, cb=control.put)
+        await js.subscribe(self.subjects.upd("default", "w01"), ordered_consumer=True,
+                           deliver_policy=DeliverPolicy.NEW, cb=honest.put)
+        beat = asyncio.create_task(self._heartbeat())
+        end = time.monotonic() + deadline_s
+        try:
+            while time.monotonic() < end:
+                try:
+                    msg = await asyncio.wait_for(control.get(), timeout=1)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.subject.endswith("job.done"):
+                    return
+                got = await self.messenger.receive(verifier, msg.data)
+                ro: RoundOpen = got.fields  # type: ignore[assignment]
+                if "w04" not in ro.cohort:
+                    continue
+                model = {k: v.clone() for k, v in got.tensors.items()}
+                if ro.round == 1:
+                    await self._attacks(ro, model, honest)
+                await self.messenger.publish(self.subjects.upd("default", "w04"), update_body(ro.round, ro.model_version),
+                                             model, round=ro.round)
+        finally:
+            beat.cancel()
+            await nc.close()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.messenger.publish(self.subjects.hb("w04"), Heartbeat(num_samples=50, partition=3),
+                                         round=0, persist=False)
+            await asyncio.sleep(0.5)
+
+    async def _send(self, reason: str, subject: str, wire: bytes, msg_id: str | None = None) -> None:
+        headers = {"Nats-Msg-Id": msg_id or f"attack-{reason}-{time.time_ns()}"}
+        await self.js.publish(subject, wire, headers=headers)
+        self.sent[reason] = self.sent.get(reason, 0) + 1
+
+    async def _attacks(self, ro: RoundOpen, model: dict, honest: asyncio.Queue) -> None:
+        job, r, v = self.job.job, ro.round, ro.model_version
+        my_subject = self.subjects.upd("default", "w04")
+        body = encode_body(update_body(r, v), model)
+
+        # An unlisted key signs a well-formed update.
+        wire, _ = seal(self.mallory, "update", job=job, round=r, body=body)
+        await self._send("unknown_sender", self.subjects.upd("default", "mallory"), wire)
+
+        # A forged sender: the header claims w01, the signature is w04's.
+        forged = Identity("w01", "worker", "default", self.me.signing_key)
+        wire, _ = seal(forged, "update", job=job, round=r, body=body)
+        await self._send("bad_signature", self.subjects.upd("default", "w01"), wire)
+
+        # A stale timestamp, correctly signed.
+        wire, _ = seal(self.me, "update", job=job, round=r, body=body, ts_ms=now_ms() - 10 * 60 * 1000)
+        await self._send("stale_timestamp", my_subject, wire)
+
+        # A round that is not open.
+        wire, _ = seal(self.me, "update", job=job, round=r + 7, body=encode_body(update_body(r + 7, v), model))
+        await self._send("wrong_round", my_subject, wire)
+
+        # One body byte flipped after signing.
+        wire, _ = seal(self.me, "update", job=job, round=r, body=body)
+        tampered = bytearray(wire)
+        tampered[-1] ^= 0x01
+        assert len(wire) > PREFIX_LEN + SIGNATURE_LEN
+        await self._send("digest_mismatch", my_subject, bytes(tampered))
+
+        # A tensor of the wrong shape.
+        name = next(k for k, t in model.items() if t.dim() == 2)
+        wrong = dict(model)
+        wrong[name] = torch.zeros(model[name].shape[0], model[name].shape[1] + 1)
+        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(update_body(r, v), wrong))
+        await self._send("tensor_mismatch", my_subject, wire)
+
+        # A NaN in an otherwise valid update.
+        poisoned = {k: t.clone() for k, t in model.items()}
+        poisoned[name].view(-1)[0] = math.nan
+        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(update_body(r, v), poisoned))
+        await self._send("non_finite", my_subject, wire)
+
+        # An honest worker's update re-published byte for byte under a fresh Nats-Msg-Id
+        # (so JetStream de-duplication does not catch it; the replay guard must).
+        # (Skip our own forged w01 message, which went to the same subject.)
+        while True:
+            captured = await asyncio.wait_for(honest.get(), timeout=60)
+            try:
+                self.verifier.open(captured.data)
+                break
+            except Rejection:
+                continue
+        await self._send("replayed_nonce", captured.subject, captured.data, msg_id=f"replay-{time.time_ns()}")
+        # Give the coordinator time to see the replay while round 1 is still open.
+        await asyncio.sleep(0.5)
+
+
+def test_every_rejection_reason_on_a_real_server(nats_server, tmp_path):
+    job = small_job("e2e-attacks", rounds=3, min_workers=4, min_updates=3, deadline_s=30.0)
+    fed = LocalFederation(tmp_path, nats_server.url, job, 4)
+    attacker = Attacker(fed)
+    try:
+        fed.start_coordinator()
+        for w in ("w01", "w02", "w03"):
+            fed.start_worker(w)
+        asyncio.run(attacker.run(deadline_s=240))
+        assert fed.wait_coordinator(timeout=120) == 0, fed.tail_logs()
+        fed.wait_all(timeout=30)
+    finally:
+        fed.stop()
+
+    assert set(attacker.sent) == EXPECTED
+    summary = fed.summary()
+    assert summary["reason"] == "completed", fed.tail_logs()
+    assert summary["rounds_completed"] == 3
+    rejected = summary["updates_rejected"]
+    for reason in EXPECTED:
+        assert rejected.get(reason, 0) >= 1, (reason, rejected)
+    # Honest updates were all accepted: three workers plus w04's valid update, every round.
+    assert [r["accepted"] for r in summary["rounds"]] == [4, 4, 4]
+    assert summary["updates_accepted"] == 12
+    assert summary["final_accuracy"] > 0.5
+
+    # Every rejection is in the audit stream, whose hash chain is intact.
+    records = asyncio.run(_audit_records(nats_server.url, job.job))
+    assert verify_chain(records)
+    audited = {r["reason"] for r in records if r["event"].endswith(".rejected")}
+    assert EXPECTED <= audited, audited
+
+
+async def _audit_records(url: str, job_id: str) -> list[dict]:
+    nc = await connect(url, name="audit-reader")
+    js = nc.jetstream()
+    sub = await js.subscribe(Subjects(job_id).audit, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    records = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=1)
+            records.append(json.loads(msg.data))
+    except Exception:
+        pass
+    await nc.close()
+    return records
