@@ -213,9 +213,9 @@ class RoundStateMachine:
             case Tick(now_ms=now):
                 return self._on_tick(now)
             case UpdateReceived():
-                return self._on_update(event)
+                return [*self._deadline_passed(event.now_ms), *self._on_update(event)]
             case EvalReceived():
-                return self._on_eval(event)
+                return [*self._deadline_passed(event.now_ms), *self._on_eval(event)]
             case MessageRejected(reason=reason):
                 self.rejections[reason] += 1
                 self._round_rejections[reason] += 1
@@ -258,6 +258,14 @@ class RoundStateMachine:
             return self._fail_round(now)
         if self.phase is Phase.EVALUATING and now >= self.deadline_ms:
             return [self._finish("completed")]
+        return []
+
+    def _deadline_passed(self, now: int) -> list[Action]:
+        # Events carry the time: a deadline that passed before this message arrived is
+        # handled first, so a late message meets the next phase (late_updates: drop)
+        # whether or not the service's timer happened to tick in between.
+        if self.phase in (Phase.ROUND_OPEN, Phase.EVALUATING) and now >= self.deadline_ms:
+            return self._on_tick(now)
         return []
 
     def _reject(self, worker: str, round_: int, reason: str, detail: str) -> list[Action]:

@@ -52,6 +52,7 @@ class Identity:
         data = dict(self.participant_entry(), private_key=b64(bytes(self.signing_key)))
         text = "# fedbus private key: keep secret, never commit\n" + yaml.safe_dump(data, sort_keys=False)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # the mode above only applies when the file is created
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
 
@@ -61,7 +62,7 @@ class Identity:
         try:
             key = SigningKey(unb64(data["private_key"]))
             ident = cls(str(data["id"]), str(data["role"]), str(data.get("region", "default")), key)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: non-str key
             raise ValueError(f"{path}: not a fedbus key file ({exc})") from None
         if ident.role not in ROLES:
             raise ValueError(f"{path}: unknown role {ident.role!r}")
