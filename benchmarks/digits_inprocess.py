@@ -43,6 +43,7 @@ class RoundRow:
 class RunSummary:
     seed: int
     rows: list[RoundRow] = field(default_factory=list)
+    worker_ms: list[float] = field(default_factory=list)  # every worker's train+eval, every round
 
     def first_round_reaching(self, target: float) -> int | None:
         return next((row.round for row in self.rows if row.test_accuracy >= target), None)
@@ -104,6 +105,7 @@ def run(task: Task, params: dict, settings: TrainSettings, num_workers: int, rou
             weights.append(result.num_samples)
             train_losses.append(result.metrics["loss"])
             val_results.append(evaluation)
+        summary.worker_ms += worker_ms
         global_model.load_state_dict(fedavg(states, weights))
         test = task.evaluate(global_model, test_data)
         val_seen = sum(ev.num_samples for ev in val_results)
@@ -138,8 +140,10 @@ def describe(summaries: list[RunSummary]) -> str:
         reach = "/".join(str(s.first_round_reaching(t) or "-") for t in TARGETS)
         stays = s.first_round_staying_at(TARGETS[-1]) or "-"
         parts.append(f"seed {s.seed}: final {s.final_accuracy:.4f} r{reach} stays>={TARGETS[-1]} r{stays}")
-    worker_ms = statistics.fmean(row.worker_ms_mean for s in summaries for row in s.rows)
-    return "; ".join(parts) + f"; worker {worker_ms:.2f} ms"
+    worker_ms = [ms for s in summaries for ms in s.worker_ms]
+    p90 = statistics.quantiles(worker_ms, n=10)[-1]
+    timing = f"worker train+eval median {statistics.median(worker_ms):.2f} ms, p90 {p90:.2f} ms"
+    return "; ".join(parts) + f"; {timing}"
 
 
 def main() -> None:
@@ -147,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=None, help="default: the task's suggested_rounds")
     parser.add_argument("--partition", choices=["iid", "dirichlet"], default="dirichlet")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
@@ -165,6 +169,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as the worker processes do
     warm_up_torch()
     task = load_task("fedbus.tasks.digits:task")
+    rounds = args.rounds or task.suggested_rounds or 20
     params = {"model": args.model, "hidden": args.hidden, "partition": args.partition, "alpha": args.alpha}
 
     if args.sweep:
@@ -185,9 +190,9 @@ def main() -> None:
             )
         ]
 
-    print(f"task_params={params} workers={args.workers} rounds={args.rounds} seeds={args.seeds}")
+    print(f"task_params={params} workers={args.workers} rounds={rounds} seeds={args.seeds}")
     for settings in candidates:
-        summaries = [run(task, params, settings, args.workers, args.rounds, seed) for seed in args.seeds]
+        summaries = [run(task, params, settings, args.workers, rounds, seed) for seed in args.seeds]
         if not (args.sweep or args.quiet):
             for summary in summaries:
                 print_table(summary)

@@ -44,7 +44,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedbus.coordinator.service import CoordinatorService
     from fedbus.crypto.federation import Federation
     from fedbus.crypto.keys import Identity
-    from fedbus.protocol.jobspec import JobSpec
+    from fedbus.jobspec import JobSpec
 
     torch.set_num_threads(args.threads)
     job = JobSpec.load(args.job)
@@ -66,7 +66,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from fedbus.crypto.federation import Federation
     from fedbus.crypto.keys import Identity
-    from fedbus.protocol.jobspec import JobSpec
+    from fedbus.jobspec import JobSpec
     from fedbus.worker.service import WorkerService
 
     # Many workers share a machine in local runs; one intra-op thread each avoids oversubscription.
@@ -75,8 +75,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.id and args.id != identity.id:
         print(f"error: --id {args.id} does not match the key file's id {identity.id}", file=sys.stderr)
         return 2
+    attack = None
+    if args.simulate_attack:
+        from fedbus.worker.attacks import Attack
+
+        attack = Attack.parse(args.simulate_attack, seed=args.attack_seed)
+        print(f"WARNING: worker {identity.id} simulates the attack {args.simulate_attack!r} (testing only)",
+              file=sys.stderr)
     service = WorkerService(JobSpec.load(args.job), Federation.load(args.federation), identity, args.nats,
-                            partition=args.partition)
+                            partition=args.partition, attack=attack)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -162,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
     w.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--simulate-attack", metavar="KIND[:PARAM]",
+                   help="TESTING ONLY: misbehave (sign_flip:K, scale:K, gaussian:SIGMA, label_flip)")
+    w.add_argument("--attack-seed", type=int, default=0, help=argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 
     d = sub.add_parser("demo", help="a whole local federation: nats-server, coordinator and workers")

@@ -23,7 +23,7 @@ from fedbus.bus import EmbeddedNatsServer, Subjects, connect, ensure_job_infrast
 from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection
 from fedbus.crypto.federation import Federation, FederationFile, Participant
 from fedbus.crypto.keys import Identity
-from fedbus.protocol.jobspec import CohortSpec, JobSpec
+from fedbus.jobspec import CohortSpec, JobSpec
 from fedbus.protocol.messages import JobDone, RoundClose
 from fedbus.telemetry.spanfile import read_spans, traces_by_id
 

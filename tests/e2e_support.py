@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedbus.crypto.federation import Federation
 from fedbus.demo import ProcessGroup, cli_command, write_federation
-from fedbus.protocol.jobspec import CohortSpec, JobSpec
+from fedbus.jobspec import CohortSpec, JobSpec
 
 
 def small_job(job_id: str, *, rounds: int, min_workers: int, min_updates: int, deadline_s: float = 30.0,

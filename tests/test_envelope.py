@@ -23,6 +23,7 @@ from fedbus.protocol.envelope import (
     BlobPointer,
     EnvelopeHeader,
     body_digest,
+    decode_header,
     encode_header,
     frame,
     split_frame,
@@ -90,7 +91,6 @@ def resign(identity: Identity, header: EnvelopeHeader, body: bytes) -> bytes:
 
 
 def header_of(wire: bytes) -> EnvelopeHeader:
-    from fedbus.protocol.envelope import decode_header
     return decode_header(split_frame(wire)[0])
 
 
@@ -576,14 +576,30 @@ def test_replay_guard_seen_does_not_remember():
     assert g.check_and_remember(b"n" * 16, 0, 0)
 
 
-def test_replay_guard_is_bounded():
+def test_replay_guard_is_bounded_and_fails_closed():
     g = ReplayGuard(window_ms=10**9, max_entries=3)
-    for i in range(10):
+    for i in range(3):
         assert g.check_and_remember(bytes([i]) * 16, ts_ms=i, now_ms=i)
-        assert len(g) <= 3
+    assert g.full
+    # A fourth nonce is refused rather than evicting a live one (which would reopen a replay).
+    assert not g.check_and_remember(bytes([9]) * 16, ts_ms=9, now_ms=9)
     assert len(g) == 3
-    assert all(g.seen(bytes([i]) * 16, now_ms=10) for i in (7, 8, 9))  # newest kept
-    assert not g.seen(bytes([0]) * 16, now_ms=10)  # oldest evicted
+    assert all(g.seen(bytes([i]) * 16, now_ms=10) for i in (0, 1, 2))
+
+
+def test_verifier_rejects_when_replay_guard_full():
+    v = EnvelopeVerifier(federation(), JOB, max_age_ms=MAX_AGE, max_future_ms=MAX_FUTURE, max_body_bytes=MAX_BODY,
+                         replay_guard=ReplayGuard(MAX_AGE + MAX_FUTURE, max_entries=1))
+    accept(v, sealed())
+    assert rejected(v, sealed()) == "rate_limited"
+
+
+def test_unsupported_protocol_version_is_rejected(verifier):
+    header = EnvelopeHeader(v=2, type="update", job=JOB, round=1, sender="w1", nonce=b"n" * 16, ts=NOW,
+                            digest=body_digest(update_body()), length=len(update_body()))
+    header_bytes = encode_header(header)
+    wire = frame(header_bytes, W1.sign(header_bytes), update_body())
+    assert rejected(verifier, wire) == "malformed_header"
 
 
 def test_replay_guard_expires_many_in_order():

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -15,7 +19,7 @@ from fedbus.tasks import Task, TaskParamsError, TrainSettings
 from fedbus.tasks import digits
 from fedbus.tasks.digits import DigitsParams, task
 
-NUM_DIGITS = 1797  # images in sklearn's bundled load_digits
+NUM_DIGITS = 1797  # images in scikit-learn's bundled digits data
 
 
 @pytest.fixture(autouse=True)
@@ -82,18 +86,96 @@ def test_server_test_set_is_disjoint_from_all_worker_data(partition):
     assert np.array_equal(np.sort(everything), np.arange(NUM_DIGITS))
 
     test = task.server_test_data(params, seed=5)
-    assert len(test) == len(test_idx) == math.ceil(0.2 * NUM_DIGITS)  # sklearn rounds the test size up
+    assert len(test) == len(test_idx) == math.ceil(0.2 * NUM_DIGITS)  # rounded up, as sklearn does
     worker_total = sum(
         len(d.train) + len(d.val) for d in (task.worker_data(i, 10, params, seed=5) for i in range(10))
     )
     assert worker_total + len(test) == NUM_DIGITS
 
 
-def test_server_test_set_is_stratified():
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**40 + 3])
+def test_server_test_set_is_stratified(seed):
     _features, labels = digits.load_arrays()
-    test_labels = task.server_test_data({}, seed=0).tensors[1].numpy()
+    test_labels = task.server_test_data({}, seed=seed).tensors[1].numpy()
     expected = np.bincount(labels) * 0.2
-    assert np.all(np.abs(np.bincount(test_labels, minlength=10) - expected) <= 1.5)
+    # Largest-remainder allocation: every class within one sample of its exact share.
+    assert np.all(np.abs(np.bincount(test_labels, minlength=10) - expected) < 1)
+
+
+def test_global_split_is_deterministic_and_depends_on_the_seed():
+    digits.global_split.cache_clear()
+    test_a, pool_a = digits.global_split(0.2, 3)
+    digits.global_split.cache_clear()
+    test_b, pool_b = digits.global_split(0.2, 3)
+    assert np.array_equal(test_a, test_b) and np.array_equal(pool_a, pool_b)
+    test_c, _pool_c = digits.global_split(0.2, 4)
+    assert not np.array_equal(test_a, test_c)
+    # A different seed draws different images (two random 20% subsets share ~20%).
+    assert len(np.intersect1d(test_a, test_c)) < 0.5 * len(test_a)
+
+
+# --- the bundled data, read without scikit-learn -----------------------------------------------
+
+
+def test_arrays_are_load_digits_exactly():
+    from sklearn.datasets import load_digits
+
+    features, labels = digits.load_arrays()
+    bunch = load_digits()
+    assert features.dtype == np.float32 and labels.dtype == np.int64
+    assert np.array_equal(features, (bunch.data / 16.0).astype(np.float32))
+    assert np.array_equal(labels, bunch.target)
+    assert features.shape == (NUM_DIGITS, 64)
+    assert not features.flags.writeable and not labels.flags.writeable
+
+
+def test_data_file_is_the_one_in_the_installed_sklearn_package():
+    import sklearn
+
+    path = digits.data_file()
+    assert path.name == "digits.csv.gz"
+    assert path.resolve().is_relative_to(Path(sklearn.__file__).resolve().parent)
+
+
+# --- the stratified split --------------------------------------------------------------------
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 5), min_size=2, max_size=300),
+    test_fraction=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_stratified_split_properties(labels, test_fraction, seed):
+    labels = np.array(labels)
+    n = len(labels)
+    num_test = math.ceil(test_fraction * n)
+    if not 0 < num_test < n:
+        with pytest.raises(ValueError, match="empty train or test set"):
+            digits.stratified_split(labels, test_fraction, seed)
+        return
+    train_idx, test_idx = digits.stratified_split(labels, test_fraction, seed)
+    # Sorted, disjoint, covering, with the test size rounded up.
+    assert np.array_equal(np.sort(np.concatenate([train_idx, test_idx])), np.arange(n))
+    assert np.all(np.diff(train_idx) > 0) and np.all(np.diff(test_idx) > 0)
+    assert len(test_idx) == num_test
+    # Stratified: each class's test count is its exact share rounded down or up.
+    for label in np.unique(labels):
+        share = num_test * np.sum(labels == label) / n
+        assert math.floor(share) <= np.sum(labels[test_idx] == label) <= math.ceil(share)
+    # Deterministic for the seed.
+    again_train, again_test = digits.stratified_split(labels, test_fraction, seed)
+    assert np.array_equal(again_train, train_idx) and np.array_equal(again_test, test_idx)
+
+
+def test_stratified_split_picks_uniformly_within_a_class():
+    labels = np.repeat([0, 1], [30, 10])
+    hits = np.zeros(len(labels))
+    for seed in range(400):
+        _train, test = digits.stratified_split(labels, 0.5, seed)
+        hits[test] += 1
+    # Each image is in the test set half the time (binomial(400, 0.5): sd 10).
+    assert np.all(np.abs(hits - 200) < 60)
 
 
 def test_worker_data_is_deterministic_for_the_job_seed():

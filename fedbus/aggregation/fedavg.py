@@ -10,13 +10,19 @@ Only floating-point tensors are averaged. Integer buffers (BatchNorm's
 in float and casting back yields garbage. They advance by the rounded sample-weighted
 mean of the clients' increments over the global value, which for a step counter is the
 typical number of steps a client took. Bool buffers keep the global value.
+(``base.IntegerBufferCarry`` does this for every rule.)
+
+Streaming: one float64 accumulator per float tensor, whatever the cohort size.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from fedbus.aggregation.base import ClientUpdate, State, is_averageable
+from fedbus.aggregation.base import (AggregationRule, ClientUpdate, IntegerBufferCarry, InvalidUpdate, State,
+                                     is_averageable, validate_update)
 
 
 class WeightedMeanAccumulator:
@@ -24,8 +30,11 @@ class WeightedMeanAccumulator:
 
     def __init__(self, global_state: State):
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
+        # would stall; the division by the total weight happens once, in result().
         self._sums = {k: torch.zeros(v.shape, dtype=torch.complex128 if v.is_complex() else torch.float64)
-                      for k, v in global_state.items() if v.dtype != torch.bool}
+                      for k, v in global_state.items() if is_averageable(v)}
+        self._carry = IntegerBufferCarry(global_state)
         self._total_weight = 0.0
         self._count = 0
 
@@ -38,29 +47,31 @@ class WeightedMeanAccumulator:
         return self._total_weight
 
     def add(self, update: ClientUpdate) -> None:
-        if update.num_samples <= 0:
-            raise ValueError("an update needs a positive sample count")
+        validate_update(self._global, update)
         w = float(update.num_samples)
         for name, acc in self._sums.items():
-            value = update.state[name]
-            if is_averageable(value):
-                acc.add_(value.to(acc.dtype), alpha=w)
-            else:
-                acc.add_((value.to(torch.int64) - self._global[name].to(torch.int64)).to(acc.dtype), alpha=w)
+            acc.add_(update.state[name].to(acc.dtype), alpha=w)
+        self._carry.add(update)
         self._total_weight += w
         self._count += 1
 
     def result(self) -> State:
         if self._count == 0:
             raise ValueError("no updates to aggregate")
-        out: State = {}
-        for name, base in self._global.items():
-            if base.dtype == torch.bool:
-                out[name] = base.clone()
-                continue
-            mean = self._sums[name] / self._total_weight
-            if is_averageable(base):
-                out[name] = mean.to(base.dtype)
-            else:
-                out[name] = (base.to(torch.int64) + torch.round(mean).to(torch.int64)).to(base.dtype)
-        return out
+        out = self._carry.result()
+        for name, acc in self._sums.items():
+            out[name] = (acc / self._total_weight).to(self._global[name].dtype)
+        return {k: out[k] for k in self._global}  # the global state's key order
+
+
+class FedAvg(AggregationRule):
+    """FedAvg as a rule: streaming, weighted by num_samples; precondition n >= 1."""
+
+    name: ClassVar[str] = "fedavg"
+    streaming: ClassVar[bool] = True
+
+    def begin(self, global_state: State) -> WeightedMeanAccumulator:
+        return WeightedMeanAccumulator(global_state)
+
+
+__all__ = ["FedAvg", "InvalidUpdate", "WeightedMeanAccumulator"]

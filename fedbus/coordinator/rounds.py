@@ -14,8 +14,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fedbus.aggregation.base import ClientUpdate, State
-from fedbus.aggregation.fedavg import WeightedMeanAccumulator
+from fedbus.aggregation.base import (AggregationRule, ClientUpdate, InvalidUpdate, RoundAggregator,
+                                     ServerOptimizer, State, StrategyConfigError, is_averageable)
+from fedbus.aggregation.fedavg import FedAvg
 from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import TensorSpec, spec_of
 
@@ -94,6 +95,7 @@ class OpenRound:
     cohort: tuple[str, ...]
     deadline_ms: int
     state: State
+    broadcast: dict[str, State] = field(default_factory=dict)  # strategy extras, by group name
 
 
 @dataclass(frozen=True)
@@ -158,10 +160,19 @@ def _weighted_means(pairs: list[tuple[int, dict[str, float]]], prefix: str) -> d
 class RoundStateMachine:
     """Drives one job's synchronous rounds from a global model to the final one."""
 
-    def __init__(self, policy: RoundPolicy, initial_state: State):
+    def __init__(self, policy: RoundPolicy, initial_state: State, *, rule: AggregationRule | None = None,
+                 optimizer: ServerOptimizer | None = None, num_workers_total: int | None = None):
         self.policy = policy
         self.state = initial_state
         self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
+        # Strategy extras (e.g. SCAFFOLD's Δc) are shaped like the model's float tensors.
+        self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
+        self.rule = rule or FedAvg()
+        self.rule.check_cohort(policy.min_updates)
+        self.optimizer = optimizer
+        self.num_workers_total = num_workers_total
+        self.update_groups: tuple[str, ...] = tuple(getattr(self.rule, "update_groups", ()))
+        self.last_error: str | None = None
         self.phase = Phase.CREATED
         self.round = 0
         self.model_version = 0
@@ -177,7 +188,7 @@ class RoundStateMachine:
         self.cohort: tuple[str, ...] = ()
         self.deadline_ms = 0
         self._opened_ms = 0
-        self._accumulator: WeightedMeanAccumulator | None = None
+        self._accumulator: RoundAggregator | None = None
         self._reported: set[str] = set()
         self._round_rejections: Counter[str] = Counter()
         self._train_metrics: list[tuple[int, dict[str, float]]] = []
@@ -246,8 +257,10 @@ class RoundStateMachine:
         self.cohort = self._select_cohort(now)
         self._opened_ms = now
         self.deadline_ms = now + self.policy.round_deadline_ms
-        self._accumulator = WeightedMeanAccumulator(self.state)
-        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state)
+        self._accumulator = self.rule.begin(self.state)
+        extra = self.rule.broadcast()
+        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state,
+                         {self.rule.name: extra} if extra else {})
 
     def _on_tick(self, now: int) -> list[Action]:
         if self.phase is Phase.WAITING_FOR_WORKERS:
@@ -282,10 +295,13 @@ class RoundStateMachine:
             return self._reject(ev.worker_id, ev.round, "duplicate_update", "")
         try:
             check_tensors(ev.update.state, self.model_spec)
+            self._check_extras(ev.update)
+            assert self._accumulator is not None
+            self._accumulator.add(ev.update)  # InvalidUpdate leaves the aggregator unchanged
         except Rejection as rej:
             return self._reject(ev.worker_id, ev.round, rej.reason, rej.detail)
-        assert self._accumulator is not None
-        self._accumulator.add(ev.update)
+        except InvalidUpdate as exc:
+            return self._reject(ev.worker_id, ev.round, "invalid_update", str(exc))
         self._reported.add(ev.worker_id)
         self.accepted_total += 1
         self._train_metrics.append((ev.update.num_samples, ev.train_metrics))
@@ -295,6 +311,13 @@ class RoundStateMachine:
             return self._close_round(ev.now_ms)
         return []
 
+    def _check_extras(self, update: ClientUpdate) -> None:
+        groups = {k for k, v in update.extra.items() if isinstance(v, dict)}
+        if groups != set(self.update_groups):
+            raise Rejection("tensor_mismatch", f"tensor groups {sorted(groups)}, expected {list(self.update_groups)}")
+        for group in self.update_groups:
+            check_tensors(update.extra[group], self.float_spec)
+
     def _round_metrics(self) -> dict[str, float]:
         metrics = _weighted_means(self._train_metrics, "train_")
         # Workers evaluated the round's base model (version model_version - 1 after close).
@@ -303,7 +326,15 @@ class RoundStateMachine:
 
     def _close_round(self, now: int) -> list[Action]:
         assert self._accumulator is not None
-        self.state = self._accumulator.result()
+        try:
+            proposal = self._accumulator.result()
+        except (StrategyConfigError, InvalidUpdate, ValueError) as exc:
+            # e.g. a robust rule whose precondition the arrived updates cannot meet
+            self._round_rejections["aggregation_failed"] += 1
+            self.last_error = str(exc)
+            return self._fail_round(now)
+        self.state = self.optimizer.step(self.state, proposal) if self.optimizer else proposal
+        self.rule.commit(self._accumulator, self.num_workers_total or len(self._workers))
         self.model_version += 1
         self.rounds_completed += 1
         self._failed_in_a_row = 0

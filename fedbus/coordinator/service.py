@@ -28,19 +28,19 @@ from fedbus.coordinator.rounds import (
     OpenEval,
     OpenRound,
     RejectUpdate,
-    RoundPolicy,
-    RoundStateMachine,
     Start,
     Tick,
     UpdateReceived,
     WorkerSeen,
 )
+from fedbus.coordinator.factory import machine_for
 from fedbus.coordinator.summary import RunSummary
 from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.messaging import Messenger
-from fedbus.protocol.jobspec import JobSpec
+from fedbus.jobspec import JobSpec
+from fedbus.protocol.tensor_groups import join_groups, split_groups
 from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, inject_trace_headers
@@ -49,21 +49,6 @@ log = structlog.get_logger("fedbus.coordinator")
 
 TICK_S = 0.05
 CONNECT_TIMEOUT_S = 60.0
-
-
-def policy_from(job: JobSpec) -> RoundPolicy:
-    return RoundPolicy(
-        rounds=job.rounds,
-        min_workers=job.cohort.min_workers,
-        cohort_size=job.cohort.size,
-        min_updates=job.cohort.min_updates,
-        round_deadline_ms=int(job.round_deadline_s * 1000),
-        wait_for_workers_ms=int(job.cohort.wait_for_workers_s * 1000),
-        liveness_ms=int(max(5.0, 5 * job.transport.heartbeat_s) * 1000),
-        final_eval=job.evaluation.final_round and job.evaluation.federated,
-        final_eval_deadline_ms=int(job.round_deadline_s * 1000),
-        seed=job.seed,
-    )
 
 
 class CoordinatorService:
@@ -86,7 +71,7 @@ class CoordinatorService:
         if self.test_data is not None:
             self.task.evaluate(self.model, self.test_data)  # pay torch's one-time costs before round 1
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.machine = RoundStateMachine(policy_from(job), initial)
+        self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()))
         self.verifier = EnvelopeVerifier(
             federation, job.job,
             max_age_ms=int(job.security.max_age_s * 1000), max_future_ms=int(job.security.max_future_s * 1000),
@@ -217,10 +202,11 @@ class CoordinatorService:
             self._rejected(rej, "update", msg.subject)
             return
         upd: Update = got.fields  # type: ignore[assignment]
-        state = {k: v for k, v in (got.tensors or {}).items()}
+        state, groups = split_groups(got.tensors or {})
         event = UpdateReceived(
             worker_id=got.header.sender, round=upd.round, now_ms=now_ms(),
-            update=ClientUpdate(got.header.sender, upd.num_samples, state, upd.num_steps),
+            update=ClientUpdate(got.header.sender, upd.num_samples, state, upd.num_steps,
+                                extra={**upd.extra_scalars, **groups}),
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
         actions = self.machine.handle(event)
         if not any(isinstance(a, RejectUpdate) and a.worker_id == event.worker_id for a in actions):
@@ -278,7 +264,8 @@ class CoordinatorService:
         body = RoundOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort),
                          deadline_ms=a.deadline_ms, train=self.job.train.model_dump(),
                          evaluate=self.job.evaluation.federated)
-        await self.messenger.publish(self.subjects.ctl("round.open"), body, a.state, round=a.round, trace=traceparent)
+        await self.messenger.publish(self.subjects.ctl("round.open"), body, join_groups(a.state, a.broadcast),
+                                     round=a.round, trace=traceparent)
         log.info("round.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
 
     def _evaluate(self, state) -> dict[str, float]:

@@ -24,6 +24,7 @@ from fedbus.crypto.replay import ReplayGuard
 from fedbus.protocol.codec import Tensor, TensorSpec, spec_of
 from fedbus.protocol.envelope import (
     NONCE_LEN,
+    PROTOCOL_VERSION,
     BlobPointer,
     EnvelopeError,
     EnvelopeHeader,
@@ -57,6 +58,8 @@ REASONS = (
     "duplicate_update",
     "tensor_mismatch",
     "non_finite",
+    "invalid_update",
+    "rate_limited",
 )
 
 
@@ -115,7 +118,8 @@ class EnvelopeVerifier:
         self.max_age_ms = max_age_ms
         self.max_future_ms = max_future_ms
         self.max_body_bytes = max_body_bytes
-        self.replay_guard = replay_guard or ReplayGuard(max_age_ms + max_future_ms)
+        # `is not None`: an empty guard is falsy (it has __len__).
+        self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(max_age_ms + max_future_ms)
 
     def open(self, wire: bytes | bytearray | memoryview, *, now: int | None = None,
              round_ok: RoundCheck | None = None, sender_token: str | None = None) -> Opened:
@@ -130,6 +134,8 @@ class EnvelopeVerifier:
             header = decode_header(header_bytes)
         except EnvelopeError as exc:
             raise Rejection("malformed_header", str(exc)) from None
+        if header.v != PROTOCOL_VERSION:
+            raise Rejection("malformed_header", f"unsupported protocol version {header.v}", header)
         if header.type not in MESSAGE_TYPES:
             raise Rejection("unknown_type", header.type, header)
         # 3. known sender allowed to send this type
@@ -156,6 +162,9 @@ class EnvelopeVerifier:
         # tampered copy cannot burn the nonce of the genuine message.
         if self.replay_guard.seen(header.nonce, now):
             raise Rejection("replayed_nonce", header.nonce.hex(), header)
+        if self.replay_guard.full:
+            # Fail closed: forgetting live nonces to make room would let a flood enable replays.
+            raise Rejection("rate_limited", "replay guard at capacity", header)
         # 7. job and round
         if header.job != self.job:
             raise Rejection("wrong_job", header.job, header)

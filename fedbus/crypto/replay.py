@@ -10,7 +10,8 @@ class ReplayGuard:
 
     Messages older than the window are rejected by the timestamp check, so a nonce only
     needs remembering until its message could no longer pass that check; memory is
-    bounded by the message rate times the window, and by ``max_entries`` in any case.
+    bounded by the message rate times the window, and by ``max_entries`` in any case: when
+    full, new messages are refused (``rate_limited``) rather than old nonces forgotten.
     """
 
     def __init__(self, window_ms: int, max_entries: int = 1_000_000):
@@ -23,10 +24,15 @@ class ReplayGuard:
         self._expire(now_ms)
         if nonce in self._seen:
             return False
+        if len(self._seen) >= self.max_entries:
+            # Fail closed: evicting a live nonce would let its message be replayed.
+            return False
         self._seen[nonce] = max(ts_ms, now_ms) + self.window_ms
-        if len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
         return True
+
+    @property
+    def full(self) -> bool:
+        return len(self._seen) >= self.max_entries
 
     def seen(self, nonce: bytes, now_ms: int) -> bool:
         """Look up without remembering (verification remembers only fully valid messages)."""

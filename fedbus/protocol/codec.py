@@ -147,7 +147,7 @@ def _check_entry(entry: object, data_len: int) -> tuple[str, str, str, tuple[int
     if not isinstance(name, str) or kind not in ("t", "n"):
         raise CodecError("malformed header entry")
     table = TORCH_DTYPES if kind == "t" else NUMPY_DTYPES
-    if dtype not in table:
+    if not isinstance(dtype, str) or dtype not in table:  # a list or map here is unhashable
         raise CodecError(f"unknown dtype {dtype!r}")
     # type() rather than isinstance(): msgpack booleans are ints to isinstance.
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
@@ -173,6 +173,8 @@ def read_specs(data: bytes | bytearray | memoryview) -> dict[str, TensorSpec]:
     specs = {}
     for entry in entries:
         name, _, dtype, shape, _, _ = _check_entry(entry, buf.nbytes - start)
+        if name in specs:
+            raise CodecError(f"duplicate tensor {name!r}")
         specs[name] = TensorSpec(dtype, shape)
     return specs
 

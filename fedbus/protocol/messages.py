@@ -73,6 +73,7 @@ class Update(Body):
     train_metrics: dict[str, float] = Field(default_factory=dict)
     eval_metrics: dict[str, float] = Field(default_factory=dict, description="the received global model on the worker's held-out split")
     eval_samples: int = Field(0, ge=0)
+    extra_scalars: dict[str, float] = Field(default_factory=dict, description="strategy inputs, e.g. FedNova's fednova_a")
 
 
 class RoundClose(Body):

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from fedbus.crypto.federation import FederationFile
 from fedbus.protocol.envelope import PROTOCOL_VERSION, EnvelopeHeader
-from fedbus.protocol.jobspec import JobSpec
+from fedbus.jobspec import JobSpec
 from fedbus.protocol.messages import MESSAGE_TYPES
 
 SUFFIX = ".schema.json"

@@ -1,7 +1,9 @@
 """Task plugins: the model, each worker's data, and local train/evaluate.
 
-`fedbus.tasks.digits` (the built-in task) is not imported here, so importing the
-API does not import scikit-learn; `load_task("fedbus.tasks.digits:task")` loads it.
+`fedbus.tasks.digits` (the built-in task) is not imported here;
+`load_task("fedbus.tasks.digits:task")` loads it. Neither the API nor the digits task
+imports scikit-learn or torch.optim (and with it torch._dynamo): see
+`fedbus.tasks.optim` and `fedbus.tasks.digits.load_arrays`.
 """
 
 from fedbus.tasks.base import (

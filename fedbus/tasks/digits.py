@@ -1,7 +1,10 @@
 """Built-in task: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
 
 Small enough that a federated round of 10 workers takes milliseconds, real enough
-that non-IID partitions visibly hurt. No download: the data ships with scikit-learn.
+that non-IID partitions visibly hurt. No download: the data ships with scikit-learn
+(sklearn/datasets/data/digits.csv.gz). This module reads that file itself and never
+imports scikit-learn, which would cost each worker ~1.7 s of CPU and ~80 MB of RSS;
+scikit-learn only has to be installed.
 
 Data flow for a job seed s:
   all samples --stratified split(s)--> server test set (coordinator only)
@@ -10,8 +13,12 @@ Data flow for a job seed s:
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import math
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +35,8 @@ IMAGE_SIDE = 8
 NUM_FEATURES = IMAGE_SIDE * IMAGE_SIDE
 # load_digits pixel intensities are integers in 0..16.
 MAX_PIXEL = 16.0
+# Where scikit-learn keeps the data load_digits() reads, relative to its package directory.
+DATA_FILE = ("datasets", "data", "digits.csv.gz")
 
 
 class DigitsParams(BaseModel):
@@ -46,6 +55,9 @@ class DigitsParams(BaseModel):
 
 class DigitsTask(Task):
     name = "digits"
+    # 10 workers at Dirichlet(0.5) with default TrainSettings stay >= 0.95 test
+    # accuracy from round <= 15 (benchmarks/digits_inprocess.py); 20 leaves a margin.
+    suggested_rounds = 20
 
     def params(self, params: Mapping[str, Any] | None) -> DigitsParams:
         return parse_task_params(DigitsParams, params, "fedbus.tasks.digits")
@@ -96,28 +108,80 @@ def build_cnn(hidden: int) -> nn.Module:
     )
 
 
+def data_file() -> Path:
+    """The digits CSV bundled with scikit-learn, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package, does not import it
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location).joinpath(*DATA_FILE)
+        if candidate.is_file():
+            return candidate
+    if spec is None:
+        raise FileNotFoundError("the digits task reads its data from scikit-learn, which is not installed")
+    raise FileNotFoundError(f"no {'/'.join(DATA_FILE)} in the scikit-learn package at {locations}")
+
+
 @lru_cache(maxsize=1)
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """Features in [0, 1] as float32 (N, 64) and int64 labels; loaded once per process."""
-    # Imported here so that `import fedbus.tasks` does not pay for importing scikit-learn.
-    from sklearn.datasets import load_digits
+    """Features in [0, 1] as float32 (N, 64) and int64 labels; loaded once per process.
 
-    bunch = load_digits()
-    features = (bunch.data / MAX_PIXEL).astype(np.float32)
-    labels = bunch.target.astype(np.int64)
+    The same numbers as sklearn.datasets.load_digits(): one image a row, 64 pixel
+    values then the label, comma-separated (tests/test_tasks_digits.py compares them).
+    """
+    path = data_file()
+    with gzip.open(path, "rb") as stream:
+        table = np.loadtxt(stream, delimiter=",", dtype=np.float64, ndmin=2)
+    if table.shape[1] != NUM_FEATURES + 1 or len(table) < NUM_CLASSES:
+        raise ValueError(f"{path}: expected rows of {NUM_FEATURES + 1} values, got an array of shape {table.shape}")
+    features = (table[:, :-1] / MAX_PIXEL).astype(np.float32)
+    labels = table[:, -1].astype(np.int64)
     return _read_only(features), _read_only(labels)
 
 
 @lru_cache(maxsize=8)
 def global_split(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(server test indices, worker pool indices): stratified, seeded, disjoint."""
-    from sklearn.model_selection import train_test_split
-
+    """(server test indices, worker pool indices): stratified, seeded, disjoint, each sorted."""
     _features, labels = load_arrays()
-    pool_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed % 2**32
-    )
-    return _read_only(np.sort(test_idx)), _read_only(np.sort(pool_idx))
+    pool_idx, test_idx = stratified_split(labels, test_fraction, _derived_seed(seed, 0))
+    return _read_only(test_idx), _read_only(pool_idx)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of range(len(labels)) into sorted (train, test) index arrays.
+
+    The test set has ceil(test_fraction · n) samples (rounded up, as scikit-learn's
+    train_test_split does). They are shared among the classes by largest remainder:
+    class k with n_k samples gets floor(n_test · n_k / n), and the samples still missing
+    go one each to the classes with the largest fractional parts (ties in random
+    order), so every class's test count is within one of its exact share. Within each
+    class the test samples are a uniformly random subset. Everything random comes from
+    one NumPy generator seeded with `seed`, so the split depends on nothing else.
+    """
+    labels = np.asarray(labels)
+    num_samples = len(labels)
+    num_test = math.ceil(test_fraction * num_samples)
+    if not 0 < num_test < num_samples:
+        raise ValueError(
+            f"test_fraction={test_fraction} of {num_samples} samples leaves an empty train or test set"
+        )
+    rng = np.random.default_rng(seed)
+    classes, class_of_sample, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    # Exact integer arithmetic: quota_k = num_test * n_k / n = floor_k + remainder_k / n.
+    scaled = num_test * class_sizes
+    test_counts, remainders = scaled // num_samples, scaled % num_samples
+    missing = num_test - int(test_counts.sum())
+    tie_break = rng.permutation(len(classes))
+    # Largest remainder first, random order among equal remainders (lexsort: last key is primary).
+    by_remainder = np.lexsort((tie_break, -remainders))
+    test_counts[by_remainder[:missing]] += 1
+    # Each of those classes had a positive remainder (they sum to `missing`, each < n), so
+    # test_counts[k] <= n_k still holds.
+
+    is_test = np.zeros(num_samples, dtype=bool)
+    for k in range(len(classes)):
+        members = np.flatnonzero(class_of_sample == k)
+        is_test[rng.choice(members, size=int(test_counts[k]), replace=False)] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
 def worker_indices(partition: int, num_partitions: int, p: DigitsParams, seed: int) -> np.ndarray:

@@ -13,7 +13,6 @@ import contextlib
 import copy
 
 import structlog
-import torch
 from nats.js.api import DeliverPolicy
 
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
@@ -22,9 +21,12 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.messaging import Messenger, Received
 from fedbus.protocol.codec import spec_of
-from fedbus.protocol.jobspec import JobSpec
+from fedbus.jobspec import JobSpec
 from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundOpen, Update
-from fedbus.tasks import TrainSettings, load_task, warm_up_torch
+from fedbus.protocol.tensor_groups import join_groups, split_groups
+from fedbus.tasks import load_task, warm_up_torch
+from fedbus.worker.attacks import Attack
+from fedbus.worker.trainer import LocalTrainer
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
 
 log = structlog.get_logger("fedbus.worker")
@@ -34,7 +36,7 @@ CONNECT_TIMEOUT_S = 60.0
 
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
-                 partition: int | None = None):
+                 partition: int | None = None, attack: Attack | None = None):
         if identity.role != "worker":
             raise ValueError(f"key {identity.id} has role {identity.role}, not worker")
         listed = federation.get(identity.id)
@@ -48,12 +50,10 @@ class WorkerService:
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.partition = federation.partition_of(identity.id) if partition is None else partition
         self.num_partitions = len(federation.workers())
-        self.task = load_task(job.task)
-        torch.manual_seed(job.seed)
-        self.model = self.task.build_model(job.task_params)
-        self.model_spec = spec_of(self.model.state_dict())
-        self.data = self.task.worker_data(partition=self.partition, num_partitions=self.num_partitions,
-                                          params=job.task_params, seed=job.seed)
+        self.attack = attack
+        self.trainer = LocalTrainer(load_task(job.task), job, partition=self.partition,
+                                    num_partitions=self.num_partitions, attack=attack)
+        self.model_spec = spec_of(self.trainer.model.state_dict())
         self.verifier = EnvelopeVerifier(
             federation, job.job,
             max_age_ms=int(job.security.max_age_s * 1000), max_future_ms=int(job.security.max_future_s * 1000),
@@ -67,17 +67,18 @@ class WorkerService:
 
     @property
     def num_samples(self) -> int:
-        return len(self.data.train)
+        return self.trainer.num_samples
 
     def warm_up(self) -> None:
         """Run the real train and evaluate paths once on a throwaway copy, so the first
         round does not pay PyTorch's one-time costs (seconds on a busy machine)."""
         warm_up_torch()
-        scratch = copy.deepcopy(self.model)
-        self.task.train(scratch, self.data.train, self.job.train, seed=0,
-                        global_state=scratch.state_dict() if self.job.train.proximal_mu > 0 else None)
-        if len(self.data.val) > 0:
-            self.task.evaluate(scratch, self.data.val)
+        task, data = self.trainer.task, self.trainer.data
+        scratch = copy.deepcopy(self.trainer.model)
+        task.train(scratch, data.train, self.job.train, seed=0,
+                   global_state=scratch.state_dict() if self.job.train.proximal_mu > 0 else None)
+        if len(data.val) > 0:
+            task.evaluate(scratch, data.val)
 
     async def run(self) -> int:
         # Announce ourselves (heartbeats) only once we can train at full speed.
@@ -92,6 +93,8 @@ class WorkerService:
             sub = await self.js.subscribe(self.subjects.ctl_all, ordered_consumer=True,
                                           deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self._inbox.put)
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control())]
+            if self.attack is not None:
+                log.warning("attack.simulation_enabled", kind=self.attack.kind, param=self.attack.param)
             log.info("worker.started", worker=self.identity.id, partition=self.partition,
                      samples=self.num_samples, nats=self.nats_url)
             await self._done.wait()
@@ -145,9 +148,12 @@ class WorkerService:
             if self.identity.id in fields.cohort and fields.round not in self.rounds_done:
                 await self._evaluate_round(got, fields)
 
-    def _load_global(self, got: Received) -> None:
-        check_tensors(got.tensors or {}, self.model_spec, got.header)
-        self.model.load_state_dict(got.tensors)
+    def _load_global(self, got: Received) -> dict[str, dict]:
+        """Check the model against ours and load it; returns the strategy's extra groups."""
+        model, groups = split_groups(got.tensors or {})
+        check_tensors(model, self.model_spec, got.header)
+        self.trainer.load(model)
+        return groups
 
     async def _train_round(self, got: Received, ro: RoundOpen) -> None:
         self.rounds_done.add(ro.round)
@@ -158,28 +164,28 @@ class WorkerService:
         attrs = {"fedbus.round": ro.round, "fedbus.worker": self.identity.id}
         self.status = "training"
         with self.tracer.start_as_current_span("worker.fetch", context=parent, attributes=attrs):
-            self._load_global(got)
-            global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            groups = self._load_global(got)
+            global_state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
         eval_metrics, eval_samples = {}, 0
-        if ro.evaluate and len(self.data.val) > 0:
+        if ro.evaluate and len(self.trainer.data.val) > 0:
             with self.tracer.start_as_current_span("worker.evaluate", context=parent, attributes=attrs):
-                ev = self.task.evaluate(self.model, self.data.val)
+                ev = self.trainer.evaluate()
                 eval_metrics, eval_samples = {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, ev.num_samples
-        settings = TrainSettings.model_validate(ro.train)
+        settings = self.trainer.settings_for(ro.train)
         with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
-            result = await asyncio.to_thread(self.task.train, self.model, self.data.train, settings,
-                                             seed=self.job.seed * 1_000_003 + ro.round, global_state=global_state)
+            result = await asyncio.to_thread(self.trainer.train, ro.round, global_state, groups, settings)
             span.set_attribute("fedbus.num_steps", result.num_steps)
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
             body = Update(round=ro.round, base_version=ro.model_version, num_samples=result.num_samples,
-                          num_steps=result.num_steps, train_metrics={k: float(v) for k, v in result.metrics.items()},
-                          eval_metrics=eval_metrics, eval_samples=eval_samples)
+                          num_steps=result.num_steps, train_metrics=result.train_metrics,
+                          eval_metrics=eval_metrics, eval_samples=eval_samples, extra_scalars=result.extra_scalars)
             await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), body,
-                                         self.model.state_dict(), round=ro.round, trace=current_traceparent())
+                                         join_groups(result.state, result.extra_groups), round=ro.round,
+                                         trace=current_traceparent())
         self.rounds_trained += 1
         self.status = "idle"
         log.info("update.sent", round=ro.round, samples=result.num_samples, steps=result.num_steps,
-                 loss=round(float(result.metrics.get("loss", float("nan"))), 4))
+                 loss=round(float(result.train_metrics.get("loss", float("nan"))), 4))
 
     async def _evaluate_round(self, got: Received, eo: EvalOpen) -> None:
         self.rounds_done.add(eo.round)
@@ -187,7 +193,7 @@ class WorkerService:
         with self.tracer.start_as_current_span("worker.evaluate", context=parent,
                                                attributes={"fedbus.round": eo.round, "fedbus.worker": self.identity.id}):
             self._load_global(got)
-            ev = self.task.evaluate(self.model, self.data.val)
+            ev = self.trainer.evaluate()
         body = EvalReport(round=eo.round, model_version=eo.model_version, num_samples=ev.num_samples,
                           metrics={"loss": float(ev.loss), "accuracy": float(ev.accuracy)})
         await self.messenger.publish(self.subjects.metrics(self.identity.id), body, round=eo.round,

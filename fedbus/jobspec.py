@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedbus.aggregation.base import StrategyConfigError
+from fedbus.aggregation.specs import FedAvgSpec, ServerOptimizerSpec, SgdSpec, StrategySpec, validate_strategy
 from fedbus.tasks.base import TrainSettings
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -25,11 +27,6 @@ class CohortSpec(BaseModel):
         if self.size is not None and self.min_updates > self.size:
             raise ValueError(f"min_updates ({self.min_updates}) exceeds the cohort size ({self.size})")
         return self
-
-
-class StrategySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["fedavg"] = "fedavg"
 
 
 class EvaluationSpec(BaseModel):
@@ -66,11 +63,26 @@ class JobSpec(BaseModel):
     round_deadline_s: float = Field(30.0, gt=0)
     late_updates: Literal["drop"] = "drop"
     cohort: CohortSpec = Field(default_factory=CohortSpec)
-    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    strategy: StrategySpec = Field(default_factory=lambda: FedAvgSpec(name="fedavg"),
+                                   description="aggregation rule and its parameters, e.g. {name: trimmed_mean, beta: 0.1}")
+    server_optimizer: ServerOptimizerSpec = Field(default_factory=lambda: SgdSpec(name="sgd"),
+                                                  description="applied to the rule's aggregate, e.g. {name: adam, lr: 0.01}")
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
     transport: TransportSpec = Field(default_factory=TransportSpec)
+
+    @model_validator(mode="after")
+    def _strategy_fits_quorum(self) -> JobSpec:
+        # Checked at job load, not mid-run: e.g. Krum with f=2 needs every aggregated round to have n > 2f+2.
+        try:
+            validate_strategy(self.strategy, self.cohort.min_updates)
+        except StrategyConfigError as exc:
+            raise ValueError(f"strategy {self.strategy.name}: {exc}") from None
+        if self.cohort.size is None and self.cohort.min_updates > self.cohort.min_workers:
+            raise ValueError(f"cohort.min_updates ({self.cohort.min_updates}) exceeds cohort.min_workers "
+                             f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:

@@ -1,0 +1,116 @@
+"""Peak coordinator memory of one aggregation round versus cohort size (issue 3, acceptance 5).
+
+For each rule and cohort size a fresh Python process builds a float32 model of ``--params``
+parameters (plus an integer buffer), begins a round, and adds ``n`` updates one at a time,
+generating each update on the fly and dropping its own reference right after ``add()``
+(as the coordinator does with a decoded message), then calls ``result()``. The process
+reports its peak resident set size (VmHWM from /proc/self/status) before the round and
+after it; a separate process per measurement keeps one run's peak out of the next.
+
+Streaming rules (FedAvg) should show the same peak for 4, 16 and 64 updates; buffered
+rules (median) keep every update, so their growth over the baseline scales with n.
+
+    python benchmarks/aggregation_memory.py                    # 10M params; 4, 16, 64 updates
+    python benchmarks/aggregation_memory.py --params 1000000 --sizes 4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB -> MiB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(rule_name: str, n: int, params: int) -> dict:
+    import torch
+
+    from fedbus.aggregation.base import ClientUpdate
+    from fedbus.aggregation.specs import build_rule
+
+    torch.set_num_threads(1)  # same arithmetic and no thread-pool arenas in every run
+    # Three tensors like a small network's layers, plus BatchNorm's counter.
+    sizes = {"layer1.weight": params // 2, "layer2.weight": params * 3 // 10}
+    sizes["layer3.weight"] = params - sum(sizes.values())
+    torch.manual_seed(0)
+    global_state = {k: torch.randn(v) for k, v in sizes.items()}
+    global_state["bn.num_batches_tracked"] = torch.tensor(100)
+    rule = build_rule({"name": rule_name})
+    baseline = _status_mb("VmHWM")
+
+    start = time.perf_counter()
+    agg = rule.begin(global_state)
+    for i in range(n):
+        torch.manual_seed(i + 1)
+        state = {}
+        for k, v in global_state.items():
+            if v.is_floating_point():
+                state[k] = torch.randn_like(v).mul_(0.01).add_(v)  # in place: no extra temporaries
+            else:
+                state[k] = v + 3
+        agg.add(ClientUpdate(f"w{i}", 100 + i, state, num_steps=3))
+        del state  # the coordinator drops the decoded update; a buffered rule still holds it
+    proposal = agg.result()
+    seconds = time.perf_counter() - start
+    assert set(proposal) == set(global_state)
+    return {"rule": rule_name, "updates": n, "params": params, "baseline_mb": baseline,
+            "peak_mb": _status_mb("VmHWM"), "seconds": seconds}
+
+
+def measure(rule: str, n: int, params: int, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, __file__, "--child", rule, str(n), "--params", str(params)],
+                         capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{rule} n={n} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=int, default=10_000_000)
+    ap.add_argument("--sizes", default="4,16,64")
+    ap.add_argument("--rules", default="fedavg,median", help="streaming first, then buffered")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds per measurement")
+    ap.add_argument("--child", nargs=2, metavar=("RULE", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.params)))
+        return
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model_mb = args.params * 4 / 2**20
+    print(f"model: {args.params:,} float32 parameters = {model_mb:.1f} MiB; one fresh process per row\n")
+    header = f"{'rule':<10} {'updates':>7} {'baseline MiB':>13} {'peak MiB':>9} {'round MiB':>10} " \
+             f"{'x model':>8} {'vs first':>9} {'seconds':>8}"
+    print(header)
+    print("-" * len(header))
+    started = time.perf_counter()
+    for rule in args.rules.split(","):
+        first = None
+        for n in sizes:
+            r = measure(rule, n, args.params, args.timeout)
+            grown = r["peak_mb"] - r["baseline_mb"]  # what the round added on top of model + runtime
+            first = first or grown
+            print(f"{rule:<10} {n:>7} {r['baseline_mb']:>13.0f} {r['peak_mb']:>9.0f} {grown:>10.0f} "
+                  f"{grown / model_mb:>8.1f} {grown / first:>9.2f} {r['seconds']:>8.1f}", flush=True)
+    print(f"\nbaseline: peak RSS with torch loaded and the global model built, before the round.")
+    print(f"round MiB = peak - baseline; 'vs first' = round MiB relative to the smallest cohort "
+          f"(cohort ratio {sizes[-1] / sizes[0]:g}x). total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

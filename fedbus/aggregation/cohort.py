@@ -1,0 +1,188 @@
+"""The shared half of every buffered (Byzantine-robust) rule.
+
+Robust rules need the whole cohort at once, so ``BufferedAggregator`` keeps each update
+until ``result()``: memory is O(cohort x model). It keeps references to the updates'
+tensors, not copies (the coordinator already holds them decoded; a copy would double the
+footprint), so callers must not modify an update after ``add``.
+
+The rules see a ``Cohort``: the float tensors of every update as one flat vector of deltas
+Δ_i = y_i − x_t per client, in float64 (complex tensors as real/imaginary pairs). That
+vector is never materialised for the whole model when it is large: ``chunks()`` yields
+column blocks of the n × d delta matrix, so the float64 working set stays bounded
+(``CHUNK_BYTES``) while the math is the same as on the full matrix. Results are written
+back per tensor as x_t + aggregate, cast to each tensor's dtype; integer and bool
+buffers go through ``IntegerBufferCarry`` exactly as in FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from fedbus.aggregation.base import (ClientUpdate, IntegerBufferCarry, State, float_keys, from_real64,
+                                     require, to_real64, validate_update)
+
+# float64 working set per chunk: large enough to vectorise, small next to the buffered cohort.
+CHUNK_BYTES = 64 * 1024 * 1024
+# Below this size the whole delta matrix is cached between passes (iterative rules re-read it).
+CACHE_BYTES = 256 * 1024 * 1024
+
+Flat = dict[str, torch.Tensor]  # tensor name -> flat float64 vector over its coordinates
+
+
+def _flat64(t: torch.Tensor) -> torch.Tensor:
+    return to_real64(t).reshape(-1)
+
+
+class Cohort:
+    """One round's updates as an n × d matrix of float64 deltas, read in column chunks."""
+
+    def __init__(self, global_state: State, updates: list[ClientUpdate], chunk_bytes: int = CHUNK_BYTES):
+        self.global_state = global_state
+        self.updates = updates
+        self.n = len(updates)
+        self.keys = float_keys(global_state)
+        self.ids = [u.worker_id for u in updates]
+        self.weights = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+        self._chunk = max(1, chunk_bytes // (8 * max(self.n, 1)))
+        self._cache: list[tuple[str, int, int, torch.Tensor]] | None = None
+        total = sum(self.numel(k) for k in self.keys) * 8 * self.n
+        self._cacheable = total <= CACHE_BYTES
+
+    def numel(self, key: str) -> int:
+        t = self.global_state[key]
+        return t.numel() * (2 if t.is_complex() else 1)
+
+    def _generate(self) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+        for key in self.keys:
+            x = _flat64(self.global_state[key])
+            ys = [u.state[key].detach().reshape(-1) for u in self.updates]
+            if self.global_state[key].is_complex():
+                ys = [torch.view_as_real(y).reshape(-1) for y in ys]
+            for s in range(0, x.numel(), self._chunk):
+                e = min(s + self._chunk, x.numel())
+                m = torch.stack([y[s:e] for y in ys]).to(torch.float64)
+                m -= x[s:e]
+                yield key, s, e, m
+
+    def chunks(self) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+        """(tensor name, start, stop, M) with M[i] = Δ_i over that tensor's coordinates start:stop."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        if self._cacheable:
+            self._cache = list(self._generate())
+            yield from self._cache
+            return
+        yield from self._generate()
+
+    # ---- whole-vector quantities -------------------------------------------------------
+
+    def pairwise_sq_distances(self, rows: list[int] | None = None) -> torch.Tensor:
+        """||Δ_i − Δ_j||² for the given rows (all by default), from direct differences.
+
+        The expansion ||a||² + ||b||² − 2<a, b> cancels catastrophically when updates are
+        close to each other and far from the origin — exactly the case Krum must resolve —
+        so each distance is a sum of squared coordinate differences, accumulated in float64.
+        """
+        idx = list(range(self.n)) if rows is None else rows
+        k = len(idx)
+        d = torch.zeros(k, k, dtype=torch.float64)
+        sel = torch.tensor(idx, dtype=torch.long)
+        for _, _, _, m in self.chunks():
+            block = m.index_select(0, sel) if rows is not None else m
+            for i in range(k - 1):
+                diff = block[i + 1:] - block[i]
+                d[i, i + 1:] += (diff * diff).sum(dim=1)
+        return d + d.T
+
+    def distances_to(self, point: Flat) -> torch.Tensor:
+        """||Δ_i − z|| for every client, z given as flat float64 deltas per tensor."""
+        sq = torch.zeros(self.n, dtype=torch.float64)
+        for key, s, e, m in self.chunks():
+            diff = m - point[key][s:e]
+            sq += (diff * diff).sum(dim=1)
+        return sq.sqrt()
+
+    def combine(self, coeffs: torch.Tensor) -> Flat:
+        """sum_i coeffs_i Δ_i as flat float64 vectors per tensor."""
+        out = {k: torch.zeros(self.numel(k), dtype=torch.float64) for k in self.keys}
+        c = coeffs.to(torch.float64)
+        for key, s, e, m in self.chunks():
+            out[key][s:e] = c @ m
+        return out
+
+    def coordinatewise(self, fn: Callable[[torch.Tensor], torch.Tensor], rows: list[int] | None = None) -> Flat:
+        """fn applied to every column block (rows = clients, optionally a subset) -> one value per column."""
+        out = {k: torch.zeros(self.numel(k), dtype=torch.float64) for k in self.keys}
+        sel = None if rows is None else torch.tensor(rows, dtype=torch.long)
+        for key, s, e, m in self.chunks():
+            out[key][s:e] = fn(m if sel is None else m.index_select(0, sel))
+        return out
+
+    # ---- back to a model --------------------------------------------------------------
+
+    def to_state(self, delta: Flat) -> State:
+        """x_t + delta for float tensors (cast back), integer/bool buffers carried as in FedAvg."""
+        carry = IntegerBufferCarry(self.global_state)
+        for u in self.updates:
+            carry.add(u)
+        out = carry.result()
+        for key in self.keys:
+            base = self.global_state[key]
+            out[key] = from_real64(_flat64(base) + delta[key], base)
+        return {k: out[k] for k in self.global_state}
+
+
+class BufferedAggregator:
+    """Keeps the round's updates; ``result()`` hands them to the rule as a Cohort.
+
+    ``check`` re-validates the rule's precondition for the actual number of updates (the
+    job-load check covers the quorum, so this only fires if the coordinator's quorum and
+    the rule disagree).
+    """
+
+    def __init__(self, global_state: State, aggregate: Callable[[Cohort], State], check: Callable[[int], None]):
+        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        self._aggregate = aggregate
+        self._check = check
+        self._updates: list[ClientUpdate] = []
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self._updates)
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+
+    @property
+    def updates(self) -> list[ClientUpdate]:
+        return list(self._updates)
+
+    def add(self, update: ClientUpdate) -> None:
+        validate_update(self._global, update)
+        self._updates.append(update)
+        self._total_weight += float(update.num_samples)
+
+    def result(self) -> State:
+        require(self.count > 0, "no updates to aggregate")
+        self._check(self.count)
+        return self._aggregate(Cohort(self._global, self._updates))
+
+
+def sorted_columns(m: torch.Tensor) -> torch.Tensor:
+    """Each column sorted ascending (rows = clients); sorting first makes every coordinate-wise
+    rule independent of the order the updates arrived in."""
+    return torch.sort(m, dim=0).values
+
+
+def median_of_sorted(v: torch.Tensor) -> torch.Tensor:
+    """The usual median of each column of an ascending-sorted block: the middle value for odd n,
+    the mean of the two middle values for even n (torch.median would return the lower one)."""
+    n = v.shape[0]
+    if n % 2:
+        return v[n // 2]
+    return (v[n // 2 - 1] + v[n // 2]) / 2

@@ -1,0 +1,160 @@
+"""SCAFFOLD: stochastic controlled averaging, option II.
+
+Karimireddy, Kale, Mohri, Reddi, Stich, Suresh 2020, "SCAFFOLD: Stochastic Controlled
+Averaging for Federated Learning" (ICML 2020), Algorithm 1.
+
+The server keeps a control variate c (zeros at the start, one entry per float tensor of
+the model) and sends it with x. Client i, holding its own c_i across rounds, runs K local
+steps  y <- y - eta_l (g_i(y) - c_i + c)  from y = x and then (option II)
+
+    c_i+  = c_i - c + (x - y_i) / (K eta_l)
+    Δy_i  = y_i - x,      Δc_i = c_i+ - c_i
+
+The server averages uniformly over the sampled set S (not by sample count) and steps
+
+    x <- x + eta_g * (1/|S|) sum_{i in S} Δy_i
+    c <- c + (1/N) sum_{i in S} Δc_i  =  c + (|S|/N) * mean_{i in S} Δc_i
+
+with N the total number of clients. ``result()`` is the proposed x; ``commit()`` applies the
+c update after the round succeeded, so a failed round leaves c untouched.
+
+Δc_i arrives in ``update.extra["scaffold_delta_c"]`` (a State with c's keys);
+``scaffold_client_update`` is the worker-side formula. The correction c - c_i only makes
+sense for tensors trained by gradient; c also has entries for float buffers (BatchNorm
+running statistics) so that keys line up, and workers simply do not apply them there.
+
+Streaming: float64 sums of Δy and Δc; c is kept in float64 and sent in the model's dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedbus.aggregation.base import (AggregationRule, ClientUpdate, IntegerBufferCarry, InvalidUpdate,
+                                     RoundAggregator, State, float_keys, validate_update)
+
+DELTA_C = "scaffold_delta_c"
+
+
+def scaffold_client_update(c_global: State, c_local: State, x_global: State, y_local: State,
+                           num_steps: int, lr: float) -> tuple[State, State]:
+    """Option II control-variate update for one client: returns (c_i+, Δc_i = c_i+ - c_i).
+
+    ``c_local`` may be empty on a client's first round (c_i = 0). Keys are those of
+    ``c_global``; results have c_global's dtypes.
+    """
+    if num_steps < 1 or lr <= 0:
+        raise ValueError(f"scaffold_client_update needs num_steps >= 1 and lr > 0, got {num_steps}, {lr}")
+    scale = 1.0 / (num_steps * lr)
+    c_new: State = {}
+    delta: State = {}
+    for name, c in c_global.items():
+        dt = torch.complex128 if c.is_complex() else torch.float64
+        ci = c_local[name].to(dt) if name in c_local else torch.zeros(c.shape, dtype=dt)
+        drift = (x_global[name].to(dt) - y_local[name].to(dt)) * scale
+        new = ci - c.to(dt) + drift
+        c_new[name] = new.to(c.dtype)
+        delta[name] = (new - ci).to(c.dtype)
+    return c_new, delta
+
+
+class ScaffoldAccumulator:
+    """Uniform float64 sums of Δy_i and Δc_i over the round's updates."""
+
+    def __init__(self, global_state: State, control: State, eta_g: float):
+        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        self._eta_g = eta_g
+        self._keys = float_keys(global_state)
+        self._dy = {k: torch.zeros(global_state[k].shape, dtype=control[k].dtype) for k in self._keys}
+        self._dc = {k: torch.zeros_like(control[k]) for k in self._keys}
+        self._carry = IntegerBufferCarry(global_state)
+        self._count = 0
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+
+    def add(self, update: ClientUpdate) -> None:
+        validate_update(self._global, update)
+        dc = update.extra.get(DELTA_C)
+        if not isinstance(dc, dict):
+            raise InvalidUpdate(f"update from {update.worker_id!r} lacks extra[{DELTA_C!r}] (SCAFFOLD needs Δc_i)")
+        for name in self._keys:
+            t = dc.get(name)
+            if not isinstance(t, torch.Tensor) or t.shape != self._dc[name].shape:
+                raise InvalidUpdate(f"update from {update.worker_id!r}: {DELTA_C}[{name!r}] is missing or has the "
+                                    f"wrong shape (want {tuple(self._dc[name].shape)})")
+        for name in self._keys:
+            acc = self._dy[name]
+            acc.add_(update.state[name].to(acc.dtype) - self._global[name].to(acc.dtype))
+            self._dc[name].add_(dc[name].to(self._dc[name].dtype))
+        self._carry.add(update)
+        self._count += 1
+        self._total_weight += float(update.num_samples)
+
+    def result(self) -> State:
+        if self._count == 0:
+            raise ValueError("no updates to aggregate")
+        out = self._carry.result()
+        for name in self._keys:
+            base = self._global[name]
+            out[name] = (base.to(self._dy[name].dtype) + self._dy[name] * (self._eta_g / self._count)).to(base.dtype)
+        return {k: out[k] for k in self._global}
+
+    def mean_delta_c(self) -> State:
+        return {k: v / self._count for k, v in self._dc.items()}
+
+
+class Scaffold(AggregationRule):
+    """SCAFFOLD option II; streaming; precondition n >= 1, eta_g > 0, N >= |S| at commit."""
+
+    name: ClassVar[str] = "scaffold"
+    streaming: ClassVar[bool] = True
+
+    def __init__(self, eta_g: float = 1.0):
+        if not eta_g > 0:
+            raise ValueError(f"scaffold: eta_g must be > 0, got {eta_g}")
+        self.eta_g = float(eta_g)
+        self._c: State | None = None   # float64 / complex128 per float tensor
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    @property
+    def control(self) -> State | None:
+        """The server control variate c in float64 (None before the first begin())."""
+        return self._c
+
+    def begin(self, global_state: State) -> ScaffoldAccumulator:
+        keys = float_keys(global_state)
+        if self._c is None:
+            self._c = {k: torch.zeros(global_state[k].shape,
+                                      dtype=torch.complex128 if global_state[k].is_complex() else torch.float64)
+                       for k in keys}
+            self._dtypes = {k: global_state[k].dtype for k in keys}
+        elif set(self._c) != set(keys):
+            raise ValueError("scaffold: the model's float tensors changed between rounds")
+        return ScaffoldAccumulator(global_state, self._c, self.eta_g)
+
+    def broadcast(self) -> State:
+        """c in the model's dtypes. Call begin() first: c takes its shapes from the model."""
+        if self._c is None:
+            raise RuntimeError("scaffold: broadcast() before the first begin(); c needs the model's shapes")
+        return {k: v.to(self._dtypes[k]) for k, v in self._c.items()}
+
+    def commit(self, aggregator: RoundAggregator, num_workers_total: int) -> None:
+        if not isinstance(aggregator, ScaffoldAccumulator):
+            raise TypeError("scaffold.commit needs the aggregator its begin() returned")
+        assert self._c is not None
+        s = aggregator.count
+        if s == 0:
+            return
+        if num_workers_total < s:
+            raise ValueError(f"scaffold: N = {num_workers_total} workers in total but {s} updates aggregated")
+        for name, mean in aggregator.mean_delta_c().items():
+            self._c[name].add_(mean, alpha=s / num_workers_total)

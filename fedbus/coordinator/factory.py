@@ -1,0 +1,29 @@
+"""Build a RoundStateMachine from a job spec: the one place job settings meet the core."""
+
+from __future__ import annotations
+
+from fedbus.aggregation.base import State
+from fedbus.aggregation.specs import build_rule, build_server_optimizer
+from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine
+from fedbus.jobspec import JobSpec
+
+
+def policy_from(job: JobSpec) -> RoundPolicy:
+    return RoundPolicy(
+        rounds=job.rounds,
+        min_workers=job.cohort.min_workers,
+        cohort_size=job.cohort.size,
+        min_updates=job.cohort.min_updates,
+        round_deadline_ms=int(job.round_deadline_s * 1000),
+        wait_for_workers_ms=int(job.cohort.wait_for_workers_s * 1000),
+        liveness_ms=int(max(5.0, 5 * job.transport.heartbeat_s) * 1000),
+        final_eval=job.evaluation.final_round and job.evaluation.federated,
+        final_eval_deadline_ms=int(job.round_deadline_s * 1000),
+        seed=job.seed,
+    )
+
+
+def machine_for(job: JobSpec, initial_state: State, num_workers_total: int) -> RoundStateMachine:
+    return RoundStateMachine(policy_from(job), initial_state, rule=build_rule(job.strategy),
+                             optimizer=build_server_optimizer(job.server_optimizer),
+                             num_workers_total=num_workers_total)

@@ -1,0 +1,123 @@
+"""In-process simulation: the same RoundStateMachine and LocalTrainer, no bus.
+
+Researchers run a job spec with many simulated clients on one machine; the coordinator
+core and the workers' training code are exactly those of a deployment, only the
+transport (and its verification) is replaced by direct calls, and time is virtual, so a
+run is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedbus.aggregation.base import ClientUpdate
+from fedbus.coordinator.factory import machine_for
+from fedbus.coordinator.rounds import (
+    CloseRound,
+    EvalReceived,
+    FinishJob,
+    OpenEval,
+    OpenRound,
+    RejectUpdate,
+    Start,
+    UpdateReceived,
+    WorkerSeen,
+)
+from fedbus.jobspec import JobSpec
+from fedbus.tasks import load_task
+from fedbus.worker.attacks import Attack
+from fedbus.worker.trainer import LocalTrainer
+
+
+@dataclass
+class SimResult:
+    rounds: list[dict] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+    wall_seconds: float = 0.0
+
+    def rounds_to(self, accuracy: float) -> int | None:
+        for r in self.rounds:
+            if r.get("test_accuracy", 0.0) >= accuracy:
+                return r["model_version"]
+        return None
+
+
+def worker_ids(n: int) -> list[str]:
+    width = max(2, len(str(n)))
+    return [f"w{i + 1:0{width}d}" for i in range(n)]
+
+
+def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | None = None,
+             on_round: Callable[[dict], None] | None = None) -> SimResult:
+    """Run ``job`` with ``num_workers`` in-process workers; ``attacks`` maps worker index to an attack."""
+    started = time.perf_counter()
+    task = load_task(job.task)
+    ids = worker_ids(num_workers)
+    trainers = {wid: LocalTrainer(task, job, partition=i, num_partitions=num_workers,
+                                  attack=(attacks or {}).get(i)) for i, wid in enumerate(ids)}
+    torch.manual_seed(job.seed)
+    model = task.build_model(job.task_params)
+    test_data = task.server_test_data(job.task_params, job.seed) if job.evaluation.server_test else None
+    machine = machine_for(job, {k: v.detach().clone() for k, v in model.state_dict().items()}, num_workers)
+    clock = 0
+    result = SimResult()
+
+    def tick() -> int:
+        nonlocal clock
+        clock += 1
+        return clock
+
+    def server_eval(state) -> dict[str, float]:
+        if test_data is None:
+            return {}
+        model.load_state_dict(state)
+        ev = task.evaluate(model, test_data)
+        return {"test_loss": float(ev.loss), "test_accuracy": float(ev.accuracy)}
+
+    pending = machine.handle(Start(tick()))
+    for wid in ids:
+        pending += machine.handle(WorkerSeen(wid, trainers[wid].num_samples, tick()))
+    while pending:
+        action = pending.pop(0)
+        match action:
+            case OpenRound():
+                for wid in action.cohort:
+                    pending += _train_one(machine, trainers[wid], wid, action, tick)
+            case CloseRound():
+                metrics = {**action.metrics, **(server_eval(action.state) if action.status == "aggregated" else {})}
+                row = {"round": action.round, "model_version": action.model_version, "status": action.status,
+                       "accepted": len(action.accepted), **metrics}
+                result.rounds.append(row)
+                if on_round:
+                    on_round(row)
+            case OpenEval():
+                for wid in action.cohort:
+                    trainer = trainers[wid]
+                    trainer.load(action.state)
+                    ev = trainer.evaluate()
+                    pending += machine.handle(EvalReceived(wid, action.round, ev.num_samples,
+                                                           {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, tick()))
+            case RejectUpdate():
+                pass
+            case FinishJob():
+                result.reason = action.reason
+                result.final = {**server_eval(machine.state), **action.metrics}
+    result.rejected = dict(machine.rejections)
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _train_one(machine, trainer: LocalTrainer, wid: str, ro: OpenRound, tick) -> list:
+    trainer.load(ro.state)
+    ev = trainer.evaluate()
+    result = trainer.train(ro.round, ro.state, ro.broadcast, trainer.settings_for(trainer.job.train.model_dump()))
+    update = ClientUpdate(wid, result.num_samples, result.state, result.num_steps,
+                          extra={**result.extra_scalars, **result.extra_groups})
+    return machine.handle(UpdateReceived(wid, ro.round, update, tick(), result.train_metrics,
+                                         {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, ev.num_samples))
