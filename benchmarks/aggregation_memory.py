@@ -94,23 +94,27 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     model_mb = args.params * 4 / 2**20
     print(f"model: {args.params:,} float32 parameters = {model_mb:.1f} MiB; one fresh process per row\n")
-    header = f"{'rule':<10} {'updates':>7} {'baseline MiB':>13} {'peak MiB':>9} {'round MiB':>10} " \
-             f"{'x model':>8} {'vs first':>9} {'seconds':>8}"
+    header = (f"{'rule':<8} {'updates':>7} {'baseline MiB':>12} {'peak MiB':>9} {'round MiB':>9} {'x model':>7} "
+              f"{'ratio':>6} {'MiB/extra update':>16} {'seconds':>7}")
     print(header)
     print("-" * len(header))
     started = time.perf_counter()
     for rule in args.rules.split(","):
-        first = None
+        first: tuple[int, float] | None = None
         for n in sizes:
             r = measure(rule, n, args.params, args.timeout)
             grown = r["peak_mb"] - r["baseline_mb"]  # what the round added on top of model + runtime
-            first = first or grown
-            print(f"{rule:<10} {n:>7} {r['baseline_mb']:>13.0f} {r['peak_mb']:>9.0f} {grown:>10.0f} "
-                  f"{grown / model_mb:>8.1f} {grown / first:>9.2f} {r['seconds']:>8.1f}", flush=True)
-    print(f"\nbaseline: peak RSS with torch loaded and the global model built, before the round.")
-    print(f"round MiB = peak - baseline; 'vs first' = round MiB relative to the smallest cohort "
-          f"(cohort ratio {sizes[-1] / sizes[0]:g}x). total {time.perf_counter() - started:.0f} s")
-
+            first = first or (n, grown)
+            slope = (grown - first[1]) / (n - first[0]) if n > first[0] else float("nan")
+            print(f"{rule:<8} {n:>7} {r['baseline_mb']:>12.0f} {r['peak_mb']:>9.0f} {grown:>9.0f} "
+                  f"{grown / model_mb:>7.1f} {grown / first[1]:>6.2f} {slope:>16.1f} {r['seconds']:>7.1f}", flush=True)
+    print(f"""
+baseline   peak RSS (VmHWM) with torch loaded and the global model built, before the round
+round MiB  peak - baseline: what aggregating the round added
+ratio      round MiB / round MiB of the {sizes[0]}-update run (the cohort grows {sizes[-1] / sizes[0]:g}x)
+MiB/extra  (round MiB - round MiB at {sizes[0]}) / (updates - {sizes[0]}):
+           ~0 for a streaming rule, ~1 model ({model_mb:.1f} MiB) for a buffered one
+total {time.perf_counter() - started:.0f} s""")
 
 if __name__ == "__main__":
     main()

@@ -123,6 +123,15 @@ class Progress:
         self.stream = stream
         self.tty = stream.isatty()
 
+    def workers_ready(self, ready: int, total: int, seconds: float) -> None:
+        if self.tty:
+            self.stream.write(f"\rworkers ready: {ready}/{total} ({seconds:.0f} s)   ")
+            if ready >= total:
+                self.stream.write("\n")
+        elif ready >= total:
+            self.stream.write(f"all {total} workers ready after {seconds:.1f} s (heartbeats verified)\n")
+        self.stream.flush()
+
     def round_closed(self, rc: RoundClose) -> None:
         acc = rc.metrics.get("test_accuracy")
         acc_text = f"test acc {acc:.3f}" if acc is not None else ""
@@ -150,6 +159,23 @@ async def follow_rounds(nats_url: str, federation: Federation, job: JobSpec, pro
                                 max_future_ms=int(job.security.max_future_s * 1000),
                                 max_body_bytes=job.security.max_message_bytes)
     queue: asyncio.Queue = asyncio.Queue()
+    started = time.monotonic()
+    ready: set[str] = set()
+    expected = len(federation.workers())
+
+    async def on_heartbeat(msg) -> None:
+        try:
+            opened = verifier.open(msg.data, sender_token=msg.subject.rsplit(".", 1)[-1])
+            verifier.accept_body(opened, opened.inline_body)
+        except Rejection:
+            return
+        if opened.header.sender not in ready:
+            ready.add(opened.header.sender)
+            progress.workers_ready(len(ready), expected, time.monotonic() - started)
+            if len(ready) >= expected:
+                await hb_sub.unsubscribe()
+
+    hb_sub = await nc.subscribe(subjects.hb_all, cb=on_heartbeat)
     subs = []
     for kind in ("round.close", "job.done"):
         with contextlib.suppress(Exception):

@@ -29,4 +29,5 @@ def test_frozen_parameters_are_skipped():
         lin.weight.fill_(2.0)
         lin.bias.fill_(100.0)
     # only the weight: (1/2) * 1 * 2^2 = 2
-    assert proximal_term(lin.named_parameters(), {"weight": torch.zeros(1, 1), "bias": torch.zeros(1)}, 1.0).item() == 2.0
+    g = {"weight": torch.zeros(1, 1), "bias": torch.zeros(1)}
+    assert proximal_term(lin.named_parameters(), g, 1.0).item() == 2.0

@@ -50,7 +50,8 @@ def test_with_a_buffered_rule_and_extras_pass_through():
     rule = wrap_norm_bound(CoordinateMedian(), 1.0)
     assert not rule.streaming
     g = {"w": torch.tensor([1.0])}
-    out, _ = run(rule, g, [ClientUpdate(str(i), 1, {"w": torch.tensor([1.0 + d])}) for i, d in enumerate([10, 0.5, -0.25])])
+    ups = [ClientUpdate(str(i), 1, {"w": torch.tensor([1.0 + d])}) for i, d in enumerate([10, 0.5, -0.25])]
+    out, _ = run(rule, g, ups)
     assert out["w"].tolist() == [1.5]
     # SCAFFOLD behind the filter: Δc travels untouched and commit reaches the inner rule.
     sc = wrap_norm_bound(Scaffold(), 1.0)

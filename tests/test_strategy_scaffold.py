@@ -16,7 +16,8 @@ from fedbus.aggregation.scaffold import Scaffold, scaffold_client_update
 
 
 def upd(wid, n, w, dc, **extra_state):
-    return ClientUpdate(wid, n, {"w": torch.tensor(w), **extra_state}, extra={"scaffold_delta_c": {"w": torch.tensor(dc)}})
+    return ClientUpdate(wid, n, {"w": torch.tensor(w), **extra_state},
+                        extra={"scaffold_delta_c": {"w": torch.tensor(dc)}})
 
 
 def test_round_hand_case():
@@ -54,6 +55,37 @@ def test_client_update_option_ii():
                                        num_steps=5, lr=0.1)
     assert c_new["w"].tolist() == pytest.approx([0.75, 0.0])
     assert dc["w"].tolist() == pytest.approx([0.5, -1.0])
+
+
+def test_client_update_with_local_momentum_divides_by_the_effective_steps():
+    # momentum 0.5, K = 3: ||a||_1 = (0.5 + 0.75 + 0.875)/0.5 = 4.25 (fednova.py derivation)
+    # c = [0], c_i = [0], x = [0], y = [-0.85], eta_l = 0.1: (0 + 0.85)/(0.1*4.25) = 0.85/0.425 = 2
+    c_new, dc = scaffold_client_update({"w": torch.tensor([0.0], dtype=torch.float64)}, {},
+                                       {"w": torch.tensor([0.0], dtype=torch.float64)},
+                                       {"w": torch.tensor([-0.85], dtype=torch.float64)}, num_steps=3, lr=0.1,
+                                       momentum=0.5)
+    assert c_new["w"].tolist() == pytest.approx([2.0], abs=1e-12) and dc["w"].tolist() == pytest.approx([2.0])
+
+
+def test_control_variate_recovers_a_constant_gradient_under_torch_sgd_momentum():
+    # Oracle: torch.optim.SGD(momentum=0.9) on the linear loss g·w with the SCAFFOLD correction (c - c_i) added
+    # to the gradient; every corrected gradient is g + c - c_i, so c_i+ must come out as exactly g.
+    g = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    c, ci = torch.tensor([0.5, 0.1], dtype=torch.float64), torch.tensor([-0.2, 0.4], dtype=torch.float64)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    w = torch.nn.Parameter(x.clone())
+    opt = torch.optim.SGD([w], lr=0.05, momentum=0.9)
+    for _ in range(7):
+        opt.zero_grad()
+        (g @ w).backward()
+        w.grad += c - ci
+        opt.step()
+    c_new, _ = scaffold_client_update({"w": c}, {"w": ci}, {"w": x}, {"w": w.detach()}, num_steps=7, lr=0.05,
+                                      momentum=0.9)
+    assert torch.allclose(c_new["w"], g, atol=1e-12)
+    # the plain option II formula (K eta_l) overstates it several-fold under momentum
+    c_plain, _ = scaffold_client_update({"w": c}, {"w": ci}, {"w": x}, {"w": w.detach()}, num_steps=7, lr=0.05)
+    assert (c_plain["w"] - g).abs().max() > 1.0
 
 
 def test_client_update_first_round_has_zero_local_c():

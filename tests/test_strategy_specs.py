@@ -57,6 +57,13 @@ def test_streaming_flags():
     assert [k for k, v in streaming.items() if v] == ["fedavg", "fednova", "scaffold"]
 
 
+def test_update_groups_name_the_tensor_extras():
+    assert build_rule({"name": "scaffold"}).update_groups == ("scaffold_delta_c",)
+    assert build_rule({"name": "scaffold", "norm_bound": {"max_norm": 1.0}}).update_groups == ("scaffold_delta_c",)
+    assert build_rule({"name": "fednova"}).update_groups == ()
+    assert build_rule({"name": "krum", "f": 1}).update_groups == ()
+
+
 def test_norm_bound_on_any_strategy():
     rule = build_rule({"name": "trimmed_mean", "beta": 0.2, "norm_bound": {"max_norm": 5.0}})
     assert isinstance(rule, NormBound) and isinstance(rule.rule, TrimmedMean) and rule.max_norm == 5.0

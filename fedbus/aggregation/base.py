@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -147,6 +146,9 @@ class AggregationRule(ABC):
 
     name: ClassVar[str]
     streaming: ClassVar[bool]
+    # Tensor dicts every update must carry in ``extra`` (SCAFFOLD: ("scaffold_delta_c",)), each
+    # keyed like the model's float tensors; the coordinator checks them before ``add``.
+    update_groups: ClassVar[tuple[str, ...]] = ()
 
     def check_cohort(self, min_updates: int) -> None:
         """Raise StrategyConfigError if a round of ``min_updates`` updates breaks the precondition.
@@ -202,6 +204,3 @@ def from_real64(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return torch.view_as_complex(v.reshape(*like.shape, 2).contiguous()).to(like.dtype)
     return v.reshape(like.shape).to(like.dtype)
 
-
-def weights_of(updates: Iterable[ClientUpdate]) -> torch.Tensor:
-    return torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from fedbus.aggregation.base import AggregationRule, State, require
@@ -43,8 +44,9 @@ def closest_to_median_mean(m: torch.Tensor, beta: int) -> torch.Tensor:
     s = sorted_columns(m)
     dist = (s - median_of_sorted(s)).abs()
     # Stable sort on the value-sorted block: ties in distance keep the smaller value first.
-    idx = torch.sort(dist, dim=0, stable=True).indices[:beta]
-    return s.gather(0, idx).mean(dim=0)
+    # (numpy for the same reason as in sorted_columns.)
+    idx = np.argsort(dist.numpy(), axis=0, kind="stable")[:beta]
+    return torch.from_numpy(np.take_along_axis(s.numpy(), idx, axis=0)).mean(dim=0)
 
 
 class Bulyan(AggregationRule):

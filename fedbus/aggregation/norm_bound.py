@@ -86,6 +86,7 @@ class NormBound(AggregationRule):
         # Instance attributes shadow the ClassVars: the wrapper is whatever its rule is.
         self.name = rule.name  # type: ignore[misc]
         self.streaming = rule.streaming  # type: ignore[misc]
+        self.update_groups = rule.update_groups  # type: ignore[misc]
 
     def check_cohort(self, min_updates: int) -> None:
         self.rule.check_cohort(min_updates)
