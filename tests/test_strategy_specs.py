@@ -22,12 +22,14 @@ from fedbus.aggregation.median import CoordinateMedian
 from fedbus.aggregation.norm_bound import NormBound
 from fedbus.aggregation.scaffold import Scaffold
 from fedbus.aggregation.server_sgd import ServerSGD
+from fedbus.aggregation.fedprox import FedProx
 from fedbus.aggregation.specs import (STRATEGY_NAMES, FedAvgSpec, KrumSpec, ServerOptimizerSpec, StrategySpec,
                                       build_rule, build_server_optimizer, validate_strategy)
 from fedbus.aggregation.trimmed_mean import TrimmedMean
 
 STRATEGIES = [
     ({"name": "fedavg"}, FedAvg, {}),
+    ({"name": "fedprox", "mu": 0.1}, FedProx, {"mu": 0.1}),  # server side is FedAvg; mu goes to the workers
     ({"name": "fednova"}, FedNova, {}),
     ({"name": "scaffold", "eta_g": 0.5}, Scaffold, {"eta_g": 0.5}),
     ({"name": "krum", "f": 1}, Krum, {"f": 1}),

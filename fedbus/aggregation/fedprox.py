@@ -13,8 +13,12 @@ aggregates with FedAvg; with FedNova, pass the same mu and the local lr to
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
+
+from fedbus.aggregation.base import StrategyConfigError
+from fedbus.aggregation.fedavg import FedAvg
 
 
 def proximal_term(params: Iterable[tuple[str, torch.Tensor]], global_params: dict[str, torch.Tensor],
@@ -34,3 +38,14 @@ def proximal_term(params: Iterable[tuple[str, torch.Tensor]], global_params: dic
     if total is None:
         return torch.zeros(())
     return 0.5 * mu * total
+
+
+class FedProx(FedAvg):
+    """FedProx as a rule: the server side is FedAvg; ``mu`` travels to the workers in the job spec."""
+
+    name: ClassVar[str] = "fedprox"
+
+    def __init__(self, mu: float = 0.01):
+        if mu < 0:
+            raise StrategyConfigError(f"fedprox: mu must be >= 0, got {mu}")
+        self.mu = mu

@@ -21,6 +21,7 @@ from fedbus.aggregation.fedadagrad import FedAdagrad
 from fedbus.aggregation.fedadam import FedAdam
 from fedbus.aggregation.fedavg import FedAvg
 from fedbus.aggregation.fedavgm import ServerMomentum
+from fedbus.aggregation.fedprox import FedProx
 from fedbus.aggregation.fednova import FedNova
 from fedbus.aggregation.fedyogi import FedYogi
 from fedbus.aggregation.geometric_median import GeometricMedian
@@ -48,6 +49,13 @@ class _Strategy(BaseModel):
 class FedAvgSpec(_Strategy):
     """FedAvg (McMahan et al. 2017): sample-weighted mean; streaming."""
     name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxSpec(_Strategy):
+    """FedProx (Li et al. 2020): workers add (mu/2)·||w − w_t||² to their loss; the server
+    aggregates as FedAvg; streaming."""
+    name: Literal["fedprox"]
+    mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="proximal coefficient sent to workers")
 
 
 class FedNovaSpec(_Strategy):
@@ -103,12 +111,12 @@ class BulyanSpec(_Strategy):
 
 
 StrategySpec = Annotated[
-    Union[FedAvgSpec, FedNovaSpec, ScaffoldSpec, KrumSpec, MultiKrumSpec, MedianSpec, TrimmedMeanSpec,
+    Union[FedAvgSpec, FedProxSpec, FedNovaSpec, ScaffoldSpec, KrumSpec, MultiKrumSpec, MedianSpec, TrimmedMeanSpec,
           GeometricMedianSpec, BulyanSpec],
     Field(discriminator="name"),
 ]
 
-STRATEGY_NAMES = ("fedavg", "fednova", "scaffold", "krum", "multi_krum", "median", "trimmed_mean",
+STRATEGY_NAMES = ("fedavg", "fedprox", "fednova", "scaffold", "krum", "multi_krum", "median", "trimmed_mean",
                   "geometric_median", "bulyan")
 
 
@@ -192,6 +200,8 @@ def build_rule(spec: Any) -> AggregationRule:
     match s:
         case FedAvgSpec():
             rule = FedAvg()
+        case FedProxSpec():
+            rule = FedProx(mu=s.mu)
         case FedNovaSpec():
             rule = FedNova()
         case ScaffoldSpec():
