@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from fedbus.bus import EmbeddedNatsServer, Subjects, connect, ensure_job_infrastructure
-from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection
+from fedbus.crypto.envelopes import Rejection
+from fedbus.messaging import verifier_for
 from fedbus.crypto.federation import Federation, FederationFile, Participant
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import CohortSpec, JobSpec
@@ -155,9 +156,7 @@ async def follow_rounds(nats_url: str, federation: Federation, job: JobSpec, pro
     js = nc.jetstream()
     subjects = Subjects(job.job, prefix=job.transport.prefix)
     await ensure_job_infrastructure(js, subjects, replicas=job.transport.replicas)
-    verifier = EnvelopeVerifier(federation, job.job, max_age_ms=int(job.security.max_age_s * 1000),
-                                max_future_ms=int(job.security.max_future_s * 1000),
-                                max_body_bytes=job.security.max_message_bytes)
+    verifier = verifier_for(job, federation)
     queue: asyncio.Queue = asyncio.Queue()
     started = time.monotonic()
     ready: set[str] = set()
@@ -202,6 +201,25 @@ async def follow_rounds(nats_url: str, federation: Federation, job: JobSpec, pro
 
 # ---- the report ------------------------------------------------------------------------
 
+def describe_traces(spans_path: Path, num_workers: int) -> str:
+    """One trace per round: the coordinator's round span as root, every worker's spans under it."""
+    traces = traces_by_id(read_spans(spans_path))
+    rounds = complete = 0
+    for spans in traces.values():
+        root = next((s for s in spans if s["parent_span_id"] is None), None)
+        if root is None or root["name"] != "round":
+            continue
+        rounds += 1
+        children = [s for s in spans if s["parent_span_id"] == root["span_id"]]
+        workers = [{s["instance"] for s in children if s["name"] == n}
+                   for n in ("worker.fetch", "worker.train", "worker.upload")]
+        if all(len(w) == num_workers for w in workers):
+            complete += 1
+    total = sum(len(v) for v in traces.values())
+    return (f"traces in {spans_path.name}: {len(traces)} ({total} spans); {rounds} round traces, {complete} of them "
+            f"with the coordinator's round span and fetch/train/upload spans from all {num_workers} workers")
+
+
 def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
     lines = [f"{'round':>5} {'status':>10} {'ms':>8} {'updates':>7} {'test acc':>8} {'test loss':>9} {'fed acc':>7}"]
     for r in summary["rounds"]:
@@ -224,8 +242,7 @@ def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
     rejected = summary.get("updates_rejected") or {}
     lines.append(f"updates accepted {summary['updates_accepted']}, rejected {sum(rejected.values())} {rejected or ''}")
     with contextlib.suppress(OSError):
-        traces = traces_by_id(read_spans(spans_path))
-        lines.append(f"traces in {spans_path}: {len(traces)} ({sum(len(v) for v in traces.values())} spans)")
+        lines.append(describe_traces(spans_path, len(group.procs) - 1))
     total_peaks = sum(group.peak_rss.values())
     lines.append(f"memory: peak concurrent RSS of all processes {group.peak_total_rss / 2**20:.0f} MiB; "
                  f"sum of per-process peaks {total_peaks / 2**20:.0f} MiB over {len(group.peak_rss)} processes")

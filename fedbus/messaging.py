@@ -16,7 +16,9 @@ import structlog
 
 from fedbus.bus import BlobIntegrityError, BlobNotFound, BlobStore, Subjects, publish_with_retry
 from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, seal
+from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
+from fedbus.jobspec import JobSpec
 from fedbus.protocol.codec import Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
 from fedbus.protocol.messages import Body, encode_body
@@ -41,6 +43,13 @@ def nats_headers(header: EnvelopeHeader) -> dict[str, str]:
 def normalise_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     # nats-py 2.16 hands headers over as a case-sensitive dict.
     return {k.lower(): v for k, v in (headers or {}).items()}
+
+
+def verifier_for(job: JobSpec, federation: Federation) -> EnvelopeVerifier:
+    """The verifier a participant of ``job`` uses, with the job's security limits."""
+    sec = job.security
+    return EnvelopeVerifier(federation, job.job, max_age_ms=int(sec.max_age_s * 1000),
+                            max_future_ms=int(sec.max_future_s * 1000), max_body_bytes=sec.max_message_bytes)
 
 
 class Messenger:

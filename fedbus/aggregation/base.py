@@ -204,3 +204,31 @@ def from_real64(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return torch.view_as_complex(v.reshape(*like.shape, 2).contiguous()).to(like.dtype)
     return v.reshape(like.shape).to(like.dtype)
 
+
+def float64_sums(global_state: State) -> State:
+    """Zeroed float64 (complex128) accumulators for every float tensor of the model."""
+    return {k: torch.zeros(v.shape, dtype=torch.complex128 if v.is_complex() else torch.float64)
+            for k, v in global_state.items() if is_averageable(v)}
+
+
+class StreamingAccumulatorBase:
+    """What every streaming aggregator keeps: the round's base model, float64 sums,
+    the integer-buffer carry, and how many updates (and how much weight) it has folded."""
+
+    def __init__(self, global_state: State):
+        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
+        # would stall; the division happens once, in result().
+        self._sums = float64_sums(global_state)
+        self._carry = IntegerBufferCarry(global_state)
+        self._total_weight = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+

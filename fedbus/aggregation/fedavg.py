@@ -19,32 +19,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
+from fedbus.aggregation.base import (
+    AggregationRule,
+    ClientUpdate,
+    InvalidUpdate,
+    State,
+    StreamingAccumulatorBase,
+    validate_update,
+)
 
-from fedbus.aggregation.base import (AggregationRule, ClientUpdate, IntegerBufferCarry, InvalidUpdate, State,
-                                     is_averageable, validate_update)
 
-
-class WeightedMeanAccumulator:
+class WeightedMeanAccumulator(StreamingAccumulatorBase):
     """Streaming FedAvg: memory is one float64 accumulator per tensor, whatever the cohort."""
-
-    def __init__(self, global_state: State):
-        self._global = {k: v.detach().clone() for k, v in global_state.items()}
-        # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
-        # would stall; the division by the total weight happens once, in result().
-        self._sums = {k: torch.zeros(v.shape, dtype=torch.complex128 if v.is_complex() else torch.float64)
-                      for k, v in global_state.items() if is_averageable(v)}
-        self._carry = IntegerBufferCarry(global_state)
-        self._total_weight = 0.0
-        self._count = 0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def total_weight(self) -> float:
-        return self._total_weight
 
     def add(self, update: ClientUpdate) -> None:
         validate_update(self._global, update)

@@ -59,10 +59,14 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
-
-from fedbus.aggregation.base import (AggregationRule, ClientUpdate, IntegerBufferCarry, InvalidUpdate, State,
-                                     is_averageable, validate_update)
+from fedbus.aggregation.base import (
+    AggregationRule,
+    ClientUpdate,
+    InvalidUpdate,
+    State,
+    StreamingAccumulatorBase,
+    validate_update,
+)
 
 
 def fednova_a(num_steps: int, momentum: float = 0.0, proximal_mu: float = 0.0, lr: float | None = None) -> float:
@@ -115,25 +119,12 @@ def _a_of(update: ClientUpdate) -> float:
     return a
 
 
-class FedNovaAccumulator:
+class FedNovaAccumulator(StreamingAccumulatorBase):
     """Streaming FedNova: sums n_i (y_i - x_t) / a_i in float64, and sum n_i a_i."""
 
     def __init__(self, global_state: State):
-        self._global = {k: v.detach().clone() for k, v in global_state.items()}
-        self._sums = {k: torch.zeros(v.shape, dtype=torch.complex128 if v.is_complex() else torch.float64)
-                      for k, v in global_state.items() if is_averageable(v)}
-        self._carry = IntegerBufferCarry(global_state)
-        self._total_weight = 0.0
+        super().__init__(global_state)
         self._weighted_a = 0.0
-        self._count = 0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def total_weight(self) -> float:
-        return self._total_weight
 
     @property
     def tau_eff(self) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
 
 from fedbus.aggregation.base import (AggregationRule, ClientUpdate, RoundAggregator, State, float_keys,
                                      from_real64, to_real64)

@@ -35,10 +35,10 @@ from fedbus.coordinator.rounds import (
 )
 from fedbus.coordinator.factory import machine_for
 from fedbus.coordinator.summary import RunSummary
-from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, now_ms
+from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
-from fedbus.messaging import Messenger
+from fedbus.messaging import Messenger, verifier_for
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.tensor_groups import join_groups, split_groups
 from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update
@@ -53,11 +53,7 @@ CONNECT_TIMEOUT_S = 60.0
 
 class CoordinatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path):
-        if identity.role != "coordinator":
-            raise ValueError(f"key {identity.id} has role {identity.role}, not coordinator")
-        listed = federation.get(identity.id)
-        if listed is None or listed.public_key != identity.participant_entry()["public_key"]:
-            raise ValueError(f"key {identity.id} is not the coordinator listed in the federation file")
+        federation.listed_as(identity, "coordinator")
         self.job = job
         self.federation = federation
         self.identity = identity
@@ -72,10 +68,7 @@ class CoordinatorService:
             self.task.evaluate(self.model, self.test_data)  # pay torch's one-time costs before round 1
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()))
-        self.verifier = EnvelopeVerifier(
-            federation, job.job,
-            max_age_ms=int(job.security.max_age_s * 1000), max_future_ms=int(job.security.max_future_s * 1000),
-            max_body_bytes=job.security.max_message_bytes)
+        self.verifier = verifier_for(job, federation)
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
         self._round_spans: dict[int, otel_trace.Span] = {}

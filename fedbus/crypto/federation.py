@@ -13,7 +13,7 @@ import yaml
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedbus.crypto.keys import unb64
+from fedbus.crypto.keys import Identity, unb64
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ids become NATS subject tokens
 
@@ -66,6 +66,15 @@ class Federation:
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+    def listed_as(self, identity: Identity, role: str) -> Participant:
+        """This process's own entry: its key must be listed, unrevoked, with ``role``."""
+        if identity.role != role:
+            raise ValueError(f"key {identity.id} has role {identity.role}, not {role}")
+        listed = self.get(identity.id)
+        if listed is None or listed.revoked or listed.public_key != identity.participant_entry()["public_key"]:
+            raise ValueError(f"key {identity.id} is not listed (unrevoked, with this public key) in the federation file")
+        return listed
 
     def get(self, participant_id: str) -> Participant | None:
         return self._by_id.get(participant_id)

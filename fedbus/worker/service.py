@@ -16,10 +16,10 @@ import structlog
 from nats.js.api import DeliverPolicy
 
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
-from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, check_tensors, now_ms
+from fedbus.crypto.envelopes import Rejection, check_tensors, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
-from fedbus.messaging import Messenger, Received
+from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundOpen, Update
@@ -37,11 +37,7 @@ CONNECT_TIMEOUT_S = 60.0
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None):
-        if identity.role != "worker":
-            raise ValueError(f"key {identity.id} has role {identity.role}, not worker")
-        listed = federation.get(identity.id)
-        if listed is None or listed.public_key != identity.participant_entry()["public_key"]:
-            raise ValueError(f"key {identity.id} is not listed in the federation file with this public key")
+        listed = federation.listed_as(identity, "worker")
         self.job = job
         self.federation = federation
         self.identity = identity
@@ -54,10 +50,7 @@ class WorkerService:
         self.trainer = LocalTrainer(load_task(job.task), job, partition=self.partition,
                                     num_partitions=self.num_partitions, attack=attack)
         self.model_spec = spec_of(self.trainer.model.state_dict())
-        self.verifier = EnvelopeVerifier(
-            federation, job.job,
-            max_age_ms=int(job.security.max_age_s * 1000), max_future_ms=int(job.security.max_future_s * 1000),
-            max_body_bytes=job.security.max_message_bytes)
+        self.verifier = verifier_for(job, federation)
         self.tracer = get_tracer("fedbus.worker")
         self.status = "idle"
         self.rounds_done: set[int] = set()
