@@ -43,7 +43,7 @@ ROBUST = [
     ("Trimmed mean (beta=0.2)", {"name": "trimmed_mean", "beta": 0.2}),
     ("Geometric median", {"name": "geometric_median"}),
     ("Bulyan (f=2)", {"name": "bulyan", "f": 2}),
-    ("FedAvg + norm bound (1.0)", {"name": "fedavg", "norm_bound": {"max_norm": 1.0}}),
+    ("FedAvg + norm bound (2.0)", {"name": "fedavg", "norm_bound": {"max_norm": 2.0}}),
 ]
 
 
