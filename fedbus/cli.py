@@ -140,6 +140,38 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from fedbus.jobspec import JobSpec
+    from fedbus.sim import simulate
+    from fedbus.worker.attacks import Attack
+
+    torch.set_num_threads(args.threads)
+    job = JobSpec.load(args.job)
+    if args.rounds:
+        job = job.model_copy(update={"rounds": args.rounds})
+    attacks = {}
+    for text in args.attack or []:
+        index, _, kind = text.partition("=")
+        attacks[int(index)] = Attack.parse(kind, seed=job.seed)
+
+    def show(row: dict) -> None:
+        acc = row.get("test_accuracy")
+        print(f"round {row['round']}: {row['status']} v{row['model_version']} "
+              f"{'' if acc is None else f'test acc {acc:.4f}'} ({row['accepted']} updates)", flush=True)
+
+    result = simulate(job, args.workers, attacks=attacks, on_round=show)
+    report = {"job": job.job, "workers": args.workers, "reason": result.reason, "final": result.final,
+              "rejected": result.rejected, "wall_seconds": round(result.wall_seconds, 3), "rounds": result.rounds}
+    print(json.dumps({k: report[k] for k in ("reason", "final", "rejected", "wall_seconds")}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if result.reason == "completed" else 3
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedbus.demo import run_demo
 
@@ -182,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     d.set_defaults(func=cmd_demo)
+
+    sm = sub.add_parser("sim", help="simulate a job in one process (same round core and training code, no bus)")
+    sm.add_argument("--job", required=True)
+    sm.add_argument("--workers", type=int, required=True)
+    sm.add_argument("--rounds", type=int, help="override the job's rounds")
+    sm.add_argument("--attack", action="append", metavar="INDEX=KIND[:PARAM]",
+                    help="TESTING ONLY: worker INDEX misbehaves, e.g. 0=sign_flip:5 (repeatable)")
+    sm.add_argument("--out", help="write the per-round results as JSON")
+    sm.add_argument("--threads", type=int, default=1)
+    sm.set_defaults(func=cmd_sim)
 
     n = sub.add_parser("nats", help="NATS helpers")
     nsub = n.add_subparsers(dest="nats_command", required=True)

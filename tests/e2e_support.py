@@ -46,9 +46,9 @@ class LocalFederation:
         return self.group.start("coordinator", cli_command(
             "coordinator", *self._common(), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir)))
 
-    def start_worker(self, worker_id: str) -> subprocess.Popen:
+    def start_worker(self, worker_id: str, *extra: str) -> subprocess.Popen:
         return self.group.start(worker_id, cli_command(
-            "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id))
+            "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id, *extra))
 
     def wait_coordinator(self, timeout: float) -> int:
         proc = self.group.procs["coordinator"]

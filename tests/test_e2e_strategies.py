@@ -41,13 +41,14 @@ async def read_stream(fed: LocalFederation, subject: str) -> list:
     return out
 
 
-def run_job(tmp_path, nats_server, strategy: dict) -> LocalFederation:
-    job = small_job(f"e2e-{strategy['name']}", rounds=3, min_workers=3, min_updates=3, strategy=strategy)
-    fed = LocalFederation(tmp_path, nats_server.url, job, 3)
+def run_job(tmp_path, nats_server, strategy: dict, workers: int = 3,
+            attacker_args: tuple[str, ...] = ()) -> LocalFederation:
+    job = small_job(f"e2e-{strategy['name']}", rounds=3, min_workers=workers, min_updates=workers, strategy=strategy)
+    fed = LocalFederation(tmp_path, nats_server.url, job, workers)
     try:
         fed.start_coordinator()
-        for w in ("w01", "w02", "w03"):
-            fed.start_worker(w)
+        for i, w in enumerate(p.id for p in fed.federation.workers()):
+            fed.start_worker(w, *(attacker_args if i == 0 else ()))
         assert fed.wait_coordinator(timeout=240) == 0, fed.tail_logs()
         fed.wait_all(timeout=30)
     finally:
@@ -55,7 +56,7 @@ def run_job(tmp_path, nats_server, strategy: dict) -> LocalFederation:
     summary = fed.summary()
     assert summary["reason"] == "completed", fed.tail_logs()
     assert summary["rounds_completed"] == 3
-    assert summary["updates_accepted"] == 9 and summary["updates_rejected"] == {}
+    assert summary["updates_accepted"] == 3 * workers and summary["updates_rejected"] == {}
     assert summary["rounds"][-1]["test_accuracy"] > summary["rounds"][0]["test_accuracy"]
     return fed
 
@@ -93,3 +94,14 @@ def test_fednova_step_counts_travel_signed(nats_server, tmp_path):
         assert train.momentum > 0 and upd.extra_scalars["fednova_a"] > upd.num_steps
         _, groups = split_groups(got.tensors)
         assert groups == {}
+
+
+def test_robust_rule_over_nats_withstands_an_attacking_worker_process(nats_server, tmp_path):
+    # w01 is a real worker process started with --simulate-attack: its updates are validly
+    # signed (a compromised site holds its own key), so only the aggregation rule can help.
+    fed = run_job(tmp_path, nats_server, {"name": "median"}, workers=5, attacker_args=("--simulate-attack", "sign_flip:10"))
+    summary = fed.summary()
+    assert summary["final_accuracy"] > 0.85, summary["rounds"]
+    log = (tmp_path / "logs" / "w01.log").read_text()
+    assert "attack.simulation_enabled" in log
+
