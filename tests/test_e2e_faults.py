@@ -1,0 +1,73 @@
+"""Faults on real processes: a worker killed mid-job, and the nats-server restarted mid-job."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.e2e_support import LocalFederation, small_job
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for_round(fed: LocalFederation, round_: int, timeout: float) -> None:
+    """Block until the coordinator logged round.closed for ``round_`` (bounded)."""
+    log = fed.run_dir / "logs" / "coordinator.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if '"round.closed"' in line and json.loads(line).get("round") == round_:
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"round {round_} did not close within {timeout} s:\n{fed.tail_logs()}")
+
+
+def test_killed_worker_does_not_stall_the_job(nats_server, tmp_path):
+    job = small_job("e2e-crash", rounds=6, min_workers=4, min_updates=3, deadline_s=3.0)
+    fed = LocalFederation(tmp_path, nats_server.url, job, 4)
+    try:
+        fed.start_coordinator()
+        for p in fed.federation.workers():
+            fed.start_worker(p.id)
+        wait_for_round(fed, 2, timeout=180)
+        victim = fed.group.procs["w04"]
+        victim.kill()  # SIGKILL: no goodbye, its heartbeats just stop
+        victim.wait()
+        assert fed.wait_coordinator(timeout=120) == 0, fed.tail_logs()
+    finally:
+        fed.stop()
+    summary = fed.summary()
+    assert summary["reason"] == "completed" and summary["rounds_completed"] == 6
+    accepted = [r["accepted"] for r in summary["rounds"] if r["status"] == "aggregated"]
+    assert accepted[:2] == [4, 4]
+    # Once its heartbeats lapse the dead worker leaves the cohort; rounds go on with three.
+    assert accepted[-1] == 3
+    assert summary["final_accuracy"] > 0.8
+
+
+def test_nats_server_restart_mid_job_loses_nothing(nats_server, tmp_path):
+    job = small_job("e2e-restart", rounds=40, min_workers=3, min_updates=3, deadline_s=20.0)
+    fed = LocalFederation(tmp_path, nats_server.url, job, 3)
+    try:
+        fed.start_coordinator()
+        for p in fed.federation.workers():
+            fed.start_worker(p.id)
+        wait_for_round(fed, 2, timeout=180)
+        nats_server.kill()  # SIGKILL the broker; its file store survives
+        time.sleep(1.0)
+        nats_server.start()  # same ports, same store
+        assert fed.wait_coordinator(timeout=180) == 0, fed.tail_logs()
+        fed.wait_all(timeout=30)
+    finally:
+        fed.stop()
+    summary = fed.summary()
+    assert summary["reason"] == "completed" and summary["rounds_completed"] == 40, fed.tail_logs()
+    events = [json.loads(line)["event"] for line in (tmp_path / "logs" / "coordinator.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert "nats.reconnected" in events
+    # The restart really happened mid-job: rounds kept closing after the reconnect.
+    after = events[events.index("nats.reconnected"):]
+    assert after.count("round.closed") >= 10, after.count("round.closed")
