@@ -51,7 +51,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load(args.key)
-    service = CoordinatorService(job, Federation.load(args.federation), identity, args.nats, run_dir)
+    service = CoordinatorService(job, Federation.load(args.federation), identity, args.nats, run_dir,
+                                 resume=args.resume)
 
     async def go() -> int:
         summary = await service.run()
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--run-dir", help="where summary.json, spans and the final model go (default runs/<job>)")
     c.add_argument("--span-file", help="JSONL span file (default <run-dir>/spans.jsonl)")
     c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the job from its last committed round (KV job state) instead of starting over")
     c.set_defaults(func=cmd_coordinator)
 
     w = sub.add_parser("worker", help="run a worker (data holder)")

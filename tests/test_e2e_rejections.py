@@ -151,7 +151,9 @@ class Attacker:
 
 
 def test_every_rejection_reason_on_a_real_server(nats_server, tmp_path):
-    job = small_job("e2e-attacks", rounds=3, min_workers=4, min_updates=3, deadline_s=30.0)
+    # No final evaluation phase: w04 (this test) would never answer it.
+    job = small_job("e2e-attacks", rounds=3, min_workers=4, min_updates=3, deadline_s=30.0,
+                    evaluation={"final_round": False})
     fed = LocalFederation(tmp_path, nats_server.url, job, 4)
     attacker = Attacker(fed)
     try:

@@ -436,3 +436,38 @@ def test_late_eval_report_after_the_eval_deadline():
     done, rej = m.handle(EvalReceived("w2", 2, 10, {"acc": 1.0}, 510))
     assert done == FinishJob("completed", 1, 1, {"federated_acc": 0.5})
     assert rej.reason == "wrong_round"
+
+
+# ---- resuming from a committed round -----------------------------------------------
+
+def resumed(p: RoundPolicy, round_: int, version: int, completed: int) -> tuple[RoundStateMachine, list]:
+    m = RoundStateMachine(p, INIT)
+    m.restore(round_=round_, model_version=version, rounds_completed=completed, state=state(5.0, steps=4))
+    actions = m.handle(Start(0))
+    for w in WORKERS:
+        actions += m.handle(WorkerSeen(w, 10, 0))
+    return m, actions
+
+
+def test_restore_reopens_the_uncommitted_round_from_the_committed_model():
+    m, actions = resumed(policy(rounds=5), round_=3, version=2, completed=2)
+    [opened] = of(actions, OpenRound)
+    assert (opened.round, opened.model_version) == (4, 2)  # round 4 was open when the old coordinator died
+    assert torch.equal(opened.state["w"], torch.full((2,), 5.0))
+    # An update sent for round 4 to the dead coordinator is accepted now.
+    assert of(m.handle(update("w1", 4, 10)), RejectUpdate) == []
+
+
+def test_restore_after_the_last_round_goes_to_the_end():
+    m, actions = resumed(policy(rounds=2), round_=2, version=2, completed=2)
+    [finish] = of(actions, FinishJob)
+    assert finish.reason == "completed" and finish.rounds_completed == 2 and of(actions, OpenRound) == []
+
+
+def test_restore_is_refused_after_start_or_for_another_model():
+    m = RoundStateMachine(policy(), INIT)
+    with pytest.raises(ValueError):
+        m.restore(round_=1, model_version=1, rounds_completed=1, state={"other": torch.zeros(3)})
+    m.handle(Start(0))
+    with pytest.raises(RuntimeError):
+        m.restore(round_=1, model_version=1, rounds_completed=1, state=state(1.0))

@@ -203,6 +203,10 @@ class RoundStateMachine:
             return self.phase is Phase.EVALUATING and round_ == self.round
         return True
 
+    @property
+    def failed_in_a_row(self) -> int:
+        return self._failed_in_a_row
+
     def alive_workers(self, now_ms: int) -> list[str]:
         return sorted(w for w, (_, seen) in self._workers.items() if now_ms - seen <= self.policy.liveness_ms)
 
@@ -235,9 +239,27 @@ class RoundStateMachine:
 
     # ---- transitions ---------------------------------------------------------------
 
+    def restore(self, *, round_: int, model_version: int, rounds_completed: int, state: State,
+                failed_in_a_row: int = 0) -> None:
+        """Continue a job from its last committed round; call before Start.
+
+        The next round opened is ``round_ + 1``: a round that was open but not committed
+        when the previous coordinator died is opened again under the same number, so its
+        updates still waiting in the stream are accepted.
+        """
+        if self.phase is not Phase.CREATED:
+            raise RuntimeError("restore() must come before Start")
+        if spec_of(state) != self.model_spec:
+            raise ValueError("the committed model does not match the task's model")
+        self.round = round_
+        self.model_version = model_version
+        self.rounds_completed = rounds_completed
+        self.state = state
+        self._failed_in_a_row = failed_in_a_row
+
     def _maybe_start(self, now: int) -> list[Action]:
         if len(self.alive_workers(now)) >= self.policy.min_workers:
-            return [self._open_round(now)]
+            return self._next(now)
         if now - self._wait_started_ms > self.policy.wait_for_workers_ms:
             return [self._finish("not_enough_workers")]
         return []

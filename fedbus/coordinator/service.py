@@ -34,6 +34,7 @@ from fedbus.coordinator.rounds import (
     WorkerSeen,
 )
 from fedbus.coordinator.factory import machine_for
+from fedbus.coordinator.jobstate import JobStateError, JobStateStore
 from fedbus.coordinator.summary import RunSummary
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
@@ -48,11 +49,15 @@ from fedbus.telemetry import get_tracer, inject_trace_headers
 log = structlog.get_logger("fedbus.coordinator")
 
 TICK_S = 0.05
+# Short, so a crashed coordinator's unacknowledged updates come back quickly; the service
+# extends it with in_progress() for updates it holds until their round commits.
+ACK_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 60.0
 
 
 class CoordinatorService:
-    def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path):
+    def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path,
+                 *, resume: bool = False):
         federation.listed_as(identity, "coordinator")
         self.job = job
         self.federation = federation
@@ -72,6 +77,10 @@ class CoordinatorService:
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
         self._round_spans: dict[int, otel_trace.Span] = {}
+        self.resume = resume
+        # Accepted updates are acknowledged only once their round is committed: a crash
+        # before that leaves them in the stream for the next coordinator (see jobstate).
+        self._unacked: dict[int, list] = {}
         self._actions: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
 
@@ -84,7 +93,12 @@ class CoordinatorService:
         self.js = self.nc.jetstream()
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
-            await self._fresh_start()
+            self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity)
+            if self.resume:
+                await self._restore()
+            else:
+                await self._fresh_start()
+                await self.jobstate.reset()
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             self.audit = AuditTrail(self.js, self.subjects.audit, self.identity.id)
@@ -95,6 +109,7 @@ class CoordinatorService:
                      asyncio.create_task(self._consume(self.subjects.metrics_all, self.subjects.metrics_stream,
                                                       "coordinator-metrics", self._on_eval_report)),
                      asyncio.create_task(self._tick()),
+                     asyncio.create_task(self._keep_unacked_alive()),
                      asyncio.create_task(self._act())]
             log.info("coordinator.started", job=self.job.job, nats=self.nats_url, rounds=self.job.rounds,
                      min_workers=self.job.cohort.min_workers)
@@ -111,6 +126,17 @@ class CoordinatorService:
             with contextlib.suppress(Exception):
                 await self.nc.close()
         return self.summary
+
+    async def _restore(self) -> None:
+        committed = await self.jobstate.load()
+        if committed is None:
+            raise JobStateError(f"nothing committed for job {self.job.job!r}: start without --resume")
+        self.machine.restore(round_=committed.round, model_version=committed.model_version,
+                             rounds_completed=committed.rounds_completed, state=committed.model,
+                             failed_in_a_row=committed.failed_in_a_row)
+        self.summary.resumed_from_round = committed.round
+        log.info("coordinator.resumed", round=committed.round, model_version=committed.model_version,
+                 rounds_completed=committed.rounds_completed, phase=committed.phase)
 
     async def _fresh_start(self) -> None:
         """A new coordinator run of a job starts from scratch: old control events and
@@ -157,7 +183,7 @@ class CoordinatorService:
 
     async def _consume(self, subject: str, stream: str, durable: str, handler) -> None:
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
-                                ack_wait=60, max_ack_pending=10_000)
+                                ack_wait=ACK_WAIT_S, max_ack_pending=10_000)
         psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         while True:
             try:
@@ -168,14 +194,34 @@ class CoordinatorService:
             except (TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # connection hiccups: keep consuming
+                if self.nc.is_closed:
+                    return
                 log.warning("consumer.fetch_failed", durable=durable, error=repr(exc))
                 await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
+                deferred = False
                 try:
-                    await handler(msg)
+                    deferred = bool(await handler(msg))
                 except Exception as exc:  # a bug in one message's handling must not stop the service
                     log.exception("message.handler_failed", subject=msg.subject, error=repr(exc))
+                if not deferred:
+                    with contextlib.suppress(Exception):
+                        await msg.ack()
+
+    async def _keep_unacked_alive(self) -> None:
+        """Updates wait unacknowledged until their round commits; tell the server we
+        are still working on them so it does not redeliver them meanwhile."""
+        while True:
+            await asyncio.sleep(ACK_WAIT_S / 3)
+            for msgs in list(self._unacked.values()):
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    async def _ack_through(self, round_: int) -> None:
+        for r in sorted(k for k in self._unacked if k <= round_):
+            for msg in self._unacked.pop(r):
                 with contextlib.suppress(Exception):
                     await msg.ack()
 
@@ -202,10 +248,13 @@ class CoordinatorService:
                                 extra={**upd.extra_scalars, **groups}),
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
         actions = self.machine.handle(event)
-        if not any(isinstance(a, RejectUpdate) and a.worker_id == event.worker_id for a in actions):
+        accepted = not any(isinstance(a, RejectUpdate) and a.worker_id == event.worker_id for a in actions)
+        if accepted:
             self.summary.updates_accepted += 1
+            self._unacked.setdefault(upd.round, []).append(msg)  # acked when the round commits
             log.debug("update.accepted", worker=event.worker_id, round=upd.round, samples=upd.num_samples)
         self._emit(actions)
+        return accepted
 
     async def _on_eval_report(self, msg) -> None:
         try:
@@ -275,6 +324,12 @@ class CoordinatorService:
         if a.status == "aggregated":
             with self.tracer.start_as_current_span("coordinator.evaluate", context=ctx):
                 metrics.update(self._evaluate(a.state))
+        # Commit first, announce second: whoever hears round.close can rely on it surviving us.
+        await self.jobstate.commit(round_=a.round, model_version=a.model_version,
+                                   rounds_completed=self.machine.rounds_completed,
+                                   failed_in_a_row=self.machine.failed_in_a_row, phase="running",
+                                   model=a.state, now_ms=now_ms())
+        await self._ack_through(a.round)
         body = RoundClose(round=a.round, model_version=a.model_version, status=a.status, accepted=list(a.accepted),
                           rejected=a.rejected, seconds=a.seconds, metrics=metrics)
         await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round)
@@ -306,6 +361,9 @@ class CoordinatorService:
         final = self._evaluate(self.machine.state)
         metrics = {**final, **a.metrics}
         self.summary.finish(a.reason, a.rounds_completed, a.model_version, metrics)
+        await self.jobstate.commit(round_=self.machine.round, model_version=a.model_version,
+                                   rounds_completed=a.rounds_completed, failed_in_a_row=self.machine.failed_in_a_row,
+                                   phase="done", model=self.machine.state, now_ms=now_ms())
         await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
             rounds_completed=a.rounds_completed, model_version=a.model_version, metrics=metrics, reason=a.reason),
             round=self.machine.round)

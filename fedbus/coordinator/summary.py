@@ -22,6 +22,7 @@ class RunSummary:
     rejected: Counter = field(default_factory=Counter)
     rounds: list[dict] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
+    resumed_from_round: int | None = None
 
     def count_rejection(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -53,6 +54,7 @@ class RunSummary:
             "wall_seconds": round(self.wall_seconds, 3),
             "round_seconds": seconds,
             "median_round_seconds": statistics.median(seconds) if seconds else None,
+            "resumed_from_round": self.resumed_from_round,
             "updates_accepted": self.updates_accepted,
             "updates_rejected": dict(sorted(self.rejected.items())),
             "rounds": self.rounds,

@@ -1,0 +1,120 @@
+"""A coordinator killed mid-round loses nothing: `fedbus coordinator --resume` continues
+from the last committed round, and the updates that were waiting in the stream are
+aggregated into the round they were sent for.
+
+The test process plays w04, a listed worker: it reports in round 1 and withholds the
+first time round 2 opens, so round 2 stays open holding three honest updates,
+unacknowledged because their round is not committed. Then the coordinator is SIGKILLed
+and restarted with --resume; it reopens round 2, w04 now reports, and round 2 can only
+close with four updates if the three held ones came back from the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.crypto.keys import Identity
+from fedbus.demo import cli_command
+from fedbus.messaging import Messenger, verifier_for
+from fedbus.protocol.messages import Heartbeat, RoundOpen, Update
+from tests.e2e_support import LocalFederation, small_job
+
+pytestmark = pytest.mark.e2e
+
+
+class Withholder:
+    """w04: heartbeats throughout; withholds only the first time round 2 opens."""
+
+    def __init__(self, fed: LocalFederation):
+        self.fed = fed
+        self.subjects = Subjects(fed.job.job)
+        self.me = Identity.load(fed.key("w04"))
+
+    async def run(self, crash_and_resume) -> None:
+        nc = await connect(self.fed.nats_url, name="w04", first_connect_timeout=10)
+        js = nc.jetstream()
+        await ensure_job_infrastructure(js, self.subjects)
+        messenger = Messenger(nc, js, self.me, self.subjects, inline_max_bytes=512 * 1024)
+        verifier = verifier_for(self.fed.job, self.fed.federation)
+        control: asyncio.Queue = asyncio.Queue()
+        await js.subscribe(self.subjects.ctl("round.open"), ordered_consumer=True, cb=control.put)
+        await js.subscribe(self.subjects.ctl("job.done"), ordered_consumer=True, cb=control.put)
+
+        async def beat() -> None:
+            while True:
+                await messenger.publish(self.subjects.hb("w04"), Heartbeat(num_samples=50, partition=3),
+                                        round=0, persist=False)
+                await asyncio.sleep(0.5)
+
+        beating = asyncio.create_task(beat())
+        withheld = False
+        try:
+            while True:
+                msg = await asyncio.wait_for(control.get(), 180)
+                if msg.subject.endswith("job.done"):
+                    return
+                got = await messenger.receive(verifier, msg.data)
+                ro: RoundOpen = got.fields  # type: ignore[assignment]
+                assert "w04" in ro.cohort
+                if ro.round == 2 and not withheld:
+                    withheld = True
+                    await self._wait_for_held_updates(js, 3)
+                    await asyncio.to_thread(crash_and_resume)
+                    continue
+                await messenger.publish(self.subjects.upd("default", "w04"),
+                                        Update(round=ro.round, base_version=ro.model_version, num_samples=50,
+                                               num_steps=1), got.tensors, round=ro.round)
+        finally:
+            beating.cancel()
+            await nc.close()
+
+    async def _wait_for_held_updates(self, js, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await js.consumer_info(self.subjects.upd_stream, "coordinator-updates")
+            if info.num_ack_pending >= count:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the coordinator never held {count} unacknowledged updates")
+
+
+def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server, tmp_path):
+    # No final evaluation phase: w04 (this test) would never answer it.
+    job = small_job("e2e-resume", rounds=4, min_workers=4, min_updates=3, deadline_s=60.0,
+                    evaluation={"final_round": False})
+    fed = LocalFederation(tmp_path, nats_server.url, job, 4)
+
+    def crash_and_resume() -> None:
+        coordinator = fed.group.procs["coordinator"]
+        coordinator.kill()  # SIGKILL, mid-round 2
+        coordinator.wait()
+        fed.group.start("coordinator-resumed", cli_command(
+            "coordinator", "--job", str(tmp_path / "job.yaml"), "--federation", str(tmp_path / "federation.yaml"),
+            "--key", str(fed.key("coordinator")), "--nats", fed.nats_url, "--run-dir", str(tmp_path), "--resume"))
+
+    try:
+        fed.start_coordinator()
+        for w in ("w01", "w02", "w03"):
+            fed.start_worker(w)
+        asyncio.run(Withholder(fed).run(crash_and_resume))
+        resumed = fed.group.procs["coordinator-resumed"]
+        assert resumed.wait(timeout=180) == 0, fed.tail_logs()
+    finally:
+        fed.stop()
+
+    summary = fed.summary()
+    assert summary["reason"] == "completed", fed.tail_logs()
+    assert summary["resumed_from_round"] == 1
+    assert summary["rounds_completed"] == 4 and summary["model_version"] == 4
+    first = summary["rounds"][0]
+    # Round 2 closed after the restart with all four updates: w04's, and the three the
+    # workers had sent to the dead coordinator, redelivered from the stream.
+    assert first["round"] == 2 and first["status"] == "aggregated" and first["accepted"] == 4, summary["rounds"]
+    assert [r["accepted"] for r in summary["rounds"]] == [4, 4, 4]
+    assert summary["final_accuracy"] > 0.8
+    log = (tmp_path / "logs" / "coordinator-resumed.log").read_text()
+    assert '"coordinator.resumed"' in log
