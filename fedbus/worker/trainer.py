@@ -89,18 +89,15 @@ class LocalTrainer:
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         out = LocalResult(result.num_samples, result.num_steps, {k: float(v) for k, v in result.metrics.items()}, state)
         steps = max(1, result.num_steps)
-        # ||a_i||_1 (Wang et al. 2020): how far K local steps move the weights per unit gradient
-        # and learning rate; K for plain SGD, about K/(1-rho) with heavy-ball momentum rho.
-        a_i = fednova_a(steps, settings.momentum, settings.proximal_mu, settings.lr)
         if self.strategy == "fednova":
-            out.extra_scalars["fednova_a"] = a_i
+            out.extra_scalars["fednova_a"] = fednova_a(steps, settings.momentum, settings.proximal_mu, settings.lr)
         if self.strategy == "scaffold":
-            # Option II estimates c_i+ from (x - y_i)/(K * lr), which assumes plain SGD; with
-            # momentum the displacement is lr * a_i * g, so normalise by a_i instead of K
-            # (identical when momentum is 0).
+            # Option II's c_i+ = c_i - c + (x - y_i)/(K lr) assumes plain SGD; passing the local
+            # optimizer's momentum and mu divides by lr * ||a_i||_1 instead (equal when both are 0).
             c = broadcast.get(SCAFFOLD_C, {})
-            self.control, delta = scaffold_client_update(c, self.control, global_copy, state,
-                                                         steps, settings.lr * a_i / steps)
+            self.control, delta = scaffold_client_update(c, self.control, global_copy, state, steps, settings.lr,
+                                                         momentum=settings.momentum,
+                                                         proximal_mu=settings.proximal_mu)
             out.extra_groups[DELTA_C] = delta
         if self.attack is not None:
             out.state = self.attack.poison_update(global_copy, out.state, round_)
