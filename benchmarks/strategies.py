@@ -44,6 +44,13 @@ ROBUST = [
     ("Geometric median", {"name": "geometric_median"}),
     ("Bulyan (f=2)", {"name": "bulyan", "f": 2}),
     ("FedAvg + norm bound (2.0)", {"name": "fedavg", "norm_bound": {"max_norm": 2.0}}),
+    # Bucketing (s=2): 10 updates -> 5 bucket means; the 2 attackers contaminate at most 2 of them.
+    ("Median + bucketing (s=2)", {"name": "median", "bucketing": {"s": 2}}),
+    # beta=0.4: b = floor(0.4*5) = 2 buckets trimmed per end, enough for 2 contaminated buckets
+    # pushing the same way (beta=0.2 trims only 1); 2b < 5 caps b at 2, so on 5 buckets this
+    # trimmed mean keeps only the middle value: it equals the median of the bucket means.
+    ("Trimmed mean (beta=0.4) + bucketing (s=2)", {"name": "trimmed_mean", "beta": 0.4, "bucketing": {"s": 2}}),
+    ("Geometric median + bucketing (s=2)", {"name": "geometric_median", "bucketing": {"s": 2}}),
 ]
 
 
@@ -97,8 +104,8 @@ def main() -> int:
         for alpha in args.attack_alpha:
             clean, _, _ = run({"name": "fedavg"}, {"name": "sgd"}, args, alpha=alpha)
             print(f"Dirichlet({alpha}): 2 of 10 workers attack with sign flip x5 (delta -> -5 delta)")
-            print(f"{'rule':32s} {'final acc':>9s} {'vs clean FedAvg':>16s}  per seed")
-            print(f"{'FedAvg, no attack':32s} {clean:9.4f} {'':>16s}")
+            print(f"{'rule':42s} {'final acc':>9s} {'vs clean FedAvg':>16s}  per seed")
+            print(f"{'FedAvg, no attack':42s} {clean:9.4f} {'':>16s}")
             rows = [("FedAvg", {"name": "fedavg"})] + ROBUST
             for name, strategy in rows:
                 workers = 10
@@ -106,7 +113,7 @@ def main() -> int:
                     workers = 11  # Bulyan needs n >= 4f + 3 = 11 for f = 2: one extra honest worker
                     name += " [11 workers]"
                 acc, _, accs = run(strategy, {"name": "sgd"}, args, alpha=alpha, attackers=2, workers=workers)
-                print(f"{name:32s} {acc:9.4f} {100 * (acc - clean):+15.1f}p  {per_seed(accs)}", flush=True)
+                print(f"{name:42s} {acc:9.4f} {100 * (acc - clean):+15.1f}p  {per_seed(accs)}", flush=True)
             print()
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0

@@ -6,6 +6,7 @@ member validates its own parameters (extra keys are errors). What needs the coho
 ``validate_strategy(spec, min_updates)`` at job load.
 
     strategy: {name: trimmed_mean, beta: 0.1, norm_bound: {max_norm: 5.0}}
+    strategy: {name: median, bucketing: {s: 2, seed: 0}}
     server_optimizer: {name: adam, lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 0.001}
 """
 
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fedbus.aggregation.base import AggregationRule, ServerOptimizer, StrategyConfigError
+from fedbus.aggregation.bucketing import wrap_bucketing
 from fedbus.aggregation.bulyan import Bulyan
 from fedbus.aggregation.fedadagrad import FedAdagrad
 from fedbus.aggregation.fedadam import FedAdam
@@ -41,9 +43,21 @@ class NormBoundSpec(BaseModel):
                             description="each update's delta (all float tensors, one L2 norm) is clipped to this")
 
 
+class BucketingSpec(BaseModel):
+    """Bucketing (Karimireddy, He, Jaggi 2022): the rule aggregates the sample-weighted means of
+    ceil(n/s) random buckets of s updates. Only for robust (buffered) rules; the rule's f or beta
+    then counts contaminated buckets, and its precondition must hold for ceil(min_updates/s) inputs."""
+    model_config = ConfigDict(extra="forbid")
+    s: int = Field(ge=2, description="updates per bucket (the last bucket may be smaller)")
+    seed: int = Field(0, ge=0, description="with a per-round counter, fixes each round's permutation")
+
+
 class _Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     norm_bound: NormBoundSpec | None = Field(None, description="clip every update before the rule sees it")
+    bucketing: BucketingSpec | None = Field(
+        None, description="average random buckets of s updates before a robust rule sees them (after norm_bound); "
+                          "rejected for the streaming rules fedavg, fedprox, fednova and scaffold")
 
 
 class FedAvgSpec(_Strategy):
@@ -194,7 +208,10 @@ def parse_server_optimizer(spec: Any) -> Any:
 
 
 def build_rule(spec: Any) -> AggregationRule:
-    """The AggregationRule a strategy spec (model or dict) describes, norm bound included."""
+    """The AggregationRule a strategy spec (model or dict) describes, bucketing and norm bound included.
+
+    Order: updates are clipped first (norm bound, outermost), then bucketed, then aggregated.
+    """
     s = parse_strategy(spec)
     rule: AggregationRule
     match s:
@@ -220,6 +237,13 @@ def build_rule(spec: Any) -> AggregationRule:
             rule = Bulyan(f=s.f)
         case _:
             raise StrategyConfigError(f"unknown strategy {s!r}")
+    if s.bucketing is not None:
+        if rule.streaming:
+            raise StrategyConfigError(
+                f"strategy {s.name}: bucketing needs the whole cohort at once and only makes sense in front of a "
+                f"robust rule (median, trimmed_mean, geometric_median, krum, multi_krum, bulyan); "
+                f"{s.name} is a streaming rule")
+        rule = wrap_bucketing(rule, s.bucketing.s, s.bucketing.seed)
     return wrap_norm_bound(rule, s.norm_bound.max_norm if s.norm_bound else None)
 
 
