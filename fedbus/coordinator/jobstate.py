@@ -10,6 +10,7 @@ so a restarted coordinator trusts neither the bucket nor the store blindly.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import structlog
@@ -63,7 +64,10 @@ class JobStateStore:
     async def commit(self, *, round_: int, model_version: int, rounds_completed: int, failed_in_a_row: int,
                      phase: str, model: State, now_ms: int) -> None:
         if self._model_version != model_version:
-            ref = await self.models.put(f"{self.job_id}/v{model_version}", encode_tensors(model))
+            # A unique name per commit: a rival writer whose compare-and-set is about to fail
+            # must not overwrite the object the current record points at.
+            name = f"{self.job_id}/v{model_version}/{os.urandom(6).hex()}"
+            ref = await self.models.put(name, encode_tensors(model))
             self._model_ref = {"bucket": ref.bucket, "name": ref.name, "size": ref.size, "digest": ref.digest}
             self._model_version = model_version
         record = {"job": self.job_id, "round": round_, "model_version": model_version,

@@ -277,6 +277,11 @@ class CoordinatorService:
                 await self._perform(action)
             except Exception as exc:
                 log.exception("action.failed", action=type(action).__name__, error=repr(exc))
+                if isinstance(action, (CloseRound, FinishJob)):
+                    # A round we cannot commit (e.g. another coordinator advanced the job's
+                    # KV record) must not be announced or built on: stop, and say why.
+                    self.summary.reason = f"stopped: {type(action).__name__} failed ({type(exc).__name__})"
+                    self._done.set()
 
     async def _perform(self, action) -> None:
         match action:
