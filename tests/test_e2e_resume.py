@@ -25,6 +25,8 @@ from tests.e2e_support import LocalFederation, small_job
 
 pytestmark = pytest.mark.e2e
 
+SILENCE_S = 12.0  # longer than the coordinator's ack wait (10 s)
+
 
 class Withholder:
     """w04: heartbeats throughout; withholds only the first time round 2 opens."""
@@ -33,6 +35,7 @@ class Withholder:
         self.fed = fed
         self.subjects = Subjects(fed.job.job)
         self.me = Identity.load(fed.key("w04"))
+        self.silent_until = 0.0
 
     async def run(self, crash_and_resume) -> None:
         nc = await connect(self.fed.nats_url, name="w04", first_connect_timeout=10)
@@ -46,8 +49,9 @@ class Withholder:
 
         async def beat() -> None:
             while True:
-                await messenger.publish(self.subjects.hb("w04"), Heartbeat(num_samples=50, partition=3),
-                                        round=0, persist=False)
+                if time.monotonic() >= self.silent_until:
+                    await messenger.publish(self.subjects.hb("w04"), Heartbeat(num_samples=50, partition=3),
+                                            round=0, persist=False)
                 await asyncio.sleep(0.5)
 
         beating = asyncio.create_task(beat())
@@ -63,6 +67,9 @@ class Withholder:
                 if ro.round == 2 and not withheld:
                     withheld = True
                     await self._wait_for_held_updates(js, 3)
+                    # Stay silent past the ack deadline: the held updates come back while the
+                    # resumed coordinator still waits for its fourth worker, before round 2 reopens.
+                    self.silent_until = time.monotonic() + SILENCE_S
                     await asyncio.to_thread(crash_and_resume)
                     continue
                 await messenger.publish(self.subjects.upd("default", "w04"),
@@ -115,6 +122,7 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
     # workers had sent to the dead coordinator, redelivered from the stream.
     assert first["round"] == 2 and first["status"] == "aggregated" and first["accepted"] == 4, summary["rounds"]
     assert [r["accepted"] for r in summary["rounds"]] == [4, 4, 4]
+    assert summary["updates_rejected"] == {}  # none of the early redeliveries was turned away
     assert summary["final_accuracy"] > 0.8
     log = (tmp_path / "logs" / "coordinator-resumed.log").read_text()
     assert '"coordinator.resumed"' in log

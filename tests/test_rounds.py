@@ -471,3 +471,15 @@ def test_restore_is_refused_after_start_or_for_another_model():
     m.handle(Start(0))
     with pytest.raises(RuntimeError):
         m.restore(round_=1, model_version=1, rounds_completed=1, state=state(1.0))
+
+
+def test_awaits_only_the_round_about_to_reopen_while_waiting():
+    m = RoundStateMachine(policy(rounds=5), INIT)
+    m.restore(round_=3, model_version=3, rounds_completed=3, state=state(1.0))
+    m.handle(Start(0))  # waiting for workers
+    assert m.awaits_round("update", 4)
+    assert not m.awaits_round("update", 5) and not m.awaits_round("update", 3)
+    assert not m.awaits_round("eval.report", 4)
+    for w in WORKERS:
+        m.handle(WorkerSeen(w, 10, 0))
+    assert m.phase is Phase.ROUND_OPEN and not m.awaits_round("update", 4)  # now simply accepted

@@ -203,6 +203,13 @@ class RoundStateMachine:
             return self.phase is Phase.EVALUATING and round_ == self.round
         return True
 
+    def awaits_round(self, msg_type: str, round_: int) -> bool:
+        """An update for the round about to (re)open, arriving while we still wait for
+        workers, e.g. one held in the stream across a coordinator restart: keep it for
+        that round instead of rejecting it."""
+        return (msg_type == "update" and round_ == self.round + 1
+                and self.phase in (Phase.CREATED, Phase.WAITING_FOR_WORKERS))
+
     @property
     def failed_in_a_row(self) -> int:
         return self._failed_in_a_row

@@ -27,6 +27,7 @@ from fedbus.coordinator.rounds import (
     MessageRejected,
     OpenEval,
     OpenRound,
+    Phase,
     RejectUpdate,
     Start,
     Tick,
@@ -53,6 +54,7 @@ TICK_S = 0.05
 # extends it with in_progress() for updates it holds until their round commits.
 ACK_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 60.0
+NAK_DELAY_S = 0.5  # redelivery delay for an update whose round is about to reopen
 
 
 class CoordinatorService:
@@ -225,10 +227,18 @@ class CoordinatorService:
                 with contextlib.suppress(Exception):
                     await msg.ack()
 
-    async def _on_update(self, msg) -> None:
+    async def _on_update(self, msg) -> bool:
         parts = msg.subject.split(".")
         token = parts[-1]
         try:
+            if self.machine.phase in (Phase.CREATED, Phase.WAITING_FOR_WORKERS):
+                # open() checks sender, signature and freshness without remembering the nonce,
+                # so a deferred update is accepted in full when it comes back.
+                peek = self.verifier.open(msg.data, sender_token=token)
+                if self.machine.awaits_round(peek.header.type, peek.header.round):
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=NAK_DELAY_S)
+                    return True
             got = await self.messenger.receive(
                 self.verifier, msg.data, sender_token=token,
                 round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
@@ -239,7 +249,7 @@ class CoordinatorService:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
         except Rejection as rej:
             self._rejected(rej, "update", msg.subject)
-            return
+            return False
         upd: Update = got.fields  # type: ignore[assignment]
         state, groups = split_groups(got.tensors or {})
         event = UpdateReceived(
