@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fedbus.bus.server import EmbeddedNatsServer
+
+# Property tests must not fail on a busy 2-core machine for being slow, and CI runs them
+# with a fixed seed so that a red run can be reproduced exactly (locally they stay random).
+settings.register_profile("fedbus", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fedbus-ci", parent=settings.get_profile("fedbus"), derandomize=True)
+settings.load_profile("fedbus-ci" if os.environ.get("CI") else "fedbus")
 
 
 @pytest.fixture
