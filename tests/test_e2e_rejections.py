@@ -69,7 +69,10 @@ class Attacker:
                     continue
                 if msg.subject.endswith("job.done"):
                     return
-                got = await self.messenger.receive(verifier, msg.data)
+                try:
+                    got = await self.messenger.receive(verifier, msg.data)
+                except Rejection:  # e.g. an ordered consumer's redelivery after a reset
+                    continue
                 ro: RoundOpen = got.fields  # type: ignore[assignment]
                 if "w04" not in ro.cohort:
                     continue
