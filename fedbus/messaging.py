@@ -40,11 +40,6 @@ def nats_headers(header: EnvelopeHeader) -> dict[str, str]:
     return headers
 
 
-def normalise_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    # nats-py 2.16 hands headers over as a case-sensitive dict.
-    return {k.lower(): v for k, v in (headers or {}).items()}
-
-
 def verifier_for(job: JobSpec, federation: Federation) -> EnvelopeVerifier:
     """The verifier a participant of ``job`` uses, with the job's security limits."""
     sec = job.security

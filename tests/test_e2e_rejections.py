@@ -19,9 +19,9 @@ from nats.js.api import DeliverPolicy
 
 from fedbus.audit import verify_chain
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
-from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, now_ms, seal
+from fedbus.crypto.envelopes import Rejection, now_ms, seal
 from fedbus.crypto.keys import Identity
-from fedbus.messaging import Messenger
+from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import PREFIX_LEN, SIGNATURE_LEN
 from fedbus.protocol.messages import Heartbeat, RoundOpen, Update, encode_body
 from tests.e2e_support import LocalFederation, small_job
@@ -51,8 +51,7 @@ class Attacker:
         await ensure_job_infrastructure(js, self.subjects)
         self.nc, self.js = nc, js
         self.messenger = Messenger(nc, js, self.me, self.subjects, inline_max_bytes=self.job.transport.inline_max_bytes)
-        self.verifier = verifier = EnvelopeVerifier(self.fed.federation, self.job.job, max_age_ms=120_000, max_future_ms=30_000,
-                                    max_body_bytes=64 << 20)
+        self.verifier = verifier = verifier_for(self.job, self.fed.federation)
         control: asyncio.Queue = asyncio.Queue()
         honest: asyncio.Queue = asyncio.Queue()
         await js.subscribe(self.subjects.ctl("round.open"), ordered_consumer=True, cb=control.put)

@@ -64,9 +64,6 @@ class RoundAggregator(Protocol):
     def count(self) -> int: ...
 
 
-# The name the first round state machine used; same protocol.
-StreamingRule = RoundAggregator
-
 
 def is_averageable(t: torch.Tensor) -> bool:
     """Float tensors are averaged; integer and bool buffers are not (see fedavg)."""
@@ -215,11 +212,12 @@ class StreamingAccumulatorBase:
     """What every streaming aggregator keeps: the round's base model, float64 sums,
     the integer-buffer carry, and how many updates (and how much weight) it has folded."""
 
-    def __init__(self, global_state: State):
+    def __init__(self, global_state: State, *, with_sums: bool = True):
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
         # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
-        # would stall; the division happens once, in result().
-        self._sums = float64_sums(global_state)
+        # would stall; the division happens once, in result(). Rules that keep other sums
+        # (SCAFFOLD's Δy and Δc) skip them.
+        self._sums = float64_sums(global_state) if with_sums else {}
         self._carry = IntegerBufferCarry(global_state)
         self._total_weight = 0.0
         self._count = 0

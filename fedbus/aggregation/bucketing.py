@@ -35,8 +35,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from fedbus.aggregation.base import (AggregationRule, ClientUpdate, IntegerBufferCarry, RoundAggregator, State,
-                                     StrategyConfigError, is_averageable, require, validate_update)
+from fedbus.aggregation.base import (
+    AggregationRule,
+    ClientUpdate,
+    IntegerBufferCarry,
+    RoundAggregator,
+    State,
+    StrategyConfigError,
+    is_averageable,
+    require,
+)
+from fedbus.aggregation.cohort import UpdateBuffer
 
 # (n, round) -> a permutation of range(n); the default draws it from (seed, round).
 Permuter = Callable[[int, int], Sequence[int]]
@@ -71,37 +80,18 @@ def bucket_mean(global_state: State, updates: list[ClientUpdate], worker_id: str
     return ClientUpdate(worker_id, total, {k: state[k] for k in global_state})
 
 
-class _BucketingAggregator:
+class _BucketingAggregator(UpdateBuffer):
     """Buffers the round's updates; ``result()`` buckets them and runs the inner rule on the means."""
 
     def __init__(self, inner: RoundAggregator, global_state: State, s: int, round_index: int,
                  permuter: Permuter, check: Callable[[int], None]):
+        super().__init__(global_state)
         self.inner = inner
-        self._global = {k: v.detach().clone() for k, v in global_state.items()}
         self._s = s
         self.round_index = round_index
         self._permuter = permuter
         self._check = check
-        self._updates: list[ClientUpdate] = []
-        self._total_weight = 0.0
         self.buckets: list[list[str]] = []  # worker ids per bucket, after result()
-
-    @property
-    def count(self) -> int:
-        return len(self._updates)
-
-    @property
-    def total_weight(self) -> float:
-        return self._total_weight
-
-    @property
-    def updates(self) -> list[ClientUpdate]:
-        return list(self._updates)
-
-    def add(self, update: ClientUpdate) -> None:
-        validate_update(self._global, update)
-        self._updates.append(update)
-        self._total_weight += float(update.num_samples)
 
     def result(self) -> State:
         require(self.count > 0, "no updates to aggregate")

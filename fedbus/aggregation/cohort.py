@@ -138,18 +138,12 @@ class Cohort:
         return {k: out[k] for k in self.global_state}
 
 
-class BufferedAggregator:
-    """Keeps the round's updates; ``result()`` hands them to the rule as a Cohort.
+class UpdateBuffer:
+    """Keeps a round's validated updates for rules that need the whole cohort at once:
+    O(cohort x model) memory."""
 
-    ``check`` re-validates the rule's precondition for the actual number of updates (the
-    job-load check covers the quorum, so this only fires if the coordinator's quorum and
-    the rule disagree).
-    """
-
-    def __init__(self, global_state: State, aggregate: Callable[[Cohort], State], check: Callable[[int], None]):
+    def __init__(self, global_state: State):
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
-        self._aggregate = aggregate
-        self._check = check
         self._updates: list[ClientUpdate] = []
         self._total_weight = 0.0
 
@@ -169,6 +163,20 @@ class BufferedAggregator:
         validate_update(self._global, update)
         self._updates.append(update)
         self._total_weight += float(update.num_samples)
+
+
+class BufferedAggregator(UpdateBuffer):
+    """Keeps the round's updates; ``result()`` hands them to the rule as a Cohort.
+
+    ``check`` re-validates the rule's precondition for the actual number of updates (the
+    job-load check covers the quorum, so this only fires if the coordinator's quorum and
+    the rule disagree).
+    """
+
+    def __init__(self, global_state: State, aggregate: Callable[[Cohort], State], check: Callable[[int], None]):
+        super().__init__(global_state)
+        self._aggregate = aggregate
+        self._check = check
 
     def result(self) -> State:
         require(self.count > 0, "no updates to aggregate")

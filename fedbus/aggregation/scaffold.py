@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import torch
 
-from fedbus.aggregation.base import (AggregationRule, ClientUpdate, IntegerBufferCarry, InvalidUpdate,
+from fedbus.aggregation.base import (StreamingAccumulatorBase, AggregationRule, ClientUpdate, InvalidUpdate,
                                      RoundAggregator, State, float_keys, validate_update)
 from fedbus.aggregation.fednova import fednova_a
 
@@ -78,26 +78,15 @@ def scaffold_client_update(c_global: State, c_local: State, x_global: State, y_l
     return c_new, delta
 
 
-class ScaffoldAccumulator:
+class ScaffoldAccumulator(StreamingAccumulatorBase):
     """Uniform float64 sums of Δy_i and Δc_i over the round's updates."""
 
     def __init__(self, global_state: State, control: State, eta_g: float):
-        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        super().__init__(global_state, with_sums=False)
         self._eta_g = eta_g
         self._keys = float_keys(global_state)
         self._dy = {k: torch.zeros(global_state[k].shape, dtype=control[k].dtype) for k in self._keys}
         self._dc = {k: torch.zeros_like(control[k]) for k in self._keys}
-        self._carry = IntegerBufferCarry(global_state)
-        self._count = 0
-        self._total_weight = 0.0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def total_weight(self) -> float:
-        return self._total_weight
 
     def add(self, update: ClientUpdate) -> None:
         validate_update(self._global, update)
