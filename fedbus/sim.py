@@ -24,6 +24,7 @@ from fedbus.coordinator.rounds import (
     OpenRound,
     RejectUpdate,
     Start,
+    Tick,
     UpdateReceived,
     WorkerSeen,
 )
@@ -54,8 +55,14 @@ def worker_ids(n: int) -> list[str]:
 
 
 def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | None = None,
+             stragglers: frozenset[int] | set[int] = frozenset(),
              on_round: Callable[[dict], None] | None = None) -> SimResult:
-    """Run ``job`` with ``num_workers`` in-process workers; ``attacks`` maps worker index to an attack."""
+    """Run ``job`` with ``num_workers`` in-process workers; ``attacks`` maps worker index to an attack.
+
+    ``stragglers`` are worker indices that stay alive (they heartbeat and are selected) but
+    never deliver an update: a round that selected one closes at its deadline, with the
+    updates that arrived if they reach ``min_updates``.
+    """
     started = time.perf_counter()
     task = load_task(job.task)
     ids = worker_ids(num_workers)
@@ -87,8 +94,16 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
         action = pending.pop(0)
         match action:
             case OpenRound():
+                silent = {ids[i] for i in stragglers}
                 for wid in action.cohort:
-                    pending += _train_one(machine, trainers[wid], wid, action, tick)
+                    if wid not in silent:
+                        pending += _train_one(machine, trainers[wid], wid, action, tick)
+                if silent & set(action.cohort):
+                    # Virtual time jumps to the deadline; every worker heartbeats on the way.
+                    clock = max(clock, action.deadline_ms)
+                    for wid in ids:
+                        pending += machine.handle(WorkerSeen(wid, trainers[wid].num_samples, tick()))
+                    pending += machine.handle(Tick(tick()))
             case CloseRound():
                 metrics = {**action.metrics, **(server_eval(action.state) if action.status == "aggregated" else {})}
                 row = {"round": action.round, "model_version": action.model_version, "status": action.status,

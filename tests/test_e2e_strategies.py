@@ -99,9 +99,12 @@ def test_fednova_step_counts_travel_signed(nats_server, tmp_path):
 def test_robust_rule_over_nats_withstands_an_attacking_worker_process(nats_server, tmp_path):
     # w01 is a real worker process started with --simulate-attack: its updates are validly
     # signed (a compromised site holds its own key), so only the aggregation rule can help.
-    fed = run_job(tmp_path, nats_server, {"name": "median"}, workers=5, attacker_args=("--simulate-attack", "sign_flip:10"))
+    # Median behind nearest-neighbour mixing (f=1 of 5): the pre-aggregation runs in the real coordinator.
+    fed = run_job(tmp_path, nats_server, {"name": "median", "f": 1, "nnm": {"f": 1}}, workers=5,
+                  attacker_args=("--simulate-attack", "sign_flip:10"))
     summary = fed.summary()
     assert summary["final_accuracy"] > 0.85, summary["rounds"]
+    assert "median+nnm(f=1)" in (tmp_path / "logs" / "coordinator.log").read_text()
     log = (tmp_path / "logs" / "w01.log").read_text()
     assert "attack.simulation_enabled" in log
 

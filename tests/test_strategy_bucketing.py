@@ -51,7 +51,7 @@ def test_hand_computed_median_of_bucket_means():
     assert out["w"].tolist() == [3.625, 0.625]
     assert out["w"].dtype == torch.float32 and out["nbt"].item() == 4 and out["nbt"].dtype == torch.int64
     assert list(out) == list(G)
-    assert agg.buckets == [["c", "a"], ["d", "b"]] and agg.count == 4 and agg.total_weight == 8.0
+    assert agg.sources == [["c", "a"], ["d", "b"]] and agg.count == 4 and agg.total_weight == 8.0
 
 
 def test_last_bucket_may_be_smaller_and_weights_are_bucket_samples():
@@ -62,7 +62,7 @@ def test_last_bucket_may_be_smaller_and_weights_are_bucket_samples():
         [(1, 0.0), (1, 2.0), (1, 4.0), (3, 6.0), (2, 100.0)])]
     rule = Bucketing(GeometricMedian(eps=1e-12, tol=0.0, max_iter=500), 2, permuter=fixed([0, 1, 2, 3, 4]))
     out, agg = run(rule, {"w": torch.zeros(1)}, ups)
-    assert agg.buckets == [["0", "1"], ["2", "3"], ["4"]]
+    assert agg.sources == [["0", "1"], ["2", "3"], ["4"]]
     assert out["w"].item() == pytest.approx(5.5, abs=1e-4)
     assert bucket_count(5, 2) == 3 and bucket_count(4, 2) == 2 and bucket_count(10, 3) == 4
 
@@ -71,7 +71,7 @@ def test_seeded_permutation_is_deterministic_and_advances_per_round():
     def rounds(seed, k=6):
         rule = Bucketing(CoordinateMedian(), 2, seed=seed)
         ups = [ClientUpdate(f"w{i}", 1, {"w": torch.tensor([float(i)])}) for i in range(6)]
-        return [(run(rule, {"w": torch.zeros(1)}, ups)[1].buckets) for _ in range(k)]
+        return [(run(rule, {"w": torch.zeros(1)}, ups)[1].sources) for _ in range(k)]
 
     assert rounds(7) == rounds(7)
     assert len({str(b) for b in rounds(7)}) > 1  # the round counter changes the permutation
@@ -88,7 +88,7 @@ def test_arrival_order_never_matters_for_a_fixed_seed():
         random.Random(shuffle_seed).shuffle(order)
         rule = Bucketing(TrimmedMean(beta=0.2), 3, seed=11)
         out, agg = run(rule, {"w": torch.zeros(2)}, order)
-        results.append((out["w"].tolist(), agg.buckets))
+        results.append((out["w"].tolist(), agg.sources))
     assert all(r == results[0] for r in results)
 
 

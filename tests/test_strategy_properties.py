@@ -21,6 +21,7 @@ from fedbus.aggregation.fednova import FedNova
 from fedbus.aggregation.geometric_median import GeometricMedian
 from fedbus.aggregation.krum import Krum, MultiKrum
 from fedbus.aggregation.median import CoordinateMedian
+from fedbus.aggregation.nnm import NearestNeighbourMixing
 from fedbus.aggregation.norm_bound import NormBound
 from fedbus.aggregation.scaffold import Scaffold
 from fedbus.aggregation.trimmed_mean import TrimmedMean
@@ -40,6 +41,8 @@ RULES = {
     "bulyan": (lambda: Bulyan(f=1), 7, 1e-4),
     "norm_bound+fedavg": (lambda: NormBound(FedAvg(), 50.0), 1, 1e-4),
     "norm_bound+krum": (lambda: NormBound(Krum(f=1), 50.0), 5, 1e-4),
+    "nnm+median": (lambda: NearestNeighbourMixing(CoordinateMedian(), 1), 3, 1e-4),
+    "nnm+krum": (lambda: NearestNeighbourMixing(Krum(f=1), 1), 5, 1e-4),
 }
 ROBUST = {
     "median": lambda: CoordinateMedian(f=1),
@@ -48,6 +51,9 @@ ROBUST = {
     "krum": lambda: Krum(f=1),
     "multi_krum": lambda: MultiKrum(f=1, m=2),
     "bulyan": lambda: Bulyan(f=1),
+    "nnm+median": lambda: NearestNeighbourMixing(CoordinateMedian(f=1), 1),
+    "nnm+trimmed_mean": lambda: NearestNeighbourMixing(TrimmedMean(0.2), 1),
+    "nnm+krum": lambda: NearestNeighbourMixing(Krum(f=1), 1),
 }
 
 values = st.floats(-100, 100, allow_nan=False, width=32)

@@ -33,19 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 
-from fedbus.aggregation.base import (
-    AggregationRule,
-    ClientUpdate,
-    IntegerBufferCarry,
-    RoundAggregator,
-    State,
-    StrategyConfigError,
-    is_averageable,
-    require,
-)
-from fedbus.aggregation.cohort import UpdateBuffer
+from fedbus.aggregation.base import AggregationRule, ClientUpdate, State, StrategyConfigError
+from fedbus.aggregation.preaggregation import PreAggregation, mean_update
 
 # (n, round) -> a permutation of range(n); the default draws it from (seed, round).
 Permuter = Callable[[int, int], Sequence[int]]
@@ -64,105 +54,46 @@ def seeded_permutation(seed: int, round_index: int, n: int) -> list[int]:
 def bucket_mean(global_state: State, updates: list[ClientUpdate], worker_id: str) -> ClientUpdate:
     """One update standing for ``updates``: float tensors their sample-weighted mean (float64 /
     complex128), integer buffers their FedAvg carry, num_samples their total."""
-    total = sum(int(u.num_samples) for u in updates)
-    carry = IntegerBufferCarry(global_state)
-    for u in updates:
-        carry.add(u)
-    state = carry.result()
-    for name, base in global_state.items():
-        if not is_averageable(base):
-            continue
-        dtype = torch.complex128 if base.is_complex() else torch.float64
-        acc = torch.zeros(base.shape, dtype=dtype)
-        for u in updates:
-            acc.add_(u.state[name].detach().to(dtype), alpha=float(u.num_samples))
-        state[name] = acc / float(total)
-    return ClientUpdate(worker_id, total, {k: state[k] for k in global_state})
+    weights = [float(u.num_samples) for u in updates]
+    return mean_update(global_state, updates, weights, worker_id, sum(int(u.num_samples) for u in updates))
 
 
-class _BucketingAggregator(UpdateBuffer):
-    """Buffers the round's updates; ``result()`` buckets them and runs the inner rule on the means."""
-
-    def __init__(self, inner: RoundAggregator, global_state: State, s: int, round_index: int,
-                 permuter: Permuter, check: Callable[[int], None]):
-        super().__init__(global_state)
-        self.inner = inner
-        self._s = s
-        self.round_index = round_index
-        self._permuter = permuter
-        self._check = check
-        self.buckets: list[list[str]] = []  # worker ids per bucket, after result()
-
-    def result(self) -> State:
-        require(self.count > 0, "no updates to aggregate")
-        self._check(self.count)
-        ordered = sorted(self._updates, key=lambda u: u.worker_id)  # stable: arrival order never matters
-        n = len(ordered)
-        perm = [int(i) for i in self._permuter(n, self.round_index)]
-        if sorted(perm) != list(range(n)):
-            raise ValueError(f"bucketing: permutation {perm} is not a permutation of range({n})")
-        shuffled = [ordered[i] for i in perm]
-        groups = [shuffled[j:j + self._s] for j in range(0, n, self._s)]
-        self.buckets = [[u.worker_id for u in g] for g in groups]
-        for j, group in enumerate(groups):
-            self.inner.add(bucket_mean(self._global, group, f"bucket{j}"))
-        out = self.inner.result()
-        # Integer/bool buffers advance as FedAvg over all n updates, not over rounded bucket means.
-        carry = IntegerBufferCarry(self._global)
-        for u in self._updates:
-            carry.add(u)
-        out.update(carry.result())
-        return {k: out[k] for k in self._global}
-
-
-class Bucketing(AggregationRule):
+class Bucketing(PreAggregation):
     """``rule`` applied to the sample-weighted means of random buckets of ``s`` updates."""
 
+    label = "bucketing"
+
     def __init__(self, rule: AggregationRule, s: int, seed: int = 0, permuter: Permuter | None = None):
-        if rule.streaming:
-            raise StrategyConfigError(
-                f"bucketing needs the whole cohort before it can group it, and {rule.name} is a streaming rule "
-                f"(the mean of bucket means is the plain mean anyway); use it with a robust rule such as "
-                f"median, trimmed_mean, geometric_median, krum, multi_krum or bulyan")
+        super().__init__(rule)
         if isinstance(s, bool) or not isinstance(s, int) or s < 2:
             raise StrategyConfigError(f"bucketing: s must be an integer >= 2, got {s!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise StrategyConfigError(f"bucketing: seed must be a non-negative integer, got {seed!r}")
-        self.rule = rule
         self.s = s
         self.seed = seed
         self._permuter: Permuter = permuter or (lambda n, r: seeded_permutation(self.seed, r, n))
         self.rounds_begun = 0
-        # Instance attributes shadow the ClassVars: the wrapper is whatever its rule is.
-        self.name = rule.name  # type: ignore[misc]
-        self.streaming = rule.streaming  # type: ignore[misc]
-        self.update_groups = rule.update_groups  # type: ignore[misc]
 
-    def check_cohort(self, min_updates: int) -> None:
-        require(min_updates >= 1, f"{self.name}: a round needs at least one update (min_updates={min_updates})")
-        k = bucket_count(min_updates, self.s)
-        try:
-            self.rule.check_cohort(k)
-        except StrategyConfigError as exc:
-            raise StrategyConfigError(
-                f"{exc}; with bucketing s={self.s} a round of {min_updates} updates leaves only "
-                f"ceil({min_updates}/{self.s})={k} buckets as the rule's inputs") from None
+    def inputs_for(self, n: int) -> int:
+        return bucket_count(n, self.s)
 
-    def broadcast(self) -> State:
-        return self.rule.broadcast()
+    def describe_filter(self) -> str:
+        return f"bucketing(s={self.s})"
 
-    def begin(self, global_state: State) -> _BucketingAggregator:
-        round_index = self.rounds_begun
-        self.rounds_begun += 1
-        return _BucketingAggregator(self.rule.begin(global_state), global_state, self.s, round_index,
-                                    self._permuter, self.check_cohort)
+    def explain_inputs(self, n: int) -> str:
+        return (f"with bucketing s={self.s} a round of {n} updates leaves only "
+                f"ceil({n}/{self.s})={bucket_count(n, self.s)} buckets as the rule's inputs")
 
-    def commit(self, aggregator: RoundAggregator, num_workers_total: int) -> None:
-        inner = aggregator.inner if isinstance(aggregator, _BucketingAggregator) else aggregator
-        self.rule.commit(inner, num_workers_total)
-
-    def describe(self) -> str:
-        return f"{self.rule.describe()}+bucketing(s={self.s})"
+    def rewrite(self, global_state: State, ordered: list[ClientUpdate],
+                round_index: int) -> tuple[list[ClientUpdate], list[list[str]]]:
+        n = len(ordered)
+        perm = [int(i) for i in self._permuter(n, round_index)]
+        if sorted(perm) != list(range(n)):
+            raise ValueError(f"bucketing: permutation {perm} is not a permutation of range({n})")
+        shuffled = [ordered[i] for i in perm]
+        groups = [shuffled[j:j + self.s] for j in range(0, n, self.s)]
+        means = [bucket_mean(global_state, group, f"bucket{j}") for j, group in enumerate(groups)]
+        return means, [[u.worker_id for u in g] for g in groups]
 
 
 def wrap_bucketing(rule: AggregationRule, s: int | None, seed: int = 0) -> AggregationRule:

@@ -7,6 +7,7 @@ member validates its own parameters (extra keys are errors). What needs the coho
 
     strategy: {name: trimmed_mean, beta: 0.1, norm_bound: {max_norm: 5.0}}
     strategy: {name: median, bucketing: {s: 2, seed: 0}}
+    strategy: {name: krum, f: 2, nnm: {f: 2}}
     server_optimizer: {name: adam, lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 0.001}
 """
 
@@ -29,6 +30,7 @@ from fedbus.aggregation.fedyogi import FedYogi
 from fedbus.aggregation.geometric_median import GeometricMedian
 from fedbus.aggregation.krum import Krum, MultiKrum
 from fedbus.aggregation.median import CoordinateMedian
+from fedbus.aggregation.nnm import wrap_nnm
 from fedbus.aggregation.norm_bound import wrap_norm_bound
 from fedbus.aggregation.scaffold import Scaffold
 from fedbus.aggregation.server_sgd import ServerSGD
@@ -52,12 +54,23 @@ class BucketingSpec(BaseModel):
     seed: int = Field(0, ge=0, description="with a per-round counter, fixes each round's permutation")
 
 
+class NnmSpec(BaseModel):
+    """Nearest-neighbour mixing (Allouah et al. 2023): each update is replaced by the plain mean of
+    its n - f nearest updates (itself included) before a robust rule sees them; needs n > 2f. Only
+    for robust (buffered) rules; the rule keeps its own f and precondition over the same n inputs."""
+    model_config = ConfigDict(extra="forbid")
+    f: int = Field(ge=0, description="Byzantine updates expected: each neighbourhood holds n - f updates")
+
+
 class _Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     norm_bound: NormBoundSpec | None = Field(None, description="clip every update before the rule sees it")
     bucketing: BucketingSpec | None = Field(
         None, description="average random buckets of s updates before a robust rule sees them (after norm_bound); "
                           "rejected for the streaming rules fedavg, fedprox, fednova and scaffold")
+    nnm: NnmSpec | None = Field(
+        None, description="replace each update by the mean of its n - f nearest before a robust rule sees them "
+                          "(after norm_bound); rejected for streaming rules and together with bucketing")
 
 
 class FedAvgSpec(_Strategy):
@@ -210,7 +223,8 @@ def parse_server_optimizer(spec: Any) -> Any:
 def build_rule(spec: Any) -> AggregationRule:
     """The AggregationRule a strategy spec (model or dict) describes, bucketing and norm bound included.
 
-    Order: updates are clipped first (norm bound, outermost), then bucketed, then aggregated.
+    Order: updates are clipped first (norm bound, outermost), then mixed (nnm) or bucketed, then
+    aggregated.
     """
     s = parse_strategy(spec)
     rule: AggregationRule
@@ -237,12 +251,14 @@ def build_rule(spec: Any) -> AggregationRule:
             rule = Bulyan(f=s.f)
         case _:
             raise StrategyConfigError(f"unknown strategy {s!r}")
+    if s.bucketing is not None and s.nnm is not None:
+        raise StrategyConfigError(
+            f"strategy {s.name}: choose one pre-aggregation, bucketing or nnm; both rewrite the cohort "
+            f"before the rule and their guarantees do not compose")
+    # Pre-aggregations refuse streaming rules themselves (PreAggregation), with the reason.
+    if s.nnm is not None:
+        rule = wrap_nnm(rule, s.nnm.f)
     if s.bucketing is not None:
-        if rule.streaming:
-            raise StrategyConfigError(
-                f"strategy {s.name}: bucketing needs the whole cohort at once and only makes sense in front of a "
-                f"robust rule (median, trimmed_mean, geometric_median, krum, multi_krum, bulyan); "
-                f"{s.name} is a streaming rule")
         rule = wrap_bucketing(rule, s.bucketing.s, s.bucketing.seed)
     return wrap_norm_bound(rule, s.norm_bound.max_norm if s.norm_bound else None)
 

@@ -114,7 +114,8 @@ class CoordinatorService:
                      asyncio.create_task(self._keep_unacked_alive()),
                      asyncio.create_task(self._act())]
             log.info("coordinator.started", job=self.job.job, nats=self.nats_url, rounds=self.job.rounds,
-                     min_workers=self.job.cohort.min_workers)
+                     min_workers=self.job.cohort.min_workers, strategy=self.machine.rule.describe(),
+                     server_optimizer=self.machine.optimizer.name if self.machine.optimizer else "none")
             self._emit(self.machine.handle(Start(now_ms())))
             await self._done.wait()
             for t in tasks:
