@@ -158,3 +158,28 @@ def test_jobspec_checks_nnm_against_the_quorum_at_load():
                   strategy={"name": "krum", "f": 2, "nnm": {"f": 2}})
     assert job.strategy.nnm.f == 2
     assert JobSpec.model_validate(job.model_dump(mode="json")) == job
+
+
+@pytest.mark.parametrize("chunk_bytes", [8, 1 << 20])  # 8 bytes: one coordinate per chunk
+def test_cohort_mix_keeps_dtypes_and_handles_complex_and_strided_tensors(chunk_bytes):
+    from fedbus.aggregation.cohort import Cohort
+
+    base_w = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # non-contiguous (3, 2)
+    g = {"w": base_w, "z": torch.tensor([1 + 1j], dtype=torch.complex64),
+         "h": torch.zeros(2, dtype=torch.bfloat16), "nbt": torch.tensor(5)}
+    ups = [ClientUpdate("a", 1, {"w": base_w + 1, "z": g["z"] + 2j, "h": torch.tensor([1.0, 2.0], dtype=torch.bfloat16),
+                                 "nbt": torch.tensor(7)}),
+           ClientUpdate("b", 3, {"w": base_w + 3, "z": g["z"] + 4, "h": torch.tensor([3.0, 4.0], dtype=torch.bfloat16),
+                                 "nbt": torch.tensor(5)})]
+    cohort = Cohort(g, ups, chunk_bytes=chunk_bytes)
+    # rows: a alone; 0.25 a + 0.75 b
+    first, mixed = cohort.mix(torch.tensor([[1.0, 0.0], [0.25, 0.75]]))
+    assert torch.equal(first["w"], base_w + 1) and first["z"].item() == 1 + 3j
+    # w: x + 0.25*1 + 0.75*3 = x + 2.5;  z: (1+1j) + 0.25*2j + 0.75*4 = 4 + 1.5j;  h: (2.5, 3.5)
+    assert torch.equal(mixed["w"], base_w + 2.5) and mixed["w"].dtype == torch.float32
+    assert mixed["z"].item() == 4 + 1.5j and mixed["z"].dtype == torch.complex64
+    assert mixed["h"].tolist() == [2.5, 3.5] and mixed["h"].dtype == torch.bfloat16
+    # nbt: increments 2 and 0 weighted 1 and 3 -> round(0.5) = 0 (half to even) -> 5, carried over both updates
+    assert mixed["nbt"].item() == 5 and list(mixed) == list(g)
+    with pytest.raises(StrategyConfigError, match="k x 2"):
+        cohort.mix(torch.ones(2, 3))

@@ -24,8 +24,8 @@ on the order the updates arrived in. (The counter restarts with the process: a r
 coordinator draws its permutations afresh.) Integer and bool buffers are carried over
 all n original updates exactly as FedAvg does, not over bucket means.
 
-Memory: on top of the buffered updates, ceil(n/s) bucket means in float64 (complex128),
-which the inner rule reads as its cohort.
+Memory: on top of the buffered updates, ceil(n/s) bucket means in the model's dtype
+(computed in float64), which the inner rule reads as its cohort.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedbus.aggregation.base import AggregationRule, ClientUpdate, State, StrategyConfigError
-from fedbus.aggregation.preaggregation import PreAggregation, mean_update
+import torch
+
+from fedbus.aggregation.base import AggregationRule, StrategyConfigError
+from fedbus.aggregation.cohort import Cohort
+from fedbus.aggregation.preaggregation import Mixing, PreAggregation, normalised_row
 
 # (n, round) -> a permutation of range(n); the default draws it from (seed, round).
 Permuter = Callable[[int, int], Sequence[int]]
@@ -49,13 +52,6 @@ def seeded_permutation(seed: int, round_index: int, n: int) -> list[int]:
     """A permutation of range(n) fixed by (seed, round_index), the same on every platform."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, round_index]))
     return [int(i) for i in rng.permutation(n)]
-
-
-def bucket_mean(global_state: State, updates: list[ClientUpdate], worker_id: str) -> ClientUpdate:
-    """One update standing for ``updates``: float tensors their sample-weighted mean (float64 /
-    complex128), integer buffers their FedAvg carry, num_samples their total."""
-    weights = [float(u.num_samples) for u in updates]
-    return mean_update(global_state, updates, weights, worker_id, sum(int(u.num_samples) for u in updates))
 
 
 class Bucketing(PreAggregation):
@@ -72,7 +68,6 @@ class Bucketing(PreAggregation):
         self.s = s
         self.seed = seed
         self._permuter: Permuter = permuter or (lambda n, r: seeded_permutation(self.seed, r, n))
-        self.rounds_begun = 0
 
     def inputs_for(self, n: int) -> int:
         return bucket_count(n, self.s)
@@ -84,16 +79,17 @@ class Bucketing(PreAggregation):
         return (f"with bucketing s={self.s} a round of {n} updates leaves only "
                 f"ceil({n}/{self.s})={bucket_count(n, self.s)} buckets as the rule's inputs")
 
-    def rewrite(self, global_state: State, ordered: list[ClientUpdate],
-                round_index: int) -> tuple[list[ClientUpdate], list[list[str]]]:
-        n = len(ordered)
+    def rewrite(self, cohort: Cohort, round_index: int) -> Mixing:
+        n = cohort.n
         perm = [int(i) for i in self._permuter(n, round_index)]
         if sorted(perm) != list(range(n)):
             raise ValueError(f"bucketing: permutation {perm} is not a permutation of range({n})")
-        shuffled = [ordered[i] for i in perm]
-        groups = [shuffled[j:j + self.s] for j in range(0, n, self.s)]
-        means = [bucket_mean(global_state, group, f"bucket{j}") for j, group in enumerate(groups)]
-        return means, [[u.worker_id for u in g] for g in groups]
+        groups = [perm[j:j + self.s] for j in range(0, n, self.s)]
+        samples = [[int(cohort.updates[i].num_samples) for i in g] for g in groups]
+        # Each bucket is its updates' sample-weighted mean and counts their samples together.
+        rows = [normalised_row(n, g, [float(w) for w in ws]) for g, ws in zip(groups, samples)]
+        return Mixing(torch.stack(rows), [f"bucket{j}" for j in range(len(groups))], [sum(ws) for ws in samples],
+                      [[cohort.ids[i] for i in g] for g in groups])
 
 
 def wrap_bucketing(rule: AggregationRule, s: int | None, seed: int = 0) -> AggregationRule:
@@ -101,4 +97,4 @@ def wrap_bucketing(rule: AggregationRule, s: int | None, seed: int = 0) -> Aggre
     return rule if s is None else Bucketing(rule, s, seed)
 
 
-__all__ = ["Bucketing", "bucket_count", "bucket_mean", "seeded_permutation", "wrap_bucketing"]
+__all__ = ["Bucketing", "bucket_count", "seeded_permutation", "wrap_bucketing"]

@@ -124,6 +124,34 @@ class Cohort:
             out[key][s:e] = fn(m if sel is None else m.index_select(0, sel))
         return out
 
+    def mix(self, coeffs: torch.Tensor) -> list[State]:
+        """For each row r of ``coeffs`` (k × n): the model x_t + sum_j coeffs[r, j] Δ_j.
+
+        Float tensors come back in their own dtype, computed in float64 in one pass over the
+        chunks (one k × n by n × c product per chunk); integer/bool buffers are carried over
+        all n updates as in FedAvg. Memory: k models on top of the cohort.
+        """
+        require(coeffs.dim() == 2 and coeffs.shape[1] == self.n, f"mix: coefficients must be k x {self.n}")
+        carry = IntegerBufferCarry(self.global_state)
+        for u in self.updates:
+            carry.add(u)
+        carried = carry.result()
+        c = coeffs.to(torch.float64)
+        # torch.empty, not empty_like: a contiguous tensor, so the flat views below write into it.
+        shapes = {k: (self.global_state[k].shape, self.global_state[k].dtype) for k in self.keys}
+        outs: list[State] = [{k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
+                             for _ in range(c.shape[0])]
+        flats = [{k: (torch.view_as_real(t) if t.is_complex() else t).reshape(-1) for k, t in out.items()}
+                 for out in outs]
+        x_key, x = None, None
+        for key, s, e, m in self.chunks():
+            if key != x_key:  # chunks come tensor by tensor: convert each base tensor once
+                x_key, x = key, _flat64(self.global_state[key])
+            block = c @ m + x[s:e]
+            for r, flat in enumerate(flats):
+                flat[key][s:e].copy_(block[r])
+        return [{k: out[k] if k in out else carried[k].clone() for k in self.global_state} for out in outs]
+
     # ---- back to a model --------------------------------------------------------------
 
     def to_state(self, delta: Flat) -> State:

@@ -25,15 +25,17 @@ follows. Distances are direct float64 sums of squared differences (``Cohort``); 
 the smaller worker id, so the neighbourhoods never depend on arrival order. Integer and
 bool buffers are carried over the original updates as in FedAvg.
 
-Memory: n mixed updates in float64 on top of the buffered cohort (O(n × model)); time
-O(n² × model) for the distances and the means.
+Memory: n mixed updates in the model's dtype on top of the buffered cohort, so twice the
+cohort (O(n × model)); time O(n² × model) for the distances and the mixing product.
 """
 
 from __future__ import annotations
 
-from fedbus.aggregation.base import AggregationRule, ClientUpdate, State, StrategyConfigError, require
+import torch
+
+from fedbus.aggregation.base import AggregationRule, StrategyConfigError, require
 from fedbus.aggregation.cohort import Cohort
-from fedbus.aggregation.preaggregation import PreAggregation, mean_update
+from fedbus.aggregation.preaggregation import Mixing, PreAggregation, normalised_row
 
 
 def check_nnm(n: int, f: int) -> None:
@@ -72,15 +74,12 @@ class NearestNeighbourMixing(PreAggregation):
     def describe_filter(self) -> str:
         return f"nnm(f={self.f})"
 
-    def rewrite(self, global_state: State, ordered: list[ClientUpdate],
-                round_index: int) -> tuple[list[ClientUpdate], list[list[str]]]:
-        check_nnm(len(ordered), self.f)
-        cohort = Cohort(global_state, ordered)
+    def rewrite(self, cohort: Cohort, round_index: int) -> Mixing:
+        check_nnm(cohort.n, self.f)
         hoods = neighbourhoods(cohort.pairwise_sq_distances(), cohort.ids, self.f)
-        mixed = [mean_update(global_state, [ordered[j] for j in hood], [1.0] * len(hood),
-                             ordered[i].worker_id, ordered[i].num_samples)
-                 for i, hood in enumerate(hoods)]
-        return mixed, [[ordered[j].worker_id for j in hood] for hood in hoods]
+        rows = [normalised_row(cohort.n, hood, [1.0] * len(hood)) for hood in hoods]
+        return Mixing(torch.stack(rows), list(cohort.ids), [int(u.num_samples) for u in cohort.updates],
+                      [[cohort.ids[j] for j in hood] for hood in hoods])
 
 
 def wrap_nnm(rule: AggregationRule, f: int | None) -> AggregationRule:

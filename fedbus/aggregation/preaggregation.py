@@ -1,23 +1,27 @@
 """Pre-aggregation: rewrite a round's updates before a robust rule sees them.
 
 Bucketing (``bucketing.py``) and nearest-neighbour mixing (``nnm.py``) both turn the n
-buffered updates into new inputs for a wrapped robust rule; this module holds what they
-share:
+buffered updates into k new inputs for a wrapped robust rule, each input a weighted mean
+of some updates. Both are therefore a k × n mixing matrix W (rows sum to 1):
 
-* ``mean_update``: one update standing for a weighted mean of several (float tensors in
-  float64 / complex128, so no rounding happens between the mixing and the rule);
-* ``PreAggregator``: buffers the round, hands the rule the rewritten inputs, and carries
-  integer/bool buffers over the *original* updates exactly as FedAvg does (an average of
-  counters is not a counter, and neither is an average of averages);
-* ``PreAggregation``: the AggregationRule wrapper, which is whatever its rule is (name,
-  buffered nature, extra tensor groups, server state) and refuses streaming rules, for
-  which a mean of means is just the mean.
+    input_r = x_t + sum_j W[r, j] · (y_j − x_t)
+
+This module holds what they share: ``Mixing`` (W, plus who each input stands for),
+``PreAggregator`` (buffers the round, applies W in one chunked pass over the cohort,
+feeds the inner rule, and carries integer/bool buffers over the *original* updates as
+FedAvg does: an average of counters is not a counter), and ``PreAggregation``, the
+AggregationRule wrapper, which is whatever its rule is (name, buffered nature, extra
+tensor groups, server state) and refuses streaming rules, for which a mean of means is
+just the mean.
+
+Memory: the k inputs, in the model's dtype, on top of the buffered cohort.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,45 +32,40 @@ from fedbus.aggregation.base import (
     RoundAggregator,
     State,
     StrategyConfigError,
-    is_averageable,
     require,
 )
-from fedbus.aggregation.cohort import UpdateBuffer
-
-# updates sorted by worker id -> (the inner rule's inputs, the worker ids behind each input)
-Rewrite = Callable[[list[ClientUpdate]], tuple[list[ClientUpdate], list[list[str]]]]
+from fedbus.aggregation.cohort import Cohort, UpdateBuffer
 
 ROBUST_RULES = "median, trimmed_mean, geometric_median, krum, multi_krum or bulyan"
 
 
-def mean_update(global_state: State, updates: Sequence[ClientUpdate], weights: Sequence[float],
-                worker_id: str, num_samples: int) -> ClientUpdate:
-    """sum_j w_j y_j / sum_j w_j over float tensors (float64 / complex128); integer buffers
-    as the FedAvg carry of ``updates``."""
-    require(len(updates) == len(weights) and len(updates) > 0, "mean_update: one weight per update, at least one")
+@dataclass
+class Mixing:
+    """k inputs for the inner rule: ``coeffs`` (k × n, rows summing to 1) over the cohort's
+    updates, and per input its worker id, sample count, and the worker ids it was made from."""
+
+    coeffs: torch.Tensor
+    ids: list[str]
+    num_samples: list[int]
+    sources: list[list[str]]
+
+
+def normalised_row(n: int, members: list[int], weights: list[float]) -> torch.Tensor:
+    """A length-n row with weights/sum(weights) at ``members`` and 0 elsewhere."""
     total = float(sum(weights))
-    require(total > 0, "mean_update: weights must not sum to zero")
-    carry = IntegerBufferCarry(global_state)
-    for u in updates:
-        carry.add(u)
-    state = carry.result()
-    for name, base in global_state.items():
-        if not is_averageable(base):
-            continue
-        dtype = torch.complex128 if base.is_complex() else torch.float64
-        acc = torch.zeros(base.shape, dtype=dtype)
-        for u, w in zip(updates, weights):
-            acc.add_(u.state[name].detach().to(dtype), alpha=float(w))
-        state[name] = acc / total
-    return ClientUpdate(worker_id, int(num_samples), {k: state[k] for k in global_state})
+    require(total > 0, "pre-aggregation: a group's weights must not sum to zero")
+    row = torch.zeros(n, dtype=torch.float64)
+    for j, w in zip(members, weights):
+        row[j] += w / total
+    return row
 
 
 class PreAggregator(UpdateBuffer):
-    """Buffers the round's updates; ``result()`` feeds ``rewrite(updates sorted by worker id)``
-    to the inner rule's aggregator. ``sources`` then lists, per input of the inner rule, the
-    worker ids it was made from (a bucket, a neighbourhood)."""
+    """Buffers the round's updates; ``result()`` feeds the rewritten inputs to the inner rule.
+    ``sources`` then lists, per input, the worker ids it was made from (a bucket, a neighbourhood)."""
 
-    def __init__(self, inner: RoundAggregator, global_state: State, rewrite: Rewrite, check: Callable[[int], None]):
+    def __init__(self, inner: RoundAggregator, global_state: State, rewrite: Callable[[Cohort], Mixing],
+                 check: Callable[[int], None]):
         super().__init__(global_state)
         self.inner = inner
         self._rewrite = rewrite
@@ -77,9 +76,11 @@ class PreAggregator(UpdateBuffer):
         require(self.count > 0, "no updates to aggregate")
         self._check(self.count)
         # Sorted by worker id so the result never depends on the order updates arrived in.
-        inputs, self.sources = self._rewrite(sorted(self._updates, key=lambda u: u.worker_id))
-        for update in inputs:
-            self.inner.add(update)
+        cohort = Cohort(self._global, sorted(self._updates, key=lambda u: u.worker_id))
+        mixing = self._rewrite(cohort)
+        self.sources = mixing.sources
+        for wid, samples, state in zip(mixing.ids, mixing.num_samples, cohort.mix(mixing.coeffs)):
+            self.inner.add(ClientUpdate(wid, samples, state))
         out = self.inner.result()
         carry = IntegerBufferCarry(self._global)
         for u in self._updates:
@@ -99,20 +100,23 @@ class PreAggregation(AggregationRule):
                 f"{self.label} needs the whole cohort before it can rewrite it, and {rule.name} is a streaming rule "
                 f"(a mean of means is the plain mean anyway); use it with a robust rule such as {ROBUST_RULES}")
         self.rule = rule
+        self.rounds_begun = 0
         # Instance attributes shadow the ClassVars: the wrapper is whatever its rule is.
         self.name = rule.name  # type: ignore[misc]
         self.streaming = rule.streaming  # type: ignore[misc]
         self.update_groups = rule.update_groups  # type: ignore[misc]
 
     @abstractmethod
-    def rewrite(self, global_state: State, ordered: list[ClientUpdate],
-                round_index: int) -> tuple[list[ClientUpdate], list[list[str]]]:
-        """The inner rule's inputs for one round's updates (sorted by worker id), and the worker
-        ids behind each input."""
+    def rewrite(self, cohort: Cohort, round_index: int) -> Mixing:
+        """The inner rule's inputs for one round (the cohort's updates are sorted by worker id)."""
 
     def inputs_for(self, n: int) -> int:
         """How many inputs the inner rule sees when the round has ``n`` updates."""
         return n
+
+    def explain_inputs(self, n: int) -> str:
+        """Why a round of n updates gives the rule fewer inputs (for precondition errors)."""
+        return f"with {self.describe_filter()} a round of {n} updates leaves only {self.inputs_for(n)} inputs"
 
     def check_cohort(self, min_updates: int) -> None:
         require(min_updates >= 1, f"{self.name}: a round needs at least one update (min_updates={min_updates})")
@@ -124,10 +128,6 @@ class PreAggregation(AggregationRule):
                 raise
             raise StrategyConfigError(f"{exc}; {self.explain_inputs(min_updates)}") from None
 
-    def explain_inputs(self, n: int) -> str:
-        """Why a round of n updates gives the rule fewer inputs (for precondition errors)."""
-        return f"with {self.describe_filter()} a round of {n} updates leaves only {self.inputs_for(n)} inputs"
-
     def describe_filter(self) -> str:
         return self.label
 
@@ -135,10 +135,10 @@ class PreAggregation(AggregationRule):
         return self.rule.broadcast()
 
     def begin(self, global_state: State) -> PreAggregator:
-        round_index = getattr(self, "rounds_begun", 0)
-        self.rounds_begun = round_index + 1
+        round_index = self.rounds_begun
+        self.rounds_begun += 1
         return PreAggregator(self.rule.begin(global_state), global_state,
-                             lambda ordered: self.rewrite(global_state, ordered, round_index), self.check_cohort)
+                             lambda cohort: self.rewrite(cohort, round_index), self.check_cohort)
 
     def commit(self, aggregator: RoundAggregator, num_workers_total: int) -> None:
         inner = aggregator.inner if isinstance(aggregator, PreAggregator) else aggregator
@@ -148,4 +148,4 @@ class PreAggregation(AggregationRule):
         return f"{self.rule.describe()}+{self.describe_filter()}"
 
 
-__all__ = ["PreAggregation", "PreAggregator", "ROBUST_RULES", "mean_update"]
+__all__ = ["Mixing", "PreAggregation", "PreAggregator", "ROBUST_RULES", "normalised_row"]
