@@ -8,7 +8,8 @@ reports its peak resident set size (VmHWM from /proc/self/status) before the rou
 after it; a separate process per measurement keeps one run's peak out of the next.
 
 Streaming rules (FedAvg) should show the same peak for 4, 16 and 64 updates; buffered
-rules (median) keep every update, so their growth over the baseline scales with n.
+rules (median) keep every update, so their growth over the baseline scales with n; a
+pre-aggregation (median+nnm) adds its n mixed inputs, about one more model per update.
 
     python benchmarks/aggregation_memory.py                    # 10M params; 4, 16, 64 updates
     python benchmarks/aggregation_memory.py --params 1000000 --sizes 4,8
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# --rules names beyond plain strategy names
+SPECS = {"median+nnm": {"name": "median", "nnm": {"f": 1}}}
 
 
 def _status_mb(field: str) -> float:
@@ -48,7 +51,7 @@ def child(rule_name: str, n: int, params: int) -> dict:
     torch.manual_seed(0)
     global_state = {k: torch.randn(v) for k, v in sizes.items()}
     global_state["bn.num_batches_tracked"] = torch.tensor(100)
-    rule = build_rule({"name": rule_name})
+    rule = build_rule(SPECS.get(rule_name, {"name": rule_name}))
     baseline = _status_mb("VmHWM")
 
     start = time.perf_counter()
@@ -83,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=10_000_000)
     ap.add_argument("--sizes", default="4,16,64")
-    ap.add_argument("--rules", default="fedavg,median", help="streaming first, then buffered")
+    ap.add_argument("--rules", default="fedavg,median", help="streaming first, then buffered; also: median+nnm")
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per measurement")
     ap.add_argument("--child", nargs=2, metavar=("RULE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -94,7 +97,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     model_mb = args.params * 4 / 2**20
     print(f"model: {args.params:,} float32 parameters = {model_mb:.1f} MiB; one fresh process per row\n")
-    header = (f"{'rule':<8} {'updates':>7} {'baseline MiB':>12} {'peak MiB':>9} {'round MiB':>9} {'x model':>7} "
+    header = (f"{'rule':<10} {'updates':>7} {'baseline MiB':>12} {'peak MiB':>9} {'round MiB':>9} {'x model':>7} "
               f"{'ratio':>6} {'MiB/extra update':>16} {'seconds':>7}")
     print(header)
     print("-" * len(header))
@@ -106,7 +109,7 @@ def main() -> None:
             grown = r["peak_mb"] - r["baseline_mb"]  # what the round added on top of model + runtime
             first = first or (n, grown)
             slope = (grown - first[1]) / (n - first[0]) if n > first[0] else float("nan")
-            print(f"{rule:<8} {n:>7} {r['baseline_mb']:>12.0f} {r['peak_mb']:>9.0f} {grown:>9.0f} "
+            print(f"{rule:<10} {n:>7} {r['baseline_mb']:>12.0f} {r['peak_mb']:>9.0f} {grown:>9.0f} "
                   f"{grown / model_mb:>7.1f} {grown / first[1]:>6.2f} {slope:>16.1f} {r['seconds']:>7.1f}", flush=True)
     print(f"""
 baseline   peak RSS (VmHWM) with torch loaded and the global model built, before the round
