@@ -97,7 +97,7 @@ def job(run: Run) -> JobSpec:
                    evaluation={"server_test": True, "federated": False, "final_round": False})
 
 
-def execute(run: Run) -> tuple[float, int | None]:
+def run_one(run: Run) -> tuple[float, int | None]:
     """(final accuracy, rounds to 0.90) of one run."""
     torch.set_num_threads(1)
     attacks = {i: Attack("sign_flip", 5.0, run.seed) for i in range(run.attackers)}
@@ -125,7 +125,7 @@ class Runner:
     def execute(self) -> None:
         todo = list({repr(r): r for r in self.pending if repr(r) not in self.results}.values())
         with ProcessPoolExecutor(self.args.jobs) as pool:
-            for run, out in zip(todo, pool.map(execute, todo)):
+            for run, out in zip(todo, pool.map(run_one, todo)):
                 self.results[repr(run)] = out
         self.pending = []
 

@@ -66,6 +66,7 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     started = time.perf_counter()
     task = load_task(job.task)
     ids = worker_ids(num_workers)
+    silent = {ids[i] for i in stragglers}
     trainers = {wid: LocalTrainer(task, job, partition=i, num_partitions=num_workers,
                                   attack=(attacks or {}).get(i)) for i, wid in enumerate(ids)}
     torch.manual_seed(job.seed)
@@ -94,7 +95,6 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
         action = pending.pop(0)
         match action:
             case OpenRound():
-                silent = {ids[i] for i in stragglers}
                 for wid in action.cohort:
                     if wid not in silent:
                         pending += _train_one(machine, trainers[wid], wid, action, tick)

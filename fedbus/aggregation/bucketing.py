@@ -87,7 +87,7 @@ class Bucketing(PreAggregation):
         groups = [perm[j:j + self.s] for j in range(0, n, self.s)]
         samples = [[int(cohort.updates[i].num_samples) for i in g] for g in groups]
         # Each bucket is its updates' sample-weighted mean and counts their samples together.
-        rows = [normalised_row(n, g, [float(w) for w in ws]) for g, ws in zip(groups, samples)]
+        rows = [normalised_row(n, g, ws) for g, ws in zip(groups, samples)]
         return Mixing(torch.stack(rows), [f"bucket{j}" for j in range(len(groups))], [sum(ws) for ws in samples],
                       [[cohort.ids[i] for i in g] for g in groups])
 

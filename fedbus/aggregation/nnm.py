@@ -48,11 +48,10 @@ def check_nnm(n: int, f: int) -> None:
 def neighbourhoods(sq_dist, ids: list[str], f: int) -> list[list[int]]:
     """For each i, the indices of its n − f nearest (itself first; equal distances go to the smaller id)."""
     n = len(ids)
-    k = n - f
     out = []
-    for i in range(n):
-        order = sorted(range(n), key=lambda j: (j != i, float(sq_dist[i, j]), ids[j]))
-        out.append(order[:k])
+    for i, row in enumerate(sq_dist.tolist()):
+        order = sorted(range(n), key=lambda j: (j != i, row[j], ids[j]))
+        out.append(order[:n - f])
     return out
 
 
@@ -75,7 +74,6 @@ class NearestNeighbourMixing(PreAggregation):
         return f"nnm(f={self.f})"
 
     def rewrite(self, cohort: Cohort, round_index: int) -> Mixing:
-        check_nnm(cohort.n, self.f)
         hoods = neighbourhoods(cohort.pairwise_sq_distances(), cohort.ids, self.f)
         rows = [normalised_row(cohort.n, hood, [1.0] * len(hood)) for hood in hoods]
         return Mixing(torch.stack(rows), list(cohort.ids), [int(u.num_samples) for u in cohort.updates],
