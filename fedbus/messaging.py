@@ -57,18 +57,20 @@ class Messenger:
         self.blobs = BlobStore(nc, js)
 
     async def seal(self, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
-                   round: int, trace: str | None = None) -> tuple[bytes, EnvelopeHeader]:
+                   round: int, trace: str | None = None, run: str | None = None) -> tuple[bytes, EnvelopeHeader]:
         body = encode_body(fields, tensors)
         blob = None
         if len(body) > self.inline_max_bytes:
             name = f"{self.subjects.job}/{self.identity.id}/{fields.TYPE}/{round}/{os.urandom(8).hex()}"
             ref = await self.blobs.put(name, body)
             blob = BlobPointer(bucket=ref.bucket, name=ref.name, size=ref.size, digest=ref.digest)
-        return seal(self.identity, fields.TYPE, job=self.subjects.job, round=round, body=body, trace=trace, blob=blob)
+        return seal(self.identity, fields.TYPE, job=self.subjects.job, round=round, body=body, trace=trace, blob=blob,
+                    run=run)
 
     async def publish(self, subject: str, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
-                      round: int, trace: str | None = None, persist: bool = True) -> EnvelopeHeader:
-        wire, header = await self.seal(fields, tensors, round=round, trace=trace)
+                      round: int, trace: str | None = None, persist: bool = True,
+                      run: str | None = None) -> EnvelopeHeader:
+        wire, header = await self.seal(fields, tensors, round=round, trace=trace, run=run)
         if persist:
             await publish_with_retry(self.js, subject, wire, headers=nats_headers(header), msg_id=header.nonce.hex())
         else:

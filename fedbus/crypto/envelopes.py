@@ -60,6 +60,13 @@ REASONS = (
     "non_finite",
     "invalid_update",
     "rate_limited",
+    # added with run binding, bounded claims and bounded bodies
+    "wrong_run",            # a message of another coordinator run of this job
+    "header_mismatch",      # header and body disagree on job, run or round
+    "pointer_not_allowed",  # a claim check where the type has none, or outside the job's bucket/namespace
+    "excessive_samples",    # num_samples above what the worker declared or the caps allow
+    "invalid_metrics",      # non-finite, too many, or too long metric names
+    "too_stale",            # (async) an update whose base version is too old
 )
 
 
@@ -79,14 +86,14 @@ def now_ms() -> int:
 
 
 def seal(identity: Identity, msg_type: str, *, job: str, round: int, body: bytes,
-         trace: str | None = None, blob: BlobPointer | None = None,
+         trace: str | None = None, blob: BlobPointer | None = None, run: str | None = None,
          ts_ms: int | None = None, nonce: bytes | None = None) -> tuple[bytes, EnvelopeHeader]:
     """Sign a body into wire bytes. With ``blob``, the body travels out of line."""
     header = EnvelopeHeader(
         type=msg_type, job=job, round=round, sender=identity.id,
         nonce=nonce if nonce is not None else os.urandom(NONCE_LEN),
         ts=ts_ms if ts_ms is not None else now_ms(),
-        digest=body_digest(body), length=len(body), blob=blob, trace=trace,
+        digest=body_digest(body), length=len(body), blob=blob, trace=trace, run=run,
     )
     header_bytes = encode_header(header)
     return frame(header_bytes, identity.sign(header_bytes), b"" if blob else body), header

@@ -21,6 +21,8 @@ import struct
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedbus.protocol.runs import RUN_PATTERN
+
 PROTOCOL_VERSION = 1
 MAGIC = b"FBE1"
 SIGNATURE_LEN = 64
@@ -60,6 +62,8 @@ class EnvelopeHeader(BaseModel):
     length: int = Field(ge=0, description="body length in bytes")
     blob: BlobPointer | None = Field(None, description="set when the body lives in the Object Store")
     trace: str | None = Field(None, max_length=128, description="W3C traceparent of the sender's span")
+    run: str | None = Field(None, pattern=RUN_PATTERN,
+                            description="the coordinator run this message belongs to (control messages and updates)")
 
 
 def body_digest(body: bytes | bytearray | memoryview) -> bytes:
