@@ -37,10 +37,15 @@ from fedbus.aggregation.server_sgd import ServerSGD
 from fedbus.aggregation.trimmed_mean import TrimmedMean
 
 
+# Unknown keys are errors, and so are inf and nan in any float parameter (they would pass
+# the bounds below and crash, or silently poison, the rule at the first aggregation).
+_SPEC_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 # ---- strategies ------------------------------------------------------------------------
 
 class NormBoundSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _SPEC_CONFIG
     max_norm: float = Field(gt=0, allow_inf_nan=False,
                             description="each update's delta (all float tensors, one L2 norm) is clipped to this")
 
@@ -49,7 +54,7 @@ class BucketingSpec(BaseModel):
     """Bucketing (Karimireddy, He, Jaggi 2022): the rule aggregates the sample-weighted means of
     ceil(n/s) random buckets of s updates. Only for robust (buffered) rules; the rule's f or beta
     then counts contaminated buckets, and its precondition must hold for ceil(min_updates/s) inputs."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = _SPEC_CONFIG
     s: int = Field(ge=2, description="updates per bucket (the last bucket may be smaller)")
     seed: int = Field(0, ge=0, description="with a per-round counter, fixes each round's permutation")
 
@@ -58,12 +63,12 @@ class NnmSpec(BaseModel):
     """Nearest-neighbour mixing (Allouah et al. 2023): each update is replaced by the plain mean of
     its n - f nearest updates (itself included) before a robust rule sees them; needs n > 2f. Only
     for robust (buffered) rules; the rule keeps its own f and precondition over the same n inputs."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = _SPEC_CONFIG
     f: int = Field(ge=0, description="Byzantine updates expected: each neighbourhood holds n - f updates")
 
 
 class _Strategy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _SPEC_CONFIG
     norm_bound: NormBoundSpec | None = Field(None, description="clip every update before the rule sees it")
     bucketing: BucketingSpec | None = Field(
         None, description="average random buckets of s updates before a robust rule sees them (after norm_bound); "
@@ -150,7 +155,7 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fednova", "scaffold", "krum", "multi_kru
 # ---- server optimizers -------------------------------------------------------------------
 
 class _Optimizer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _SPEC_CONFIG
 
 
 class SgdSpec(_Optimizer):
