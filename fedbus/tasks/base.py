@@ -36,7 +36,7 @@ class TrainSettings(BaseModel):
     of batch 32 (4 steps a round) needed more than 25 rounds.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan in lr etc. would crash training
 
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=16, ge=1)
