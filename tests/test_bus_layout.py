@@ -4,7 +4,9 @@ import asyncio
 import re
 import time
 
+import nats.js.errors
 import pytest
+from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 
 from fedbus.bus import (
     BLOBS_BUCKET,
@@ -15,6 +17,7 @@ from fedbus.bus import (
     connect,
     ensure_job_infrastructure,
     publish_with_retry,
+    stream_limits,
 )
 from fedbus.bus.server import EmbeddedNatsServer
 
@@ -139,17 +142,117 @@ def test_ensure_job_infrastructure_concurrently_and_after_restart(nats_server: E
     asyncio.run(from_many_connections())
 
 
-def test_existing_stream_with_other_settings_is_accepted(nats_server: EmbeddedNatsServer) -> None:
+def test_streams_get_the_limits_of_their_role(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-limits")
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s, max_message_bytes=256 * 1024)
+            limits = stream_limits(256 * 1024)
+            for family, name in (("CTL", s.ctl_stream), ("UPD", s.upd_stream), ("AGG", s.agg_stream),
+                                 ("METRICS", s.metrics_stream), ("AUDIT", s.audit_stream)):
+                cfg = (await js.stream_info(name)).config
+                want = limits[family]
+                assert cfg.retention == RetentionPolicy.LIMITS, name
+                assert cfg.max_msgs_per_subject == want.max_msgs_per_subject, name
+                assert cfg.max_msgs == want.max_msgs > 0, name
+                assert cfg.max_bytes == want.max_bytes > 0, name
+                assert cfg.max_age == pytest.approx(want.max_age_s) and cfg.max_age > 0, name
+                assert cfg.max_msg_size == want.max_msg_size > 0, name
+                assert cfg.discard == want.discard, name
+                assert cfg.duplicate_window == pytest.approx(120.0), name
+            # Streams that carry models and updates take an inline message plus header room;
+            # every per-worker stream caps each subject, so one sender cannot fill it.
+            upd = (await js.stream_info(s.upd_stream)).config
+            assert 256 * 1024 < upd.max_msg_size <= 256 * 1024 + 64 * 1024
+            for name in (s.ctl_stream, s.upd_stream, s.agg_stream, s.metrics_stream):
+                assert (await js.stream_info(name)).config.max_msgs_per_subject > 0
+            # The audit chain is never cut silently: a full audit stream refuses new records.
+            assert (await js.stream_info(s.audit_stream)).config.discard == DiscardPolicy.NEW
+            assert (await js.stream_info(s.upd_stream)).config.discard == DiscardPolicy.OLD
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_stream_without_limits_is_updated_in_place(nats_server: EmbeddedNatsServer) -> None:
     s = Subjects("job-3")
 
     async def main() -> None:
         nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
         try:
             js = nc.jetstream()
-            await ensure_job_infrastructure(js, s, duplicate_window=120)
-            # an operator tuned it, or another process used other options: keep it
-            await ensure_job_infrastructure(js, s, duplicate_window=30)
-            assert (await js.stream_info(s.ctl_stream)).config.duplicate_window == 120
+            # As an older fedbus created it: no limits; and an operator's metadata on it.
+            await js.add_stream(StreamConfig(name=s.upd_stream, subjects=[s.upd_all], duplicate_window=30,
+                                             metadata={"owner": "ops"}))
+            for i in range(3):
+                await publish_with_retry(js, s.upd("eu", f"w{i}"), b"u")
+            await ensure_job_infrastructure(js, s)
+            cfg = (await js.stream_info(s.upd_stream)).config
+            want = stream_limits()["UPD"]
+            assert (cfg.max_msgs_per_subject, cfg.max_bytes, cfg.max_msg_size) == (
+                want.max_msgs_per_subject, want.max_bytes, want.max_msg_size)
+            assert cfg.duplicate_window == pytest.approx(120.0)
+            assert (cfg.metadata or {}).get("owner") == "ops"  # fields we do not manage are kept
+            assert (await js.stream_info(s.upd_stream)).state.messages == 3  # data kept
+            # Calling again changes nothing and does not fail.
+            await ensure_job_infrastructure(js, s)
+            assert (await js.stream_info(s.upd_stream)).config.max_bytes == want.max_bytes
+            # Another job size limit is applied to the existing streams too.
+            await ensure_job_infrastructure(js, s, max_message_bytes=4096)
+            assert (await js.stream_info(s.upd_stream)).config.max_msg_size == stream_limits(4096)["UPD"].max_msg_size
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_stream_with_other_subjects_is_refused(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-6")
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name=s.upd_stream, subjects=["elsewhere.>"]))
+            with pytest.raises(RuntimeError, match="exists with subjects"):
+                await ensure_job_infrastructure(js, s)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_flood_on_one_update_subject_neither_evicts_nor_blocks_other_workers(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-flood")
+    cap = stream_limits()["UPD"].max_msgs_per_subject
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s, max_message_bytes=4096)
+            honest = await publish_with_retry(js, s.upd("eu", "w02"), b"honest update of w02")
+            # w01's subject gets far more than its cap (acked publishes, bounded).
+            flood = 5 * cap
+            for i in range(flood):
+                await js.publish(s.upd("eu", "w01"), b"junk %d" % i)
+            info = await js.stream_info(s.upd_stream, subjects_filter=s.upd_all)
+            assert info.state.subjects == {s.upd("eu", "w01"): cap, s.upd("eu", "w02"): 1}
+            # w02's update is still there, unchanged; w01 kept only its newest messages.
+            kept = await js.get_msg(s.upd_stream, honest.seq)
+            assert kept.data == b"honest update of w02"
+            assert (await js.get_last_msg(s.upd_stream, s.upd("eu", "w01"))).data == b"junk %d" % (flood - 1)
+            # Nobody is blocked: other workers and w01 itself can still publish.
+            await publish_with_retry(js, s.upd("eu", "w03"), b"w03")
+            await publish_with_retry(js, s.upd("eu", "w01"), b"w01 after the flood")
+            assert (await js.stream_info(s.upd_stream)).state.messages == cap + 2
+            # Junk larger than an inline message is refused by the stream itself.
+            with pytest.raises(nats.js.errors.BadRequestError):
+                await js.publish(s.upd("eu", "w04"), b"x" * (stream_limits(4096)["UPD"].max_msg_size + 1))
         finally:
             await nc.close()
 

@@ -7,8 +7,10 @@ from .layout import (
     JOB_ID_PATTERN,
     KV_BUCKET,
     MODELS_BUCKET,
+    StreamLimits,
     Subjects,
     ensure_job_infrastructure,
+    stream_limits,
 )
 from .server import (
     EmbeddedNatsServer,
@@ -31,6 +33,7 @@ __all__ = [
     "EmbeddedNatsServer",
     "NatsServerError",
     "NatsServerNotFound",
+    "StreamLimits",
     "Subjects",
     "connect",
     "ensure_job_infrastructure",
@@ -38,4 +41,5 @@ __all__ = [
     "free_port",
     "publish_with_retry",
     "run_foreground",
+    "stream_limits",
 ]

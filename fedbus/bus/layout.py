@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.js.api import (
+    DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
@@ -32,6 +33,95 @@ MODELS_BUCKET = "fedbus-models"
 BLOBS_BUCKET = "fedbus-blobs"
 # Enough past revisions of a job's state to see how it got there after a bad CAS.
 KV_HISTORY = 8
+
+# ---- stream limits ----------------------------------------------------------------------
+#
+# Every job stream has explicit limits chosen for its role, so that no publisher (a
+# client with no key flooding junk, or one listed worker in a loop) can grow a stream
+# without bound, and so that a flood on one subject cannot push out other subjects'
+# messages. M is the largest message a participant publishes inline
+# (`max_message_bytes`, the job's inline limit, default 1 MiB = the server's default
+# max_payload); bigger bodies travel as claim checks in the Object Store.
+#
+# | stream  | per subject | max_msgs | max_bytes | max_age | max_msg_size | discard |
+# |---------|-------------|----------|-----------|---------|--------------|---------|
+# | CTL     | 32          | 10,000   | 64 MiB    | 7 days  | M + 16 KiB   | old     |
+# | UPD     | 64          | 1,000,000| 512 MiB   | 1 day   | M + 16 KiB   | old     |
+# | AGG     | 64          | 100,000  | 256 MiB   | 1 day   | M + 16 KiB   | old     |
+# | METRICS | 64          | 1,000,000| 64 MiB    | 1 day   | 64 KiB       | old     |
+# | AUDIT   | (1 subject) | 1,000,000| 256 MiB   | 90 days | 64 KiB       | new     |
+#
+# All: limits retention, duplicate_window 120 s.
+#
+# Why:
+# - Per-subject caps always evict that subject's *own* oldest messages (nats-server
+#   applies max_msgs_per_subject per subject, whatever the stream's discard policy), so
+#   one worker's subject (a storm signed with its key, or junk sent on its subject) holds
+#   at most cap x M bytes and never displaces another worker's update. 64 is many rounds
+#   of one worker's updates; the coordinator acks them long before.
+# - `discard_new_per_subject` is deliberately NOT used: with limits retention acked
+#   updates stay in the stream, so refusing new messages on a full subject would lock an
+#   honest worker out after 64 rounds, and junk on its subject would lock it out at once.
+# - Stream-wide discard OLD on CTL/UPD/AGG/METRICS: a flood spread over many subjects
+#   (random worker ids) that fills the stream evicts the oldest messages, which the
+#   consumers have long read, instead of refusing every honest publish (discard NEW would
+#   turn a full stream into a denial of service for all workers). The sizes are large
+#   enough that filling them takes far longer than a round.
+# - CTL keeps only the last 32 events per kind: workers read the last one per subject
+#   (DeliverPolicy.LAST_PER_SUBJECT); the cap bounds a long job whose round.open carries
+#   the model inline. 7 days: late or restarted participants still see `job.done`.
+# - UPD/AGG max_age 1 day: how long a coordinator may be down and still find held updates
+#   (freshness on redelivery is judged by the stream's timestamp, so they are accepted).
+# - max_msg_size: the stream refuses anything bigger than an inline message plus
+#   envelope/NATS header room, so junk cannot be larger than honest traffic. Eval reports
+#   and audit records are small JSON/msgpack maps: 64 KiB.
+# - AUDIT discards NEW: evicting old records would silently cut the hash chain; refusing a
+#   record when full is loud (the writer logs `audit.publish_failed`). Rejections are
+#   audited in aggregate, so 256 MiB (~800k records) outlasts a healthy job; 90 days.
+# - The byte limits are reserved by the server against its max_file_store (~1.1 GiB
+#   per job in total), so a 20 GB store (deploy/nats/single.conf) holds ~17 live jobs.
+# - duplicate_window 120 s covers `publish_with_retry`'s retries across a leader
+#   election; it costs the server one id per message for 2 minutes, which bounded junk
+#   (published without ids) does not use at all.
+# These limits are not a substitute for NATS permissions (deploy/nats): a client allowed
+# to publish on a worker's subject can still evict that worker's unread messages.
+
+MiB = 1024 * 1024
+DAY_S = 24 * 3600.0
+# The inline limit assumed when a caller does not pass one: the server's default max_payload.
+DEFAULT_MAX_MESSAGE_BYTES = 1 * MiB
+# Envelope header, signature, blob pointer and NATS headers (msg id, type, traceparent).
+HEADER_ROOM_BYTES = 16 * 1024
+SMALL_MESSAGE_BYTES = 64 * 1024
+DUPLICATE_WINDOW_S = 120.0
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """The limits of one stream (see the table above); -1 means none."""
+
+    max_msgs_per_subject: int
+    max_msgs: int
+    max_bytes: int
+    max_age_s: float
+    max_msg_size: int
+    discard: DiscardPolicy
+
+
+def stream_limits(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, StreamLimits]:
+    """Limits per stream family ("CTL", "UPD", "AGG", "METRICS", "AUDIT")."""
+    if max_message_bytes <= 0:
+        raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+    big = max_message_bytes + HEADER_ROOM_BYTES
+    old, new = DiscardPolicy.OLD, DiscardPolicy.NEW
+    return {
+        "CTL": StreamLimits(32, 10_000, 64 * MiB, 7 * DAY_S, big, old),
+        "UPD": StreamLimits(64, 1_000_000, 512 * MiB, DAY_S, big, old),
+        "AGG": StreamLimits(64, 100_000, 256 * MiB, DAY_S, big, old),
+        "METRICS": StreamLimits(64, 1_000_000, 64 * MiB, DAY_S, SMALL_MESSAGE_BYTES, old),
+        "AUDIT": StreamLimits(-1, 1_000_000, 256 * MiB, 90 * DAY_S, SMALL_MESSAGE_BYTES, new),
+    }
+
 
 # JetStream API error codes (nats-server's errors.json).
 ERR_STREAM_NAME_IN_USE = 10058  # exists with a different configuration
@@ -146,17 +236,24 @@ class Subjects:
         return self._stream("AUDIT")
 
     def stream_configs(
-        self, *, replicas: int = 1, storage: str = "file", duplicate_window: float = 120.0
+        self,
+        *,
+        replicas: int = 1,
+        storage: str = "file",
+        duplicate_window: float = DUPLICATE_WINDOW_S,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> list[StreamConfig]:
-        """The job's streams. All use limits retention: several readers (coordinator,
-        aggregators, a restarted coordinator, an auditor) replay the same messages."""
+        """The job's streams, with the limits of `stream_limits`. All use limits
+        retention: several readers (coordinator, aggregators, a restarted coordinator,
+        an auditor) replay the same messages."""
         storage_type = StorageType(storage)
+        limits = stream_limits(max_message_bytes)
         families = [
-            (self.ctl_stream, self.ctl_all, "control events"),
-            (self.upd_stream, self.upd_all, "worker updates"),
-            (self.agg_stream, self.agg_all, "regional partial aggregates"),
-            (self.metrics_stream, self.metrics_all, "worker metrics"),
-            (self.audit_stream, self.audit, "audit records"),
+            ("CTL", self.ctl_stream, self.ctl_all, "control events"),
+            ("UPD", self.upd_stream, self.upd_all, "worker updates"),
+            ("AGG", self.agg_stream, self.agg_all, "regional partial aggregates"),
+            ("METRICS", self.metrics_stream, self.metrics_all, "worker metrics"),
+            ("AUDIT", self.audit_stream, self.audit, "audit records"),
         ]
         return [
             StreamConfig(
@@ -167,9 +264,36 @@ class Subjects:
                 storage=storage_type,
                 num_replicas=replicas,
                 duplicate_window=duplicate_window,
+                max_msgs_per_subject=limits[family].max_msgs_per_subject,
+                max_msgs=limits[family].max_msgs,
+                max_bytes=limits[family].max_bytes,
+                max_age=limits[family].max_age_s,
+                max_msg_size=limits[family].max_msg_size,
+                discard=limits[family].discard,
             )
-            for name, subject, what in families
+            for family, name, subject, what in families
         ]
+
+
+# The fields ensure_job_infrastructure owns on an existing stream; everything else
+# (placement, replicas, an operator's metadata) is left as the operator set it.
+MANAGED_FIELDS = ("description", "max_msgs_per_subject", "max_msgs", "max_bytes", "max_age", "max_msg_size",
+                  "discard", "duplicate_window")
+
+
+def _same(field: str, ours: Any, theirs: Any) -> bool:
+    if field in ("max_age", "duplicate_window"):  # seconds <-> nanoseconds round trip
+        return abs(float(ours or 0) - float(theirs or 0)) < 1e-3
+    return ours == theirs
+
+
+def config_drift(existing: StreamConfig, wanted: StreamConfig) -> dict[str, tuple[Any, Any]]:
+    """Managed fields whose existing value differs from the wanted one: {field: (has, wants)}."""
+    return {
+        f: (getattr(existing, f), getattr(wanted, f))
+        for f in MANAGED_FIELDS
+        if not _same(f, getattr(wanted, f), getattr(existing, f))
+    }
 
 
 # A JetStream API call during a meta-leader election times out or gets no
@@ -207,16 +331,30 @@ async def _ensure_stream(js: Any, config: StreamConfig) -> None:
             ) from err
         if err.err_code != ERR_STREAM_NAME_IN_USE:
             raise
-    # It exists with another configuration: an operator's tuning (limits, replicas)
-    # or a concurrent creator with other options. Fine as long as it captures the
-    # same subjects; we never rewrite someone else's stream.
+    # It exists with another configuration: created by an older fedbus without limits,
+    # tuned by an operator, or by a participant with other options. It must capture the
+    # same subjects; its limits are brought to ours (the limits follow from the job spec,
+    # so every participant of a job wants the same ones and this converges).
     info = await _with_retry(lambda: js.stream_info(config.name), f"stream info {config.name}")
     if sorted(info.config.subjects or []) != sorted(config.subjects or []):
         raise RuntimeError(
             f"stream {config.name} exists with subjects {info.config.subjects}, "
             f"expected {config.subjects}"
         )
-    log.warning("bus.stream.config_differs", stream=config.name)
+    drift = config_drift(info.config, config)
+    if not drift:
+        return  # e.g. only replicas or placement differ: the operator's call
+    updated = replace(info.config, **{f: getattr(config, f) for f in MANAGED_FIELDS})
+    try:
+        await _with_retry(lambda: js.update_stream(updated), f"update stream {config.name}")
+    except nats.js.errors.BadRequestError as err:
+        # A change the server refuses (e.g. one a newer server would allow): keep the
+        # stream as it is, loudly, rather than refuse to run the job.
+        log.warning("bus.stream.update_refused", stream=config.name, error=err.description,
+                    fields=sorted(drift))
+        return
+    log.info("bus.stream.updated", stream=config.name,
+             changes={f: [str(a), str(b)] for f, (a, b) in drift.items()})
 
 
 async def _ensure_bucket(create: Any, bind: Any, what: str) -> None:
@@ -236,15 +374,22 @@ async def ensure_job_infrastructure(
     *,
     replicas: int = 1,
     storage: str = "file",
-    duplicate_window: float = 120.0,
+    duplicate_window: float = DUPLICATE_WINDOW_S,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> None:
     """Create the job's streams, the jobs KV bucket and the object stores if missing.
 
+    `max_message_bytes` is the largest message published inline (the job's
+    `transport.inline_max_bytes`); every participant of a job should pass the same
+    value, as it sets the streams' max_msg_size.
+
     Safe to call from every process at start-up, concurrently and after restarts:
     creating a stream with an identical config is a no-op on the server, and an
-    existing stream with a different config is accepted if it has the same subjects.
+    existing stream with the same subjects but other limits is updated to these.
     """
-    for config in subjects.stream_configs(replicas=replicas, storage=storage, duplicate_window=duplicate_window):
+    configs = subjects.stream_configs(replicas=replicas, storage=storage, duplicate_window=duplicate_window,
+                                      max_message_bytes=max_message_bytes)
+    for config in configs:
         await _ensure_stream(js, config)
 
     storage_type = StorageType(storage)
