@@ -7,13 +7,92 @@ import asyncio
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+USAGE_ERROR = 2  # exit code for bad input files and arguments (argparse uses it too)
+_MAX_ERRORS_SHOWN = 5
+
+KEY_HELP = ("private key file; must be readable by its owner only (`chmod 600 FILE`): a key file that group or "
+            "others can access is refused, unless FEDBUS_ALLOW_INSECURE_KEYS=1 (then only a warning)")
+
+
+class CliError(Exception):
+    """A problem the user can fix (bad job spec, federation or key file): one line on stderr, exit code 2."""
 
 
 def _env_nats() -> str:
     return os.environ.get("FEDBUS_NATS_URL", DEFAULT_NATS)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_validation_error(exc: Any) -> str:
+    """A pydantic ValidationError as one line: ``field.path: message; ...``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {msg}" if where else msg)
+    shown = parts[:_MAX_ERRORS_SHOWN]
+    if len(parts) > len(shown):
+        shown.append(f"(and {len(parts) - len(shown)} more)")
+    return _one_line("; ".join(shown))
+
+
+def _describe(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # the path is already in the CLI's message
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    import yaml
+
+    # ValueError covers pydantic's ValidationError and the key loader's errors.
+    return (OSError, ValueError, TypeError, yaml.YAMLError)
+
+
+def load_job(path: str):
+    from fedbus.jobspec import JobSpec
+
+    try:
+        return JobSpec.load(path)
+    except _config_errors() as exc:
+        raise CliError(f"job spec {path}: {_describe(exc)}") from None
+
+
+def load_federation(path: str):
+    from fedbus.crypto.federation import Federation
+
+    try:
+        return Federation.load(path)
+    except _config_errors() as exc:
+        raise CliError(f"federation file {path}: {_describe(exc)}") from None
+
+
+def load_identity(path: str | Path):
+    from fedbus.crypto.keys import Identity
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            identity = Identity.load(path)
+        except _config_errors() as exc:
+            # The key loader's messages already start with the path.
+            detail = _describe(exc)
+            raise CliError(detail if detail.startswith(str(path)) else f"key file {path}: {detail}") from None
+    for warning in caught:
+        print(f"fedbus: warning: {_one_line(str(warning.message))}", file=sys.stderr)
+    return identity
 
 
 def _run_service(coro_factory, *, process: str, service: str, instance: str, span_file: str | None) -> int:
@@ -39,20 +118,19 @@ def _run_service(coro_factory, *, process: str, service: str, instance: str, spa
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    # Every input file is checked before anything is created or imported heavily.
+    job = load_job(args.job)
+    federation = load_federation(args.federation)
+    identity = load_identity(args.key)
+
     import torch
 
     from fedbus.coordinator.service import CoordinatorService
-    from fedbus.crypto.federation import Federation
-    from fedbus.crypto.keys import Identity
-    from fedbus.jobspec import JobSpec
 
     torch.set_num_threads(args.threads)
-    job = JobSpec.load(args.job)
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    identity = Identity.load(args.key)
-    service = CoordinatorService(job, Federation.load(args.federation), identity, args.nats, run_dir,
-                                 resume=args.resume)
+    service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume)
 
     async def go() -> int:
         summary = await service.run()
@@ -63,19 +141,18 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    federation = load_federation(args.federation)
+    identity = load_identity(args.key)
+    if args.id and args.id != identity.id:
+        raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
+
     import torch
 
-    from fedbus.crypto.federation import Federation
-    from fedbus.crypto.keys import Identity
-    from fedbus.jobspec import JobSpec
     from fedbus.worker.service import WorkerService
 
     # Many workers share a machine in local runs; one intra-op thread each avoids oversubscription.
     torch.set_num_threads(args.threads)
-    identity = Identity.load(args.key)
-    if args.id and args.id != identity.id:
-        print(f"error: --id {args.id} does not match the key file's id {identity.id}", file=sys.stderr)
-        return 2
     attack = None
     if args.simulate_attack:
         from fedbus.worker.attacks import Attack
@@ -83,8 +160,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         attack = Attack.parse(args.simulate_attack, seed=args.attack_seed)
         print(f"WARNING: worker {identity.id} simulates the attack {args.simulate_attack!r} (testing only)",
               file=sys.stderr)
-    service = WorkerService(JobSpec.load(args.job), Federation.load(args.federation), identity, args.nats,
-                            partition=args.partition, attack=attack)
+    service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -109,15 +185,18 @@ def cmd_keys_gen(args: argparse.Namespace) -> int:
 
 def cmd_keys_federation(args: argparse.Namespace) -> int:
     from fedbus.crypto.federation import Federation, FederationFile, Participant
-    from fedbus.crypto.keys import Identity
 
     keys = sorted(Path(args.keys).glob("*.key"))
     if not keys:
         print(f"error: no *.key files in {args.keys}", file=sys.stderr)
         return 2
     order = {"coordinator": 0, "aggregator": 1, "worker": 2}
-    entries = sorted((Identity.load(k).participant_entry() for k in keys), key=lambda e: (order[e["role"]], e["id"]))
-    Federation(FederationFile(federation=args.name, participants=[Participant(**e) for e in entries])).dump(args.out)
+    entries = sorted((load_identity(k).participant_entry() for k in keys), key=lambda e: (order[e["role"]], e["id"]))
+    try:
+        spec = FederationFile(federation=args.name, participants=[Participant(**e) for e in entries])
+    except _config_errors() as exc:
+        raise CliError(f"keys in {args.keys}: {_describe(exc)}") from None
+    Federation(spec).dump(args.out)
     print(f"wrote {args.out} with {len(entries)} participants (public keys only)")
     return 0
 
@@ -144,14 +223,14 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     import json
 
+    job = load_job(args.job)
+
     import torch
 
-    from fedbus.jobspec import JobSpec
     from fedbus.sim import simulate
     from fedbus.worker.attacks import Attack
 
     torch.set_num_threads(args.threads)
-    job = JobSpec.load(args.job)
     if args.rounds:
         job = job.model_copy(update={"rounds": args.rounds})
     attacks = {}
@@ -186,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="run the coordinator of a job")
     c.add_argument("--job", required=True, help="job spec YAML")
     c.add_argument("--federation", required=True, help="federation YAML (participants and public keys)")
-    c.add_argument("--key", required=True, help="this coordinator's private key file")
+    c.add_argument("--key", required=True, help="this coordinator's " + KEY_HELP)
     c.add_argument("--nats", default=_env_nats(), help="NATS URL (env FEDBUS_NATS_URL)")
     c.add_argument("--run-dir", help="where summary.json, spans and the final model go (default runs/<job>)")
     c.add_argument("--span-file", help="JSONL span file (default <run-dir>/spans.jsonl)")
@@ -198,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker (data holder)")
     w.add_argument("--job", required=True)
     w.add_argument("--federation", required=True)
-    w.add_argument("--key", required=True, help="this worker's private key file")
+    w.add_argument("--key", required=True, help="this worker's " + KEY_HELP)
     w.add_argument("--id", help="worker id (must match the key file)")
     w.add_argument("--nats", default=_env_nats())
     w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
@@ -237,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="identities")
     ksub = k.add_subparsers(dest="keys_command", required=True)
-    gen = ksub.add_parser("gen", help="generate an Ed25519 key pair")
+    gen = ksub.add_parser("gen", help="generate an Ed25519 key pair (the key file is created with mode 600)")
     gen.add_argument("--id", required=True)
     gen.add_argument("--role", required=True, choices=["coordinator", "aggregator", "worker"])
     gen.add_argument("--region", default="default")
@@ -259,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"fedbus: {exc}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from nacl.signing import SigningKey
 from pydantic import ValidationError
 
 from fedbus.crypto.federation import Federation, FederationFile
-from fedbus.crypto.keys import Identity, b64
+from fedbus.crypto.keys import Identity, InsecureKeyFileError, InsecureKeyFileWarning, b64, unb64
 from fedbus.jobspec import JobSpec
 from fedbus.tasks.base import TrainSettings
 
@@ -37,6 +38,13 @@ transport: {prefix: fl, replicas: 3, inline_max_bytes: 1024, heartbeat_s: 0.5}
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_key(tmp_path: Path, text: str, name: str = "bad.key") -> Path:
+    """A key file as `fedbus keys gen` leaves it: owner-only."""
+    path = write(tmp_path, text, name)
+    os.chmod(path, 0o600)
     return path
 
 
@@ -169,9 +177,10 @@ def test_identity_generate_rejects_unknown_role():
     "id: a\nrole: worker\nprivate_key: '***'\n",  # not base64
     "id: a\nrole: worker\nprivate_key: 12345\n",  # not a string
     "id: a\nrole: worker\nprivate_key: 'é'\n",
+    "id: [a\n",  # not YAML
 ])
 def test_identity_load_rejects_bad_files(tmp_path, content):
-    path = write(tmp_path, content, "bad.key")
+    path = write_key(tmp_path, content)
     with pytest.raises(ValueError, match="not a fedbus key file"):
         Identity.load(path)
 
@@ -179,7 +188,7 @@ def test_identity_load_rejects_bad_files(tmp_path, content):
 def test_identity_load_rejects_unknown_role(tmp_path):
     data = {"id": "a", "role": "admin", "private_key": b64(bytes(SigningKey.generate()))}
     with pytest.raises(ValueError, match="unknown role 'admin'"):
-        Identity.load(write(tmp_path, yaml.safe_dump(data), "bad.key"))
+        Identity.load(write_key(tmp_path, yaml.safe_dump(data)))
 
 
 def test_participant_entry_is_public_only():
@@ -273,3 +282,222 @@ def test_exactly_one_active_coordinator():
 def test_federation_file_rejects_non_mapping(tmp_path):
     with pytest.raises(ValidationError):
         Federation.load(write(tmp_path, "- a\n", "f.yaml"))
+
+
+# ---- finite numbers and bounds -------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,where", [
+    ("round_deadline_s: .inf\n", "round_deadline_s"),
+    ("round_deadline_s: .nan\n", "round_deadline_s"),
+    ("cohort: {wait_for_workers_s: .inf}\n", "cohort.wait_for_workers_s"),
+    ("security: {max_age_s: .inf}\n", "security.max_age_s"),
+    ("security: {max_future_s: .nan}\n", "security.max_future_s"),
+    ("security: {audit_interval_s: .inf}\n", "security.audit_interval_s"),
+    ("security: {rate: {heartbeats_per_s: .inf}}\n", "security.rate.heartbeats_per_s"),
+    ("security: {rate: {updates_per_s: .nan}}\n", "security.rate.updates_per_s"),
+    ("transport: {heartbeat_s: .inf}\n", "transport.heartbeat_s"),
+    ("train: {lr: .inf}\n", "train.lr"),
+    ("train: {lr: .nan}\n", "train.lr"),
+    ("train: {momentum: .nan}\n", "train.momentum"),
+    ("train: {weight_decay: .inf}\n", "train.weight_decay"),
+    ("train: {proximal_mu: .inf}\n", "train.proximal_mu"),
+    ("strategy: {name: trimmed_mean, beta: .nan}\n", "strategy.trimmed_mean.beta"),
+    ("strategy: {name: fedprox, mu: .inf}\n", "strategy.fedprox.mu"),
+    ("strategy: {name: scaffold, eta_g: .inf}\n", "strategy.scaffold.eta_g"),
+    ("strategy: {name: fedavg, norm_bound: {max_norm: .inf}}\n", "strategy.fedavg.norm_bound.max_norm"),
+    ("server_optimizer: {name: momentum, beta: .nan}\n", "server_optimizer.momentum.beta"),
+    ("server_optimizer: {name: adam, beta1: .nan}\n", "server_optimizer.adam.beta1"),
+    ("server_optimizer: {name: yogi, beta2: .nan}\n", "server_optimizer.yogi.beta2"),
+    ("server_optimizer: {name: sgd, lr: .inf}\n", "server_optimizer.sgd.lr"),
+])
+def test_inf_and_nan_are_rejected_at_load(tmp_path, extra, where):
+    message = load_error(tmp_path, MINIMAL + extra)
+    assert where in message
+    assert "Input should be a finite number" in message
+
+
+@pytest.mark.parametrize("params,where", [
+    ("{lr: .inf}", "task_params.lr"),
+    ("{schedule: [1.0, {warmup: .nan}]}", "task_params.schedule.1.warmup"),
+])
+def test_non_finite_task_params_are_rejected(tmp_path, params, where):
+    message = load_error(tmp_path, MINIMAL + f"task_params: {params}\n")
+    assert f"{where} must be a finite number" in message
+
+
+def test_deeply_nested_task_params_are_a_validation_question(tmp_path):
+    nested: object = 1.0
+    for _ in range(5000):
+        nested = [nested]
+    assert JobSpec(job="j", task="m:t", rounds=1, task_params={"x": nested}).task_params["x"]
+
+
+@pytest.mark.parametrize("extra,where,limit", [
+    ("rounds: 1000001\n", "rounds", "1000000"),
+    ("round_deadline_s: 86401\n", "round_deadline_s", "86400"),
+    ("cohort: {wait_for_workers_s: 1.0e+9}\n", "cohort.wait_for_workers_s", "86400"),
+    ("security: {max_age_s: 86401}\n", "security.max_age_s", "86400"),
+    ("security: {max_future_s: 3601}\n", "security.max_future_s", "3600"),
+    ("security: {max_message_bytes: 1073741825}\n", "security.max_message_bytes", "1073741824"),
+    ("transport: {heartbeat_s: 61}\n", "transport.heartbeat_s", "60"),
+    ("transport: {inline_max_bytes: 67108865}\n", "transport.inline_max_bytes", "67108864"),
+    ("cohort: {min_workers: 1000001}\n", "cohort.min_workers", "1000000"),
+    ("seed: -1\n", "seed", "greater than or equal to 0"),
+    ("seed: 9223372036854775808\n", "seed", "9223372036854775807"),
+])
+def test_huge_values_are_rejected(tmp_path, extra, where, limit):
+    text = MINIMAL.replace("rounds: 3\n", "") + ("" if extra.startswith("rounds") else "rounds: 3\n") + extra
+    message = load_error(tmp_path, text)
+    assert where in message and limit in message
+
+
+def test_values_at_the_limits_are_accepted(tmp_path):
+    spec = JobSpec.load(write(tmp_path, MINIMAL.replace("rounds: 3", "rounds: 1000000") + (
+        "round_deadline_s: 86400\nseed: 9223372036854775807\n"
+        "security: {max_age_s: 86400, max_message_bytes: 1073741824, max_samples_per_update: 9007199254740992}\n"
+        "transport: {heartbeat_s: 60}\n")))
+    assert spec.rounds == 1_000_000 and spec.round_deadline_s == 86400 and spec.transport.heartbeat_s == 60
+    assert spec.security.max_message_bytes == 2**30 and spec.security.max_samples_per_update == 2**53
+
+
+# ---- caps and rate limits the coordinator enforces ------------------------------------------
+
+def test_security_caps_and_rates_defaults(tmp_path):
+    security = JobSpec.load(write(tmp_path, MINIMAL)).security
+    assert security.max_samples_per_update is None
+    assert security.audit_interval_s == 5.0
+    rate = security.rate
+    assert (rate.heartbeats_per_s, rate.heartbeat_burst, rate.updates_per_s, rate.update_burst) == (5.0, 20, 2.0, 10)
+
+
+def test_security_caps_and_rates_load(tmp_path):
+    spec = JobSpec.load(write(tmp_path, MINIMAL + (
+        "security: {max_samples_per_update: 5000, audit_interval_s: 0.5,\n"
+        "           rate: {heartbeats_per_s: 1.5, heartbeat_burst: 3, updates_per_s: 0.25, update_burst: 2}}\n")))
+    assert spec.security.max_samples_per_update == 5000 and spec.security.audit_interval_s == 0.5
+    assert spec.security.rate.heartbeats_per_s == 1.5 and spec.security.rate.update_burst == 2
+    spec.dump(tmp_path / "again.yaml")
+    assert JobSpec.load(tmp_path / "again.yaml") == spec
+
+
+@pytest.mark.parametrize("extra,where", [
+    ("security: {max_samples_per_update: 0}\n", "security.max_samples_per_update"),
+    ("security: {max_samples_per_update: 9007199254740993}\n", "security.max_samples_per_update"),
+    ("security: {max_samples_per_update: 1.5}\n", "security.max_samples_per_update"),
+    ("security: {rate: {heartbeats_per_s: 0}}\n", "security.rate.heartbeats_per_s"),
+    ("security: {rate: {update_burst: 0}}\n", "security.rate.update_burst"),
+    ("security: {rate: {updates_per_sec: 1}}\n", "security.rate.updates_per_sec"),
+    ("security: {audit_interval_s: 0}\n", "security.audit_interval_s"),
+])
+def test_security_caps_and_rates_validated(tmp_path, extra, where):
+    assert where in load_error(tmp_path, MINIMAL + extra)
+
+
+def test_new_fields_are_documented_in_the_schema():
+    schema = JobSpec.model_json_schema()
+    security = schema["$defs"]["SecuritySpec"]["properties"]
+    for name in ("max_samples_per_update", "rate", "audit_interval_s"):
+        assert security[name]["description"]
+    for name, prop in schema["$defs"]["RateLimitSpec"]["properties"].items():
+        assert prop["description"], name
+    participant = FederationFile.model_json_schema()["$defs"]["Participant"]["properties"]
+    assert "excessive_samples" in participant["max_samples"]["description"]
+
+
+# ---- key file permissions -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o620])
+def test_key_files_accessible_to_others_are_refused(tmp_path, monkeypatch, mode):
+    monkeypatch.delenv("FEDBUS_ALLOW_INSECURE_KEYS", raising=False)
+    path = tmp_path / "w.key"
+    Identity.generate("w", "worker").save(path)
+    os.chmod(path, mode)
+    with pytest.raises(InsecureKeyFileError) as info:
+        Identity.load(path)
+    assert str(path) in str(info.value) and f"chmod 600 {path}" in str(info.value)
+    assert f"{mode:04o}" in str(info.value) and "FEDBUS_ALLOW_INSECURE_KEYS=1" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_owner_only_key_files_load(tmp_path, monkeypatch, mode):
+    monkeypatch.delenv("FEDBUS_ALLOW_INSECURE_KEYS", raising=False)
+    path = tmp_path / "w.key"
+    Identity.generate("w", "worker").save(path)
+    os.chmod(path, mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Identity.load(path).id == "w"
+
+
+def test_insecure_keys_escape_hatch_warns(tmp_path, monkeypatch):
+    path = tmp_path / "w.key"
+    Identity.generate("w", "worker").save(path)
+    os.chmod(path, 0o644)
+    monkeypatch.setenv("FEDBUS_ALLOW_INSECURE_KEYS", "1")
+    with pytest.warns(InsecureKeyFileWarning, match=f"chmod 600 {path}"):
+        assert Identity.load(path).id == "w"
+    monkeypatch.setenv("FEDBUS_ALLOW_INSECURE_KEYS", "yes")  # only "1" opens the hatch
+    with pytest.raises(InsecureKeyFileError):
+        Identity.load(path)
+
+
+def test_saved_key_is_never_readable_by_others(tmp_path):
+    # Created 0600 from the first byte (os.open with the mode), whatever the umask lets through.
+    old = os.umask(0)
+    try:
+        path = tmp_path / "k.key"
+        Identity.generate("k", "worker").save(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["k.key"]  # no temporary file left behind
+
+
+# ---- federation: keys and sample caps --------------------------------------------------------
+
+def test_duplicate_public_keys_rejected():
+    twin = dict(W[1].participant_entry(), id="w9")
+    with pytest.raises(ValidationError, match="share a public key.*w1, w9"):
+        FederationFile.model_validate({"participants": [C.participant_entry(), W[1].participant_entry(), twin]})
+
+
+def test_duplicate_public_keys_rejected_when_spelled_differently():
+    raw = bytes(W[0].public_key)
+    canonical = b64(raw)
+    # Same 32 bytes, another base64 spelling: the last character's unused low bits set.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet.index(canonical[-2])
+    respelled = canonical[:-2] + alphabet[last | 0b11] + "="
+    assert respelled != canonical and unb64(respelled) == raw
+    twin = dict(W[0].participant_entry(), id="w9", public_key=respelled)
+    with pytest.raises(ValidationError, match="share a public key"):
+        FederationFile.model_validate({"participants": [W[0].participant_entry(), twin]})
+
+
+def test_a_revoked_participant_still_owns_its_key():
+    old = dict(W[2].participant_entry(), revoked=True)
+    new = dict(W[2].participant_entry(), id="w2-new")
+    with pytest.raises(ValidationError, match="share a public key"):
+        FederationFile.model_validate({"participants": [old, new]})
+
+
+def test_worker_max_samples(tmp_path):
+    data = make_federation(C, *W)
+    data["participants"][1]["max_samples"] = 600
+    fed = Federation(FederationFile.model_validate(data))
+    assert fed.get("w0").max_samples == 600 and fed.get("w1").max_samples is None
+    fed.dump(tmp_path / "f.yaml")
+    text = (tmp_path / "f.yaml").read_text()
+    assert text.count("max_samples") == 1 and "null" not in text  # unset caps stay out of the file
+    assert Federation.load(tmp_path / "f.yaml").spec == fed.spec
+
+
+@pytest.mark.parametrize("entry,message", [
+    (dict(C.participant_entry(), max_samples=10), "max_samples applies to workers only"),
+    (dict(A.participant_entry(), max_samples=10), "max_samples applies to workers only"),
+    (dict(W[0].participant_entry(), max_samples=0), "greater than or equal to 1"),
+    (dict(W[0].participant_entry(), max_samples=2**53 + 1), "less than or equal to 9007199254740992"),
+])
+def test_max_samples_validated(entry, message):
+    with pytest.raises(ValidationError, match=message):
+        FederationFile.model_validate({"participants": [entry]})

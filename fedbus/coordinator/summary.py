@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedbus.atomicfile import atomic_write_text
 
 
 @dataclass
@@ -23,6 +26,39 @@ class RunSummary:
     rounds: list[dict] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
     resumed_from_round: int | None = None
+    run: str = ""
+    incarnations: int = 1  # coordinator processes that worked on this run (1 + resumes)
+    error: str = ""
+    rejected_before: Counter = field(default_factory=Counter)  # by earlier incarnations
+
+    def set_rejections(self, this_incarnation: Counter) -> None:
+        self.rejected = self.rejected_before + this_incarnation
+
+    def add_wall(self, seconds: float) -> None:
+        self.wall_seconds += seconds
+
+    @classmethod
+    def load(cls, path: Path, *, run: str) -> RunSummary | None:
+        """The summary an earlier incarnation of ``run`` wrote, to be continued; None if absent
+        or of another run."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(d, dict) or d.get("run") != run:
+            return None
+        s = cls(job=d["job"], task=d["task"], rounds_planned=d["rounds_planned"])
+        s.run = run
+        s.incarnations = int(d.get("incarnations", 1))
+        s.wall_seconds = float(d.get("wall_seconds", 0.0))
+        s.updates_accepted = int(d.get("updates_accepted", 0))
+        s.rejected_before = Counter(d.get("updates_rejected", {}))
+        s.rejected = Counter(s.rejected_before)
+        s.rounds = list(d.get("rounds", []))
+        s.rounds_completed = int(d.get("rounds_completed", 0))
+        s.model_version = int(d.get("model_version", 0))
+        s.resumed_from_round = d.get("resumed_from_round")
+        return s
 
     def count_rejection(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -43,6 +79,8 @@ class RunSummary:
         seconds = [r["seconds"] for r in self.rounds if r["status"] == "aggregated"]
         return {
             "job": self.job,
+            "run": self.run,
+            "incarnations": self.incarnations,
             "task": self.task,
             "reason": self.reason,
             "rounds_planned": self.rounds_planned,
@@ -55,11 +93,25 @@ class RunSummary:
             "round_seconds": seconds,
             "median_round_seconds": statistics.median(seconds) if seconds else None,
             "resumed_from_round": self.resumed_from_round,
+            "error": self.error,
             "updates_accepted": self.updates_accepted,
             "updates_rejected": dict(sorted(self.rejected.items())),
             "rounds": self.rounds,
         }
 
     def write(self, path: Path) -> None:
+        """Replace summary.json atomically (a full disk never leaves it empty); NaN/inf become null
+        so the file is valid JSON."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(_finite_or_none(self.as_dict()), indent=2, allow_nan=False) + "\n")
+
+
+def _finite_or_none(value):
+    """``value`` with every inf/nan float (at any depth) replaced by None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

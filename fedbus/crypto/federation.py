@@ -13,9 +13,11 @@ import yaml
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedbus.atomicfile import atomic_write_text
 from fedbus.crypto.keys import Identity, unb64
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ids become NATS subject tokens
+MAX_SAMPLES_LIMIT = 2**53  # sample counts become float weights; above this they are no longer exact
 
 
 class Participant(BaseModel):
@@ -24,7 +26,13 @@ class Participant(BaseModel):
     role: Literal["coordinator", "aggregator", "worker"]
     region: str = Field("default", pattern=ID_PATTERN)
     public_key: str = Field(description="base64 Ed25519 public key (32 bytes)")
-    revoked: bool = False
+    revoked: bool = Field(False, description="listed for the audit trail, but everything it sends is rejected")
+    max_samples: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES_LIMIT,
+        description="workers only: the most training samples this worker may claim for one update "
+                    "(its aggregation weight); an update claiming more is rejected as excessive_samples. "
+                    "Unset: only the worker's heartbeat declaration and the job's "
+                    "security.max_samples_per_update bound it")
 
     @field_validator("public_key")
     @classmethod
@@ -36,6 +44,12 @@ class Participant(BaseModel):
         if len(raw) != 32:
             raise ValueError("public_key must be 32 bytes")
         return value
+
+    @model_validator(mode="after")
+    def _max_samples_for_workers_only(self) -> Participant:
+        if self.max_samples is not None and self.role != "worker":
+            raise ValueError(f"participant {self.id}: max_samples applies to workers only, not to a {self.role}")
+        return self
 
 
 class FederationFile(BaseModel):
@@ -49,6 +63,20 @@ class FederationFile(BaseModel):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate participant ids: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> FederationFile:
+        # Messages are verified with the key listed for the sender id in the header; two ids
+        # sharing one key would let either holder sign as the other. Compared as decoded
+        # bytes, since two base64 spellings can carry one key.
+        holders: dict[bytes, list[str]] = {}
+        for p in self.participants:
+            holders.setdefault(unb64(p.public_key), []).append(p.id)
+        shared = [ids for ids in holders.values() if len(ids) > 1]
+        if shared:
+            raise ValueError("participants share a public key (one could sign as the other): "
+                             + "; ".join(", ".join(ids) for ids in shared))
         return self
 
 
@@ -65,7 +93,9 @@ class Federation:
         return cls(FederationFile.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8"))))
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        # exclude_none: optional limits that are unset stay out of the file instead of reading "null"
+        text = yaml.safe_dump(self.spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        atomic_write_text(path, text)
 
     def listed_as(self, identity: Identity, role: str) -> Participant:
         """This process's own entry: its key must be listed, unrevoked, with ``role``."""

@@ -4,13 +4,46 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from nacl.signing import SigningKey, VerifyKey
 
+from fedbus.atomicfile import atomic_write_text
+
 ROLES = ("coordinator", "aggregator", "worker")
+
+# Set to 1 to load key files that group or others can read (with a warning instead of an error).
+ALLOW_INSECURE_KEYS_ENV = "FEDBUS_ALLOW_INSECURE_KEYS"
+
+
+class InsecureKeyFileError(ValueError):
+    """A private key file that someone besides its owner can read (or write)."""
+
+
+class InsecureKeyFileWarning(UserWarning):
+    """Such a key file was loaded anyway because FEDBUS_ALLOW_INSECURE_KEYS=1."""
+
+
+def _read_private_file(path: Path) -> str:
+    """The text of a key file, refused when its mode lets group or others in.
+
+    The mode is checked on the open descriptor, so the file checked is the file read.
+    """
+    with open(path, encoding="utf-8") as fh:
+        mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+        if os.name == "posix" and mode & 0o077:
+            problem = (f"{path}: private key file is accessible by group or others (mode {mode:04o}); "
+                       f"fix with `chmod 600 {path}`")
+            if os.environ.get(ALLOW_INSECURE_KEYS_ENV) == "1":
+                warnings.warn(f"{problem} (loaded anyway: {ALLOW_INSECURE_KEYS_ENV}=1)", InsecureKeyFileWarning,
+                              stacklevel=3)
+            else:
+                raise InsecureKeyFileError(f"{problem}, or set {ALLOW_INSECURE_KEYS_ENV}=1 to load it anyway")
+        return fh.read()
 
 
 def b64(data: bytes) -> str:
@@ -48,17 +81,28 @@ class Identity:
                 "public_key": b64(bytes(self.public_key))}
 
     def save(self, path: str | Path) -> None:
-        """Write the private key file, readable by the owner only."""
+        """Write the private key file, readable by the owner only.
+
+        The file is created 0600 (never readable by others, not even briefly) and replaces an
+        existing one atomically, so an interrupted ``--force`` never leaves half a key.
+        """
         data = dict(self.participant_entry(), private_key=b64(bytes(self.signing_key)))
         text = "# fedbus private key: keep secret, never commit\n" + yaml.safe_dump(data, sort_keys=False)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # the mode above only applies when the file is created
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        atomic_write_text(path, text, mode=0o600)
 
     @classmethod
     def load(cls, path: str | Path) -> Identity:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        """Read a key file written by ``save``.
+
+        Raises InsecureKeyFileError when group or others may access the file, unless
+        FEDBUS_ALLOW_INSECURE_KEYS=1 (then an InsecureKeyFileWarning); ValueError when
+        it is not a key file.
+        """
+        text = _read_private_file(Path(path))
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not a fedbus key file (not YAML: {' '.join(str(exc).split())})") from None
         try:
             key = SigningKey(unb64(data["private_key"]))
             ident = cls(str(data["id"]), str(data["role"]), str(data.get("region", "default")), key)

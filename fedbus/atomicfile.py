@@ -1,0 +1,89 @@
+"""Files that are replaced whole or not at all.
+
+A run's outputs (``summary.json``, ``final_model.pt``) and key files must never be left
+empty or half-written when the disk fills up or the process dies mid-write: readers see
+either the old file or the new one. The recipe: write a temporary file in the target's
+directory (same filesystem, so the rename is atomic), fsync it, ``os.replace`` it over
+the target, then fsync the directory so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+# Errors from fsync on a directory that only mean "this filesystem cannot do that".
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        if exc.errno in _DIR_FSYNC_UNSUPPORTED:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
+                       mode: int = 0o666) -> None:
+    """Replace ``path`` with ``data`` atomically.
+
+    ``mode`` is the new file's permission bits, applied at creation (so a 0o600 key file is
+    never readable by others, not even for a moment); as with ``open``, the process umask
+    applies. On any failure the old file (or its absence) is left as it was and the
+    temporary file is removed.
+    """
+    target = Path(path)
+    directory = target.parent
+    tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8",
+                      mode: int = 0o666) -> None:
+    """``atomic_write_bytes`` for text (no newline translation)."""
+    atomic_write_bytes(path, text.encode(encoding), mode=mode)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` that never leaves a truncated file: serialize to memory, then replace."""
+    import torch  # imported here: key handling and the CLI's fast paths do not need torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
