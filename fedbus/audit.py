@@ -1,7 +1,11 @@
 """AuditTrail: hash-chained records of what a service accepted, rejected and decided.
 
 Each record carries the BLAKE2b hash of the previous one, so a deleted or edited record
-breaks the chain for anyone replaying the audit stream.
+breaks the chain for anyone replaying the audit stream. The chain advances only once
+JetStream acknowledged a record: a publish that fails leaves the head where it was, so
+the next record links to the last one that is really in the stream. A coordinator that
+starts again (a resume, or a new run of the same job id) continues the chain from the
+last record on its subject, so one chain covers the whole job.
 """
 
 from __future__ import annotations
@@ -25,29 +29,52 @@ def record_hash(record: dict) -> str:
 
 
 class AuditTrail:
-    def __init__(self, js, subject: str, actor: str):
+    def __init__(self, js, subject: str, actor: str, *, stream: str | None = None):
         self.js = js
         self.subject = subject
+        self.stream = stream
         self.actor = actor
         self.seq = 0
         self.prev = GENESIS
+        self.failed = 0
+
+    async def resume(self) -> None:
+        """Continue after the last record on the subject (if any, and if its hash holds)."""
+        if self.stream is None:
+            return
+        try:
+            last = await self.js.get_last_msg(self.stream, self.subject)
+            record = json.loads(last.data)
+        except Exception as exc:  # an empty subject: start the chain
+            log.debug("audit.no_previous_record", error=repr(exc))
+            return
+        body = {k: v for k, v in record.items() if k != "hash"}
+        if record_hash(body) != record.get("hash"):
+            log.error("audit.previous_record_corrupt", seq=record.get("seq"))
+            return
+        self.seq, self.prev = int(record["seq"]), record["hash"]
 
     def chain(self, event: str, **fields) -> dict:
-        """Build the next record of the chain (pure; publish() sends it)."""
-        self.seq += 1
-        record = {"seq": self.seq, "actor": self.actor, "event": event, "ts_ms": time.time_ns() // 1_000_000,
+        """The next record of the chain (pure: the head moves only in ``advance``)."""
+        record = {"seq": self.seq + 1, "actor": self.actor, "event": event, "ts_ms": time.time_ns() // 1_000_000,
                   "prev": self.prev, **fields}
         record["hash"] = record_hash(record)
-        self.prev = record["hash"]
         return record
 
-    async def publish(self, event: str, **fields) -> None:
+    def advance(self, record: dict) -> None:
+        self.seq, self.prev = record["seq"], record["hash"]
+
+    async def publish(self, event: str, **fields) -> bool:
         record = self.chain(event, **fields)
         try:
             await publish_with_retry(self.js, self.subject, json.dumps(record, default=str).encode(),
                                      msg_id=f"{self.actor}-{record['hash'][:32]}")
         except Exception as exc:  # auditing must never take the service down; the log keeps it
-            log.error("audit.publish_failed", error=repr(exc), record=record)
+            self.failed += 1
+            log.error("audit.publish_failed", error=repr(exc), audit_event=event, seq=record["seq"])
+            return False
+        self.advance(record)
+        return True
 
 
 def verify_chain(records: list[dict]) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedbus.aggregation.base import ClientUpdate
+from fedbus.coordinator.inline import drive
 from fedbus.coordinator.rounds import (
     CloseRound,
     EvalReceived,
@@ -21,10 +22,20 @@ from fedbus.coordinator.rounds import (
     Tick,
     UpdateReceived,
     WorkerSeen,
+    Aggregate,
+    Aggregated,
+    AckThrough,
+    Commit,
+    CommitFailed,
+    Committed,
+    DuplicateIgnored,
+    InternalError,
 )
+from fedbus.coordinator.records import JobRecord
 
 INIT = {"w": torch.zeros(2), "bn.num_batches_tracked": torch.tensor(0, dtype=torch.int64)}
 WORKERS = ("w1", "w2", "w3")
+DECLARED = 100  # samples each test worker declares on its heartbeats (the cap on its claims)
 
 
 def policy(**kw) -> RoundPolicy:
@@ -45,10 +56,10 @@ def update(worker: str, round_: int, now: int, value: float = 1.0, n: int = 10, 
 def started(p: RoundPolicy | None = None, workers=WORKERS, now: int = 0) -> tuple[RoundStateMachine, OpenRound]:
     """A machine whose first round is open (opened at ``now``)."""
     m = RoundStateMachine(p or policy(), INIT)
-    assert m.handle(Start(now)) == []
+    assert drive(m, Start(now)) == []
     actions = []
     for w in workers:
-        actions += m.handle(WorkerSeen(w, 10, now))
+        actions += drive(m, WorkerSeen(w, DECLARED, now))
     [opened] = actions
     assert isinstance(opened, OpenRound)
     return m, opened
@@ -63,13 +74,13 @@ def of(actions, kind):
 def test_waits_for_min_workers_then_opens_round_1():
     m = RoundStateMachine(policy(), INIT)
     assert m.phase is Phase.CREATED
-    assert m.handle(Start(100)) == []
+    assert drive(m, Start(100)) == []
     assert m.phase is Phase.WAITING_FOR_WORKERS
-    assert m.handle(WorkerSeen("w1", 10, 200)) == []
-    assert m.handle(WorkerSeen("w2", 10, 300)) == []
-    assert m.handle(Tick(400)) == []
-    assert m.handle(WorkerSeen("w2", 10, 450)) == []  # the same worker twice is still one
-    [opened] = m.handle(WorkerSeen("w3", 10, 500))
+    assert drive(m, WorkerSeen("w1", 10, 200)) == []
+    assert drive(m, WorkerSeen("w2", 10, 300)) == []
+    assert drive(m, Tick(400)) == []
+    assert drive(m, WorkerSeen("w2", 10, 450)) == []  # the same worker twice is still one
+    [opened] = drive(m, WorkerSeen("w3", 10, 500))
     assert (opened.round, opened.model_version, opened.cohort, opened.deadline_ms) == (1, 0, WORKERS, 1_500)
     assert opened.state is INIT  # round 1 starts from the initial model
     assert m.phase is Phase.ROUND_OPEN and m.round == 1 and m.deadline_ms == 1_500
@@ -78,36 +89,36 @@ def test_waits_for_min_workers_then_opens_round_1():
 def test_workers_seen_before_start_count():
     m = RoundStateMachine(policy(), INIT)
     for w in WORKERS:
-        assert m.handle(WorkerSeen(w, 10, 0)) == []  # CREATED: nothing opens before Start
-    [opened] = m.handle(Start(10))
+        assert drive(m, WorkerSeen(w, 10, 0)) == []  # CREATED: nothing opens before Start
+    [opened] = drive(m, Start(10))
     assert opened.cohort == WORKERS
 
 
 def test_workers_that_went_silent_do_not_count():
     m = RoundStateMachine(policy(), INIT)
-    m.handle(Start(0))
-    m.handle(WorkerSeen("w1", 10, 0))
-    m.handle(WorkerSeen("w2", 10, 1_000))
-    assert m.handle(WorkerSeen("w3", 10, 5_001)) == []  # w1 last seen 5001 ms ago > liveness
+    drive(m, Start(0))
+    drive(m, WorkerSeen("w1", 10, 0))
+    drive(m, WorkerSeen("w2", 10, 1_000))
+    assert drive(m, WorkerSeen("w3", 10, 5_001)) == []  # w1 last seen 5001 ms ago > liveness
     assert m.alive_workers(5_001) == ["w2", "w3"]
-    [opened] = m.handle(WorkerSeen("w1", 10, 5_002))
+    [opened] = drive(m, WorkerSeen("w1", 10, 5_002))
     assert opened.cohort == WORKERS
 
 
 def test_not_enough_workers_after_the_wait():
     m = RoundStateMachine(policy(), INIT)
-    m.handle(Start(1_000))
-    m.handle(WorkerSeen("w1", 10, 2_000))
-    assert m.handle(Tick(11_000)) == []  # exactly wait_for_workers_ms: still waiting
-    [done] = m.handle(Tick(11_001))
+    drive(m, Start(1_000))
+    drive(m, WorkerSeen("w1", 10, 2_000))
+    assert drive(m, Tick(11_000)) == []  # exactly wait_for_workers_ms: still waiting
+    [done] = drive(m, Tick(11_001))
     assert done == FinishJob("not_enough_workers", 0, 0, {})
     assert m.phase is Phase.DONE
-    assert m.handle(Tick(20_000)) == [] and m.handle(WorkerSeen("w2", 1, 20_000)) == []
+    assert drive(m, Tick(20_000)) == [] and drive(m, WorkerSeen("w2", 1, 20_000)) == []
 
 
 def test_start_is_idempotent():
     m, _ = started()
-    assert m.handle(Start(5)) == []
+    assert drive(m, Start(5)) == []
     assert m.round == 1
 
 
@@ -121,10 +132,10 @@ def cohort_for(seed: int, workers, size: int, round_=1):
     while len(cohorts) < round_:
         now += 1
         for w in workers:
-            m.handle(WorkerSeen(w, 10, now))
+            drive(m, WorkerSeen(w, 10, now))
         actions = []
         for w in cohorts[-1]:
-            actions += m.handle(update(w, len(cohorts), now))
+            actions += drive(m, update(w, len(cohorts), now))
         cohorts.append(of(actions, OpenRound)[0].cohort)
     return cohorts
 
@@ -144,16 +155,16 @@ def test_cohort_is_deterministic_for_a_seed():
 def test_cohort_only_from_alive_workers():
     p = policy(min_workers=2, cohort_size=2, min_updates=1, rounds=3, liveness_ms=1_000, round_deadline_ms=5_000)
     m = RoundStateMachine(p, INIT)
-    m.handle(Start(0))
+    drive(m, Start(0))
     for w in ("a", "b", "c", "d"):
-        m.handle(WorkerSeen(w, 10, 0))  # round 1 opened when the second one arrived
+        drive(m, WorkerSeen(w, 10, 0))  # round 1 opened when the second one arrived
     assert m.round == 1
     # Only c and d keep heartbeating; a and b fall silent.
-    m.handle(WorkerSeen("c", 10, 900))
-    m.handle(WorkerSeen("d", 10, 900))
+    drive(m, WorkerSeen("c", 10, 900))
+    drive(m, WorkerSeen("d", 10, 900))
     actions = []
     for w in m.cohort:
-        actions += m.handle(update(w, 1, 1_500))
+        actions += drive(m, update(w, 1, 1_500))
     [opened] = of(actions, OpenRound)
     assert opened.round == 2 and opened.cohort == ("c", "d")
 
@@ -167,9 +178,9 @@ def test_cohort_size_larger_than_alive_takes_everyone():
 
 def test_round_closes_when_the_whole_cohort_reported():
     m, opened = started(policy(min_updates=3))
-    assert m.handle(update("w2", 1, 100, value=1.0, n=10)) == []
-    assert m.handle(update("w1", 1, 200, value=2.0, n=10)) == []
-    actions = m.handle(update("w3", 1, 300, value=4.0, n=20))
+    assert drive(m, update("w2", 1, 100, value=1.0, n=10)) == []
+    assert drive(m, update("w1", 1, 200, value=2.0, n=10)) == []
+    actions = drive(m, update("w3", 1, 300, value=4.0, n=20))
     close, nxt = actions
     assert isinstance(close, CloseRound) and isinstance(nxt, OpenRound)
     # FedAvg by hand: (10*1 + 10*2 + 20*4) / 40 = 110/40 = 2.75
@@ -186,10 +197,10 @@ def test_round_closes_when_the_whole_cohort_reported():
 
 def test_deadline_with_enough_updates_aggregates():
     m, opened = started()
-    m.handle(update("w1", 1, 100, value=3.0, n=1))
-    m.handle(update("w3", 1, 200, value=7.0, n=3))
-    assert m.handle(Tick(999)) == []
-    close, nxt = m.handle(Tick(1_000))
+    drive(m, update("w1", 1, 100, value=3.0, n=1))
+    drive(m, update("w3", 1, 200, value=7.0, n=3))
+    assert drive(m, Tick(999)) == []
+    close, nxt = drive(m, Tick(1_000))
     # (1*3 + 3*7) / 4 = 24/4 = 6
     assert close.status == "aggregated" and close.accepted == ("w1", "w3")
     assert close.state["w"].tolist() == [6.0, 6.0]
@@ -199,24 +210,24 @@ def test_deadline_with_enough_updates_aggregates():
 
 def test_deadline_with_too_few_updates_fails_and_opens_next_round():
     m, opened = started()
-    m.handle(update("w1", 1, 100, value=3.0))
-    close, nxt = m.handle(Tick(1_000))
+    drive(m, update("w1", 1, 100, value=3.0))
+    close, nxt = drive(m, Tick(1_000))
     assert close.status == "failed" and close.accepted == ("w1",)
     assert close.model_version == 0 and torch.equal(close.state["w"], INIT["w"])
     assert isinstance(nxt, OpenRound) and nxt.round == 2 and nxt.model_version == 0
     assert m.rounds_completed == 0
     # the update folded in the failed round is gone: round 2 starts from scratch
-    m.handle(update("w1", 2, 1_100, value=1.0))
-    m.handle(update("w2", 2, 1_200, value=1.0))
-    close, nxt = m.handle(Tick(2_000))
+    drive(m, update("w1", 2, 1_100, value=1.0))
+    drive(m, update("w2", 2, 1_200, value=1.0))
+    close, nxt = drive(m, Tick(2_000))
     assert close.status == "aggregated" and close.state["w"].tolist() == [1.0, 1.0] and close.model_version == 1
 
 
 def test_max_failed_rounds_finishes_with_quorum_not_reached():
     m, _ = started()
-    close, nxt = m.handle(Tick(1_000))
+    close, nxt = drive(m, Tick(1_000))
     assert close.status == "failed" and isinstance(nxt, OpenRound)
-    close, done = m.handle(Tick(2_000))
+    close, done = drive(m, Tick(2_000))
     assert close.status == "failed"
     assert done == FinishJob("quorum_not_reached", 0, 0, {})
     assert m.phase is Phase.DONE
@@ -224,18 +235,18 @@ def test_max_failed_rounds_finishes_with_quorum_not_reached():
 
 def test_failures_must_be_in_a_row():
     m, _ = started(policy(rounds=3, max_failed_rounds=2))
-    m.handle(Tick(1_000))  # round 1 fails
+    drive(m, Tick(1_000))  # round 1 fails
     for w in WORKERS:
-        m.handle(update(w, 2, 1_100))  # round 2 aggregates
-    close, nxt = m.handle(Tick(2_100))  # round 3 fails: one in a row, not two
+        drive(m, update(w, 2, 1_100))  # round 2 aggregates
+    close, nxt = drive(m, Tick(2_100))  # round 3 fails: one in a row, not two
     assert close.status == "failed" and isinstance(nxt, OpenRound) and nxt.round == 4
 
 
 def test_job_completes_after_the_last_round_without_final_eval():
     m, _ = started(policy(rounds=1))
-    m.handle(update("w1", 1, 10))
-    m.handle(update("w2", 1, 20))
-    close, done = m.handle(update("w3", 1, 30))
+    drive(m, update("w1", 1, 10))
+    drive(m, update("w2", 1, 20))
+    close, done = drive(m, update("w3", 1, 30))
     assert close.status == "aggregated"
     assert done == FinishJob("completed", 1, 1, {})
 
@@ -243,23 +254,23 @@ def test_job_completes_after_the_last_round_without_final_eval():
 def test_too_few_live_workers_for_the_next_round_waits_for_them():
     p = policy(min_workers=2, min_updates=2, liveness_ms=1_000, round_deadline_ms=5_000)
     m, _ = started(p, ("w1", "w2"))
-    m.handle(update("w1", 1, 100))
+    drive(m, update("w1", 1, 100))
     # w2 reports only after going silent for longer than the liveness window
-    actions = m.handle(update("w2", 1, 1_500))
+    actions = drive(m, update("w2", 1, 1_500))
     [close] = actions
     assert close.status == "aggregated" and m.phase is Phase.WAITING_FOR_WORKERS
-    m.handle(WorkerSeen("w1", 10, 1_600))
-    [opened] = m.handle(WorkerSeen("w2", 10, 1_700))
+    drive(m, WorkerSeen("w1", 10, 1_600))
+    [opened] = drive(m, WorkerSeen("w2", 10, 1_700))
     assert opened.round == 2 and opened.model_version == 1
 
 
 def test_waiting_between_rounds_can_time_out():
     p = policy(min_workers=2, min_updates=2, liveness_ms=1_000, wait_for_workers_ms=3_000, round_deadline_ms=5_000)
     m, _ = started(p, ("w1", "w2"))
-    m.handle(update("w1", 1, 100))
-    m.handle(update("w2", 1, 1_500))
-    assert m.handle(Tick(4_500)) == []
-    assert m.handle(Tick(4_501)) == [FinishJob("not_enough_workers", 1, 1, {})]
+    drive(m, update("w1", 1, 100))
+    drive(m, update("w2", 1, 1_500))
+    assert drive(m, Tick(4_500)) == []
+    assert drive(m, Tick(4_501)) == [FinishJob("not_enough_workers", 1, 1, {})]
 
 
 # ---- rejections ---------------------------------------------------------------------
@@ -271,14 +282,14 @@ def test_rejections_are_counted_and_honest_updates_complete_the_job():
     assert cohort == ("w1", "w2", "w3", "w4")
 
     def rej(event):
-        [r] = m.handle(event)
+        [r] = drive(m, event)
         assert isinstance(r, RejectUpdate)
         return r.reason
 
     assert rej(update("w1", 2, 10)) == "wrong_round"  # a round that is not open
     assert rej(update("w1", 0, 10)) == "wrong_round"
     assert rej(update("outsider", 1, 10)) == "not_in_cohort"
-    assert m.handle(update("w1", 1, 20, value=2.0, n=10)) == []
+    assert drive(m, update("w1", 1, 20, value=2.0, n=10)) == []
     assert rej(update("w1", 1, 30, value=100.0, n=1000)) == "duplicate_update"
     wrong_shape = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(1)}
     assert rej(update("w2", 1, 40, st=wrong_shape)) == "tensor_mismatch"
@@ -290,11 +301,11 @@ def test_rejections_are_counted_and_honest_updates_complete_the_job():
     assert rej(update("w3", 1, 50, st=nan)) == "non_finite"
     inf = {"w": torch.tensor([0.0, float("-inf")]), "bn.num_batches_tracked": torch.tensor(1)}
     assert rej(update("w3", 1, 51, st=inf)) == "non_finite"
-    m.handle(MessageRejected("bad_signature"))
+    drive(m, MessageRejected("bad_signature"))
 
     # a rejected (not reported) cohort member may still send a good update
-    assert m.handle(update("w2", 1, 60, value=4.0, n=30)) == []
-    close, nxt = m.handle(Tick(1_000))  # w3, w4 never sent a good one
+    assert drive(m, update("w2", 1, 60, value=4.0, n=30)) == []
+    close, nxt = drive(m, Tick(1_000))  # w3, w4 never sent a good one
     # (10*2 + 30*4) / 40 = 140/40 = 3.5 ; nothing from the rejected updates leaks in
     assert close.status == "aggregated" and close.accepted == ("w1", "w2")
     assert close.state["w"].tolist() == [3.5, 3.5]
@@ -305,7 +316,7 @@ def test_rejections_are_counted_and_honest_updates_complete_the_job():
     assert rej(update("w1", 1, 1_100)) == "wrong_round"  # late update for the closed round
     actions = []
     for w in nxt.cohort:
-        actions += m.handle(update(w, 2, 1_200, value=1.0))
+        actions += drive(m, update(w, 2, 1_200, value=1.0))
     close2, done = actions
     assert close2.status == "aggregated" and close2.rejected == {"wrong_round": 1}
     assert done == FinishJob("completed", 2, 2, {})
@@ -316,8 +327,8 @@ def test_rejections_are_counted_and_honest_updates_complete_the_job():
 
 def test_updates_outside_an_open_round_are_wrong_round():
     m = RoundStateMachine(policy(), INIT)
-    m.handle(Start(0))
-    [r] = m.handle(update("w1", 1, 10))
+    drive(m, Start(0))
+    [r] = drive(m, update("w1", 1, 10))
     assert r.reason == "wrong_round" and m.rejections["wrong_round"] == 1
     assert not m.accepts_round("update", 1)
 
@@ -325,10 +336,10 @@ def test_updates_outside_an_open_round_are_wrong_round():
 def test_message_rejected_counts():
     m, _ = started()
     for reason in ("bad_signature", "stale_timestamp", "bad_signature"):
-        assert m.handle(MessageRejected(reason)) == []
+        assert drive(m, MessageRejected(reason)) == []
     assert m.rejections["bad_signature"] == 2 and m.rejections["stale_timestamp"] == 1
     for w in WORKERS:
-        actions = m.handle(update(w, 1, 100))
+        actions = drive(m, update(w, 1, 100))
     close = of(actions, CloseRound)[0]
     assert close.rejected == {"bad_signature": 2, "stale_timestamp": 1}
 
@@ -345,11 +356,11 @@ def test_accepts_round():
 
 def test_round_metrics_are_sample_weighted():
     m, _ = started(policy(min_updates=3))
-    m.handle(update("w1", 1, 10, n=10, train_metrics={"loss": 1.0, "acc": 0.5},
+    drive(m, update("w1", 1, 10, n=10, train_metrics={"loss": 1.0, "acc": 0.5},
                     eval_metrics={"acc": 0.2}, eval_samples=5))
-    m.handle(update("w2", 1, 20, n=30, train_metrics={"loss": 3.0, "acc": 0.9},
+    drive(m, update("w2", 1, 20, n=30, train_metrics={"loss": 3.0, "acc": 0.9},
                     eval_metrics={"acc": 0.6}, eval_samples=15))
-    close, _ = m.handle(update("w3", 1, 30, n=60, train_metrics={"loss": 0.5},
+    close, _ = drive(m, update("w3", 1, 30, n=60, train_metrics={"loss": 0.5},
                                eval_metrics={"acc": 99.0}, eval_samples=0))  # no eval split: ignored
     # train_loss = (10*1 + 30*3 + 60*0.5) / 100 = 130/100 = 1.3
     # train_acc  = (10*0.5 + 30*0.9) / 40 = 32/40 = 0.8   (w3 reported no acc)
@@ -359,26 +370,26 @@ def test_round_metrics_are_sample_weighted():
 
 def test_final_evaluation_phase_and_weighted_metrics():
     m, _ = started(policy(rounds=1, final_eval=True))
-    m.handle(update("w1", 1, 10))
-    m.handle(update("w2", 1, 20))
-    close, ev = m.handle(update("w3", 1, 30))
+    drive(m, update("w1", 1, 10))
+    drive(m, update("w2", 1, 20))
+    close, ev = drive(m, update("w3", 1, 30))
     assert isinstance(ev, OpenEval)
     assert (ev.round, ev.model_version, ev.cohort, ev.deadline_ms) == (2, 1, WORKERS, 530)
     assert ev.state is close.state
     assert m.phase is Phase.EVALUATING
     assert m.accepts_round("eval.report", 2) and not m.accepts_round("update", 2)
 
-    assert m.handle(EvalReceived("w1", 2, 10, {"acc": 0.5, "loss": 2.0}, 100)) == []
-    [r] = m.handle(EvalReceived("w1", 2, 10, {"acc": 0.5}, 101))
+    assert drive(m, EvalReceived("w1", 2, 10, {"acc": 0.5, "loss": 2.0}, 100)) == []
+    [r] = drive(m, EvalReceived("w1", 2, 10, {"acc": 0.5}, 101))
     assert r.reason == "duplicate_update"
-    [r] = m.handle(EvalReceived("w2", 1, 10, {"acc": 0.5}, 102))
+    [r] = drive(m, EvalReceived("w2", 1, 10, {"acc": 0.5}, 102))
     assert r.reason == "wrong_round"
-    [r] = m.handle(EvalReceived("zz", 2, 10, {"acc": 0.5}, 103))
+    [r] = drive(m, EvalReceived("zz", 2, 10, {"acc": 0.5}, 103))
     assert r.reason == "not_in_cohort"
-    [r] = m.handle(update("w2", 2, 104))
+    [r] = drive(m, update("w2", 2, 104))
     assert r.reason == "wrong_round"  # no training during evaluation
-    assert m.handle(EvalReceived("w3", 2, 0, {"acc": 0.0}, 105)) == []  # no samples: no weight
-    [done] = m.handle(EvalReceived("w2", 2, 30, {"acc": 0.9, "loss": 1.0}, 106))
+    assert drive(m, EvalReceived("w3", 2, 0, {"acc": 0.0}, 105)) == []  # no samples: no weight
+    [done] = drive(m, EvalReceived("w2", 2, 30, {"acc": 0.9, "loss": 1.0}, 106))
     # acc = (10*0.5 + 30*0.9) / 40 = 32/40 = 0.8 ; loss = (10*2 + 30*1) / 40 = 50/40 = 1.25
     assert done.reason == "completed" and done.rounds_completed == 1 and done.model_version == 1
     assert done.metrics == pytest.approx({"federated_acc": 0.8, "federated_loss": 1.25})
@@ -388,19 +399,19 @@ def test_final_evaluation_phase_and_weighted_metrics():
 def test_final_evaluation_deadline_finishes_with_what_arrived():
     m, _ = started(policy(rounds=1, final_eval=True))
     for w in WORKERS:
-        actions = m.handle(update(w, 1, 10))
+        actions = drive(m, update(w, 1, 10))
     assert isinstance(actions[-1], OpenEval)
-    m.handle(EvalReceived("w2", 2, 4, {"acc": 0.25}, 100))
-    assert m.handle(Tick(509)) == []
-    [done] = m.handle(Tick(510))
+    drive(m, EvalReceived("w2", 2, 4, {"acc": 0.25}, 100))
+    assert drive(m, Tick(509)) == []
+    [done] = drive(m, Tick(510))
     assert done == FinishJob("completed", 1, 1, {"federated_acc": 0.25})
 
 
 def test_final_evaluation_goes_to_alive_workers_only():
     m, _ = started(policy(rounds=1, final_eval=True, min_updates=1, liveness_ms=999))
-    m.handle(WorkerSeen("w1", 10, 900))
-    m.handle(update("w1", 1, 950))
-    close, ev = m.handle(Tick(1_000))
+    drive(m, WorkerSeen("w1", 10, 900))
+    drive(m, update("w1", 1, 950))
+    close, ev = drive(m, Tick(1_000))
     assert close.status == "aggregated" and ev.cohort == ("w1",)
 
 
@@ -410,9 +421,9 @@ def test_update_after_the_deadline_is_late_even_without_a_tick():
     """No Tick arrived between the deadline and the update: the update's own timestamp
     shows the deadline passed, so the round closes first and the update is dropped."""
     m, _ = started()
-    m.handle(update("w1", 1, 100, value=3.0))
-    m.handle(update("w2", 1, 200, value=5.0))
-    actions = m.handle(update("w3", 1, 1_000, value=1_000.0))  # at the deadline: too late
+    drive(m, update("w1", 1, 100, value=3.0))
+    drive(m, update("w2", 1, 200, value=5.0))
+    actions = drive(m, update("w3", 1, 1_000, value=1_000.0))  # at the deadline: too late
     close, nxt, rej = actions
     assert close.status == "aggregated" and close.accepted == ("w1", "w2")
     assert close.state["w"].tolist() == [4.0, 4.0]  # (10*3 + 10*5) / 20
@@ -422,64 +433,143 @@ def test_update_after_the_deadline_is_late_even_without_a_tick():
 
 def test_update_just_before_the_deadline_counts():
     m, _ = started()
-    m.handle(update("w1", 1, 100))
-    m.handle(update("w2", 1, 200))
-    close, nxt = m.handle(update("w3", 1, 999))
+    drive(m, update("w1", 1, 100))
+    drive(m, update("w2", 1, 200))
+    close, nxt = drive(m, update("w3", 1, 999))
     assert close.accepted == WORKERS
 
 
 def test_late_eval_report_after_the_eval_deadline():
     m, _ = started(policy(rounds=1, final_eval=True))
     for w in WORKERS:
-        m.handle(update(w, 1, 10))
-    m.handle(EvalReceived("w1", 2, 10, {"acc": 0.5}, 100))
-    done, rej = m.handle(EvalReceived("w2", 2, 10, {"acc": 1.0}, 510))
+        drive(m, update(w, 1, 10))
+    drive(m, EvalReceived("w1", 2, 10, {"acc": 0.5}, 100))
+    done, rej = drive(m, EvalReceived("w2", 2, 10, {"acc": 1.0}, 510))
     assert done == FinishJob("completed", 1, 1, {"federated_acc": 0.5})
     assert rej.reason == "wrong_round"
 
 
-# ---- resuming from a committed round -----------------------------------------------
+# ---- resuming from a committed record ---------------------------------------------
 
-def resumed(p: RoundPolicy, round_: int, version: int, completed: int) -> tuple[RoundStateMachine, list]:
+def record(phase: str, round_: int, version: int, completed: int, cohort=(), **kw) -> JobRecord:
+    return JobRecord(round=round_, phase=phase, model_version=version, rounds_completed=completed,
+                     cohort=tuple(cohort), declared={w: 10 for w in cohort}, **kw)
+
+
+def resumed(p: RoundPolicy, rec: JobRecord, workers=WORKERS) -> tuple[RoundStateMachine, list]:
     m = RoundStateMachine(p, INIT)
-    m.restore(round_=round_, model_version=version, rounds_completed=completed, state=state(5.0, steps=4))
-    actions = m.handle(Start(0))
-    for w in WORKERS:
-        actions += m.handle(WorkerSeen(w, 10, 0))
+    m.restore(rec, state(5.0, steps=4))
+    actions = drive(m, Start(0))
+    for w in workers:
+        actions += drive(m, WorkerSeen(w, 10, 0))
     return m, actions
 
 
-def test_restore_reopens_the_uncommitted_round_from_the_committed_model():
-    m, actions = resumed(policy(rounds=5), round_=3, version=2, completed=2)
+def test_restore_reopens_the_uncommitted_round_with_its_committed_cohort():
+    # Round 4 was open (cohort w1, w2) when the old coordinator died.
+    m, actions = resumed(policy(rounds=5), record("round_open", 4, 2, 2, cohort=("w1", "w2")), workers=())
     [opened] = of(actions, OpenRound)
-    assert (opened.round, opened.model_version) == (4, 2)  # round 4 was open when the old coordinator died
+    assert (opened.round, opened.model_version, opened.cohort) == (4, 2, ("w1", "w2"))
     assert torch.equal(opened.state["w"], torch.full((2,), 5.0))
-    # An update sent for round 4 to the dead coordinator is accepted now.
-    assert of(m.handle(update("w1", 4, 10)), RejectUpdate) == []
+    # Updates held for round 4 are accepted before any heartbeat: the cohort and the
+    # declared sample counts were committed with the round.
+    assert of(drive(m, update("w1", 4, 10)), RejectUpdate) == []
+    closed = drive(m, update("w2", 4, 20))
+    [close] = of(closed, CloseRound)
+    assert close.round == 4 and close.status == "aggregated" and close.accepted == ("w1", "w2")
 
 
-def test_restore_after_the_last_round_goes_to_the_end():
-    m, actions = resumed(policy(rounds=2), round_=2, version=2, completed=2)
-    [finish] = of(actions, FinishJob)
-    assert finish.reason == "completed" and finish.rounds_completed == 2 and of(actions, OpenRound) == []
+def test_restore_of_a_waiting_job_needs_min_updates_not_min_workers():
+    # min_workers=3, but two workers died for good: two live workers (= min_updates) go on.
+    m, actions = resumed(policy(rounds=5), record("waiting", 3, 3, 3), workers=("w1", "w2"))
+    [opened] = of(actions, OpenRound)
+    assert opened.round == 4 and opened.cohort == ("w1", "w2")
+
+
+def test_restore_of_a_finished_job_does_nothing():
+    m, actions = resumed(policy(rounds=2), record("done", 2, 2, 2, reason="completed"))
+    assert actions == [] and m.phase is Phase.DONE
 
 
 def test_restore_is_refused_after_start_or_for_another_model():
     m = RoundStateMachine(policy(), INIT)
     with pytest.raises(ValueError):
-        m.restore(round_=1, model_version=1, rounds_completed=1, state={"other": torch.zeros(3)})
-    m.handle(Start(0))
+        m.restore(record("waiting", 1, 1, 1), {"other": torch.zeros(3)})
+    drive(m, Start(0))
     with pytest.raises(RuntimeError):
-        m.restore(round_=1, model_version=1, rounds_completed=1, state=state(1.0))
+        m.restore(record("waiting", 1, 1, 1), state(1.0))
 
 
-def test_awaits_only_the_round_about_to_reopen_while_waiting():
-    m = RoundStateMachine(policy(rounds=5), INIT)
-    m.restore(round_=3, model_version=3, rounds_completed=3, state=state(1.0))
-    m.handle(Start(0))  # waiting for workers
-    assert m.awaits_round("update", 4)
-    assert not m.awaits_round("update", 5) and not m.awaits_round("update", 3)
-    assert not m.awaits_round("eval.report", 4)
+# ---- two-phase commit ----------------------------------------------------------------
+
+def test_nothing_is_announced_before_it_is_committed():
+    m = RoundStateMachine(policy(), INIT)
+    m.handle(Start(0))
+    m.handle(WorkerSeen("w1", 10, 0))
+    m.handle(WorkerSeen("w2", 10, 0))
+    [commit] = m.handle(WorkerSeen("w3", 10, 0))
+    assert isinstance(commit, Commit) and commit.record.phase == "round_open" and commit.record.round == 1
+    assert commit.record.cohort == WORKERS and commit.record.declared == {w: 10 for w in WORKERS}
+    assert m.phase is Phase.COMMITTING and not m.accepts_round("update", 1)
+    [opened] = m.handle(Committed(commit.seq, 50))
+    assert isinstance(opened, OpenRound) and opened.deadline_ms == 1_050  # deadline from the commit time
+    m.handle(update("w1", 1, 100))
+    m.handle(update("w2", 1, 100))
+    [agg] = m.handle(update("w3", 1, 100))
+    assert isinstance(agg, Aggregate) and m.phase is Phase.AGGREGATING
+    [commit2] = m.handle(Aggregated(1, agg.compute(), 200))
+    assert isinstance(commit2, Commit) and commit2.record.model_version == 1 and commit2.record.round == 2
+    assert m.handle(Committed(commit2.seq + 1, 210)) == []  # a stale or foreign seq moves nothing
+    ack, close, opened2 = m.handle(Committed(commit2.seq, 210))
+    assert ack == AckThrough(1) and isinstance(close, CloseRound) and opened2.round == 2
+
+
+def test_a_failed_commit_finishes_without_announcing():
+    m = RoundStateMachine(policy(), INIT)
+    m.handle(Start(0))
     for w in WORKERS:
-        m.handle(WorkerSeen(w, 10, 0))
-    assert m.phase is Phase.ROUND_OPEN and not m.awaits_round("update", 4)  # now simply accepted
+        actions = m.handle(WorkerSeen(w, 10, 0))
+    [commit] = actions
+    [finish] = m.handle(CommitFailed(commit.seq, "kv down", 10))
+    assert isinstance(finish, FinishJob) and finish.reason == "commit_failed" and m.phase is Phase.DONE
+
+
+def test_an_exception_inside_a_transition_keeps_the_actions_already_decided(monkeypatch):
+    m, opened = started()
+    drive(m, update("w1", 1, 100))
+    drive(m, update("w2", 1, 100))
+
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(m, "_on_update", boom)
+    # The deadline passed before this update: the round's aggregation was decided first.
+    actions = m.handle(update("w3", 1, 5_000))
+    assert isinstance(actions[0], Aggregate) and isinstance(actions[-1], InternalError)
+
+
+# ---- bounded claims ------------------------------------------------------------------
+
+def test_sample_claim_above_the_heartbeat_declaration_is_rejected():
+    """The 2**63 attack: one worker's sample claim must not replace the model."""
+    m, opened = started()
+    [rej] = drive(m, update("w1", 1, 100, value=1000.0, n=2**63))
+    assert rej.reason == "excessive_samples"
+    drive(m, update("w2", 1, 100, value=1.0))
+    [close, *_] = of(drive(m, update("w3", 1, 100, value=1.0)) + drive(m, Tick(2_000)), CloseRound)
+    assert torch.equal(close.state["w"], torch.full((2,), 1.0))  # the attacker's 1000 never entered
+
+
+def test_sample_caps_from_the_job_and_the_federation():
+    m, opened = started(policy(max_samples=8, max_samples_by_worker={"w2": 5}))
+    assert m.sample_cap("w1") == 8 and m.sample_cap("w2") == 5
+    assert of(drive(m, update("w1", 1, 100, n=9)), RejectUpdate)[0].reason == "excessive_samples"
+    assert of(drive(m, update("w2", 1, 100, n=6)), RejectUpdate)[0].reason == "excessive_samples"
+    assert of(drive(m, update("w2", 1, 100, n=5)), RejectUpdate) == []
+
+
+def test_an_identical_resend_is_ignored_and_a_different_second_update_rejected():
+    m, opened = started()
+    assert of(drive(m, update("w1", 1, 100, digest=b"d1")), RejectUpdate) == []
+    assert drive(m, update("w1", 1, 100, digest=b"d1")) == [DuplicateIgnored("w1", 1)]
+    [rej] = drive(m, update("w1", 1, 100, digest=b"d2"))
+    assert rej.reason == "duplicate_update"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fedbus.aggregation.base import State
 from fedbus.aggregation.specs import build_rule, build_server_optimizer
 from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine
+from fedbus.crypto.federation import Federation
 from fedbus.jobspec import JobSpec
 
 
-def policy_from(job: JobSpec) -> RoundPolicy:
+def policy_from(job: JobSpec, federation: Federation | None = None) -> RoundPolicy:
     return RoundPolicy(
         rounds=job.rounds,
         min_workers=job.cohort.min_workers,
@@ -20,10 +21,14 @@ def policy_from(job: JobSpec) -> RoundPolicy:
         final_eval=job.evaluation.final_round and job.evaluation.federated,
         final_eval_deadline_ms=int(job.round_deadline_s * 1000),
         seed=job.seed,
+        max_samples=job.security.max_samples_per_update,
+        max_samples_by_worker=({p.id: p.max_samples for p in federation.workers() if p.max_samples is not None}
+                               if federation is not None else {}),
     )
 
 
-def machine_for(job: JobSpec, initial_state: State, num_workers_total: int) -> RoundStateMachine:
-    return RoundStateMachine(policy_from(job), initial_state, rule=build_rule(job.strategy),
+def machine_for(job: JobSpec, initial_state: State, num_workers_total: int,
+                federation: Federation | None = None) -> RoundStateMachine:
+    return RoundStateMachine(policy_from(job, federation), initial_state, rule=build_rule(job.strategy),
                              optimizer=build_server_optimizer(job.server_optimizer),
                              num_workers_total=num_workers_total)

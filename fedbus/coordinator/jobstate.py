@@ -1,27 +1,35 @@
 """JobStateStore: the coordinator's committed progress, in the KV bucket and Object Store.
 
-After every round the coordinator stores the global model in ``fedbus-models`` and then
-writes one record under the job id in the ``fedbus-jobs`` KV bucket with compare-and-set
-on the revision it last wrote, so two coordinators of one job cannot both advance it.
-The record is signed with the coordinator's key and names the model by size and digest,
-so a restarted coordinator trusts neither the bucket nor the store blindly.
+Every commit stores the model of the record's version, together with the strategy's
+server state (SCAFFOLD's c, the server optimizer's moments), as one object in
+``fedbus-models``, then writes one record under the job id in the ``fedbus-jobs`` KV
+bucket with compare-and-set on the revision it last wrote, so two coordinators of one job
+cannot both advance it. The record is signed with the coordinator's key and names the
+object by size and digest, so a restarted coordinator trusts neither the bucket nor the
+store blindly. Encoding runs off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass
 
 import structlog
+import torch
 from nacl.exceptions import BadSignatureError
 
 from fedbus.aggregation.base import State
 from fedbus.bus import KV_BUCKET, MODELS_BUCKET, BlobStore
+from fedbus.coordinator.records import JobRecord
 from fedbus.crypto.keys import Identity, b64, unb64
 from fedbus.protocol.codec import decode_tensors, encode_tensors
 
 log = structlog.get_logger(__name__)
+
+MODEL_PREFIX = "model/"
+STRATEGY_PREFIX = "strategy/"
 
 
 class JobStateError(RuntimeError):
@@ -29,13 +37,46 @@ class JobStateError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class CommittedRound:
-    round: int
-    model_version: int
-    rounds_completed: int
-    failed_in_a_row: int
-    phase: str  # "running" | "done"
+class CommittedJob:
+    run: str
+    record: JobRecord
     model: State
+    strategy_state: dict
+
+
+def flatten_state(tree: dict, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Nested dicts of tensors and numbers -> flat tensors plus the kind of each leaf
+    ("t" tensor, "i" int, "f" float), so numbers come back as the same Python type."""
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            sub_t, sub_k = flatten_state(value, f"{name}/")
+            tensors.update(sub_t)
+            kinds.update(sub_k)
+        elif isinstance(value, torch.Tensor):
+            tensors[name], kinds[name] = value.detach().contiguous(), "t"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"strategy state {name!r}: cannot store {type(value).__name__}")
+        elif isinstance(value, int):
+            tensors[name], kinds[name] = torch.tensor(value, dtype=torch.int64), "i"
+        else:
+            tensors[name], kinds[name] = torch.tensor(value, dtype=torch.float64), "f"
+    return tensors, kinds
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> dict:
+    tree: dict = {}
+    for name, kind in kinds.items():
+        value = tensors[name]
+        leaf = value if kind == "t" else (int(value.item()) if kind == "i" else float(value.item()))
+        node = tree
+        *parents, last = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return tree
 
 
 class JobStateStore:
@@ -47,6 +88,7 @@ class JobStateStore:
         self.models = BlobStore(nc, js, MODELS_BUCKET)
         self.revision: int | None = None
         self._model_ref: dict | None = None
+        self._kinds: dict[str, str] = {}
         self._model_version: int | None = None
 
     async def _kv(self):
@@ -61,19 +103,21 @@ class JobStateStore:
             log.debug("jobstate.purge_skipped", error=repr(exc))
         self.revision = None
 
-    async def commit(self, *, round_: int, model_version: int, rounds_completed: int, failed_in_a_row: int,
-                     phase: str, model: State, now_ms: int) -> None:
-        if self._model_version != model_version:
+    async def commit(self, *, run: str, record: JobRecord, model: State, strategy_state: dict, now_ms: int) -> None:
+        if self._model_version != record.model_version or self._model_ref is None:
+            tensors, kinds = flatten_state(strategy_state, STRATEGY_PREFIX)
+            tensors.update({f"{MODEL_PREFIX}{k}": v for k, v in model.items()})
+            data = await asyncio.to_thread(encode_tensors, tensors)
             # A unique name per commit: a rival writer whose compare-and-set is about to fail
             # must not overwrite the object the current record points at.
-            name = f"{self.job_id}/v{model_version}/{os.urandom(6).hex()}"
-            ref = await self.models.put(name, encode_tensors(model))
+            name = f"{self.job_id}/v{record.model_version}/{os.urandom(6).hex()}"
+            ref = await self.models.put(name, data)
             self._model_ref = {"bucket": ref.bucket, "name": ref.name, "size": ref.size, "digest": ref.digest}
-            self._model_version = model_version
-        record = {"job": self.job_id, "round": round_, "model_version": model_version,
-                  "rounds_completed": rounds_completed, "failed_in_a_row": failed_in_a_row, "phase": phase,
-                  "model": self._model_ref, "coordinator": self.identity.id, "updated_ms": now_ms}
-        value = self._signed(record)
+            self._kinds = kinds
+            self._model_version = record.model_version
+        doc = {"job": self.job_id, "run": run, "record": record.as_dict(), "model": self._model_ref,
+               "strategy_kinds": self._kinds, "coordinator": self.identity.id, "updated_ms": now_ms}
+        value = self._signed(doc)
         kv = await self._kv()
         if self.revision is None:
             self.revision = await kv.create(self.job_id, value)
@@ -81,7 +125,7 @@ class JobStateStore:
             # Compare-and-set: fails if anyone else wrote the key since our last commit.
             self.revision = await kv.update(self.job_id, value, last=self.revision)
 
-    async def load(self) -> CommittedRound | None:
+    async def load(self) -> CommittedJob | None:
         kv = await self._kv()
         try:
             entry = await kv.get(self.job_id)
@@ -89,27 +133,35 @@ class JobStateStore:
             return None
         if entry is None or not entry.value:
             return None
-        record = self._verified(entry.value)
-        if record.get("job") != self.job_id:
-            raise JobStateError(f"the KV record names job {record.get('job')!r}")
-        ref = record["model"]
+        doc = self._verified(entry.value)
+        if doc.get("job") != self.job_id:
+            raise JobStateError(f"the KV record names job {doc.get('job')!r}")
+        try:
+            record = JobRecord.from_dict(doc["record"])
+            ref = doc["model"]
+            kinds = {str(k): str(v) for k, v in doc.get("strategy_kinds", {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JobStateError(f"job state record for {self.job_id!r} is malformed: {exc!r}") from None
         data = await self.models.get(ref["name"], expected_size=ref["size"], expected_digest=ref["digest"])
+        tensors = await asyncio.to_thread(lambda: dict(decode_tensors(data)))
+        model = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        strategy = unflatten_state(tensors, kinds)
         self.revision = entry.revision
         self._model_ref = ref
-        self._model_version = record["model_version"]
-        return CommittedRound(record["round"], record["model_version"], record["rounds_completed"],
-                              record["failed_in_a_row"], record["phase"], dict(decode_tensors(data)))
+        self._kinds = kinds
+        self._model_version = record.model_version
+        return CommittedJob(doc["run"], record, model, strategy.get("strategy", {}))
 
-    def _signed(self, record: dict) -> bytes:
-        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-        return json.dumps({"record": record, "signature": b64(self.identity.sign(body))}).encode()
+    def _signed(self, doc: dict) -> bytes:
+        body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps({"record": doc, "signature": b64(self.identity.sign(body))}).encode()
 
     def _verified(self, raw: bytes) -> dict:
         try:
             outer = json.loads(raw)
-            record = outer["record"]
-            body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+            doc = outer["record"]
+            body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
             self.identity.public_key.verify(body, unb64(outer["signature"]))
         except (ValueError, KeyError, TypeError, BadSignatureError) as exc:
             raise JobStateError(f"job state record for {self.job_id!r} is not signed by this coordinator: {exc!r}") from None
-        return record
+        return doc

@@ -1,22 +1,41 @@
 """RoundStateMachine: synchronous federated rounds as a sans-I/O state machine.
 
-Events in (a worker was seen, an update arrived, time passed), actions out (open a round,
-close it, reject an update, finish the job). No awaits, no sockets, no clocks: every
-event carries the time, so tests drive rounds deterministically and simulation and
-deployment run the same code. The NATS service (``coordinator.service``) only
-translates between the bus and these events and actions.
+Events in (a worker was seen, an update arrived, time passed, work finished, a commit
+landed), actions out (aggregate, commit, announce, reject). No awaits, no sockets, no
+clocks: every event carries the time, so tests drive rounds deterministically and
+simulation and deployment run the same code.
+
+Two rules shape the action stream:
+
+* **Heavy work is an action.** Closing a round emits ``Aggregate``; whoever runs the
+  machine computes it (the NATS service in a thread, the simulator inline) and feeds back
+  ``Aggregated``. The machine never blocks on tensor math.
+* **Nothing is announced before it is committed.** Every transition that others will
+  hear about (a round opens, a round closes, the job ends) is first proposed as a
+  ``Commit`` carrying the whole durable ``JobRecord``; only ``Committed`` releases the
+  announcements (``OpenRound``, ``CloseRound``, ``OpenEval``, ``FinishJob``) and the
+  ``AckThrough`` that lets the service acknowledge the updates folded into it. A
+  round's cohort is part of the commit that opens it, so a resumed coordinator reopens
+  the same round with the same cohort and the updates held for it are accepted.
+
+Sync rounds are one policy over model versions: an update names the round it answers,
+and the machine folds it into the round's accumulator only while that round is open.
 """
 
 from __future__ import annotations
 
 import enum
-import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedbus.aggregation.base import (AggregationRule, ClientUpdate, InvalidUpdate, RoundAggregator,
                                      ServerOptimizer, State, StrategyConfigError, is_averageable)
 from fedbus.aggregation.fedavg import FedAvg
+from fedbus.coordinator.metrics import weighted_means
+from fedbus.coordinator.records import JobRecord
+from fedbus.coordinator.registry import WorkerRegistry
+from fedbus.coordinator.sampling import sample_cohort
 from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import TensorSpec, spec_of
 
@@ -36,6 +55,9 @@ class RoundPolicy:
     final_eval: bool = True
     final_eval_deadline_ms: int = 10_000
     seed: int = 0
+    # Caps on an update's num_samples claim, besides what the worker declared on its heartbeat.
+    max_samples: int | None = None
+    max_samples_by_worker: Mapping[str, int] = field(default_factory=dict)
 
 
 # ---- events ----------------------------------------------------------------------------
@@ -59,7 +81,11 @@ class Tick:
 
 @dataclass(frozen=True)
 class UpdateReceived:
-    """An update whose envelope verified; its content is checked here."""
+    """An update whose envelope verified; its content is checked here.
+
+    ``round`` is the envelope header's round (the verifier makes the body agree with it);
+    ``digest`` the body digest, so an identical resend is told apart from a second update.
+    """
 
     worker_id: str
     round: int
@@ -68,6 +94,7 @@ class UpdateReceived:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     eval_samples: int = 0
+    digest: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,37 @@ class MessageRejected:
     """The service rejected a message before it reached the machine; count it here."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """The ``Aggregate`` work of a round finished: ``state`` is the next global model."""
+
+    round: int
+    state: State
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class AggregationFailed:
+    round: int
+    error: str
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The service persisted the ``Commit`` with this ``seq``."""
+
+    seq: int
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class CommitFailed:
+    seq: int
+    error: str
+    now_ms: int
 
 
 # ---- actions ---------------------------------------------------------------------------
@@ -119,6 +177,15 @@ class RejectUpdate:
 
 
 @dataclass(frozen=True)
+class DuplicateIgnored:
+    """The same update again (a worker's resend after a resume, or a redelivery): nothing
+    to fold and nothing to report; the service only acknowledges it."""
+
+    worker_id: str
+    round: int
+
+
+@dataclass(frozen=True)
 class OpenEval:
     round: int
     model_version: int
@@ -135,26 +202,78 @@ class FinishJob:
     metrics: dict[str, float]
 
 
-Event = Start | WorkerSeen | Tick | UpdateReceived | EvalReceived | MessageRejected
-Action = OpenRound | CloseRound | RejectUpdate | OpenEval | FinishJob
+@dataclass(frozen=True)
+class Aggregate:
+    """Heavy work: turn a round's accumulator into the next model. Run ``compute()`` off
+    the event loop and feed back ``Aggregated`` (or ``AggregationFailed``)."""
+
+    round: int
+    accumulator: RoundAggregator
+    base_state: State
+    rule: AggregationRule
+    optimizer: ServerOptimizer | None
+    num_workers_total: int
+
+    def compute(self) -> State:
+        proposal = self.accumulator.result()
+        new_state = self.optimizer.step(self.base_state, proposal) if self.optimizer else proposal
+        self.rule.commit(self.accumulator, self.num_workers_total)
+        return new_state
+
+
+AGGREGATION_ERRORS = (StrategyConfigError, InvalidUpdate, ValueError)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Persist ``record`` (and ``model``, the model of ``record.model_version``, with the
+    strategy's server state), then feed back ``Committed(seq)``."""
+
+    seq: int
+    record: JobRecord
+    model: State
+    strategy_state: dict
+
+
+@dataclass(frozen=True)
+class AckThrough:
+    """Updates of rounds up to ``round`` are committed: acknowledge them."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class InternalError:
+    """An exception escaped while handling ``event``; the actions decided before it are kept."""
+
+    event: str
+    error: str
+
+
+Event = (Start | WorkerSeen | Tick | UpdateReceived | EvalReceived | MessageRejected | Aggregated
+         | AggregationFailed | Committed | CommitFailed)
+Action = (OpenRound | CloseRound | RejectUpdate | DuplicateIgnored | OpenEval | FinishJob | Aggregate | Commit
+          | AckThrough | InternalError)
 
 
 class Phase(enum.Enum):
     CREATED = "created"
     WAITING_FOR_WORKERS = "waiting_for_workers"
     ROUND_OPEN = "round_open"
+    AGGREGATING = "aggregating"
+    COMMITTING = "committing"
     EVALUATING = "evaluating"
     DONE = "done"
 
 
-def _weighted_means(pairs: list[tuple[int, dict[str, float]]], prefix: str) -> dict[str, float]:
-    totals: Counter[str] = Counter()
-    weights: Counter[str] = Counter()
-    for n, metrics in pairs:
-        for key, value in metrics.items():
-            totals[key] += n * float(value)
-            weights[key] += n
-    return {f"{prefix}{k}": totals[k] / weights[k] for k in totals if weights[k] > 0}
+@dataclass
+class _Pending:
+    """What a proposed commit releases once it lands."""
+
+    seq: int
+    record: JobRecord
+    announce: list  # actions, deadlines filled in at commit time
+    ack_round: int | None
 
 
 class RoundStateMachine:
@@ -172,6 +291,7 @@ class RoundStateMachine:
         self.optimizer = optimizer
         self.num_workers_total = num_workers_total
         self.update_groups: tuple[str, ...] = tuple(getattr(self.rule, "update_groups", ()))
+        self.registry = WorkerRegistry(policy.liveness_ms)
         self.last_error: str | None = None
         self.phase = Phase.CREATED
         self.round = 0
@@ -179,20 +299,23 @@ class RoundStateMachine:
         self.rounds_completed = 0
         self.rejections: Counter[str] = Counter()
         self.accepted_total = 0
-        self._workers: dict[str, tuple[int, int]] = {}  # id -> (num_samples, last_seen_ms)
         self._failed_in_a_row = 0
         self._wait_started_ms = 0
+        self._resumed_phase: str | None = None
+        self._commit_seq = 0
+        self._pending: _Pending | None = None
         self._reset_round_state()
 
     def _reset_round_state(self) -> None:
         self.cohort: tuple[str, ...] = ()
+        self.declared: dict[str, int] = {}  # the cohort's declared sample counts, committed with it
         self.deadline_ms = 0
         self._opened_ms = 0
         self._accumulator: RoundAggregator | None = None
-        self._reported: set[str] = set()
+        self._reported: dict[str, bytes] = {}  # worker -> digest of its accepted update
         self._round_rejections: Counter[str] = Counter()
-        self._train_metrics: list[tuple[int, dict[str, float]]] = []
-        self._eval_metrics: list[tuple[int, dict[str, float]]] = []
+        self._train_metrics: list[tuple[float, dict[str, float]]] = []
+        self._eval_metrics: list[tuple[float, dict[str, float]]] = []
 
     # ---- queries the service uses while verifying envelopes ---------------------------
 
@@ -203,142 +326,203 @@ class RoundStateMachine:
             return self.phase is Phase.EVALUATING and round_ == self.round
         return True
 
-    def awaits_round(self, msg_type: str, round_: int) -> bool:
-        """An update for the round about to (re)open, arriving while we still wait for
-        workers, e.g. one held in the stream across a coordinator restart: keep it for
-        that round instead of rejecting it."""
-        return (msg_type == "update" and round_ == self.round + 1
-                and self.phase in (Phase.CREATED, Phase.WAITING_FOR_WORKERS))
-
     @property
     def failed_in_a_row(self) -> int:
         return self._failed_in_a_row
 
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.DONE
+
     def alive_workers(self, now_ms: int) -> list[str]:
-        return sorted(w for w, (_, seen) in self._workers.items() if now_ms - seen <= self.policy.liveness_ms)
+        return self.registry.alive(now_ms)
+
+    def strategy_state(self) -> dict:
+        """The server-side state committed with every model (rule and optimizer)."""
+        out = {}
+        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
+            state_dict = getattr(part, "state_dict", None)
+            if callable(state_dict):
+                out[name] = state_dict()
+        return out
+
+    def _load_strategy_state(self, strategy_state: dict) -> None:
+        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
+            if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
+                part.load_state_dict(strategy_state[name])
 
     # ---- the single entry point ----------------------------------------------------
 
     def handle(self, event: Event) -> list[Action]:
+        """Actions for ``event``. If an exception escapes the transition, the actions it
+        had already decided are still returned, followed by ``InternalError``."""
+        out: list[Action] = []
+        try:
+            self._dispatch(event, out)
+        except Exception as exc:  # a bug must not swallow decided actions (e.g. a commit)
+            self.last_error = repr(exc)
+            out.append(InternalError(type(event).__name__, repr(exc)))
+        return out
+
+    def _dispatch(self, event: Event, out: list[Action]) -> None:
         match event:
             case Start(now_ms=now):
-                if self.phase is not Phase.CREATED:
-                    return []
-                self.phase = Phase.WAITING_FOR_WORKERS
-                self._wait_started_ms = now
-                return self._maybe_start(now)
+                self._on_start(now, out)
             case WorkerSeen(worker_id=w, num_samples=n, now_ms=now):
-                self._workers[w] = (n, now)
+                self.registry.seen(w, n, now)
                 if self.phase is Phase.WAITING_FOR_WORKERS:
-                    return self._maybe_start(now)
-                return []
+                    self._maybe_start(now, out)
             case Tick(now_ms=now):
-                return self._on_tick(now)
+                self._on_tick(now, out)
             case UpdateReceived():
-                return [*self._deadline_passed(event.now_ms), *self._on_update(event)]
+                self._deadline_passed(event.now_ms, out)
+                self._on_update(event, out)
             case EvalReceived():
-                return [*self._deadline_passed(event.now_ms), *self._on_eval(event)]
+                self._deadline_passed(event.now_ms, out)
+                self._on_eval(event, out)
             case MessageRejected(reason=reason):
                 self.rejections[reason] += 1
                 self._round_rejections[reason] += 1
-                return []
-        raise TypeError(f"unknown event {event!r}")
+            case Aggregated():
+                self._on_aggregated(event, out)
+            case AggregationFailed():
+                if self.phase is Phase.AGGREGATING and event.round == self.round:
+                    self._round_rejections["aggregation_failed"] += 1
+                    self.last_error = event.error
+                    self._fail_round(event.now_ms, out)
+            case Committed():
+                self._on_committed(event, out)
+            case CommitFailed():
+                self._on_commit_failed(event, out)
+            case _:
+                raise TypeError(f"unknown event {event!r}")
 
-    # ---- transitions ---------------------------------------------------------------
+    # ---- resume --------------------------------------------------------------------
 
-    def restore(self, *, round_: int, model_version: int, rounds_completed: int, state: State,
-                failed_in_a_row: int = 0) -> None:
-        """Continue a job from its last committed round; call before Start.
+    def restore(self, record: JobRecord, state: State, strategy_state: dict | None = None) -> None:
+        """Continue a job from its last committed record; call before Start.
 
-        The next round opened is ``round_ + 1``: a round that was open but not committed
-        when the previous coordinator died is opened again under the same number, so its
-        updates still waiting in the stream are accepted.
+        A round that was open when the previous coordinator died is reopened under the
+        same number with the same (committed) cohort, so the updates still waiting in the
+        stream, and the ones workers resend, are accepted. A waiting job waits for
+        ``min_updates`` live workers, not ``min_workers``: workers that died for good must
+        not keep it from going on.
         """
         if self.phase is not Phase.CREATED:
             raise RuntimeError("restore() must come before Start")
         if spec_of(state) != self.model_spec:
             raise ValueError("the committed model does not match the task's model")
-        self.round = round_
-        self.model_version = model_version
-        self.rounds_completed = rounds_completed
+        self.round = record.round
+        self.model_version = record.model_version
+        self.rounds_completed = record.rounds_completed
+        self.accepted_total = record.accepted_total
         self.state = state
-        self._failed_in_a_row = failed_in_a_row
+        self._failed_in_a_row = record.failed_in_a_row
+        self._resumed_phase = record.phase
+        if record.phase in ("round_open", "evaluating"):
+            self.cohort = tuple(record.cohort)
+            self.declared = dict(record.declared)
+        if strategy_state:
+            self._load_strategy_state(strategy_state)
 
-    def _maybe_start(self, now: int) -> list[Action]:
-        if len(self.alive_workers(now)) >= self.policy.min_workers:
-            return self._next(now)
-        if now - self._wait_started_ms > self.policy.wait_for_workers_ms:
-            return [self._finish("not_enough_workers")]
-        return []
+    # ---- transitions ---------------------------------------------------------------
 
-    def _select_cohort(self, now: int) -> tuple[str, ...]:
-        alive = self.alive_workers(now)
-        size = self.policy.cohort_size
-        if size is None or size >= len(alive):
-            return tuple(alive)
-        rng = random.Random(self.policy.seed * 1_000_003 + self.round)
-        return tuple(sorted(rng.sample(alive, size)))
+    def _on_start(self, now: int, out: list[Action]) -> None:
+        if self.phase is not Phase.CREATED:
+            return
+        resumed = self._resumed_phase
+        if resumed == "done":
+            self.phase = Phase.DONE
+            return
+        if resumed == "round_open":
+            self._enter_round(now, self.cohort, self.declared)
+            out.append(self._open_round_action())
+            return
+        if resumed == "evaluating":
+            self._enter_eval(now, self.cohort)
+            out.append(OpenEval(self.round, self.model_version, self.cohort, self.deadline_ms, self.state))
+            return
+        self.phase = Phase.WAITING_FOR_WORKERS
+        self._wait_started_ms = now
+        self._maybe_start(now, out)
 
-    def _open_round(self, now: int) -> OpenRound:
-        self._reset_round_state()
-        self.round += 1
-        self.phase = Phase.ROUND_OPEN
-        self.cohort = self._select_cohort(now)
-        self._opened_ms = now
-        self.deadline_ms = now + self.policy.round_deadline_ms
-        self._accumulator = self.rule.begin(self.state)
-        extra = self.rule.broadcast()
-        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state,
-                         {self.rule.name: extra} if extra else {})
+    def _quorum_to_start(self) -> int:
+        # Round 1 of a fresh run waits for the federation; a resumed job only for a quorum.
+        return self.policy.min_updates if self._resumed_phase is not None or self.round > 0 else self.policy.min_workers
 
-    def _on_tick(self, now: int) -> list[Action]:
+    def _maybe_start(self, now: int, out: list[Action]) -> None:
+        if self._pending is not None:
+            return
+        if len(self.registry.alive(now)) >= self._quorum_to_start():
+            self._plan_next(now, out, closing=None)
+        elif now - self._wait_started_ms > self.policy.wait_for_workers_ms:
+            self._plan_finish(now, out, "not_enough_workers", closing=None)
+
+    def _on_tick(self, now: int, out: list[Action]) -> None:
         if self.phase is Phase.WAITING_FOR_WORKERS:
-            return self._maybe_start(now)
-        if self.phase is Phase.ROUND_OPEN and now >= self.deadline_ms:
+            self._maybe_start(now, out)
+        elif self.phase is Phase.ROUND_OPEN and now >= self.deadline_ms:
             if len(self._reported) >= self.policy.min_updates:
-                return self._close_round(now)
-            return self._fail_round(now)
-        if self.phase is Phase.EVALUATING and now >= self.deadline_ms:
-            return [self._finish("completed")]
-        return []
+                self._begin_aggregation(now, out)
+            else:
+                self._fail_round(now, out)
+        elif self.phase is Phase.EVALUATING and now >= self.deadline_ms:
+            self._plan_finish(now, out, "completed", closing=None)
 
-    def _deadline_passed(self, now: int) -> list[Action]:
+    def _deadline_passed(self, now: int, out: list[Action]) -> None:
         # Events carry the time: a deadline that passed before this message arrived is
         # handled first, so a late message meets the next phase (late_updates: drop)
         # whether or not the service's timer happened to tick in between.
         if self.phase in (Phase.ROUND_OPEN, Phase.EVALUATING) and now >= self.deadline_ms:
-            return self._on_tick(now)
-        return []
+            self._on_tick(now, out)
 
-    def _reject(self, worker: str, round_: int, reason: str, detail: str) -> list[Action]:
+    def _reject(self, worker: str, round_: int, reason: str, detail: str, out: list[Action]) -> None:
         self.rejections[reason] += 1
         self._round_rejections[reason] += 1
-        return [RejectUpdate(worker, round_, reason, detail)]
+        out.append(RejectUpdate(worker, round_, reason, detail))
 
-    def _on_update(self, ev: UpdateReceived) -> list[Action]:
+    def sample_cap(self, worker: str) -> int | None:
+        """The most samples ``worker`` may claim: its declared count and the caps."""
+        caps = [c for c in (self.declared.get(worker, self.registry.declared(worker)), self.policy.max_samples,
+                            self.policy.max_samples_by_worker.get(worker)) if c is not None]
+        return min(caps) if caps else None
+
+    def _on_update(self, ev: UpdateReceived, out: list[Action]) -> None:
         if not self.accepts_round("update", ev.round):
-            return self._reject(ev.worker_id, ev.round, "wrong_round", f"round {self.round} is open")
+            self._reject(ev.worker_id, ev.round, "wrong_round", f"round {self.round} is {self.phase.value}", out)
+            return
         if ev.worker_id not in self.cohort:
-            return self._reject(ev.worker_id, ev.round, "not_in_cohort", "")
+            self._reject(ev.worker_id, ev.round, "not_in_cohort", "", out)
+            return
         if ev.worker_id in self._reported:
-            return self._reject(ev.worker_id, ev.round, "duplicate_update", "")
+            if ev.digest and self._reported[ev.worker_id] == ev.digest:
+                out.append(DuplicateIgnored(ev.worker_id, ev.round))
+            else:
+                self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
+            return
+        cap = self.sample_cap(ev.worker_id)
+        if cap is None or ev.update.num_samples > cap:
+            self._reject(ev.worker_id, ev.round, "excessive_samples",
+                         f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
+            return
         try:
             check_tensors(ev.update.state, self.model_spec)
             self._check_extras(ev.update)
             assert self._accumulator is not None
             self._accumulator.add(ev.update)  # InvalidUpdate leaves the aggregator unchanged
         except Rejection as rej:
-            return self._reject(ev.worker_id, ev.round, rej.reason, rej.detail)
+            self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
+            return
         except InvalidUpdate as exc:
-            return self._reject(ev.worker_id, ev.round, "invalid_update", str(exc))
-        self._reported.add(ev.worker_id)
+            self._reject(ev.worker_id, ev.round, "invalid_update", str(exc), out)
+            return
+        self._reported[ev.worker_id] = ev.digest
         self.accepted_total += 1
-        self._train_metrics.append((ev.update.num_samples, ev.train_metrics))
+        self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
         if ev.eval_samples > 0:
-            self._eval_metrics.append((ev.eval_samples, ev.eval_metrics))
-        if self._reported >= set(self.cohort):
-            return self._close_round(ev.now_ms)
-        return []
+            self._eval_metrics.append((float(ev.eval_samples), ev.eval_metrics))
+        if set(self._reported) >= set(self.cohort):
+            self._begin_aggregation(ev.now_ms, out)
 
     def _check_extras(self, update: ClientUpdate) -> None:
         groups = {k for k, v in update.extra.items() if isinstance(v, dict)}
@@ -348,71 +532,151 @@ class RoundStateMachine:
             check_tensors(update.extra[group], self.float_spec)
 
     def _round_metrics(self) -> dict[str, float]:
-        metrics = _weighted_means(self._train_metrics, "train_")
+        metrics = weighted_means(self._train_metrics, "train_")
         # Workers evaluated the round's base model (version model_version - 1 after close).
-        metrics.update(_weighted_means(self._eval_metrics, "federated_"))
+        metrics.update(weighted_means(self._eval_metrics, "federated_"))
         return metrics
 
-    def _close_round(self, now: int) -> list[Action]:
+    def _begin_aggregation(self, now: int, out: list[Action]) -> None:
         assert self._accumulator is not None
-        try:
-            proposal = self._accumulator.result()
-        except (StrategyConfigError, InvalidUpdate, ValueError) as exc:
-            # e.g. a robust rule whose precondition the arrived updates cannot meet
-            self._round_rejections["aggregation_failed"] += 1
-            self.last_error = str(exc)
-            return self._fail_round(now)
-        self.state = self.optimizer.step(self.state, proposal) if self.optimizer else proposal
-        self.rule.commit(self._accumulator, self.num_workers_total or len(self._workers))
+        self.phase = Phase.AGGREGATING
+        self._closing_ms = now
+        out.append(Aggregate(self.round, self._accumulator, self.state, self.rule, self.optimizer,
+                             self.num_workers_total or len(self.registry)))
+
+    def _on_aggregated(self, ev: Aggregated, out: list[Action]) -> None:
+        if self.phase is not Phase.AGGREGATING or ev.round != self.round:
+            return
+        self.state = ev.state
         self.model_version += 1
         self.rounds_completed += 1
         self._failed_in_a_row = 0
         close = CloseRound(self.round, self.model_version, "aggregated", tuple(sorted(self._reported)),
-                           dict(self._round_rejections), (now - self._opened_ms) / 1000.0,
+                           dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
                            self.state, self._round_metrics())
-        return [close, *self._next(now)]
+        self._plan_next(ev.now_ms, out, closing=close)
 
-    def _fail_round(self, now: int) -> list[Action]:
+    def _fail_round(self, now: int, out: list[Action]) -> None:
         self._failed_in_a_row += 1
         close = CloseRound(self.round, self.model_version, "failed", tuple(sorted(self._reported)),
                            dict(self._round_rejections), (now - self._opened_ms) / 1000.0,
                            self.state, self._round_metrics())
         if self._failed_in_a_row >= self.policy.max_failed_rounds:
-            return [close, self._finish("quorum_not_reached")]
-        return [close, *self._next(now)]
+            self._plan_finish(now, out, "quorum_not_reached", closing=close)
+        else:
+            self._plan_next(now, out, closing=close)
 
-    def _next(self, now: int) -> list[Action]:
+    # ---- planning: every announced transition goes through a commit -------------------
+
+    def _record(self, phase: str, *, round_: int, cohort: tuple[str, ...] = (), declared: dict | None = None,
+                reason: str = "") -> JobRecord:
+        return JobRecord(round=round_, phase=phase, model_version=self.model_version,
+                         rounds_completed=self.rounds_completed, failed_in_a_row=self._failed_in_a_row,
+                         cohort=tuple(cohort), declared=dict(declared or {}), accepted_total=self.accepted_total,
+                         reason=reason)
+
+    def _propose(self, record: JobRecord, announce: list, out: list[Action], ack_round: int | None) -> None:
+        self._commit_seq += 1
+        self._pending = _Pending(self._commit_seq, record, announce, ack_round)
+        self.phase = Phase.COMMITTING
+        out.append(Commit(self._commit_seq, record, self.state, self.strategy_state()))
+
+    def _plan_next(self, now: int, out: list[Action], closing: CloseRound | None) -> None:
+        ack = closing.round if closing else None
+        head = [closing] if closing else []
+        alive = self.registry.alive(now)
         if self.rounds_completed < self.policy.rounds:
-            if len(self.alive_workers(now)) < self.policy.min_updates:
+            if len(alive) < max(1, self.policy.min_updates):
+                self._propose(self._record("waiting", round_=self.round), [*head, "wait"], out, ack)
+                return
+            cohort = sample_cohort(alive, self.policy.cohort_size, seed=self.policy.seed, round_=self.round + 1)
+            declared = {w: self.registry.declared(w) for w in cohort}
+            self._propose(self._record("round_open", round_=self.round + 1, cohort=cohort, declared=declared),
+                          [*head, "open_round"], out, ack)
+            return
+        if self.policy.final_eval and alive:
+            self._propose(self._record("evaluating", round_=self.round + 1, cohort=tuple(alive)),
+                          [*head, "open_eval"], out, ack)
+            return
+        self._plan_finish(now, out, "completed", closing=closing)
+
+    def _plan_finish(self, now: int, out: list[Action], reason: str, closing: CloseRound | None) -> None:
+        metrics = weighted_means(self._eval_metrics, "federated_") if self.phase is Phase.EVALUATING else {}
+        finish = FinishJob(reason, self.rounds_completed, self.model_version, metrics)
+        self._propose(self._record("done", round_=self.round, reason=reason),
+                      [*([closing] if closing else []), finish], out, closing.round if closing else None)
+
+    def _on_committed(self, ev: Committed, out: list[Action]) -> None:
+        pending = self._pending
+        if pending is None or ev.seq != pending.seq:
+            return
+        self._pending = None
+        if pending.ack_round is not None:
+            out.append(AckThrough(pending.ack_round))
+        record = pending.record
+        for item in pending.announce:
+            if item == "wait":
+                self._reset_round_state()
                 self.phase = Phase.WAITING_FOR_WORKERS
-                self._wait_started_ms = now
-                return []
-            return [self._open_round(now)]
-        if self.policy.final_eval and self.alive_workers(now):
-            self._reset_round_state()
-            self.round += 1
-            self.phase = Phase.EVALUATING
-            self.cohort = tuple(self.alive_workers(now))
-            self._opened_ms = now
-            self.deadline_ms = now + self.policy.final_eval_deadline_ms
-            return [OpenEval(self.round, self.model_version, self.cohort, self.deadline_ms, self.state)]
-        return [self._finish("completed")]
+                self._wait_started_ms = ev.now_ms
+            elif item == "open_round":
+                self.round = record.round
+                self._enter_round(ev.now_ms, record.cohort, record.declared)
+                out.append(self._open_round_action())
+            elif item == "open_eval":
+                self.round = record.round
+                self._enter_eval(ev.now_ms, record.cohort)
+                out.append(OpenEval(self.round, self.model_version, self.cohort, self.deadline_ms, self.state))
+            elif isinstance(item, FinishJob):
+                self.phase = Phase.DONE
+                out.append(item)
+            else:
+                out.append(item)
 
-    def _on_eval(self, ev: EvalReceived) -> list[Action]:
-        if not self.accepts_round("eval.report", ev.round):
-            return self._reject(ev.worker_id, ev.round, "wrong_round", "")
-        if ev.worker_id not in self.cohort:
-            return self._reject(ev.worker_id, ev.round, "not_in_cohort", "")
-        if ev.worker_id in self._reported:
-            return self._reject(ev.worker_id, ev.round, "duplicate_update", "")
-        self._reported.add(ev.worker_id)
-        if ev.num_samples > 0:
-            self._eval_metrics.append((ev.num_samples, ev.metrics))
-        if self._reported >= set(self.cohort):
-            return [self._finish("completed")]
-        return []
-
-    def _finish(self, reason: str) -> FinishJob:
-        metrics = _weighted_means(self._eval_metrics, "federated_") if self.phase is Phase.EVALUATING else {}
+    def _on_commit_failed(self, ev: CommitFailed, out: list[Action]) -> None:
+        pending = self._pending
+        if pending is None or ev.seq != pending.seq:
+            return
+        # The job's durable state cannot move: announce nothing that was not committed,
+        # finish (uncommitted) with a reason everyone can read.
+        self._pending = None
+        self.last_error = ev.error
         self.phase = Phase.DONE
-        return FinishJob(reason, self.rounds_completed, self.model_version, metrics)
+        out.append(FinishJob("commit_failed", self.rounds_completed, self.model_version, {}))
+
+    def _enter_round(self, now: int, cohort, declared) -> None:
+        self._reset_round_state()
+        self.phase = Phase.ROUND_OPEN
+        self.cohort = tuple(cohort)
+        self.declared = {w: n for w, n in dict(declared).items() if n is not None}
+        self._opened_ms = now
+        self.deadline_ms = now + self.policy.round_deadline_ms
+        self._accumulator = self.rule.begin(self.state)
+
+    def _open_round_action(self) -> OpenRound:
+        extra = self.rule.broadcast()
+        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state,
+                         {self.rule.name: extra} if extra else {})
+
+    def _enter_eval(self, now: int, cohort) -> None:
+        self._reset_round_state()
+        self.phase = Phase.EVALUATING
+        self.cohort = tuple(cohort)
+        self._opened_ms = now
+        self.deadline_ms = now + self.policy.final_eval_deadline_ms
+
+    def _on_eval(self, ev: EvalReceived, out: list[Action]) -> None:
+        if not self.accepts_round("eval.report", ev.round):
+            self._reject(ev.worker_id, ev.round, "wrong_round", "", out)
+            return
+        if ev.worker_id not in self.cohort:
+            self._reject(ev.worker_id, ev.round, "not_in_cohort", "", out)
+            return
+        if ev.worker_id in self._reported:
+            self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
+            return
+        self._reported[ev.worker_id] = b""
+        if ev.num_samples > 0:
+            self._eval_metrics.append((float(ev.num_samples), ev.metrics))
+        if set(self._reported) >= set(self.cohort):
+            self._plan_finish(ev.now_ms, out, "completed", closing=None)

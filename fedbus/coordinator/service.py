@@ -1,8 +1,17 @@
 """CoordinatorService: wires the RoundStateMachine to NATS JetStream.
 
-It translates only: heartbeats and verified updates become events; actions become
-signed publishes, spans, audit records and the run summary. All round logic lives in
-``coordinator.rounds``.
+It translates and persists only: heartbeats and verified updates become events; actions
+become commits, signed publishes, spans, audit records and the run summary. All round
+logic lives in ``coordinator.rounds``; heavy work (aggregation, server evaluation,
+encoding, saving) runs in threads so heartbeats and ack keep-alives never starve.
+
+What a hostile sender can cost the coordinator is bounded here:
+
+* every rejection is counted exactly and reported in aggregate (``RejectionLedger``): at
+  most one log line and one audit record per (sender, reason) and interval;
+* heartbeats and updates pass a per-sender token bucket before any signature is checked;
+* audit records go through their own bounded queue, never through the action queue that
+  opens and closes rounds.
 """
 
 from __future__ import annotations
@@ -18,32 +27,45 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
 from fedbus.aggregation.base import ClientUpdate
+from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.coordinator.factory import machine_for
+from fedbus.coordinator.jobstate import JobStateError, JobStateStore
+from fedbus.coordinator.ledger import RejectionLedger
+from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import (
+    AGGREGATION_ERRORS,
+    AckThrough,
+    Aggregate,
+    AggregationFailed,
+    Aggregated,
     CloseRound,
+    Commit,
+    CommitFailed,
+    Committed,
+    DuplicateIgnored,
     EvalReceived,
     FinishJob,
+    InternalError,
     MessageRejected,
     OpenEval,
     OpenRound,
-    Phase,
     RejectUpdate,
     Start,
     Tick,
     UpdateReceived,
     WorkerSeen,
 )
-from fedbus.coordinator.factory import machine_for
-from fedbus.coordinator.jobstate import JobStateError, JobStateStore
 from fedbus.coordinator.summary import RunSummary
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
-from fedbus.messaging import Messenger, verifier_for
 from fedbus.jobspec import JobSpec
-from fedbus.protocol.tensor_groups import join_groups, split_groups
+from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update
+from fedbus.protocol.runs import new_run_id
+from fedbus.protocol.tensor_groups import join_groups, split_groups
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, inject_trace_headers
 
@@ -54,7 +76,9 @@ TICK_S = 0.05
 # extends it with in_progress() for updates it holds until their round commits.
 ACK_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 60.0
-NAK_DELAY_S = 0.5  # redelivery delay for an update whose round is about to reopen
+FETCH_BATCH = 64
+COMMIT_ATTEMPTS = 3
+AUDIT_QUEUE_MAX = 1_000
 
 
 class CoordinatorService:
@@ -74,17 +98,28 @@ class CoordinatorService:
         if self.test_data is not None:
             self.task.evaluate(self.model, self.test_data)  # pay torch's one-time costs before round 1
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()))
+        self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
+                                   federation=federation)
         self.verifier = verifier_for(job, federation)
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
         self._round_spans: dict[int, otel_trace.Span] = {}
         self.resume = resume
+        self.run_id: str = ""
+        sec = job.security
+        self.ledger = RejectionLedger(int(sec.audit_interval_s * 1000),
+                                      lambda sender: self.federation.get(sender) is not None)
+        self.hb_buckets = TokenBuckets(sec.rate.heartbeats_per_s, sec.rate.heartbeat_burst)
+        self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
         # Accepted updates are acknowledged only once their round is committed: a crash
         # before that leaves them in the stream for the next coordinator (see jobstate).
         self._unacked: dict[int, list] = {}
+        self._held_nonces: set[bytes] = set()
         self._actions: asyncio.Queue = asyncio.Queue()
+        self._audit_queue: asyncio.Queue = asyncio.Queue(maxsize=AUDIT_QUEUE_MAX)
         self._done = asyncio.Event()
+        self.exit_code = 0
+        self.already_done = False
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -93,18 +128,22 @@ class CoordinatorService:
         self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S)
         self.js = self.nc.jetstream()
+        write_summary = True
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
             self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity)
             if self.resume:
-                await self._restore()
+                if not await self._restore():
+                    write_summary = False  # a finished job's results stay as they are
+                    return self.summary
             else:
                 await self._fresh_start()
-                await self.jobstate.reset()
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
-            self.audit = AuditTrail(self.js, self.subjects.audit, self.identity.id)
-            await self.audit.publish("job.started", job=self.job.job, rounds=self.job.rounds)
+            self.audit = AuditTrail(self.js, self.subjects.audit, self.identity.id, stream=self.subjects.audit_stream)
+            await self.audit.resume()
+            await self.audit.publish("job.resumed" if self.resume else "job.started", job=self.job.job,
+                                     run=self.run_id, rounds=self.job.rounds)
             hb_sub = await self.nc.subscribe(self.subjects.hb_all, cb=self._on_heartbeat)
             tasks = [asyncio.create_task(self._consume(self.subjects.upd_all, self.subjects.upd_stream,
                                                       "coordinator-updates", self._on_update)),
@@ -112,34 +151,53 @@ class CoordinatorService:
                                                       "coordinator-metrics", self._on_eval_report)),
                      asyncio.create_task(self._tick()),
                      asyncio.create_task(self._keep_unacked_alive()),
+                     asyncio.create_task(self._write_audit()),
                      asyncio.create_task(self._act())]
-            log.info("coordinator.started", job=self.job.job, nats=self.nats_url, rounds=self.job.rounds,
-                     min_workers=self.job.cohort.min_workers, strategy=self.machine.rule.describe(),
+            log.info("coordinator.started", job=self.job.job, run=self.run_id, nats=self.nats_url,
+                     rounds=self.job.rounds, min_workers=self.job.cohort.min_workers,
+                     strategy=self.machine.rule.describe(),
                      server_optimizer=self.machine.optimizer.name if self.machine.optimizer else "none")
-            self._emit(self.machine.handle(Start(now_ms())))
+            self._feed(Start(now_ms()))
             await self._done.wait()
+            await self._flush_rejections(final=True)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await hb_sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await hb_sub.unsubscribe()
         finally:
-            self.summary.wall_seconds = time.perf_counter() - started
-            self.summary.write(self.run_dir / "summary.json")
+            if write_summary:
+                self.summary.add_wall(time.perf_counter() - started)
+                self.summary.set_rejections(self.ledger.totals)
+                self.summary.write(self.run_dir / "summary.json")
             # Every publish was acknowledged already; drain() would wait on the pull consumers.
             with contextlib.suppress(Exception):
                 await self.nc.close()
         return self.summary
 
-    async def _restore(self) -> None:
+    async def _restore(self) -> bool:
+        """Load the committed job; False when it had already finished (nothing to do)."""
         committed = await self.jobstate.load()
         if committed is None:
             raise JobStateError(f"nothing committed for job {self.job.job!r}: start without --resume")
-        self.machine.restore(round_=committed.round, model_version=committed.model_version,
-                             rounds_completed=committed.rounds_completed, state=committed.model,
-                             failed_in_a_row=committed.failed_in_a_row)
-        self.summary.resumed_from_round = committed.round
-        log.info("coordinator.resumed", round=committed.round, model_version=committed.model_version,
-                 rounds_completed=committed.rounds_completed, phase=committed.phase)
+        self.run_id = committed.run
+        if committed.record.phase == "done":
+            self.already_done = True
+            log.info("coordinator.already_done", job=self.job.job, run=self.run_id,
+                     reason=committed.record.reason, rounds_completed=committed.record.rounds_completed)
+            return False
+        self.machine.restore(committed.record, committed.model, committed.strategy_state)
+        previous = RunSummary.load(self.run_dir / "summary.json", run=self.run_id)
+        if previous is not None:
+            self.summary = previous
+        self.summary.run = self.run_id
+        self.summary.incarnations += 1
+        if self.summary.resumed_from_round is None:
+            self.summary.resumed_from_round = committed.record.round - (committed.record.phase == "round_open")
+        log.info("coordinator.resumed", run=self.run_id, round=committed.record.round,
+                 phase=committed.record.phase, model_version=committed.record.model_version,
+                 rounds_completed=committed.record.rounds_completed)
+        return True
 
     async def _fresh_start(self) -> None:
         """A new coordinator run of a job starts from scratch: old control events and
@@ -151,38 +209,71 @@ class CoordinatorService:
                                 (self.subjects.metrics_stream, "coordinator-metrics")):
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(stream, durable)
+        await self.jobstate.reset()
+        self.run_id = new_run_id(now_ms())
+        self.summary.run = self.run_id
+        self.summary.incarnations = 1
 
     # ---- inputs ------------------------------------------------------------------------
 
-    def _emit(self, actions) -> None:
+    def _feed(self, event) -> list:
+        actions = self.machine.handle(event)
         for action in actions:
             self._actions.put_nowait(action)
+        return actions
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self._emit(self.machine.handle(Tick(now_ms())))
+            self._feed(Tick(now_ms()))
+            if self.ledger.due(now_ms()):
+                await self._flush_rejections()
 
-    def _rejected(self, rej: Rejection, kind: str, subject: str) -> None:
-        header = rej.header
-        self._emit(self.machine.handle(MessageRejected(rej.reason)))
-        self.summary.count_rejection(rej.reason)
-        log.warning(f"{kind}.rejected", reason=rej.reason, detail=rej.detail, subject=subject,
-                    sender=header.sender if header else None, round=header.round if header else None)
-        self._actions.put_nowait(("audit", f"{kind}.rejected", {
-            "reason": rej.reason, "detail": rej.detail[:200], "subject": subject,
-            "sender": header.sender if header else None, "round": header.round if header else None,
-            "nonce": header.nonce.hex() if header else None}))
+    def _rejected(self, kind: str, reason: str, detail: str, sender: str | None, subject: str,
+                  round_: int | None, *, counted_by_machine: bool = False) -> None:
+        """Count a rejection exactly; log it only when it is the first of its kind this interval."""
+        if not counted_by_machine:
+            self.machine.handle(MessageRejected(reason))
+        if self.ledger.record(kind, sender, reason, detail, now_ms()):
+            log.warning(f"{kind}.rejected", reason=reason, detail=detail[:200], subject=subject[:200],
+                        sender=(sender or "")[:64], round=round_, note="further ones this interval are aggregated")
+
+    async def _flush_rejections(self, final: bool = False) -> None:
+        for rep in self.ledger.flush(now_ms()):
+            if rep.count > 1:
+                log.warning(f"{rep.kind}.rejected.summary", reason=rep.reason, sender=rep.sender, count=rep.count)
+            record = {"kind": rep.kind, "sender": rep.sender, "reason": rep.reason, "count": rep.count,
+                      "detail": rep.first_detail, "since_ms": rep.since_ms, "until_ms": rep.until_ms}
+            if final:
+                await self.audit.publish("rejections", **record)
+            else:
+                self._audit("rejections", **record)
+
+    def _audit(self, event: str, **fields) -> None:
+        try:
+            self._audit_queue.put_nowait((event, fields))
+        except asyncio.QueueFull:
+            log.error("audit.queue_full", audit_event=event)
+
+    async def _write_audit(self) -> None:
+        while True:
+            event, fields = await self._audit_queue.get()
+            await self.audit.publish(event, **fields)
 
     async def _on_heartbeat(self, msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
+        now = now_ms()
+        if not self.hb_buckets.allow(token, now):
+            self._rejected("heartbeat", "rate_limited", "heartbeat budget spent", token, msg.subject, None)
+            return
         try:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=token)
         except Rejection as rej:
-            self._rejected(rej, "heartbeat", msg.subject)
+            h = rej.header
+            self._rejected("heartbeat", rej.reason, rej.detail, h.sender if h else None, msg.subject, None)
             return
         hb: Heartbeat = got.fields  # type: ignore[assignment]
-        self._emit(self.machine.handle(WorkerSeen(got.header.sender, hb.num_samples, now_ms())))
+        self._feed(WorkerSeen(got.header.sender, hb.num_samples, now_ms()))
 
     async def _consume(self, subject: str, stream: str, durable: str, handler) -> None:
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
@@ -190,10 +281,7 @@ class CoordinatorService:
         psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         while True:
             try:
-                # batch=1: with nats-py 2.16 a larger batch after a timed-out fetch can
-                # stall until its timeout (a late timeout reply in the shared inbox),
-                # which would land directly on round latency; batch=1 never stalled.
-                msgs = await psub.fetch(batch=1, timeout=1.0)
+                msgs = await psub.fetch(batch=FETCH_BATCH, timeout=0.5)
             except (TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # connection hiccups: keep consuming
@@ -203,12 +291,13 @@ class CoordinatorService:
                 await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
-                deferred = False
+                hold = False
                 try:
-                    deferred = bool(await handler(msg))
+                    hold = bool(await handler(msg))
                 except Exception as exc:  # a bug in one message's handling must not stop the service
-                    log.exception("message.handler_failed", subject=msg.subject, error=repr(exc))
-                if not deferred:
+                    log.exception("message.handler_failed", subject=msg.subject[:200], error=repr(exc))
+                    self._rejected("update", "malformed_body", f"handler failed: {exc!r}", None, msg.subject, None)
+                if not hold:
                     with contextlib.suppress(Exception):
                         await msg.ack()
 
@@ -216,7 +305,7 @@ class CoordinatorService:
         """Updates wait unacknowledged until their round commits; tell the server we
         are still working on them so it does not redeliver them meanwhile."""
         while True:
-            await asyncio.sleep(ACK_WAIT_S / 3)
+            await asyncio.sleep(ACK_WAIT_S / 4)
             for msgs in list(self._unacked.values()):
                 for msg in msgs:
                     with contextlib.suppress(Exception):
@@ -227,57 +316,96 @@ class CoordinatorService:
             for msg in self._unacked.pop(r):
                 with contextlib.suppress(Exception):
                     await msg.ack()
+        if not self._unacked:
+            self._held_nonces.clear()
+
+    @staticmethod
+    def _delivery(msg) -> tuple[int, int | None]:
+        """(how many times delivered, when the stream stored it in ms)."""
+        try:
+            md = msg.metadata
+            return int(md.num_delivered), int(md.timestamp.timestamp() * 1000)
+        except Exception:
+            return 1, None
 
     async def _on_update(self, msg) -> bool:
+        """Verify an update and feed it to the machine; True to hold it unacknowledged."""
         parts = msg.subject.split(".")
         token = parts[-1]
+        delivered, stored_ms = self._delivery(msg)
+        if delivered == 1 and not self.upd_buckets.allow(token, now_ms()):
+            self._rejected("update", "rate_limited", "update budget spent", token, msg.subject, None)
+            return False
         try:
-            if self.machine.phase in (Phase.CREATED, Phase.WAITING_FOR_WORKERS):
-                # open() checks sender, signature and freshness without remembering the nonce,
-                # so a deferred update is accepted in full when it comes back.
-                peek = self.verifier.open(msg.data, sender_token=token)
-                if self.machine.awaits_round(peek.header.type, peek.header.round):
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=NAK_DELAY_S)
-                    return True
             got = await self.messenger.receive(
-                self.verifier, msg.data, sender_token=token,
+                self.verifier, msg.data, sender_token=token, stored_ms=stored_ms, offload=True,
                 round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
             if got.header.type != Update.TYPE:
                 raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
+            if got.header.run != self.run_id:
+                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
         except Rejection as rej:
-            self._rejected(rej, "update", msg.subject)
+            h = rej.header
+            if delivered > 1 and h is not None and self._redelivery_of_known(rej, h, msg):
+                return h.nonce in self._held_nonces
+            self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject,
+                           h.round if h else None)
             return False
         upd: Update = got.fields  # type: ignore[assignment]
         state, groups = split_groups(got.tensors or {})
         event = UpdateReceived(
-            worker_id=got.header.sender, round=upd.round, now_ms=now_ms(),
+            worker_id=got.header.sender, round=got.header.round, now_ms=now_ms(), digest=got.header.digest,
             update=ClientUpdate(got.header.sender, upd.num_samples, state, upd.num_steps,
                                 extra={**upd.extra_scalars, **groups}),
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
-        actions = self.machine.handle(event)
-        accepted = not any(isinstance(a, RejectUpdate) and a.worker_id == event.worker_id for a in actions)
-        if accepted:
-            self.summary.updates_accepted += 1
-            self._unacked.setdefault(upd.round, []).append(msg)  # acked when the round commits
-            log.debug("update.accepted", worker=event.worker_id, round=upd.round, samples=upd.num_samples)
-        self._emit(actions)
-        return accepted
+        actions = self._feed(event)
+        mine = [a for a in actions if getattr(a, "worker_id", None) == event.worker_id
+                and isinstance(a, (RejectUpdate, DuplicateIgnored))]
+        if mine:
+            return False
+        self.summary.updates_accepted += 1
+        self._unacked.setdefault(event.round, []).append(msg)  # acked when the round commits
+        self._held_nonces.add(got.header.nonce)
+        log.debug("update.accepted", worker=event.worker_id, round=event.round, samples=upd.num_samples)
+        return True
 
-    async def _on_eval_report(self, msg) -> None:
+    def _redelivery_of_known(self, rej: Rejection, header, msg) -> bool:
+        """A redelivered update we already handled: not an attack, do not report it.
+
+        Held updates come back when an ack keep-alive was late (replayed_nonce in this
+        process); updates of a round that committed just before a crash come back to the
+        next coordinator (wrong_round, older round)."""
+        if rej.reason == "replayed_nonce" and header.nonce in self._held_nonces:
+            self._unacked.setdefault(header.round, []).append(msg)
+            log.debug("update.redelivered", sender=header.sender, round=header.round)
+            return True
+        if rej.reason == "wrong_round" and header.round < self.machine.round:
+            log.debug("update.redelivered_after_commit", sender=header.sender, round=header.round)
+            return True
+        return False
+
+    async def _on_eval_report(self, msg) -> bool:
+        delivered, stored_ms = self._delivery(msg)
         try:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=msg.subject.rsplit(".", 1)[-1],
+                                               stored_ms=stored_ms,
                                                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
             if got.header.type != EvalReport.TYPE:
                 raise Rejection("unknown_type", f"{got.header.type} on a metrics subject", got.header)
+            if got.header.run != self.run_id:
+                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
         except Rejection as rej:
-            self._rejected(rej, "metrics", msg.subject)
-            return
+            h = rej.header
+            if not (delivered > 1 and rej.reason in ("replayed_nonce", "wrong_round")):
+                self._rejected("metrics", rej.reason, rej.detail, h.sender if h else None, msg.subject,
+                               h.round if h else None)
+            return False
         rep: EvalReport = got.fields  # type: ignore[assignment]
-        self._emit(self.machine.handle(EvalReceived(got.header.sender, rep.round, rep.num_samples, rep.metrics, now_ms())))
+        self._feed(EvalReceived(got.header.sender, got.header.round, rep.num_samples, rep.metrics, now_ms()))
+        return False
 
     # ---- outputs -----------------------------------------------------------------------
 
@@ -288,42 +416,85 @@ class CoordinatorService:
                 await self._perform(action)
             except Exception as exc:
                 log.exception("action.failed", action=type(action).__name__, error=repr(exc))
-                if isinstance(action, (CloseRound, FinishJob)):
-                    # A round we cannot commit (e.g. another coordinator advanced the job's
-                    # KV record) must not be announced or built on: stop, and say why.
-                    self.summary.reason = f"stopped: {type(action).__name__} failed ({type(exc).__name__})"
-                    self._done.set()
+                if isinstance(action, (OpenRound, CloseRound, OpenEval, FinishJob)):
+                    # An announcement that cannot go out (after retries) must not leave
+                    # workers waiting forever: end the job and say why.
+                    await self._stop(f"{type(action).__name__.lower()}_publish_failed", exc)
+
+    async def _stop(self, reason: str, exc: Exception) -> None:
+        self.summary.reason = reason
+        self.summary.error = repr(exc)[:300]
+        self.exit_code = 1
+        with contextlib.suppress(Exception):
+            await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
+                rounds_completed=self.machine.rounds_completed, model_version=self.machine.model_version,
+                reason=reason), round=self.machine.round, run=self.run_id)
+        self._done.set()
 
     async def _perform(self, action) -> None:
         match action:
-            case ("audit", event, fields):
-                await self.audit.publish(event, **fields)
+            case Aggregate():
+                await self._aggregate(action)
+            case Commit():
+                await self._commit(action)
+            case AckThrough():
+                await self._ack_through(action.round)
             case OpenRound():
                 await self._open_round(action)
             case CloseRound():
                 await self._close_round(action)
             case RejectUpdate():
-                self.summary.count_rejection(action.reason)
-                log.warning("update.rejected", reason=action.reason, detail=action.detail,
-                            sender=action.worker_id, round=action.round)
-                await self.audit.publish("update.rejected", reason=action.reason, sender=action.worker_id,
-                                         round=action.round, detail=action.detail[:200])
+                self._rejected("update", action.reason, action.detail, action.worker_id, "", action.round,
+                               counted_by_machine=True)
+            case DuplicateIgnored():
+                log.debug("update.duplicate_ignored", worker=action.worker_id, round=action.round)
             case OpenEval():
                 await self._open_eval(action)
             case FinishJob():
                 await self._finish(action)
+            case InternalError():
+                log.error("machine.internal_error", event=action.event, error=action.error)
+
+    async def _aggregate(self, a: Aggregate) -> None:
+        span = self._round_spans.get(a.round)
+        ctx = otel_trace.set_span_in_context(span) if span else None
+        with self.tracer.start_as_current_span("coordinator.aggregate", context=ctx):
+            try:
+                state = await asyncio.to_thread(a.compute)
+            except AGGREGATION_ERRORS as exc:  # e.g. a robust rule whose precondition the updates cannot meet
+                self._feed(AggregationFailed(a.round, str(exc), now_ms()))
+                return
+        self._feed(Aggregated(a.round, state, now_ms()))
+
+    async def _commit(self, c: Commit) -> None:
+        error: Exception | None = None
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                await self.jobstate.commit(run=self.run_id, record=c.record, model=c.model,
+                                           strategy_state=c.strategy_state, now_ms=now_ms())
+                self._feed(Committed(c.seq, now_ms()))
+                return
+            except Exception as exc:
+                error = exc
+                log.warning("commit.failed", attempt=attempt + 1, error=repr(exc))
+                if "wrong last sequence" in repr(exc).lower():
+                    break  # another coordinator advanced the job: retrying cannot help
+                await asyncio.sleep(0.5 * (attempt + 1))
+        self.summary.error = repr(error)[:300]
+        self.exit_code = 1
+        self._feed(CommitFailed(c.seq, repr(error), now_ms()))
 
     async def _open_round(self, a: OpenRound) -> None:
         span = self.tracer.start_span("round", attributes={
-            "fedbus.job": self.job.job, "fedbus.round": a.round, "fedbus.model_version": a.model_version,
-            "fedbus.cohort_size": len(a.cohort)})
+            "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.round": a.round,
+            "fedbus.model_version": a.model_version, "fedbus.cohort_size": len(a.cohort)})
         self._round_spans[a.round] = span
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
         body = RoundOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort),
                          deadline_ms=a.deadline_ms, train=self.job.train.model_dump(),
                          evaluate=self.job.evaluation.federated)
         await self.messenger.publish(self.subjects.ctl("round.open"), body, join_groups(a.state, a.broadcast),
-                                     round=a.round, trace=traceparent)
+                                     round=a.round, trace=traceparent, run=self.run_id)
         log.info("round.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
 
     def _evaluate(self, state) -> dict[str, float]:
@@ -339,19 +510,18 @@ class CoordinatorService:
         metrics = dict(a.metrics)
         if a.status == "aggregated":
             with self.tracer.start_as_current_span("coordinator.evaluate", context=ctx):
-                metrics.update(self._evaluate(a.state))
-        # Commit first, announce second: whoever hears round.close can rely on it surviving us.
-        await self.jobstate.commit(round_=a.round, model_version=a.model_version,
-                                   rounds_completed=self.machine.rounds_completed,
-                                   failed_in_a_row=self.machine.failed_in_a_row, phase="running",
-                                   model=a.state, now_ms=now_ms())
-        await self._ack_through(a.round)
+                metrics.update(await asyncio.to_thread(self._evaluate, a.state))
         body = RoundClose(round=a.round, model_version=a.model_version, status=a.status, accepted=list(a.accepted),
                           rejected=a.rejected, seconds=a.seconds, metrics=metrics)
-        await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round)
+        # Committed already (the machine announces only what was committed).
+        await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round, run=self.run_id)
         self.summary.add_round(a.round, a.model_version, a.status, a.seconds, len(a.accepted), a.rejected, metrics)
-        await self.audit.publish("round.closed", round=a.round, status=a.status, model_version=a.model_version,
-                                 accepted=list(a.accepted))
+        self.summary.rounds_completed = self.machine.rounds_completed
+        self.summary.model_version = a.model_version
+        self.summary.set_rejections(self.ledger.totals)
+        await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
+        self._audit("round.closed", round=a.round, status=a.status, model_version=a.model_version,
+                    accepted=list(a.accepted))
         log.info("round.closed", round=a.round, status=a.status, seconds=round(a.seconds, 4),
                  accepted=len(a.accepted), **{k: round(v, 4) for k, v in metrics.items()})
         if span:
@@ -367,23 +537,23 @@ class CoordinatorService:
         self._round_spans[a.round] = span
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
         body = EvalOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort), deadline_ms=a.deadline_ms)
-        await self.messenger.publish(self.subjects.ctl("eval.open"), body, a.state, round=a.round, trace=traceparent)
+        await self.messenger.publish(self.subjects.ctl("eval.open"), body, a.state, round=a.round, trace=traceparent,
+                                     run=self.run_id)
         log.info("eval.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
 
     async def _finish(self, a: FinishJob) -> None:
         for span in self._round_spans.values():
             span.end()
         self._round_spans.clear()
-        final = self._evaluate(self.machine.state)
+        final = await asyncio.to_thread(self._evaluate, self.machine.state)
         metrics = {**final, **a.metrics}
         self.summary.finish(a.reason, a.rounds_completed, a.model_version, metrics)
-        await self.jobstate.commit(round_=self.machine.round, model_version=a.model_version,
-                                   rounds_completed=a.rounds_completed, failed_in_a_row=self.machine.failed_in_a_row,
-                                   phase="done", model=self.machine.state, now_ms=now_ms())
+        if a.reason == "commit_failed":
+            self.exit_code = 1
         await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
             rounds_completed=a.rounds_completed, model_version=a.model_version, metrics=metrics, reason=a.reason),
-            round=self.machine.round)
-        await self.audit.publish("job.done", reason=a.reason, rounds_completed=a.rounds_completed)
-        torch.save(self.machine.state, self.run_dir / "final_model.pt")
+            round=self.machine.round, run=self.run_id)
+        await self.audit.publish("job.done", reason=a.reason, rounds_completed=a.rounds_completed, run=self.run_id)
+        await asyncio.to_thread(atomic_torch_save, self.machine.state, self.run_dir / "final_model.pt")
         log.info("job.done", reason=a.reason, rounds=a.rounds_completed, **{k: round(v, 4) for k, v in metrics.items()})
         self._done.set()

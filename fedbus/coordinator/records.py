@@ -1,0 +1,40 @@
+"""JobRecord: the durable state of a job, as committed after every transition.
+
+It is what a resumed coordinator continues from: which round is open (and with which
+cohort, so held updates are accepted after a crash), which model version is current, how
+many rounds completed, and whether the job is done. The run id and the model's location
+are added by the store (``jobstate``); the machine never sees storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PHASES = ("waiting", "round_open", "evaluating", "done")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    round: int
+    phase: str  # one of PHASES
+    model_version: int
+    rounds_completed: int
+    failed_in_a_row: int = 0
+    cohort: tuple[str, ...] = ()
+    declared: dict[str, int] = field(default_factory=dict)  # the cohort's declared sample counts
+    accepted_total: int = 0
+    reason: str = ""  # why the job finished, when phase == "done"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["cohort"] = list(self.cohort)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobRecord:
+        if d.get("phase") not in PHASES:
+            raise ValueError(f"unknown phase {d.get('phase')!r}")
+        return cls(round=int(d["round"]), phase=d["phase"], model_version=int(d["model_version"]),
+                   rounds_completed=int(d["rounds_completed"]), failed_in_a_row=int(d.get("failed_in_a_row", 0)),
+                   cohort=tuple(d.get("cohort", ())), declared={str(k): int(v) for k, v in d.get("declared", {}).items()},
+                   accepted_total=int(d.get("accepted_total", 0)), reason=str(d.get("reason", "")))

@@ -1,0 +1,26 @@
+"""WorkerRegistry: who is alive and what each worker declared on its heartbeats.
+
+Pure: time comes in with every call. Shared by the sync machine and (later) the async one.
+The declared sample count is what bounds a worker's ``num_samples`` claim on its updates.
+"""
+
+from __future__ import annotations
+
+
+class WorkerRegistry:
+    def __init__(self, liveness_ms: int):
+        self.liveness_ms = liveness_ms
+        self._seen: dict[str, tuple[int, int]] = {}  # id -> (declared samples, last seen ms)
+
+    def seen(self, worker: str, num_samples: int, now_ms: int) -> None:
+        self._seen[worker] = (num_samples, now_ms)
+
+    def alive(self, now_ms: int) -> list[str]:
+        return sorted(w for w, (_, seen) in self._seen.items() if now_ms - seen <= self.liveness_ms)
+
+    def declared(self, worker: str) -> int | None:
+        entry = self._seen.get(worker)
+        return entry[0] if entry else None
+
+    def __len__(self) -> int:
+        return len(self._seen)
