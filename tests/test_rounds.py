@@ -573,3 +573,23 @@ def test_an_identical_resend_is_ignored_and_a_different_second_update_rejected()
     assert drive(m, update("w1", 1, 100, digest=b"d1")) == [DuplicateIgnored("w1", 1)]
     [rej] = drive(m, update("w1", 1, 100, digest=b"d2"))
     assert rej.reason == "duplicate_update"
+
+
+# ---- deterministic mode ----------------------------------------------------------------
+
+def _close_in_order(order, deterministic: bool) -> torch.Tensor:
+    values = {"w1": 1e30, "w2": 1.0, "w3": -1e30}  # float sums of these depend on their order
+    m, _ = started(policy(min_updates=3, deterministic=deterministic))
+    actions = []
+    for w in order:
+        actions += drive(m, update(w, 1, 100, value=values[w], n=10))
+    [close] = of(actions, CloseRound)
+    return close.state["w"]
+
+
+def test_deterministic_mode_folds_in_worker_order_whatever_the_arrival_order():
+    a = _close_in_order(("w1", "w2", "w3"), deterministic=True)
+    b = _close_in_order(("w3", "w1", "w2"), deterministic=True)
+    assert torch.equal(a, b)
+    # Arrival order does matter otherwise, so the assertion above is not vacuous.
+    assert not torch.equal(_close_in_order(("w1", "w2", "w3"), False), _close_in_order(("w1", "w3", "w2"), False))

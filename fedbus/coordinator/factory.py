@@ -22,6 +22,7 @@ def policy_from(job: JobSpec, federation: Federation | None = None) -> RoundPoli
         final_eval_deadline_ms=int(job.round_deadline_s * 1000),
         seed=job.seed,
         max_samples=job.security.max_samples_per_update,
+        deterministic=job.deterministic,
         max_samples_by_worker=({p.id: p.max_samples for p in federation.workers() if p.max_samples is not None}
                                if federation is not None else {}),
     )

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedbus.aggregation.base import (AggregationRule, ClientUpdate, InvalidUpdate, RoundAggregator,
-                                     ServerOptimizer, State, StrategyConfigError, is_averageable)
+                                     ServerOptimizer, State, StrategyConfigError, is_averageable,
+                                     validate_update)
 from fedbus.aggregation.fedavg import FedAvg
 from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.records import JobRecord
@@ -58,6 +59,10 @@ class RoundPolicy:
     # Caps on an update's num_samples claim, besides what the worker declared on its heartbeat.
     max_samples: int | None = None
     max_samples_by_worker: Mapping[str, int] = field(default_factory=dict)
+    # Fold a round's updates in worker-id order at its close instead of in arrival order:
+    # float sums then do not depend on timing, so a resumed job ends bit-identical to an
+    # uninterrupted one. Costs O(cohort x model) memory while the round is open.
+    deterministic: bool = False
 
 
 # ---- events ----------------------------------------------------------------------------
@@ -313,6 +318,7 @@ class RoundStateMachine:
         self._opened_ms = 0
         self._accumulator: RoundAggregator | None = None
         self._reported: dict[str, bytes] = {}  # worker -> digest of its accepted update
+        self._held: dict[str, ClientUpdate] = {}  # deterministic mode: folded at close, in id order
         self._round_rejections: Counter[str] = Counter()
         self._train_metrics: list[tuple[float, dict[str, float]]] = []
         self._eval_metrics: list[tuple[float, dict[str, float]]] = []
@@ -509,7 +515,11 @@ class RoundStateMachine:
             check_tensors(ev.update.state, self.model_spec)
             self._check_extras(ev.update)
             assert self._accumulator is not None
-            self._accumulator.add(ev.update)  # InvalidUpdate leaves the aggregator unchanged
+            if self.policy.deterministic:
+                validate_update(self.state, ev.update)
+                self._held[ev.worker_id] = ev.update
+            else:
+                self._accumulator.add(ev.update)  # InvalidUpdate leaves the aggregator unchanged
         except Rejection as rej:
             self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
             return
@@ -539,6 +549,9 @@ class RoundStateMachine:
 
     def _begin_aggregation(self, now: int, out: list[Action]) -> None:
         assert self._accumulator is not None
+        for worker in sorted(self._held):
+            self._accumulator.add(self._held[worker])
+        self._held = {}
         self.phase = Phase.AGGREGATING
         self._closing_ms = now
         out.append(Aggregate(self.round, self._accumulator, self.state, self.rule, self.optimizer,
