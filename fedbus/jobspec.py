@@ -109,6 +109,9 @@ class JobSpec(BaseModel):
     rounds: int = Field(ge=1, le=1_000_000)
     round_deadline_s: float = Field(30.0, gt=0, le=DAY_S, description="seconds a round stays open (at most a day)")
     late_updates: Literal["drop"] = "drop"
+    deterministic: bool = Field(False, description="fold each round's updates in worker-id order (not arrival order) "
+                                                   "and derive worker seeds without the run id, so a rerun or a "
+                                                   "resumed job ends bit-identical; costs O(cohort x model) memory")
     cohort: CohortSpec = Field(default_factory=CohortSpec)
     strategy: StrategySpec = Field(default_factory=lambda: FedAvgSpec(name="fedavg"),
                                    description="aggregation rule and its parameters, e.g. {name: trimmed_mean, beta: 0.1}")
