@@ -160,7 +160,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         attack = Attack.parse(args.simulate_attack, seed=args.attack_seed)
         print(f"WARNING: worker {identity.id} simulates the attack {args.simulate_attack!r} (testing only)",
               file=sys.stderr)
-    service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack)
+    service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
+                            state_dir=args.state_dir)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
     w.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--state-dir", help="where this worker keeps its per-job state (sent updates, SCAFFOLD's c_i); "
+                   "default .fedbus-state/<job>/<worker id> in the working directory")
     w.add_argument("--simulate-attack", metavar="KIND[:PARAM]",
                    help="TESTING ONLY: misbehave (sign_flip:K, scale:K, gaussian:SIGMA, label_flip)")
     w.add_argument("--attack-seed", type=int, default=0, help=argparse.SUPPRESS)

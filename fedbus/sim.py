@@ -1,9 +1,11 @@
-"""In-process simulation: the same RoundStateMachine and LocalTrainer, no bus.
+"""In-process simulation: the same coordinator machine and worker core, no bus.
 
 Researchers run a job spec with many simulated clients on one machine; the coordinator
-core and the workers' training code are exactly those of a deployment, only the
-transport (and its verification) is replaced by direct calls, and time is virtual, so a
-run is deterministic for a seed.
+core and the workers' core, trainer and update pipeline are exactly those of a
+deployment (``fedbus.worker.simulated``: each simulated worker has its own task object
+and the training context a deployed worker would have), only the transport (and its
+verification) is replaced by direct calls, and time is virtual, so a run is
+deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from fedbus.coordinator.rounds import (
 from fedbus.jobspec import JobSpec
 from fedbus.tasks import load_task
 from fedbus.worker.attacks import Attack
-from fedbus.worker.trainer import LocalTrainer
+from fedbus.worker.simulated import (
+    ControlChannel,
+    SimulatedWorker,
+    eval_open_message,
+    eval_received,
+    receiver_pipeline,
+    round_open_message,
+    sim_run_id,
+    update_received,
+)
 
 
 @dataclass
@@ -67,8 +78,10 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     task = load_task(job.task)
     ids = worker_ids(num_workers)
     silent = {ids[i] for i in stragglers}
-    trainers = {wid: LocalTrainer(task, job, partition=i, num_partitions=num_workers,
-                                  attack=(attacks or {}).get(i)) for i, wid in enumerate(ids)}
+    trainers = {wid: SimulatedWorker(task, job, wid, partition=i, num_partitions=num_workers,
+                                     attack=(attacks or {}).get(i)) for i, wid in enumerate(ids)}
+    control = ControlChannel(sim_run_id(job))
+    receiver = receiver_pipeline(job)
     torch.manual_seed(job.seed)
     model = task.build_model(job.task_params)
     test_data = task.server_test_data(job.task_params, job.seed) if job.evaluation.server_test else None
@@ -95,9 +108,10 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
         action = pending.pop(0)
         match action:
             case OpenRound():
+                message = control.message(*round_open_message(job, action), clock)
                 for wid in action.cohort:
                     if wid not in silent:
-                        pending += _train_one(machine, trainers[wid], wid, action, tick)
+                        pending += _train_one(machine, trainers[wid], message, receiver, tick)
                 if silent & set(action.cohort):
                     # Virtual time jumps to the deadline; every worker heartbeats on the way.
                     clock = max(clock, action.deadline_ms)
@@ -112,12 +126,10 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
                 if on_round:
                     on_round(row)
             case OpenEval():
+                message = control.message(*eval_open_message(action), clock)
                 for wid in action.cohort:
-                    trainer = trainers[wid]
-                    trainer.load(action.state)
-                    ev = trainer.evaluate()
-                    pending += machine.handle(EvalReceived(wid, action.round, ev.num_samples,
-                                                           {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, tick()))
+                    for sent in trainers[wid].receive(message):
+                        pending += machine.handle(eval_received(wid, sent, tick()))
             case RejectUpdate():
                 pass
             case FinishJob():
@@ -128,11 +140,9 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     return result
 
 
-def _train_one(machine, trainer: LocalTrainer, wid: str, ro: OpenRound, tick) -> list:
-    trainer.load(ro.state)
-    ev = trainer.evaluate()
-    result = trainer.train(ro.round, ro.state, ro.broadcast, trainer.settings_for(trainer.job.train.model_dump()))
-    update = ClientUpdate(wid, result.num_samples, result.state, result.num_steps,
-                          extra={**result.extra_scalars, **result.extra_groups})
-    return machine.handle(UpdateReceived(wid, ro.round, update, tick(), result.train_metrics,
-                                         {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, ev.num_samples))
+def _train_one(machine, worker: SimulatedWorker, message, receiver, tick) -> list:
+    """One simulated worker answers a round.open exactly as a deployed one (RoundOpen.evaluate included)."""
+    out = []
+    for sent in worker.receive(message):
+        out += machine.handle(update_received(receiver, worker.worker_id, sent, tick()))
+    return out

@@ -23,7 +23,8 @@ def job(**kw) -> JobSpec:
 
 
 def trainer(j: JobSpec, attack: Attack | None = None, partition: int = 0) -> LocalTrainer:
-    return LocalTrainer(load_task(TASK), j, partition=partition, num_partitions=4, attack=attack)
+    return LocalTrainer(load_task(TASK), j, worker_id=f"w{partition + 1:02d}", partition=partition, num_partitions=4,
+                        attack=attack)
 
 
 def global_state(t: LocalTrainer) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ defaults for `train` and `evaluate` cover ordinary classification.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -46,6 +48,71 @@ class TrainSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     # FedProx: (mu/2) * ||w - w_global||^2 is added to the loss when mu > 0.
     proximal_mu: float = Field(default=0.0, ge=0)
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """Who is training what: handed to `Task.train` and `Task.evaluate` as `context=`.
+
+    A deployed worker and a simulated one build it the same way (`training_context`),
+    so a task that keys per-worker state on `worker_id` behaves the same in both.
+    `round` is the synchronous round (or, in asynchronous mode, the base model version);
+    `run` is the coordinator run the work answers (None when the coordinator names none).
+
+    `seed` is for reproducibility only (data order, dropout, augmentation): it is
+    derived from public values, so anyone can recompute it. Randomness that protects
+    privacy (DP noise, secure-aggregation masks) must never come from it; it comes from
+    `os.urandom` / `secrets` (a CSPRNG) in the transform that needs it.
+    """
+
+    worker_id: str
+    partition: int
+    num_partitions: int
+    run: str | None
+    round: int
+    seed: int
+
+
+def derive_seed(job_seed: int, run: str | None, worker_id: str, round_: int) -> int:
+    """A 63-bit training seed, distinct per (job seed, run, worker, round).
+
+    BLAKE2b over an unambiguous encoding of the four values (first 8 bytes, top bit
+    cleared so every torch/numpy seeding API takes it). Not secret: see TrainingContext.
+    """
+    material = "\x1f".join(("fedbus-train-seed-v1", str(int(job_seed)), run or "", worker_id, str(int(round_))))
+    digest = hashlib.blake2b(material.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def training_context(*, job_seed: int, run: str | None, worker_id: str, partition: int, num_partitions: int,
+                     round_: int) -> TrainingContext:
+    return TrainingContext(worker_id=worker_id, partition=partition, num_partitions=num_partitions, run=run,
+                           round=round_, seed=derive_seed(job_seed, run, worker_id, round_))
+
+
+def accepts_context(method) -> bool:
+    """Whether a task's train/evaluate takes ``context=`` (user tasks written before it existed do not)."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "context" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.kind == p.VAR_KEYWORD
+               for p in params)
+
+
+def call_train(task: Task, model: nn.Module, dataset: Dataset, settings: TrainSettings, *,
+               context: TrainingContext, global_state: Mapping[str, torch.Tensor] | None = None,
+               **extra: Any) -> TrainResult:
+    """``task.train`` with the context's seed, passing ``context=`` only to tasks that accept it."""
+    if accepts_context(task.train):
+        extra["context"] = context
+    return task.train(model, dataset, settings, seed=context.seed, global_state=global_state, **extra)
+
+
+def call_evaluate(task: Task, model: nn.Module, dataset: Dataset, *, context: TrainingContext | None) -> EvalResult:
+    if context is not None and accepts_context(task.evaluate):
+        return task.evaluate(model, dataset, context=context)
+    return task.evaluate(model, dataset)
 
 
 @dataclass
@@ -111,7 +178,10 @@ class Task:
 
     About seeds: `worker_data` receives the *job* seed, the same on every worker,
     because all workers must derive the same global partition to take disjoint
-    shares of it. `train` receives a seed meant to differ per worker and round.
+    shares of it. `train` receives a seed that differs per worker, run and round
+    (`derive_seed`), and, if its signature accepts it, a keyword `context`
+    (`TrainingContext`: worker id, partition, run, round, the same seed); so does
+    `evaluate`. Tasks whose `train`/`evaluate` take no `context` keep working.
     """
 
     name: str = "task"
@@ -150,6 +220,7 @@ class Task:
         global_state: Mapping[str, torch.Tensor] | None = None,
         *,
         grad_correction: Mapping[str, torch.Tensor] | None = None,
+        context: TrainingContext | None = None,
     ) -> TrainResult:
         """Minibatch training; returns the mean objective and accuracy over all epochs.
 
@@ -165,6 +236,9 @@ class Task:
         c − c_i here. Every trainable parameter needs an entry (KeyError otherwise);
         extra entries, e.g. for buffers, are ignored. A parameter the loss does not
         reach gets the correction alone as its gradient.
+
+        `context` says which worker, partition, run and round this is; the default
+        loop needs only `seed` (which is `context.seed` when fedbus calls it).
         """
         num_samples = len(dataset)  # type: ignore[arg-type]
         model.train()
@@ -211,7 +285,7 @@ class Task:
         return TrainResult(num_samples=num_samples, num_steps=num_steps, metrics=metrics)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, dataset: Dataset) -> EvalResult:
+    def evaluate(self, model: nn.Module, dataset: Dataset, *, context: TrainingContext | None = None) -> EvalResult:
         """Mean loss and accuracy. An empty dataset gives zeros with num_samples=0,
         so sample-weighted averages ignore it (NaN would poison unweighted ones)."""
         was_training = model.training

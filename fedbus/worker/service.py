@@ -1,9 +1,11 @@
-"""WorkerService: a data holder's side of the federation.
+"""WorkerService: a data holder's side of the federation, as a thin adapter around WorkerCore.
 
-Heartbeats on core NATS; follows the control stream (an ordered consumer starting at the
-last message of each control subject, so a late or restarted worker catches up);
-for each round it is selected for: verifies the model, evaluates it on its held-out
-split, trains locally and publishes a signed update. Spans join the round's trace.
+Heartbeats on core NATS; follows the control stream (``ControlFollower``); every
+verified control message becomes a ``ControlVerified`` event for the sans-I/O
+``WorkerCore``, whose actions this service runs: training and evaluation in a thread
+(``LocalTrainer``, the same code ``fedbus sim`` runs), publishing signed updates and
+reports under the run they answer, persisting what it sent (``WorkerStateStore``) so a
+reopened round can be answered again. Spans join the round's trace.
 """
 
 from __future__ import annotations
@@ -11,32 +13,137 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
+from pathlib import Path
 
 import structlog
 from nats.js.api import DeliverPolicy
 
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
-from fedbus.crypto.envelopes import Rejection, check_tensors, now_ms
+from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
+from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
-from fedbus.jobspec import JobSpec
-from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundOpen, Update
-from fedbus.protocol.tensor_groups import join_groups, split_groups
-from fedbus.tasks import load_task, warm_up_torch
-from fedbus.worker.attacks import Attack
-from fedbus.worker.trainer import LocalTrainer
+from fedbus.protocol.messages import Heartbeat
+from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
+from fedbus.worker.attacks import Attack
+from fedbus.worker.core import (
+    Action,
+    ControlVerified,
+    Evaluate,
+    Exit,
+    Ignore,
+    PublishEvalReport,
+    PublishUpdate,
+    Reject,
+    Train,
+    WorkerCore,
+    WorkFailed,
+)
+from fedbus.worker.state import WorkerStateStore, default_state_dir
+from fedbus.worker.trainer import LocalTrainer
 
 log = structlog.get_logger("fedbus.worker")
 
 CONNECT_TIMEOUT_S = 60.0
+# Idle heartbeat of the control consumer: a consumer lost without a reconnect (the
+# server dropped it) is noticed by nats-py after two missed heartbeats.
+CONTROL_IDLE_HEARTBEAT_S = 2.0
+# How long to keep trying to recreate the control consumer after a reconnect (JetStream
+# may still be recovering its streams when the connection is back).
+RESUBSCRIBE_RETRY_S = 0.25
+RESUBSCRIBE_GIVE_UP_S = 120.0
+
+
+def control_event(got: Received, now: int) -> ControlVerified:
+    h = got.header
+    return ControlVerified(got.fields, got.tensors, h.run, h.round, h.nonce, h.ts, now, h.trace)
+
+
+class ControlFollower:
+    """Follows ``ctl.>`` with an ordered push consumer, and recreates it at once after a reconnect.
+
+    nats-py's ordered consumer notices a lost consumer (a restarted nats-server keeps no
+    in-memory ephemeral consumers) only after two missed idle heartbeats, checked on a
+    fixed ``2 x idle_heartbeat`` timer: with the default 5 s heartbeat that is 10-20 s
+    after the restart, and the worker sees the next round.open that late. Here the
+    reconnect itself triggers a new consumer starting after the last stream sequence
+    delivered, so nothing is skipped and nothing waits for a timer.
+    """
+
+    def __init__(self, js, subject: str, deliver):
+        self.js = js
+        self.subject = subject
+        self.deliver = deliver  # async callable(msg)
+        self.last_seq: int | None = None
+        self.sub = None
+        self.resubscribes = 0
+        self._task: asyncio.Task | None = None
+
+    async def _on_msg(self, msg) -> None:
+        with contextlib.suppress(Exception):
+            seq = msg.metadata.sequence.stream
+            if self.last_seq is not None and seq <= self.last_seq:
+                return  # already delivered by the consumer this one replaced
+            self.last_seq = seq
+        await self.deliver(msg)
+
+    async def _subscribe(self):
+        if self.last_seq is None:
+            kwargs = {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}
+        else:
+            kwargs = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": self.last_seq + 1}
+        return await self.js.subscribe(self.subject, ordered_consumer=True, idle_heartbeat=CONTROL_IDLE_HEARTBEAT_S,
+                                       cb=self._on_msg, **kwargs)
+
+    async def start(self) -> None:
+        self.sub = await self._subscribe()
+
+    def on_reconnected(self) -> None:
+        """Called from the connection's reconnected callback: replace the consumer in the background."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = asyncio.create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        old, self.sub = self.sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RESUBSCRIBE_GIVE_UP_S
+        while True:
+            try:
+                self.sub = await self._subscribe()
+                self.resubscribes += 1
+                log.info("control.resubscribed", after_seq=self.last_seq)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # JetStream not ready yet, or the link dropped again
+                if loop.time() > give_up:
+                    log.error("control.resubscribe_failed", error=repr(exc))
+                    return
+                log.debug("control.resubscribe_retry", error=repr(exc))
+                await asyncio.sleep(RESUBSCRIBE_RETRY_S)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
 
 
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
-                 partition: int | None = None, attack: Attack | None = None):
+                 partition: int | None = None, attack: Attack | None = None,
+                 state_dir: str | os.PathLike[str] | None = None):
         listed = federation.listed_as(identity, "worker")
         self.job = job
         self.federation = federation
@@ -47,16 +154,28 @@ class WorkerService:
         self.partition = federation.partition_of(identity.id) if partition is None else partition
         self.num_partitions = len(federation.workers())
         self.attack = attack
-        self.trainer = LocalTrainer(load_task(job.task), job, partition=self.partition,
-                                    num_partitions=self.num_partitions, attack=attack)
+        self.store = WorkerStateStore(Path(state_dir) if state_dir is not None
+                                      else default_state_dir(job.job, identity.id))
+        self.trainer = LocalTrainer(load_task(job.task), job, worker_id=identity.id, partition=self.partition,
+                                    num_partitions=self.num_partitions, attack=attack,
+                                    state_loader=self.store.load_strategy)
         self.model_spec = spec_of(self.trainer.model.state_dict())
+        self.core = WorkerCore(identity.id, self.partition, self.num_partitions, job.seed, self.model_spec,
+                               sent=self.store.load_updates())
         self.verifier = verifier_for(job, federation)
         self.tracer = get_tracer("fedbus.worker")
-        self.status = "idle"
-        self.rounds_done: set[int] = set()
-        self.rounds_trained = 0
+        self.messenger: Messenger | None = None
+        self.follower: ControlFollower | None = None
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
+
+    @property
+    def status(self) -> str:
+        return self.core.status
+
+    @property
+    def rounds_trained(self) -> int:
+        return self.core.rounds_trained
 
     @property
     def num_samples(self) -> int:
@@ -68,7 +187,9 @@ class WorkerService:
         warm_up_torch()
         task, data = self.trainer.task, self.trainer.data
         scratch = copy.deepcopy(self.trainer.model)
-        task.train(scratch, data.train, self.job.train, seed=0,
+        ctx = training_context(job_seed=self.job.seed, run=None, worker_id=self.identity.id, partition=self.partition,
+                               num_partitions=self.num_partitions, round_=0)
+        call_train(task, scratch, data.train, self.job.train, context=ctx,
                    global_state=scratch.state_dict() if self.job.train.proximal_mu > 0 else None)
         if len(data.val) > 0:
             task.evaluate(scratch, data.val)
@@ -76,26 +197,31 @@ class WorkerService:
     async def run(self) -> int:
         # Announce ourselves (heartbeats) only once we can train at full speed.
         await asyncio.to_thread(self.warm_up)
+
+        async def on_reconnected() -> None:
+            if self.follower is not None:
+                self.follower.on_reconnected()
+
         self.nc = await connect(self.nats_url, name=f"fedbus-worker-{self.identity.id}",
-                                first_connect_timeout=CONNECT_TIMEOUT_S)
+                                first_connect_timeout=CONNECT_TIMEOUT_S, reconnected_cb=on_reconnected)
         self.js = self.nc.jetstream()
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
-            sub = await self.js.subscribe(self.subjects.ctl_all, ordered_consumer=True,
-                                          deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self._inbox.put)
+            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put)
+            await self.follower.start()
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control())]
             if self.attack is not None:
                 log.warning("attack.simulation_enabled", kind=self.attack.kind, param=self.attack.param)
             log.info("worker.started", worker=self.identity.id, partition=self.partition,
-                     samples=self.num_samples, nats=self.nats_url)
+                     samples=self.num_samples, nats=self.nats_url, state_dir=str(self.store.root),
+                     stored_updates=len(self.core.sent))
             await self._done.wait()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self.follower.stop()
         finally:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -122,73 +248,80 @@ class WorkerService:
                 level = log.debug if rej.reason == "replayed_nonce" else log.warning
                 level("control.rejected", reason=rej.reason, detail=rej.detail, subject=msg.subject)
                 continue
-            try:
-                await self._on_control(got)
-            except Exception as exc:  # never let one bad round take the worker down
-                log.exception("control.failed", type=got.header.type, error=repr(exc))
-                self.status = "idle"
+            await self.on_control(got)
 
-    async def _on_control(self, got: Received) -> None:
-        fields = got.fields
-        if isinstance(fields, JobDone):
-            log.info("job.done", reason=fields.reason, rounds=fields.rounds_completed)
-            self.status = "done"
-            self._done.set()
-        elif isinstance(fields, RoundOpen):
-            if self.identity.id in fields.cohort and fields.round not in self.rounds_done:
-                await self._train_round(got, fields)
-        elif isinstance(fields, EvalOpen):
-            if self.identity.id in fields.cohort and fields.round not in self.rounds_done:
-                await self._evaluate_round(got, fields)
-
-    def _load_global(self, got: Received) -> dict[str, dict]:
-        """Check the model against ours and load it; returns the strategy's extra groups."""
-        model, groups = split_groups(got.tensors or {})
-        check_tensors(model, self.model_spec, got.header)
-        self.trainer.load(model)
-        return groups
-
-    async def _train_round(self, got: Received, ro: RoundOpen) -> None:
-        self.rounds_done.add(ro.round)
-        if now_ms() > ro.deadline_ms:
-            log.info("round.missed", round=ro.round, reason="deadline_passed")
-            return
+    async def on_control(self, got: Received) -> None:
+        """One verified control message: the core decides, this runs what it decided."""
         parent = trace_context_from_traceparent(got.header.trace)
-        attrs = {"fedbus.round": ro.round, "fedbus.worker": self.identity.id}
-        self.status = "training"
-        with self.tracer.start_as_current_span("worker.fetch", context=parent, attributes=attrs):
-            groups = self._load_global(got)
-            global_state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
-        eval_metrics, eval_samples = {}, 0
-        if ro.evaluate and len(self.trainer.data.val) > 0:
-            with self.tracer.start_as_current_span("worker.evaluate", context=parent, attributes=attrs):
-                ev = self.trainer.evaluate()
-                eval_metrics, eval_samples = {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, ev.num_samples
-        settings = self.trainer.settings_for(ro.train)
-        with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
-            result = await asyncio.to_thread(self.trainer.train, ro.round, global_state, groups, settings)
-            span.set_attribute("fedbus.num_steps", result.num_steps)
+        attrs = {"fedbus.round": got.header.round, "fedbus.worker": self.identity.id}
+        try:
+            with self.tracer.start_as_current_span("worker.fetch", context=parent, attributes=attrs) \
+                    if got.header.type == "round.open" else contextlib.nullcontext():
+                actions = self.core.handle(control_event(got, now_ms()))
+            await self._run_actions(actions, parent, attrs)
+        except Exception as exc:  # never let one bad round take the worker down
+            log.exception("control.failed", type=got.header.type, error=repr(exc))
+
+    async def _run_actions(self, actions: list[Action], parent, attrs) -> None:
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            match action:
+                case Train():
+                    with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
+                        try:
+                            done = await asyncio.to_thread(self.trainer.run_train, action)
+                        except Exception:
+                            pending += self.core.handle(WorkFailed("train", action.run, action.round))
+                            raise
+                        span.set_attribute("fedbus.num_steps", done.fields.num_steps)
+                    pending += self.core.handle(done)
+                case Evaluate():
+                    with self.tracer.start_as_current_span("worker.evaluate", context=parent, attributes=attrs):
+                        try:
+                            done = await asyncio.to_thread(self.trainer.run_evaluate, action)
+                        except Exception:
+                            pending += self.core.handle(WorkFailed("evaluate", action.run, action.round))
+                            raise
+                    pending += self.core.handle(done)
+                case PublishUpdate():
+                    await self._publish_update(action, parent, attrs)
+                case PublishEvalReport():
+                    await self.messenger.publish(self.subjects.metrics(self.identity.id), action.fields,
+                                                 round=action.round, run=action.run, trace=current_traceparent())
+                    log.info("eval.sent", round=action.round, run=action.run,
+                             accuracy=round(float(action.fields.metrics.get("accuracy", float("nan"))), 4))
+                case Exit():
+                    log.info("job.done", reason=action.reason, rounds=action.rounds_completed)
+                    self._done.set()
+                case Reject():
+                    log.warning("control.rejected", reason=action.reason, type=action.type, round=action.round,
+                                run=action.run, detail=action.detail)
+                case Ignore():
+                    if action.reason == "deadline_passed":
+                        log.info("round.missed", round=action.round, run=action.run, reason=action.reason)
+                    else:
+                        log.debug("control.ignored", reason=action.reason, type=action.type, round=action.round,
+                                  run=action.run)
+
+    async def _publish_update(self, action: PublishUpdate, parent, attrs) -> None:
+        if not action.resend:
+            # Persist before publishing: a crash after the publish must still be able to resend.
+            state = self.trainer.pipeline.state_dict()
+            await asyncio.to_thread(self._persist, action, state)
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
-            body = Update(round=ro.round, base_version=ro.model_version, num_samples=result.num_samples,
-                          num_steps=result.num_steps, train_metrics=result.train_metrics,
-                          eval_metrics=eval_metrics, eval_samples=eval_samples, extra_scalars=result.extra_scalars)
-            await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), body,
-                                         join_groups(result.state, result.extra_groups), round=ro.round,
+            await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), action.fields,
+                                         action.tensors, round=action.round, run=action.run,
                                          trace=current_traceparent())
-        self.rounds_trained += 1
-        self.status = "idle"
-        log.info("update.sent", round=ro.round, samples=result.num_samples, steps=result.num_steps,
-                 loss=round(float(result.train_metrics.get("loss", float("nan"))), 4))
+        f = action.fields
+        log.info("update.resent" if action.resend else "update.sent", round=action.round, run=action.run,
+                 samples=f.num_samples, steps=f.num_steps,
+                 loss=round(float(f.train_metrics.get("loss", float("nan"))), 4))
 
-    async def _evaluate_round(self, got: Received, eo: EvalOpen) -> None:
-        self.rounds_done.add(eo.round)
-        parent = trace_context_from_traceparent(got.header.trace)
-        with self.tracer.start_as_current_span("worker.evaluate", context=parent,
-                                               attributes={"fedbus.round": eo.round, "fedbus.worker": self.identity.id}):
-            self._load_global(got)
-            ev = self.trainer.evaluate()
-        body = EvalReport(round=eo.round, model_version=eo.model_version, num_samples=ev.num_samples,
-                          metrics={"loss": float(ev.loss), "accuracy": float(ev.accuracy)})
-        await self.messenger.publish(self.subjects.metrics(self.identity.id), body, round=eo.round,
-                                     trace=current_traceparent())
-        log.info("eval.sent", round=eo.round, accuracy=round(float(ev.accuracy), 4))
+    def _persist(self, action: PublishUpdate, strategy_state: dict) -> None:
+        try:
+            self.store.save_update(action.run, action.round, action.fields, action.tensors)
+            if strategy_state:
+                self.store.save_strategy(action.run, strategy_state)
+        except OSError as exc:  # a full disk costs the ability to resend, not the round
+            log.warning("state.write_failed", error=repr(exc), state_dir=str(self.store.root))

@@ -1,42 +1,41 @@
-"""LocalTrainer: what a worker does with one round, without any I/O.
+"""LocalTrainer: runs the worker core's Train and Evaluate actions, without any I/O.
 
-Given the round's global model (plus any strategy extras the coordinator broadcast),
-evaluate it on the held-out split, train locally, and produce the update: weights,
-metrics, and the strategy's worker-side extras (FedNova's a_i, SCAFFOLD's Δc_i). The
-NATS worker service and the in-process simulator both run this class, so simulation and
-deployment train identically.
+Given the round's global model (plus any strategy extras the coordinator broadcast), it
+evaluates the model on the held-out split when asked, trains locally with the task, and
+passes the result through the job's update pipeline (``fedbus.transforms``: strategy
+client step, clipping, the test-only attack, encoding). The NATS worker service and the
+in-process simulator both run this class with the same actions, so simulation and
+deployment train identically. Strategy-specific behaviour lives in the pipeline only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import TensorDataset
 
-from fedbus.aggregation.fednova import fednova_a
-from fedbus.aggregation.scaffold import DELTA_C, scaffold_client_update
 from fedbus.jobspec import JobSpec
-from fedbus.tasks import EvalResult, Task, TrainSettings
+from fedbus.tasks import (EvalResult, Task, TrainingContext, TrainSettings, call_evaluate, call_train,
+                          training_context)
+from fedbus.transforms import LocalUpdate, Pipeline, TrainPlan, UpdateContext, build_worker_pipeline
+from fedbus.transforms.strategy import SCAFFOLD_C, ScaffoldStep
+from fedbus.protocol.messages import EvalReport
 from fedbus.worker.attacks import Attack
+from fedbus.worker.core import Evaluate, EvaluationFinished, Train, TrainingFinished
 
-SCAFFOLD_C = "scaffold"  # round.open carries a rule's broadcast under the rule's name
-
-
-@dataclass
-class LocalResult:
-    num_samples: int
-    num_steps: int
-    train_metrics: dict[str, float]
-    state: dict[str, torch.Tensor]
-    extra_scalars: dict[str, float] = field(default_factory=dict)
-    extra_groups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+__all__ = ["SCAFFOLD_C", "LocalTrainer"]
 
 
 class LocalTrainer:
-    def __init__(self, task: Task, job: JobSpec, *, partition: int, num_partitions: int, attack: Attack | None = None):
+    def __init__(self, task: Task, job: JobSpec, *, worker_id: str, partition: int, num_partitions: int,
+                 attack: Attack | None = None, pipeline: Pipeline | None = None,
+                 state_loader: Callable[[str | None], dict] | None = None):
         self.task = task
         self.job = job
+        self.worker_id = worker_id
+        self.partition = partition
+        self.num_partitions = num_partitions
         self.attack = attack
         torch.manual_seed(job.seed)
         self.model = task.build_model(job.task_params)
@@ -44,8 +43,12 @@ class LocalTrainer:
                                      params=job.task_params, seed=job.seed)
         if attack is not None and attack.poisons_data:
             self.data.train = self._flip_labels(self.data.train)
-        self.strategy = job.strategy.name
-        self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD c_i, kept across rounds
+        self.pipeline = pipeline if pipeline is not None else build_worker_pipeline(job, attack=attack)
+        # Per-run pipeline state (SCAFFOLD's c_i): a new coordinator run starts from fresh
+        # server state, so the worker's state is per run too; the service loads a
+        # persisted run's state from its state directory, the simulator has none.
+        self.state_loader = state_loader or (lambda run: {})
+        self.state_run: str | None = None
 
     def _flip_labels(self, dataset):
         if not isinstance(dataset, TensorDataset):
@@ -58,47 +61,68 @@ class LocalTrainer:
     def num_samples(self) -> int:
         return len(self.data.train)
 
+    @property
+    def control(self) -> dict[str, torch.Tensor]:
+        """SCAFFOLD's c_i (empty for other strategies)."""
+        step = next((t for t in self.pipeline.transforms if isinstance(t, ScaffoldStep)), None)
+        return step.control if step is not None else {}
+
+    def context(self, round_: int, run: str | None = None) -> TrainingContext:
+        return training_context(job_seed=self.job.seed, run=run, worker_id=self.worker_id, partition=self.partition,
+                                num_partitions=self.num_partitions, round_=round_)
+
     def settings_for(self, round_settings: dict) -> TrainSettings:
-        settings = TrainSettings.model_validate(round_settings)
-        mu = getattr(self.job.strategy, "mu", None)
-        if self.strategy == "fedprox" and mu is not None:
-            settings = settings.model_copy(update={"proximal_mu": float(mu)})
-        return settings
+        """The settings local training will use: the round's, as the pipeline adjusts them (FedProx's mu)."""
+        plan = self.pipeline.prepare(self.context(0), {}, list(self.model.named_parameters()),
+                                     TrainPlan(TrainSettings.model_validate(round_settings)))
+        return plan.settings
 
     def load(self, global_state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(global_state)
 
-    def evaluate(self, dataset=None) -> EvalResult:
-        return self.task.evaluate(self.model, self.data.val if dataset is None else dataset)
+    def evaluate(self, dataset=None, context: TrainingContext | None = None) -> EvalResult:
+        return call_evaluate(self.task, self.model, self.data.val if dataset is None else dataset, context=context)
 
     def train(self, round_: int, global_state: dict[str, torch.Tensor],
-              broadcast: dict[str, dict[str, torch.Tensor]], settings: TrainSettings) -> LocalResult:
-        """Train from the already loaded global model; returns the update to send."""
+              broadcast: dict[str, dict[str, torch.Tensor]], settings: TrainSettings, *,
+              context: TrainingContext | None = None, base_version: int = 0,
+              eval_metrics: dict[str, float] | None = None, eval_samples: int = 0) -> LocalUpdate:
+        """Train from the already loaded global model and run the pipeline; returns the encoded update."""
+        ctx = context if context is not None else self.context(round_)
         global_copy = {k: v.detach().clone() for k, v in global_state.items()}
-        correction = None
-        if self.strategy == "scaffold":
-            c = broadcast.get(SCAFFOLD_C, {})
-            params = dict(self.model.named_parameters())
-            correction = {n: (c[n] - self.control[n]) if n in self.control else c[n].clone()
-                          for n in params if n in c}
-            for n, p in params.items():  # a parameter without a control variate gets none
-                correction.setdefault(n, torch.zeros_like(p))
-        result = self.task.train(self.model, self.data.train, settings, seed=self.job.seed * 1_000_003 + round_,
-                                 global_state=global_copy if settings.proximal_mu > 0 else None,
-                                 **({"grad_correction": correction} if correction is not None else {}))
+        plan = self.pipeline.prepare(ctx, broadcast, list(self.model.named_parameters()), TrainPlan(settings))
+        result = call_train(self.task, self.model, self.data.train, plan.settings, context=ctx,
+                            global_state=global_copy if plan.settings.proximal_mu > 0 else None, **plan.train_kwargs)
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        out = LocalResult(result.num_samples, result.num_steps, {k: float(v) for k, v in result.metrics.items()}, state)
-        steps = max(1, result.num_steps)
-        if self.strategy == "fednova":
-            out.extra_scalars["fednova_a"] = fednova_a(steps, settings.momentum, settings.proximal_mu, settings.lr)
-        if self.strategy == "scaffold":
-            # Option II's c_i+ = c_i - c + (x - y_i)/(K lr) assumes plain SGD; passing the local
-            # optimizer's momentum and mu divides by lr * ||a_i||_1 instead (equal when both are 0).
-            c = broadcast.get(SCAFFOLD_C, {})
-            self.control, delta = scaffold_client_update(c, self.control, global_copy, state, steps, settings.lr,
-                                                         momentum=settings.momentum,
-                                                         proximal_mu=settings.proximal_mu)
-            out.extra_groups[DELTA_C] = delta
-        if self.attack is not None:
-            out.state = self.attack.poison_update(global_copy, out.state, round_)
-        return out
+        update = LocalUpdate(round=round_, base_version=base_version, state=state, num_samples=result.num_samples,
+                             num_steps=result.num_steps, train_metrics={k: float(v) for k, v in result.metrics.items()},
+                             eval_metrics=dict(eval_metrics or {}), eval_samples=eval_samples)
+        uctx = UpdateContext(training=ctx, settings=plan.settings, global_state=global_copy, broadcast=broadcast,
+                             base_version=base_version)
+        return self.pipeline.apply(uctx, update)
+
+    # -- the core's actions ------------------------------------------------------------------
+
+    def run_train(self, action: Train) -> TrainingFinished:
+        """Execute a Train action: load, evaluate if asked, train, pipeline. Blocking (run it in a thread)."""
+        if action.run != self.state_run:
+            self.pipeline.load_state_dict(self.state_loader(action.run))
+            self.state_run = action.run
+        self.load(action.model)
+        global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        eval_metrics, eval_samples = {}, 0
+        if action.evaluate and len(self.data.val) > 0:
+            ev = self.evaluate(context=action.context)
+            eval_metrics, eval_samples = {"loss": float(ev.loss), "accuracy": float(ev.accuracy)}, ev.num_samples
+        settings = TrainSettings.model_validate(action.settings)
+        update = self.train(action.round, global_state, action.broadcast, settings, context=action.context,
+                            base_version=action.base_version, eval_metrics=eval_metrics, eval_samples=eval_samples)
+        assert update.fields is not None and update.tensors is not None  # Encode is always last
+        return TrainingFinished(action.run, action.round, update.fields, update.tensors, action.trace)
+
+    def run_evaluate(self, action: Evaluate) -> EvaluationFinished:
+        self.load(action.model)
+        ev = self.evaluate(context=action.context)
+        report = EvalReport(round=action.round, model_version=action.model_version, num_samples=ev.num_samples,
+                            metrics={"loss": float(ev.loss), "accuracy": float(ev.accuracy)})
+        return EvaluationFinished(action.run, action.round, report, action.trace)

@@ -1,0 +1,43 @@
+"""Build a worker's pipeline once from the job spec (and the test-only attack)."""
+
+from __future__ import annotations
+
+from fedbus.aggregation.base import ClientUpdate
+from fedbus.jobspec import JobSpec
+from fedbus.protocol.codec import Tensor
+from fedbus.protocol.messages import Update
+from fedbus.transforms.attack import AttackTransform
+from fedbus.transforms.base import LocalUpdate, Pipeline, Transform
+from fedbus.transforms.clip import ClipUpdateNorm
+from fedbus.transforms.encode import Encode
+from fedbus.transforms.strategy import strategy_client_step
+from fedbus.worker.attacks import Attack
+
+
+def build_worker_pipeline(job: JobSpec, *, attack: Attack | None = None,
+                          client_clip_norm: float | None = None) -> Pipeline:
+    """train -> strategy client step -> clip -> attack (testing only) -> encode.
+
+    ``client_clip_norm``: clip each update's delta on the worker (the job spec has no
+    key for it yet; the privacy issue adds one and passes it here).
+    """
+    stages: list[Transform] = []
+    if (step := strategy_client_step(job)) is not None:
+        stages.append(step)
+    if client_clip_norm is not None:
+        stages.append(ClipUpdateNorm(client_clip_norm))
+    if attack is not None and not attack.poisons_data:
+        stages.append(AttackTransform(attack))
+    stages.append(Encode())
+    return Pipeline(stages)
+
+
+def decode_update(pipeline: Pipeline, sender: str, fields: Update, tensors: dict[str, Tensor] | None) -> ClientUpdate:
+    """The receiving side: wire form -> every stage's decode (reverse order) -> a contribution.
+
+    ``pipeline`` is the one built from the same job spec (no attack: the receiver never
+    undoes an attack); today every decode but the wire parse is the identity.
+    """
+    update: LocalUpdate = pipeline.decode(Encode.parse(fields, tensors))
+    return ClientUpdate(sender, update.num_samples, update.state, update.num_steps,
+                        extra={**update.extra_scalars, **update.extra_groups})
