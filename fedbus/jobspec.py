@@ -52,8 +52,10 @@ class EvaluationSpec(BaseModel):
 
 
 class RateLimitSpec(BaseModel):
-    """Per-sender token buckets, applied by the coordinator after the signature check (so a
-    sender can spend only its own budget) and before any body is decoded."""
+    """Per-sender token buckets, keyed by the sender the subject names and applied before the
+    signature check, so a storm costs one bucket lookup per message, not an Ed25519
+    verification. Subject permissions (deploy/nats/) keep others off a sender's subjects, so
+    a sender can spend only its own budget."""
     model_config = SPEC_CONFIG
     heartbeats_per_s: float = Field(5.0, gt=0, le=10_000,
                                     description="heartbeats per second one sender may send, sustained; "
