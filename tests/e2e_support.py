@@ -46,9 +46,14 @@ class LocalFederation:
         return self.group.start("coordinator", cli_command(
             "coordinator", *self._common(), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir)))
 
+    def state_dir(self, worker_id: str) -> Path:
+        return self.run_dir / "worker-state" / worker_id
+
     def start_worker(self, worker_id: str, *extra: str) -> subprocess.Popen:
+        # Each worker's state stays in the test's directory (the default is under the cwd).
+        state = () if "--state-dir" in extra else ("--state-dir", str(self.state_dir(worker_id)))
         return self.group.start(worker_id, cli_command(
-            "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id, *extra))
+            "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id, *state, *extra))
 
     def wait_coordinator(self, timeout: float) -> int:
         proc = self.group.procs["coordinator"]
