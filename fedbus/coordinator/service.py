@@ -79,6 +79,9 @@ CONNECT_TIMEOUT_S = 60.0
 FETCH_BATCH = 64
 COMMIT_ATTEMPTS = 3
 AUDIT_QUEUE_MAX = 1_000
+# Heartbeat gaps longer than this mean the worker was away (dead, restarted, partitioned),
+# not that the coordinator was slow to listen: they are left out of max_heartbeat_gap_s.
+HEARTBEAT_GAP_ALIVE_S = 30.0
 
 
 class CoordinatorService:
@@ -118,6 +121,9 @@ class CoordinatorService:
         self._actions: asyncio.Queue = asyncio.Queue()
         self._audit_queue: asyncio.Queue = asyncio.Queue(maxsize=AUDIT_QUEUE_MAX)
         self._done = asyncio.Event()
+        # When this process last handled a verified heartbeat of each worker (monotonic s):
+        # the gaps between them show whether the event loop kept listening (summary.json).
+        self._last_heartbeat: dict[str, float] = {}
         self.exit_code = 0
         self.already_done = False
 
@@ -261,6 +267,7 @@ class CoordinatorService:
             await self.audit.publish(event, **fields)
 
     async def _on_heartbeat(self, msg) -> None:
+        arrived = time.monotonic()
         token = msg.subject.rsplit(".", 1)[-1]
         now = now_ms()
         if not self.hb_buckets.allow(token, now):
@@ -273,7 +280,14 @@ class CoordinatorService:
             self._rejected("heartbeat", rej.reason, rej.detail, h.sender if h else None, msg.subject, None)
             return
         hb: Heartbeat = got.fields  # type: ignore[assignment]
+        self._note_heartbeat_gap(got.header.sender, arrived)
         self._feed(WorkerSeen(got.header.sender, hb.num_samples, now_ms()))
+
+    def _note_heartbeat_gap(self, sender: str, arrived: float) -> None:
+        last = self._last_heartbeat.get(sender)
+        self._last_heartbeat[sender] = arrived
+        if last is not None and arrived - last < HEARTBEAT_GAP_ALIVE_S:
+            self.summary.max_heartbeat_gap_s = max(self.summary.max_heartbeat_gap_s, arrived - last)
 
     async def _consume(self, subject: str, stream: str, durable: str, handler) -> None:
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
@@ -333,6 +347,8 @@ class CoordinatorService:
         parts = msg.subject.split(".")
         token = parts[-1]
         delivered, stored_ms = self._delivery(msg)
+        if delivered > 1:
+            self.summary.redeliveries += 1  # the server gave up waiting for our ack (or we restarted)
         if delivered == 1 and not self.upd_buckets.allow(token, now_ms()):
             self._rejected("update", "rate_limited", "update budget spent", token, msg.subject, None)
             return False

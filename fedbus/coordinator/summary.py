@@ -30,6 +30,10 @@ class RunSummary:
     incarnations: int = 1  # coordinator processes that worked on this run (1 + resumes)
     error: str = ""
     rejected_before: Counter = field(default_factory=Counter)  # by earlier incarnations
+    # Longest time between two heartbeats of one live worker as the coordinator handled
+    # them, and update messages delivered more than once: both show a starved event loop.
+    max_heartbeat_gap_s: float = 0.0
+    redeliveries: int = 0
 
     def set_rejections(self, this_incarnation: Counter) -> None:
         self.rejected = self.rejected_before + this_incarnation
@@ -58,16 +62,17 @@ class RunSummary:
         s.rounds_completed = int(d.get("rounds_completed", 0))
         s.model_version = int(d.get("model_version", 0))
         s.resumed_from_round = d.get("resumed_from_round")
+        s.max_heartbeat_gap_s = float(d.get("max_heartbeat_gap_s") or 0.0)
+        s.redeliveries = int(d.get("redeliveries") or 0)
         return s
 
     def count_rejection(self, reason: str) -> None:
         self.rejected[reason] += 1
 
-    def add_round(self, round_: int, version: int, status: str, seconds: float, accepted: int,
-                  rejected: dict[str, int], metrics: dict[str, float]) -> None:
-        self.rounds.append({"round": round_, "model_version": version, "status": status,
-                            "seconds": round(seconds, 6), "accepted": accepted,
-                            "rejected": dict(rejected), **{k: float(v) for k, v in metrics.items()}})
+    def add_round(self, row: dict) -> None:
+        """Append a closed round (``rounds.close_row``); a round already listed is replaced,
+        so a resumed coordinator that recovers the row from its commit never lists it twice."""
+        self.rounds = [r for r in self.rounds if r.get("round") != row["round"]] + [dict(row)]
 
     def finish(self, reason: str, rounds_completed: int, version: int, metrics: dict[str, float]) -> None:
         self.reason = reason
@@ -96,6 +101,8 @@ class RunSummary:
             "error": self.error,
             "updates_accepted": self.updates_accepted,
             "updates_rejected": dict(sorted(self.rejected.items())),
+            "redeliveries": self.redeliveries,
+            "max_heartbeat_gap_s": round(self.max_heartbeat_gap_s, 3),
             "rounds": self.rounds,
         }
 
