@@ -145,8 +145,10 @@ def test_key_save_that_fails_keeps_the_old_key(tmp_path, monkeypatch):
 
 def _summary() -> RunSummary:
     summary = RunSummary(job="j", task="m:t", rounds_planned=2)
-    summary.add_round(1, 1, "aggregated", 0.5, 3, {}, {"test_loss": float("nan"), "test_accuracy": 0.5})
-    summary.add_round(2, 2, "aggregated", 0.25, 3, {}, {"test_loss": float("inf"), "test_accuracy": 0.75})
+    summary.add_round({"round": 1, "model_version": 1, "status": "aggregated", "seconds": 0.5, "accepted": 3,
+                       "rejected": {}, "test_loss": float("nan"), "test_accuracy": 0.5})
+    summary.add_round({"round": 2, "model_version": 2, "status": "aggregated", "seconds": 0.25, "accepted": 3,
+                       "rejected": {}, "test_loss": float("inf"), "test_accuracy": 0.75})
     summary.finish("completed", 2, 2, {"test_loss": float("-inf"), "test_accuracy": 0.75})
     return summary
 

@@ -24,6 +24,7 @@ class JobRecord:
     declared: dict[str, int] = field(default_factory=dict)  # the cohort's declared sample counts
     accepted_total: int = 0
     reason: str = ""  # why the job finished, when phase == "done"
+    last_close: dict | None = None  # the round this commit closed, as summary.json lists it
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -37,4 +38,5 @@ class JobRecord:
         return cls(round=int(d["round"]), phase=d["phase"], model_version=int(d["model_version"]),
                    rounds_completed=int(d["rounds_completed"]), failed_in_a_row=int(d.get("failed_in_a_row", 0)),
                    cohort=tuple(d.get("cohort", ())), declared={str(k): int(v) for k, v in d.get("declared", {}).items()},
-                   accepted_total=int(d.get("accepted_total", 0)), reason=str(d.get("reason", "")))
+                   accepted_total=int(d.get("accepted_total", 0)), reason=str(d.get("reason", "")),
+                   last_close=d.get("last_close") if isinstance(d.get("last_close"), dict) else None)

@@ -120,11 +120,13 @@ class MessageRejected:
 
 @dataclass(frozen=True)
 class Aggregated:
-    """The ``Aggregate`` work of a round finished: ``state`` is the next global model."""
+    """The ``Aggregate`` work of a round finished: ``state`` is the next global model,
+    ``metrics`` what the service measured on it (server-side test), committed with the round."""
 
     round: int
     state: State
     now_ms: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,14 @@ class Aggregate:
 
 
 AGGREGATION_ERRORS = (StrategyConfigError, InvalidUpdate, ValueError)
+
+
+def close_row(close: CloseRound) -> dict:
+    """A closed round as summary.json lists it (and as the commit that closes it records it)."""
+    return {"round": close.round, "model_version": close.model_version, "status": close.status,
+            "seconds": round(close.seconds, 6), "accepted": len(close.accepted),
+            "accepted_workers": list(close.accepted), "rejected": dict(close.rejected),
+            **{k: float(v) for k, v in close.metrics.items()}}
 
 
 @dataclass(frozen=True)
@@ -566,7 +576,7 @@ class RoundStateMachine:
         self._failed_in_a_row = 0
         close = CloseRound(self.round, self.model_version, "aggregated", tuple(sorted(self._reported)),
                            dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
-                           self.state, self._round_metrics())
+                           self.state, {**self._round_metrics(), **ev.metrics})
         self._plan_next(ev.now_ms, out, closing=close)
 
     def _fail_round(self, now: int, out: list[Action]) -> None:
@@ -582,11 +592,11 @@ class RoundStateMachine:
     # ---- planning: every announced transition goes through a commit -------------------
 
     def _record(self, phase: str, *, round_: int, cohort: tuple[str, ...] = (), declared: dict | None = None,
-                reason: str = "") -> JobRecord:
+                reason: str = "", closing: CloseRound | None = None) -> JobRecord:
         return JobRecord(round=round_, phase=phase, model_version=self.model_version,
                          rounds_completed=self.rounds_completed, failed_in_a_row=self._failed_in_a_row,
                          cohort=tuple(cohort), declared=dict(declared or {}), accepted_total=self.accepted_total,
-                         reason=reason)
+                         reason=reason, last_close=close_row(closing) if closing else None)
 
     def _propose(self, record: JobRecord, announce: list, out: list[Action], ack_round: int | None) -> None:
         self._commit_seq += 1
@@ -600,15 +610,15 @@ class RoundStateMachine:
         alive = self.registry.alive(now)
         if self.rounds_completed < self.policy.rounds:
             if len(alive) < max(1, self.policy.min_updates):
-                self._propose(self._record("waiting", round_=self.round), [*head, "wait"], out, ack)
+                self._propose(self._record("waiting", round_=self.round, closing=closing), [*head, "wait"], out, ack)
                 return
             cohort = sample_cohort(alive, self.policy.cohort_size, seed=self.policy.seed, round_=self.round + 1)
             declared = {w: self.registry.declared(w) for w in cohort}
-            self._propose(self._record("round_open", round_=self.round + 1, cohort=cohort, declared=declared),
-                          [*head, "open_round"], out, ack)
+            self._propose(self._record("round_open", round_=self.round + 1, cohort=cohort, declared=declared,
+                                       closing=closing), [*head, "open_round"], out, ack)
             return
         if self.policy.final_eval and alive:
-            self._propose(self._record("evaluating", round_=self.round + 1, cohort=tuple(alive)),
+            self._propose(self._record("evaluating", round_=self.round + 1, cohort=tuple(alive), closing=closing),
                           [*head, "open_eval"], out, ack)
             return
         self._plan_finish(now, out, "completed", closing=closing)
@@ -616,7 +626,7 @@ class RoundStateMachine:
     def _plan_finish(self, now: int, out: list[Action], reason: str, closing: CloseRound | None) -> None:
         metrics = weighted_means(self._eval_metrics, "federated_") if self.phase is Phase.EVALUATING else {}
         finish = FinishJob(reason, self.rounds_completed, self.model_version, metrics)
-        self._propose(self._record("done", round_=self.round, reason=reason),
+        self._propose(self._record("done", round_=self.round, reason=reason, closing=closing),
                       [*([closing] if closing else []), finish], out, closing.round if closing else None)
 
     def _on_committed(self, ev: Committed, out: list[Action]) -> None:

@@ -56,6 +56,7 @@ from fedbus.coordinator.rounds import (
     Tick,
     UpdateReceived,
     WorkerSeen,
+    close_row,
 )
 from fedbus.coordinator.summary import RunSummary
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -198,6 +199,11 @@ class CoordinatorService:
             self.summary = previous
         self.summary.run = self.run_id
         self.summary.incarnations += 1
+        if committed.record.last_close is not None:
+            # The commit that closed a round landed, but this summary may not have seen it.
+            self.summary.add_round(committed.record.last_close)
+            self.summary.rounds_completed = committed.record.rounds_completed
+            self.summary.model_version = committed.record.model_version
         if self.summary.resumed_from_round is None:
             self.summary.resumed_from_round = committed.record.round - (committed.record.phase == "round_open")
         log.info("coordinator.resumed", run=self.run_id, round=committed.record.round,
@@ -480,7 +486,10 @@ class CoordinatorService:
             except AGGREGATION_ERRORS as exc:  # e.g. a robust rule whose precondition the updates cannot meet
                 self._feed(AggregationFailed(a.round, str(exc), now_ms()))
                 return
-        self._feed(Aggregated(a.round, state, now_ms()))
+        # Measured before the commit, so the committed round carries its test metrics.
+        with self.tracer.start_as_current_span("coordinator.evaluate", context=ctx):
+            metrics = await asyncio.to_thread(self._evaluate, state)
+        self._feed(Aggregated(a.round, state, now_ms(), metrics))
 
     async def _commit(self, c: Commit) -> None:
         error: Exception | None = None
@@ -522,16 +531,12 @@ class CoordinatorService:
 
     async def _close_round(self, a: CloseRound) -> None:
         span = self._round_spans.pop(a.round, None)
-        ctx = otel_trace.set_span_in_context(span) if span else None
         metrics = dict(a.metrics)
-        if a.status == "aggregated":
-            with self.tracer.start_as_current_span("coordinator.evaluate", context=ctx):
-                metrics.update(await asyncio.to_thread(self._evaluate, a.state))
         body = RoundClose(round=a.round, model_version=a.model_version, status=a.status, accepted=list(a.accepted),
                           rejected=a.rejected, seconds=a.seconds, metrics=metrics)
         # Committed already (the machine announces only what was committed).
         await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round, run=self.run_id)
-        self.summary.add_round(a.round, a.model_version, a.status, a.seconds, len(a.accepted), a.rejected, metrics)
+        self.summary.add_round(close_row(a))
         self.summary.rounds_completed = self.machine.rounds_completed
         self.summary.model_version = a.model_version
         self.summary.set_rejections(self.ledger.totals)
