@@ -3,27 +3,36 @@
 This is the only place where envelopes meet the bus: bodies larger than the inline limit
 go to the Object Store (claim check) and the signed header names them; on receipt the
 header is verified first and the blob is fetched only for a message that passed every
-header check.
+header check, and only from the job's own bucket, under the sender's own names, and no
+larger than the message type allows.
+
+Digest and decode of a large body can run off the event loop (``receive(offload=True)``);
+the replay guard is still touched only from the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
 
-from fedbus.bus import BlobIntegrityError, BlobNotFound, BlobStore, Subjects, publish_with_retry
-from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, seal
+from fedbus.bus import BLOBS_BUCKET, BlobStore, Subjects, publish_with_retry
+from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, check_pointer, seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
-from fedbus.protocol.codec import Tensor
+from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
-from fedbus.protocol.messages import Body, encode_body
+from fedbus.protocol.messages import Body, body_limit, encode_body
 
 log = structlog.get_logger(__name__)
+
+# Bodies above this are digested and decoded in a worker thread when offloading: below
+# it the thread hop costs more than the work (~1 ms of hashing and decoding per 4 MB).
+OFFLOAD_MIN_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,11 +49,16 @@ def nats_headers(header: EnvelopeHeader) -> dict[str, str]:
     return headers
 
 
-def verifier_for(job: JobSpec, federation: Federation) -> EnvelopeVerifier:
-    """The verifier a participant of ``job`` uses, with the job's security limits."""
+def verifier_for(job: JobSpec, federation: Federation, *, max_tensors: int = DEFAULT_MAX_TENSORS) -> EnvelopeVerifier:
+    """The verifier a participant of ``job`` uses, with the job's security limits.
+
+    ``max_tensors``: the most tensors one body may carry; pass the model's count plus its
+    extras (e.g. 2 * len(model) + 16) once the model is known.
+    """
     sec = job.security
     return EnvelopeVerifier(federation, job.job, max_age_ms=int(sec.max_age_s * 1000),
-                            max_future_ms=int(sec.max_future_s * 1000), max_body_bytes=sec.max_message_bytes)
+                            max_future_ms=int(sec.max_future_s * 1000), max_body_bytes=sec.max_message_bytes,
+                            blob_bucket=BLOBS_BUCKET, max_tensors=max_tensors)
 
 
 class Messenger:
@@ -78,19 +92,37 @@ class Messenger:
         return header
 
     async def receive(self, verifier: EnvelopeVerifier, wire: bytes, *, round_ok: RoundCheck | None = None,
-                      sender_token: str | None = None) -> Received:
-        """Verify a message fully; raises Rejection with a named reason."""
-        opened = verifier.open(wire, round_ok=round_ok, sender_token=sender_token)
-        body = await self._body_of(opened)
-        fields, tensors = verifier.accept_body(opened, body)
+                      sender_token: str | None = None, stored_ms: int | None = None,
+                      offload: bool = False) -> Received:
+        """Verify a message fully; raises Rejection with a named reason (nothing else).
+
+        ``stored_ms``: the JetStream stored time of the message (``msg.metadata.timestamp``
+        in ms); freshness is then judged against it, so redelivered held messages pass.
+        ``offload``: digest and decode bodies over OFFLOAD_MIN_BYTES in a worker thread,
+        so heartbeats and ack keep-alives are not starved by a large update.
+        """
+        opened = verifier.open(wire, round_ok=round_ok, sender_token=sender_token, stored_ms=stored_ms)
+        body = await self._body_of(opened, verifier)
+        if offload and len(body) > OFFLOAD_MIN_BYTES:
+            fields, tensors = await asyncio.to_thread(verifier.decode_body, opened, body)
+        else:
+            fields, tensors = verifier.decode_body(opened, body)
+        verifier.remember(opened)  # on the loop's thread: the replay guard is not shared
         return Received(opened.header, fields, tensors)
 
-    async def _body_of(self, opened: Opened):
-        pointer = opened.header.blob
+    async def _body_of(self, opened: Opened, verifier: EnvelopeVerifier):
+        header = opened.header
+        pointer = header.blob
         if pointer is None:
             return opened.inline_body
+        # open() checked these already; checked again here because this is where the
+        # fetch happens: only our own bucket, the sender's names, within the type's limit.
+        check_pointer(header, self.blobs.bucket)
+        limit = body_limit(opened.body_cls, verifier.max_body_bytes)
+        if pointer.size > limit or pointer.size != header.length:
+            raise Rejection("oversize", f"claim check of {pointer.size} bytes, limit {limit}", header)
         try:
-            store = self.blobs if pointer.bucket == self.blobs.bucket else BlobStore(self.nc, self.js, pointer.bucket)
-            return await store.get(pointer.name, expected_size=pointer.size, expected_digest=pointer.digest)
-        except (BlobNotFound, BlobIntegrityError, TimeoutError) as exc:
-            raise Rejection("blob_unavailable", f"{pointer.name}: {exc!r}", opened.header) from None
+            # BlobStore.get compares the stored size and digest with these before reading.
+            return await self.blobs.get(pointer.name, expected_size=pointer.size, expected_digest=pointer.digest)
+        except Exception as exc:  # missing, tampered, timed out, or a name the server refuses
+            raise Rejection("blob_unavailable", f"{pointer.name[:80]}: {exc!r:.200}", header) from None

@@ -517,4 +517,4 @@ def test_header_of_any_msgpack_value(header, data):
 
 
 def test_specs_match_tensor_spec():
-    assert read_specs(valid_section()) == {"w": TensorSpec("float32", (2, 3)), "b": TensorSpec("int64", (3,))}
+    assert read_specs(valid_section()) == {"w": TensorSpec("float32", (2, 3)), "b": TensorSpec("int64", (3,), "n")}

@@ -2,9 +2,14 @@
 
 Verification runs cheapest check first and stops at the first failure, before any body
 is decoded: size -> header decode -> known, unrevoked sender -> role allowed for the type
--> signature -> timestamp freshness -> nonce unseen -> job -> round -> body size ->
-body digest -> body decode. Tensor checks against the model follow in
-``check_tensors``. Every failure is a ``Rejection`` with a stable reason name.
+-> signature -> timestamp freshness -> nonce unseen -> job -> round -> body size (the
+type's own limit) -> claim-check pointer allowed -> body digest -> body decode ->
+header/body agreement. Tensor checks against the model follow in ``check_tensors``.
+Every failure is a ``Rejection`` with a stable reason name; nothing else escapes.
+
+``accept_body`` is ``decode_body`` (pure: digest, decode, agreement; safe to run in a
+worker thread for large bodies) followed by ``remember`` (the replay guard, which only
+the event loop's thread touches).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from nacl.exceptions import BadSignatureError
 from fedbus.crypto.federation import Federation, Participant
 from fedbus.crypto.keys import Identity
 from fedbus.crypto.replay import ReplayGuard
-from fedbus.protocol.codec import Tensor, TensorSpec, spec_of
+from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, CodecError, Tensor, TensorSpec, spec_of
 from fedbus.protocol.envelope import (
     NONCE_LEN,
     PROTOCOL_VERSION,
@@ -34,7 +39,7 @@ from fedbus.protocol.envelope import (
     frame,
     split_frame,
 )
-from fedbus.protocol.messages import MESSAGE_TYPES, Body, BodyError, decode_body
+from fedbus.protocol.messages import MESSAGE_TYPES, Body, BodyError, body_limit, decode_body
 
 # Stable rejection reasons, in verification order. Metrics, logs and audit use these names.
 REASONS = (
@@ -115,23 +120,55 @@ class Opened:
 RoundCheck = Callable[[EnvelopeHeader], bool]
 
 
+def check_pointer(header: EnvelopeHeader, bucket: str | None) -> None:
+    """A claim check is allowed only where a body can be large (types with tensors), only
+    in the job's bucket (``bucket``; None: not checked here) and only under the sender's
+    own names ("<job>/<sender>/...", as Messenger.seal writes them), so a sender cannot
+    make a receiver fetch other objects. Raises Rejection("pointer_not_allowed")."""
+    pointer = header.blob
+    if pointer is None:
+        return
+    cls = MESSAGE_TYPES.get(header.type)
+    if cls is None or not cls.HAS_TENSORS:
+        raise Rejection("pointer_not_allowed", f"{header.type} has no claim checks", header)
+    if bucket is not None and pointer.bucket != bucket:
+        raise Rejection("pointer_not_allowed", f"bucket {pointer.bucket[:64]!r}", header)
+    if not pointer.name.startswith(f"{header.job}/{header.sender}/"):
+        raise Rejection("pointer_not_allowed", f"object {pointer.name[:80]!r} outside {header.job}/{header.sender}/",
+                        header)
+
+
 class EnvelopeVerifier:
     """Opens envelopes for one job on behalf of one receiving participant."""
 
     def __init__(self, federation: Federation, job: str, *, max_age_ms: int, max_future_ms: int,
-                 max_body_bytes: int, replay_guard: ReplayGuard | None = None):
+                 max_body_bytes: int, replay_guard: ReplayGuard | None = None,
+                 blob_bucket: str | None = None, max_tensors: int = DEFAULT_MAX_TENSORS):
         self.federation = federation
         self.job = job
         self.max_age_ms = max_age_ms
         self.max_future_ms = max_future_ms
         self.max_body_bytes = max_body_bytes
+        # The only bucket a claim check may name (None: any; Messenger still insists on
+        # its own store). Object names must lie under "<job>/<sender>/".
+        self.blob_bucket = blob_bucket
+        # Bound on tensors in one body: set it to what the model (plus extras) needs
+        # once known, so a hostile tensor header costs little.
+        self.max_tensors = max_tensors
         # `is not None`: an empty guard is falsy (it has __len__).
         self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(max_age_ms + max_future_ms)
 
     def open(self, wire: bytes | bytearray | memoryview, *, now: int | None = None,
-             round_ok: RoundCheck | None = None, sender_token: str | None = None) -> Opened:
-        """Check everything up to (not including) the body. Raises Rejection."""
+             round_ok: RoundCheck | None = None, sender_token: str | None = None,
+             stored_ms: int | None = None) -> Opened:
+        """Check everything up to (not including) the body. Raises Rejection.
+
+        ``stored_ms``: when the stream stored the message (JetStream metadata). Freshness
+        is then judged against it rather than now, so a message held across a crash is
+        still fresh when redelivered; nonce bookkeeping always uses the real now.
+        """
         now = now_ms() if now is None else now
+        reference = now if stored_ms is None else stored_ms
         # 1. size, before decoding anything
         if len(wire) > self.max_body_bytes + 8192:
             raise Rejection("oversize", f"{len(wire)} bytes on the wire")
@@ -161,10 +198,10 @@ class EnvelopeVerifier:
         except BadSignatureError:
             raise Rejection("bad_signature", header.sender, header) from None
         # 5. freshness
-        if header.ts < now - self.max_age_ms:
-            raise Rejection("stale_timestamp", f"{now - header.ts} ms old", header)
-        if header.ts > now + self.max_future_ms:
-            raise Rejection("future_timestamp", f"{header.ts - now} ms ahead", header)
+        if header.ts < reference - self.max_age_ms:
+            raise Rejection("stale_timestamp", f"{reference - header.ts} ms old", header)
+        if header.ts > reference + self.max_future_ms:
+            raise Rejection("future_timestamp", f"{header.ts - reference} ms ahead", header)
         # 6. nonce: only looked up here; remembered once the whole message verified, so a
         # tampered copy cannot burn the nonce of the genuine message.
         if self.replay_guard.seen(header.nonce, now):
@@ -177,37 +214,67 @@ class EnvelopeVerifier:
             raise Rejection("wrong_job", header.job, header)
         if round_ok is not None and not round_ok(header):
             raise Rejection("wrong_round", f"round {header.round}", header)
-        # 8. body size as declared, and consistency of inline vs out-of-line
-        if header.length > self.max_body_bytes:
-            raise Rejection("oversize", f"body of {header.length} bytes", header)
+        # 8. body size as declared, against the type's own limit (a heartbeat is tiny),
+        # and consistency of inline vs out-of-line
+        cls = MESSAGE_TYPES[header.type]
+        limit = body_limit(cls, self.max_body_bytes)
+        if header.length > limit:
+            raise Rejection("oversize", f"{header.type} body of {header.length} bytes, limit {limit}", header)
         if header.blob is None and len(inline_body) != header.length:
             raise Rejection("digest_mismatch", "inline body length differs from header", header)
-        if header.blob is not None and (len(inline_body) != 0 or header.blob.size != header.length):
-            raise Rejection("malformed_header", "blob pointer inconsistent with header", header)
+        if header.blob is not None:
+            if len(inline_body) != 0 or header.blob.size != header.length:
+                raise Rejection("malformed_header", "blob pointer inconsistent with header", header)
+            check_pointer(header, self.blob_bucket)
         return Opened(header, sender, inline_body)
 
-    def accept_body(self, opened: Opened, body: bytes | bytearray | memoryview, *,
-                    now: int | None = None) -> tuple[Body, dict[str, Tensor] | None]:
-        """Digest and decode the body; on success the nonce is remembered."""
+    def decode_body(self, opened: Opened, body: bytes | bytearray | memoryview) -> tuple[Body, dict[str, Tensor] | None]:
+        """Digest, decode and header/body agreement: pure, touches no shared state, so it
+        may run in a worker thread. Raises Rejection. Does not remember the nonce."""
         header = opened.header
         if len(body) != header.length or body_digest(body) != header.digest:
             raise Rejection("digest_mismatch", header.sender, header)
         try:
-            fields, tensors = decode_body(opened.body_cls, body)
+            fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors)
         except BodyError as exc:
-            raise Rejection("malformed_body", str(exc), header) from None
+            raise Rejection(exc.reason, str(exc), header) from None
+        # The machine acts on the body's round and the checks above on the header's:
+        # they must be the same round.
+        body_round = getattr(fields, "round", None)
+        if body_round is not None and body_round != header.round:
+            raise Rejection("header_mismatch", f"header round {header.round}, body round {body_round}", header)
+        return fields, tensors
+
+    def remember(self, opened: Opened, *, now: int | None = None) -> None:
+        """Record the nonce of a fully verified message (event-loop thread only)."""
+        header = opened.header
         now = now_ms() if now is None else now
         if not self.replay_guard.check_and_remember(header.nonce, header.ts, now):
             raise Rejection("replayed_nonce", header.nonce.hex(), header)
+
+    def accept_body(self, opened: Opened, body: bytes | bytearray | memoryview, *,
+                    now: int | None = None) -> tuple[Body, dict[str, Tensor] | None]:
+        """Digest and decode the body; on success the nonce is remembered."""
+        fields, tensors = self.decode_body(opened, body)
+        self.remember(opened, now=now)
         return fields, tensors
 
 
 def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, TensorSpec],
                   header: EnvelopeHeader | None = None) -> None:
-    """Names, dtypes and shapes must match the model; float values must be finite."""
-    got = spec_of(tensors)
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
+    """Names, kinds, dtypes and shapes must match the model; float values must be finite.
+
+    Raises only Rejection: a value that is not a tensor of a supported dtype is a
+    tensor_mismatch, whatever it is.
+    """
+    if not isinstance(tensors, Mapping):
+        raise Rejection("tensor_mismatch", f"tensors are a {type(tensors).__name__}", header)
+    try:
+        got = spec_of(tensors)
+    except CodecError as exc:
+        raise Rejection("tensor_mismatch", str(exc)[:200], header) from None
+    missing = sorted(set(expected) - set(got), key=str)
+    extra = sorted(set(got) - set(expected), key=str)
     if missing or extra:
         raise Rejection("tensor_mismatch", f"missing {missing[:3]} unexpected {extra[:3]}", header)
     for name, spec in expected.items():
@@ -221,6 +288,8 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, TensorSp
 def _all_finite(value: Tensor) -> bool:
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex():
+            if value.element_size() == 1:  # float8: torch has no isfinite for every variant
+                value = value.to(torch.float16)
             return bool(torch.isfinite(value).all())
         return True
     if np.issubdtype(value.dtype, np.inexact):

@@ -3,26 +3,65 @@
 A body on the wire is ``u32 fields_len | msgpack(fields) | tensor section``; the tensor
 section (``fedbus.protocol.codec``) is present only for types that carry tensors.
 Each model names its type and the roles allowed to send it; the verifier enforces both.
+
+Every body is hostile until proven otherwise, so each type also carries its size limit
+(``MAX_BODY_BYTES``, checked on the signed header's declared length before anything is
+fetched or decoded), and decoding bounds the fields section, every msgpack container
+and string, and the nesting depth (no field of any message is nested deeper than a
+list or map of scalars) before pydantic sees it.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from fedbus.protocol.codec import CodecError, Tensor, decode_tensors, encode_tensors
+from fedbus.protocol.codec import (
+    DEFAULT_MAX_TENSORS,
+    CodecError,
+    Tensor,
+    container_header,
+    decode_tensors,
+    encode_tensors,
+    unpack_values,
+)
 
 _LEN = struct.Struct("<I")
 
 Role = Literal["coordinator", "aggregator", "worker"]
 
+KIB = 1024
+# Bounds on what any body may contain. A cohort of 100k ids is the largest list; no
+# field is nested deeper than a list or map of scalars.
+MAX_FIELDS_BYTES = 256 * KIB  # the msgpack fields section (tensors excluded), unless a type says otherwise
+MAX_LIST_LEN = 100_000
+MAX_MAP_LEN = 1024
+MAX_STR_BYTES = 4096
+MAX_COUNT = 2**53 - 1  # integers that are added, weighted or averaged stay exact as floats
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+
+WorkerId = Annotated[str, StringConstraints(min_length=1, max_length=128)]  # as EnvelopeHeader.sender
+ShortStr = Annotated[str, StringConstraints(max_length=64)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# The one metrics type: finite values, bounded count and name length. Violations are
+# rejected as invalid_metrics (see decode_body), so summary.json stays valid JSON.
+Metrics = Annotated[dict[Annotated[str, StringConstraints(max_length=MAX_METRIC_NAME)], FiniteFloat],
+                    Field(max_length=MAX_METRICS)]
+Cohort = Annotated[list[WorkerId], Field(max_length=MAX_LIST_LEN)]
+
 
 class BodyError(ValueError):
-    """The body does not decode into its declared type."""
+    """The body does not decode into its declared type; ``reason`` is the rejection name."""
+
+    def __init__(self, message: str, reason: str = "malformed_body"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Body(BaseModel):
@@ -32,6 +71,12 @@ class Body(BaseModel):
     TYPE: ClassVar[str]
     SENDER_ROLES: ClassVar[frozenset[str]]
     HAS_TENSORS: ClassVar[bool] = False
+    # Largest body (fields + tensors) of this type; None: the job's max_message_bytes.
+    MAX_BODY_BYTES: ClassVar[int | None] = 256 * KIB
+    # Largest msgpack fields section of this type.
+    MAX_FIELDS_BYTES: ClassVar[int] = MAX_FIELDS_BYTES
+    # Fields whose violations are reported as invalid_metrics rather than malformed_body.
+    METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
 class Heartbeat(Body):
@@ -39,11 +84,14 @@ class Heartbeat(Body):
 
     TYPE: ClassVar[str] = "heartbeat"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"worker"})
-    region: str = "default"
-    num_samples: int = Field(ge=0)
-    partition: int = Field(ge=0)
+    MAX_BODY_BYTES: ClassVar[int | None] = 4 * KIB  # the most frequent message: tiny
+    region: ShortStr = "default"
+    num_samples: Count
+    partition: Count
     status: Literal["idle", "training", "done"] = "idle"
-    capabilities: dict[str, str] = Field(default_factory=dict)
+    capabilities: Annotated[dict[Annotated[str, StringConstraints(max_length=32)],
+                                 Annotated[str, StringConstraints(max_length=128)]],
+                            Field(max_length=16)] = Field(default_factory=dict)
 
 
 class RoundOpen(Body):
@@ -52,11 +100,14 @@ class RoundOpen(Body):
     TYPE: ClassVar[str] = "round.open"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"coordinator"})
     HAS_TENSORS: ClassVar[bool] = True
-    round: int = Field(ge=1)
-    model_version: int = Field(ge=0)
-    cohort: list[str]
-    deadline_ms: int = Field(ge=0, description="absolute, ms since the Unix epoch")
-    train: dict[str, float | int | str | bool] = Field(default_factory=dict, description="local training settings")
+    MAX_BODY_BYTES: ClassVar[int | None] = None  # carries the model
+    MAX_FIELDS_BYTES: ClassVar[int] = 1024 * KIB  # a cohort of 100k short worker ids
+    round: int = Field(ge=1, le=MAX_COUNT)
+    model_version: Count
+    cohort: Cohort
+    deadline_ms: Count = Field(description="absolute, ms since the Unix epoch")
+    train: Annotated[dict[ShortStr, FiniteFloat | int | Annotated[str, StringConstraints(max_length=256)] | bool],
+                     Field(max_length=MAX_METRICS)] = Field(default_factory=dict, description="local training settings")
     evaluate: bool = Field(True, description="workers evaluate the received model on their held-out split")
 
 
@@ -66,14 +117,18 @@ class Update(Body):
     TYPE: ClassVar[str] = "update"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"worker"})
     HAS_TENSORS: ClassVar[bool] = True
-    round: int = Field(ge=1)
-    base_version: int = Field(ge=0)
-    num_samples: int = Field(ge=1)
-    num_steps: int = Field(ge=0)
-    train_metrics: dict[str, float] = Field(default_factory=dict)
-    eval_metrics: dict[str, float] = Field(default_factory=dict, description="the received global model on the worker's held-out split")
-    eval_samples: int = Field(0, ge=0)
-    extra_scalars: dict[str, float] = Field(default_factory=dict, description="strategy inputs, e.g. FedNova's fednova_a")
+    MAX_BODY_BYTES: ClassVar[int | None] = None  # carries the model
+    METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"train_metrics", "eval_metrics", "extra_scalars"})
+    round: int = Field(ge=1, le=MAX_COUNT)
+    base_version: Count
+    # < 2**53: a claim must not reach float weighting as a huge int. How many samples a
+    # worker may claim (its heartbeat, the caps) is the coordinator's policy.
+    num_samples: int = Field(ge=1, le=MAX_COUNT)
+    num_steps: Count
+    train_metrics: Metrics = Field(default_factory=dict)
+    eval_metrics: Metrics = Field(default_factory=dict, description="the received global model on the worker's held-out split")
+    eval_samples: Count = 0
+    extra_scalars: Metrics = Field(default_factory=dict, description="strategy inputs, e.g. FedNova's fednova_a")
 
 
 class RoundClose(Body):
@@ -81,13 +136,15 @@ class RoundClose(Body):
 
     TYPE: ClassVar[str] = "round.close"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"coordinator"})
-    round: int = Field(ge=1)
-    model_version: int = Field(ge=0)
+    MAX_BODY_BYTES: ClassVar[int | None] = MAX_FIELDS_BYTES  # a 10k-worker accepted list fits
+    METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"metrics"})
+    round: int = Field(ge=1, le=MAX_COUNT)
+    model_version: Count
     status: Literal["aggregated", "failed"]
-    accepted: list[str]
-    rejected: dict[str, int] = Field(default_factory=dict)
-    seconds: float = Field(ge=0)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    accepted: Cohort
+    rejected: Annotated[dict[ShortStr, Count], Field(max_length=MAX_METRICS)] = Field(default_factory=dict)
+    seconds: float = Field(ge=0, allow_inf_nan=False)
+    metrics: Metrics = Field(default_factory=dict)
 
 
 class EvalOpen(Body):
@@ -96,10 +153,12 @@ class EvalOpen(Body):
     TYPE: ClassVar[str] = "eval.open"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"coordinator"})
     HAS_TENSORS: ClassVar[bool] = True
-    round: int = Field(ge=1)
-    model_version: int = Field(ge=0)
-    cohort: list[str]
-    deadline_ms: int = Field(ge=0)
+    MAX_BODY_BYTES: ClassVar[int | None] = None  # carries the model
+    MAX_FIELDS_BYTES: ClassVar[int] = 1024 * KIB  # a cohort of 100k short worker ids
+    round: int = Field(ge=1, le=MAX_COUNT)
+    model_version: Count
+    cohort: Cohort
+    deadline_ms: Count
 
 
 class EvalReport(Body):
@@ -107,10 +166,11 @@ class EvalReport(Body):
 
     TYPE: ClassVar[str] = "eval.report"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"worker"})
-    round: int = Field(ge=1)
-    model_version: int = Field(ge=0)
-    num_samples: int = Field(ge=0)
-    metrics: dict[str, float]
+    METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"metrics"})
+    round: int = Field(ge=1, le=MAX_COUNT)
+    model_version: Count
+    num_samples: Count
+    metrics: Metrics
 
 
 class JobDone(Body):
@@ -118,10 +178,11 @@ class JobDone(Body):
 
     TYPE: ClassVar[str] = "job.done"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"coordinator"})
-    rounds_completed: int = Field(ge=0)
-    model_version: int = Field(ge=0)
-    metrics: dict[str, float] = Field(default_factory=dict)
-    reason: str = "completed"
+    METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"metrics"})
+    rounds_completed: Count
+    model_version: Count
+    metrics: Metrics = Field(default_factory=dict)
+    reason: Annotated[str, StringConstraints(max_length=256)] = "completed"
 
 
 MESSAGE_TYPES: dict[str, type[Body]] = {
@@ -139,7 +200,61 @@ def encode_body(fields: Body, tensors: Mapping[str, Tensor] | None = None) -> by
     return b"".join(parts)
 
 
-def decode_body(cls: type[Body], body: bytes | bytearray | memoryview) -> tuple[Body, dict[str, Tensor] | None]:
+def body_limit(cls: type[Body], job_max_bytes: int) -> int:
+    """The largest body of this type a receiver with the job's limit accepts."""
+    return job_max_bytes if cls.MAX_BODY_BYTES is None else min(cls.MAX_BODY_BYTES, job_max_bytes)
+
+
+def unpack_fields(cls: type[Body], packed: bytes | bytearray | memoryview) -> dict[str, object]:
+    """The msgpack fields section as a dict, nested at most a list or map of scalars deep.
+
+    Walked by hand one level down so every count is checked on its claim before msgpack
+    builds anything (msgpack preallocates claimed lengths, and a nest of 100k-element
+    claims would cost hundreds of MB from a few KB); the scalars themselves are decoded
+    in C. Too many metric keys are reported as invalid_metrics, like pydantic's checks.
+    """
+    buf = memoryview(packed)
+    limits = dict(max_str_len=MAX_STR_BYTES, max_bin_len=MAX_STR_BYTES)
+    try:
+        top = container_header(buf, 0)
+        if top is None or top[0] != "map":
+            raise BodyError(f"{cls.TYPE}: fields are not a map")
+        _, n, pos = top
+        if n > len(cls.model_fields):  # extra fields are forbidden anyway
+            raise BodyError(f"{cls.TYPE}: {n} fields")
+        out: dict[str, object] = {}
+        for _ in range(n):
+            (key,), pos = unpack_values(buf, pos, 1, **limits)
+            if not isinstance(key, str) or key not in cls.model_fields or key in out:
+                # Unknown or repeated fields are refused before their values are built.
+                raise BodyError(f"{cls.TYPE}: unexpected field {key!r:.40}")
+            inner = container_header(buf, pos)
+            if inner is None:
+                (value,), pos = unpack_values(buf, pos, 1, **limits)
+            else:
+                kind, count, pos = inner
+                limit = MAX_LIST_LEN if kind == "array" else MAX_MAP_LEN
+                if count > limit:
+                    reason = "invalid_metrics" if key in cls.METRIC_FIELDS else "malformed_body"
+                    raise BodyError(f"{cls.TYPE}: {key[:64]} has {count} entries", reason)
+                # max_array_len/max_map_len 0: an element may be an empty container at
+                # most (pydantic rejects it); nothing nests deeper.
+                items, pos = unpack_values(buf, pos, count if kind == "array" else 2 * count, **limits)
+                value = items if kind == "array" else dict(zip(items[::2], items[1::2]))
+            out[key] = value
+    except BodyError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BodyError(f"{cls.TYPE}: fields not msgpack within bounds: {str(exc)[:200]}") from None
+    if pos != buf.nbytes:
+        raise BodyError(f"{cls.TYPE}: trailing bytes after the fields")
+    return out
+
+
+def decode_body(cls: type[Body], body: bytes | bytearray | memoryview, *,
+                max_tensors: int = DEFAULT_MAX_TENSORS) -> tuple[Body, dict[str, Tensor] | None]:
+    """Fields and (for types that carry them) torch tensors. Raises BodyError with the
+    rejection reason: oversize, invalid_metrics or malformed_body."""
     buf = memoryview(body)
     if buf.nbytes < _LEN.size:
         raise BodyError("body too short")
@@ -147,18 +262,23 @@ def decode_body(cls: type[Body], body: bytes | bytearray | memoryview) -> tuple[
     end = _LEN.size + flen
     if end > buf.nbytes:
         raise BodyError("fields length beyond body")
+    if flen > cls.MAX_FIELDS_BYTES:
+        raise BodyError(f"{cls.TYPE}: fields section of {flen} bytes, limit {cls.MAX_FIELDS_BYTES}", "oversize")
+    raw = unpack_fields(cls, buf[_LEN.size : end])
     try:
-        raw = msgpack.unpackb(buf[_LEN.size : end], raw=False, strict_map_key=True)
         fields = cls.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise BodyError(f"{cls.TYPE}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    except Exception as exc:
-        raise BodyError(f"{cls.TYPE}: fields not msgpack: {exc}") from None
+        errors = exc.errors(include_url=False, include_input=False)
+        err = errors[0]
+        metric_errors = all(e["loc"] and e["loc"][0] in cls.METRIC_FIELDS for e in errors)
+        raise BodyError(f"{cls.TYPE}: {'.'.join(map(str, err['loc']))[:200]}: {err['msg'][:200]}",
+                        "invalid_metrics" if metric_errors else "malformed_body") from None
     tensors = None
     if cls.HAS_TENSORS:
         try:
-            tensors = decode_tensors(buf[end:])
+            # The model is torch: numpy-kind entries would pass the name/dtype/shape
+            # checks and then crash every aggregation rule.
+            tensors = decode_tensors(buf[end:], max_tensors=max_tensors, allow_numpy=False)
         except CodecError as exc:
             raise BodyError(f"{cls.TYPE}: tensors: {exc}") from None
     elif end != buf.nbytes:
