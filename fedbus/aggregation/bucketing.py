@@ -20,8 +20,8 @@ rules.
 
 Determinism: the permutation comes from ``seed`` and a round counter that advances on
 every ``begin()``; the updates are sorted by worker_id first, so the result never depends
-on the order the updates arrived in. (The counter restarts with the process: a resumed
-coordinator draws its permutations afresh.) Integer and bool buffers are carried over
+on the order the updates arrived in. The counter is part of the rule's ``state_dict``, so
+a coordinator resumed from it draws the same permutations. Integer and bool buffers are carried over
 all n original updates exactly as FedAvg does, not over bucket means.
 
 Memory: on top of the buffered updates, ceil(n/s) bucket means in the model's dtype
@@ -85,7 +85,7 @@ class Bucketing(PreAggregation):
         if sorted(perm) != list(range(n)):
             raise ValueError(f"bucketing: permutation {perm} is not a permutation of range({n})")
         groups = [perm[j:j + self.s] for j in range(0, n, self.s)]
-        samples = [[int(cohort.updates[i].num_samples) for i in g] for g in groups]
+        samples = [[float(cohort.updates[i].weight) for i in g] for g in groups]
         # Each bucket is its updates' sample-weighted mean and counts their samples together.
         rows = [normalised_row(n, g, ws) for g, ws in zip(groups, samples)]
         return Mixing(torch.stack(rows), [f"bucket{j}" for j in range(len(groups))], [sum(ws) for ws in samples],

@@ -52,6 +52,8 @@ def closest_to_median_mean(m: torch.Tensor, beta: int) -> torch.Tensor:
 class Bulyan(AggregationRule):
     name: ClassVar[str] = "bulyan"
     streaming: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False      # compares contributions with each other
+    needs_plaintext: ClassVar[bool] = True
 
     def __init__(self, f: int):
         self.f = int(f)
@@ -65,8 +67,8 @@ class Bulyan(AggregationRule):
                 f"beta = theta - 2f values closest to the median, beta >= 3); with f={self.f} that is "
                 f"n >= {4 * self.f + 3}, but a round may aggregate only n={min_updates}")
 
-    def begin(self, global_state: State) -> BufferedAggregator:
-        return BufferedAggregator(global_state, self._aggregate, self.check_cohort)
+    def begin(self, global_state: State, base_version: int = 0) -> BufferedAggregator:
+        return BufferedAggregator(global_state, self._aggregate, self.check_cohort, base_version, self.describe())
 
     def select(self, cohort: Cohort) -> list[int]:
         """The theta updates chosen by recursive Krum, in selection order."""

@@ -1,12 +1,18 @@
 """The shared half of every buffered (Byzantine-robust) rule.
 
-Robust rules need the whole cohort at once, so ``BufferedAggregator`` keeps each update
-until ``result()``: memory is O(cohort x model). It keeps references to the updates'
-tensors, not copies (the coordinator already holds them decoded; a copy would double the
-footprint), so callers must not modify an update after ``add``.
+Robust rules need the whole cohort at once, so ``BufferedAggregator`` keeps each
+contribution until ``finalize()``: memory is O(cohort x model). It keeps references to the
+contributions' delta tensors, not copies, so callers must not modify a contribution after
+``fold``. (A legacy ``add(ClientUpdate)`` converts the full weights into float64 deltas: for
+a float32 model that is twice the update's size; ``Contribution.from_local_state(...,
+delta_dtype=torch.float32)`` keeps the model's size at the cost of one rounding.)
 
-The rules see a ``Cohort``: the float tensors of every update as one flat vector of deltas
-Δ_i = y_i − x_t per client, in float64 (complex tensors as real/imaginary pairs). That
+Buffered rules are not mergeable: they compare contributions with each other, so they
+need each one in the clear (``needs_plaintext``); ``partial()`` and ``merge()`` raise
+StrategyConfigError.
+
+The rules see a ``Cohort``: the float tensors of every contribution as one flat vector of
+deltas Δ_i = y_i − x_t per client, in float64 (complex tensors as real/imaginary pairs). That
 vector is never materialised for the whole model when it is large: ``chunks()`` yields
 column blocks of the n × d delta matrix, so the float64 working set stays bounded
 (``CHUNK_BYTES``) while the math is the same as on the full matrix. Results are written
@@ -21,8 +27,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from fedbus.aggregation.base import (ClientUpdate, IntegerBufferCarry, State, float_keys, from_real64,
-                                     require, to_real64, validate_update)
+from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, State, StrategyConfigError,
+                                     as_contribution, float_keys, from_real64, require, to_real64,
+                                     validate_contribution)
 
 # float64 working set per chunk: large enough to vectorise, small next to the buffered cohort.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -39,13 +46,15 @@ def _flat64(t: torch.Tensor) -> torch.Tensor:
 class Cohort:
     """One round's updates as an n × d matrix of float64 deltas, read in column chunks."""
 
-    def __init__(self, global_state: State, updates: list[ClientUpdate], chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, global_state: State, updates: list[Contribution] | list[ClientUpdate],
+                 chunk_bytes: int = CHUNK_BYTES, base_version: int = 0):
         self.global_state = global_state
-        self.updates = updates
-        self.n = len(updates)
+        # Legacy full-weights updates become deltas against the base here.
+        self.updates: list[Contribution] = [as_contribution(u, global_state, base_version) for u in updates]
+        self.n = len(self.updates)
         self.keys = float_keys(global_state)
-        self.ids = [u.worker_id for u in updates]
-        self.weights = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+        self.ids = [u.worker_id for u in self.updates]
+        self.weights = torch.tensor([float(u.weight) for u in self.updates], dtype=torch.float64)
         self._chunk = max(1, chunk_bytes // (8 * max(self.n, 1)))
         self._cache: list[tuple[str, int, int, torch.Tensor]] | None = None
         total = sum(self.numel(k) for k in self.keys) * 8 * self.n
@@ -57,16 +66,15 @@ class Cohort:
 
     def _generate(self) -> Iterator[tuple[str, int, int, torch.Tensor]]:
         for key in self.keys:
-            x = _flat64(self.global_state[key])
-            ys = [u.state[key].detach().reshape(-1) for u in self.updates]
+            size = self.numel(key)
+            ds = [u.delta[key].detach().reshape(-1) for u in self.updates]
             if self.global_state[key].is_complex():
-                ys = [torch.view_as_real(y).reshape(-1) for y in ys]
-            for s in range(0, x.numel(), self._chunk):
-                e = min(s + self._chunk, x.numel())
+                ds = [torch.view_as_real(d).reshape(-1) for d in ds]
+            for s in range(0, size, self._chunk):
+                e = min(s + self._chunk, size)
                 m = torch.empty((self.n, e - s), dtype=torch.float64)
-                for i, y in enumerate(ys):
-                    m[i].copy_(y[s:e])  # converts straight into float64: no stacked float32 copy
-                m -= x[s:e]
+                for i, d in enumerate(ds):
+                    m[i].copy_(d[s:e])  # converts straight into float64: no stacked copy
                 yield key, s, e, m
 
     def chunks(self) -> Iterator[tuple[str, int, int, torch.Tensor]]:
@@ -135,10 +143,7 @@ class Cohort:
         all n updates as in FedAvg. Memory: k models on top of the cohort.
         """
         require(coeffs.dim() == 2 and coeffs.shape[1] == self.n, f"mix: coefficients must be k x {self.n}")
-        carry = IntegerBufferCarry(self.global_state)
-        for u in self.updates:
-            carry.add(u)
-        carried = carry.result()
+        carried = self.carry()
         c = coeffs.to(torch.float64)
         # torch.empty, not empty_like: a contiguous tensor, so the flat views below write into it.
         shapes = {k: (self.global_state[k].shape, self.global_state[k].dtype) for k in self.keys}
@@ -155,14 +160,39 @@ class Cohort:
                 flat[key][s:e].copy_(block[r])
         return [{k: out[k] if k in out else carried[k].clone() for k in self.global_state} for out in outs]
 
+    def mix_deltas(self, coeffs: torch.Tensor) -> list[State]:
+        """For each row r of ``coeffs`` (k × n): the delta sum_j coeffs[r, j] Δ_j, float64
+        (complex128) per float tensor, computed in one pass over the chunks. Integer buffers
+        are not included: pre-aggregations carry them over the original contributions."""
+        require(coeffs.dim() == 2 and coeffs.shape[1] == self.n, f"mix: coefficients must be k x {self.n}")
+        c = coeffs.to(torch.float64)
+        flats = [{k: torch.empty(self.numel(k), dtype=torch.float64) for k in self.keys} for _ in range(c.shape[0])]
+        for key, s, e, m in self.chunks():
+            block = c @ m
+            for r, flat in enumerate(flats):
+                flat[key][s:e].copy_(block[r])
+        out = []
+        for flat in flats:
+            d: State = {}
+            for k in self.keys:
+                base = self.global_state[k]
+                d[k] = (torch.view_as_complex(flat[k].reshape(*base.shape, 2)) if base.is_complex()
+                        else flat[k].reshape(base.shape))
+            out.append(d)
+        return out
+
     # ---- back to a model --------------------------------------------------------------
+
+    def carry(self) -> State:
+        """Integer/bool buffers carried over all contributions as in FedAvg."""
+        carry = IntegerBufferCarry(self.global_state)
+        for u in self.updates:
+            carry.fold(u, float(u.weight))
+        return carry.result()
 
     def to_state(self, delta: Flat) -> State:
         """x_t + delta for float tensors (cast back), integer/bool buffers carried as in FedAvg."""
-        carry = IntegerBufferCarry(self.global_state)
-        for u in self.updates:
-            carry.add(u)
-        out = carry.result()
+        out = self.carry()
         for key in self.keys:
             base = self.global_state[key]
             out[key] = from_real64(_flat64(base) + delta[key], base)
@@ -170,12 +200,14 @@ class Cohort:
 
 
 class UpdateBuffer:
-    """Keeps a round's validated updates for rules that need the whole cohort at once:
-    O(cohort x model) memory."""
+    """Keeps a round's validated contributions for rules that need the whole cohort at once:
+    O(cohort x model) memory. Not mergeable (see the module docstring)."""
 
-    def __init__(self, global_state: State):
+    def __init__(self, global_state: State, base_version: int = 0, rule: str = ""):
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
-        self._updates: list[ClientUpdate] = []
+        self.base_version = int(base_version)
+        self.rule = rule
+        self._updates: list[Contribution] = []
         self._total_weight = 0.0
 
     @property
@@ -187,32 +219,50 @@ class UpdateBuffer:
         return self._total_weight
 
     @property
-    def updates(self) -> list[ClientUpdate]:
+    def updates(self) -> list[Contribution]:
         return list(self._updates)
 
+    def fold(self, c: Contribution) -> None:
+        w = validate_contribution(self._global, self.base_version, c)
+        self._updates.append(c)
+        self._total_weight += w
+
     def add(self, update: ClientUpdate) -> None:
-        validate_update(self._global, update)
-        self._updates.append(update)
-        self._total_weight += float(update.num_samples)
+        """Legacy: keep a full-weights ClientUpdate (converted to float64 deltas)."""
+        self.fold(Contribution.from_client_update(update, self._global, self.base_version))
+
+    def partial(self):
+        raise StrategyConfigError(f"{self.rule or 'this rule'} is not mergeable: a robust rule compares "
+                                  f"contributions with each other and needs every one of them in the clear")
+
+    def merge(self, partial) -> None:
+        self.partial()
+
+    def finalize(self) -> State:
+        return self.result()
+
+    def result(self) -> State:
+        raise NotImplementedError
 
 
 class BufferedAggregator(UpdateBuffer):
-    """Keeps the round's updates; ``result()`` hands them to the rule as a Cohort.
+    """Keeps the round's contributions; ``finalize()`` hands them to the rule as a Cohort.
 
-    ``check`` re-validates the rule's precondition for the actual number of updates (the
-    job-load check covers the quorum, so this only fires if the coordinator's quorum and
-    the rule disagree).
+    ``check`` re-validates the rule's precondition for the actual number of contributions
+    (the job-load check covers the quorum, so this only fires if the coordinator's quorum
+    and the rule disagree).
     """
 
-    def __init__(self, global_state: State, aggregate: Callable[[Cohort], State], check: Callable[[int], None]):
-        super().__init__(global_state)
+    def __init__(self, global_state: State, aggregate: Callable[[Cohort], State], check: Callable[[int], None],
+                 base_version: int = 0, rule: str = ""):
+        super().__init__(global_state, base_version, rule)
         self._aggregate = aggregate
         self._check = check
 
     def result(self) -> State:
         require(self.count > 0, "no updates to aggregate")
         self._check(self.count)
-        return self._aggregate(Cohort(self._global, self._updates))
+        return self._aggregate(Cohort(self._global, self._updates, base_version=self.base_version))
 
 
 def sorted_columns(m: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ Federated Visual Classification" (arXiv:1909.06335), Sec. 3:
     x_{t+1} = x_t + lr · v_t
 
 (the paper writes it with Δw = x_t − proposal and x_{t+1} = x_t − v; the sign is folded
-in here). beta = 0 and lr = 1 is FedAvg. The velocity is kept in float64 per float tensor.
+in here). beta = 0 and lr = 1 is FedAvg. The velocity is kept in float64 per float tensor
+and persisted by ``state_dict`` (``velocity/<key>``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from fedbus.aggregation.base import ServerOptimizer, State
-from fedbus.aggregation.server_sgd import assemble, pseudo_gradients
+from fedbus.aggregation.base import ServerOptimizer, State, StateDict
+from fedbus.aggregation.server_sgd import assemble, load_float64_tensors, pseudo_gradients
 
 
 class ServerMomentum(ServerOptimizer):
@@ -38,3 +39,9 @@ class ServerMomentum(ServerOptimizer):
             self.velocity[name] = v
             new[name] = x + self.lr * v
         return assemble(global_state, proposal, new)
+
+    def state_dict(self) -> StateDict:
+        return {f"velocity/{k}": v.clone() for k, v in self.velocity.items()}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        self.velocity = load_float64_tensors(self.name, state, ("velocity/",))["velocity/"]

@@ -18,12 +18,13 @@ where a_i stands for ||a_i||_1 from here on. With a_i = tau_i for every client t
 FedAvg; when clients take different numbers of steps FedAvg silently optimises a
 surrogate objective weighted by p_i tau_i, which FedNova removes.
 
-a_i arrives in ``update.extra["fednova_a"]`` (the worker computes it with ``fednova_a``
-below, because only it knows its optimizer); without it, a_i = ``update.num_steps``
-(vanilla SGD). The server step size of the paper is the server optimizer's business:
+a_i arrives in ``contribution.extras["fednova_a"]`` (the worker computes it with ``fednova_a``
+below, because only it knows its optimizer); without it, a_i = ``contribution.num_steps``
+(vanilla SGD). Weights p_i = w_i / sum w are the contributions' float weights. The server step size of the paper is the server optimizer's business:
 with ``{name: sgd, lr: 1}`` the result is exactly x_{t+1} above.
 
-Streaming: float64 sums of n_i (y_i - x_t) / a_i per tensor, plus two scalars.
+Streaming and mergeable: float64 sums of w_i (y_i - x_t) / a_i per tensor, plus the
+scalars sum w_i a_i and sum w_i; partial sums add up (see ``partial.py``).
 
 Derivation of ||a_i||_1 (``fednova_a``)
 ---------------------------------------
@@ -59,14 +60,10 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from fedbus.aggregation.base import (
-    AggregationRule,
-    ClientUpdate,
-    InvalidUpdate,
-    State,
-    StreamingAccumulatorBase,
-    validate_update,
-)
+import torch
+
+from fedbus.aggregation.base import AggregationRule, Contribution, InvalidUpdate, State
+from fedbus.aggregation.streaming import StreamingAccumulator
 
 
 def fednova_a(num_steps: int, momentum: float = 0.0, proximal_mu: float = 0.0, lr: float | None = None) -> float:
@@ -107,59 +104,52 @@ def fednova_a(num_steps: int, momentum: float = 0.0, proximal_mu: float = 0.0, l
     return total
 
 
-def _a_of(update: ClientUpdate) -> float:
-    raw = update.extra.get("fednova_a", update.num_steps)
+def _a_of(c: Contribution) -> float:
+    raw = c.extras.get("fednova_a", c.num_steps)
+    if isinstance(raw, bool):
+        raw = repr(raw)  # True is not a step count
     try:
         a = float(raw)
     except (TypeError, ValueError):
-        raise InvalidUpdate(f"update from {update.worker_id!r}: fednova_a must be a number, got {raw!r}") from None
+        raise InvalidUpdate(f"update from {c.worker_id!r}: fednova_a must be a number, got {raw!r}") from None
     if not (a > 0 and math.isfinite(a)):
-        raise InvalidUpdate(f"update from {update.worker_id!r}: FedNova needs a_i > 0 (extra['fednova_a'] or "
+        raise InvalidUpdate(f"update from {c.worker_id!r}: FedNova needs a_i > 0 (extra['fednova_a'] or "
                             f"num_steps), got {raw!r}")
     return a
 
 
-class FedNovaAccumulator(StreamingAccumulatorBase):
-    """Streaming FedNova: sums n_i (y_i - x_t) / a_i in float64, and sum n_i a_i."""
+class FedNovaAccumulator(StreamingAccumulator):
+    """Streaming FedNova: S = sum_i w_i (y_i - x_t) / a_i in float64, and the scalar sum_i w_i a_i."""
 
-    def __init__(self, global_state: State):
-        super().__init__(global_state)
-        self._weighted_a = 0.0
+    scalar_names: ClassVar[tuple[str, ...]] = ("weighted_a",)
+
+    def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "fednova"):
+        super().__init__(global_state, base_version, rule=rule)
 
     @property
     def tau_eff(self) -> float:
         """sum_i p_i a_i so far."""
-        return self._weighted_a / self._total_weight if self._total_weight else 0.0
+        return self._scalars["weighted_a"] / self._total_weight if self._total_weight else 0.0
 
-    def add(self, update: ClientUpdate) -> None:
-        validate_update(self._global, update)
-        a = _a_of(update)
-        w = float(update.num_samples)
-        for name, acc in self._sums.items():
-            delta = update.state[name].to(acc.dtype) - self._global[name].to(acc.dtype)
-            acc.add_(delta, alpha=w / a)
-        self._carry.add(update)
-        self._total_weight += w
-        self._weighted_a += w * a
-        self._count += 1
+    def coefficient(self, c: Contribution, weight: float) -> float:
+        return weight / _a_of(c)
 
-    def result(self) -> State:
-        if self._count == 0:
-            raise ValueError("no updates to aggregate")
-        out = self._carry.result()
-        tau_eff = self._weighted_a / self._total_weight
-        for name, acc in self._sums.items():
-            base = self._global[name]
-            # x_t - tau_eff * sum p_i d_i  ==  x_t + tau_eff * sum p_i (y_i - x_t) / a_i
-            out[name] = (base.to(acc.dtype) + acc * (tau_eff / self._total_weight)).to(base.dtype)
-        return {k: out[k] for k in self._global}
+    def scalars_of(self, c: Contribution, weight: float) -> dict[str, float]:
+        return {"weighted_a": weight * _a_of(c)}
+
+    def aggregate_delta(self, name: str, total: torch.Tensor) -> torch.Tensor:
+        # x_t - tau_eff * sum p_i d_i  ==  x_t + tau_eff * sum p_i (y_i - x_t) / a_i
+        tau_eff = self._scalars["weighted_a"] / self._total_weight
+        return total * (tau_eff / self._total_weight)
 
 
 class FedNova(AggregationRule):
-    """FedNova (Wang et al. 2020); streaming; precondition n >= 1 and a_i > 0 per update."""
+    """FedNova (Wang et al. 2020); streaming, mergeable; precondition n >= 1 and a_i > 0 per update."""
 
     name: ClassVar[str] = "fednova"
     streaming: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+    needs_plaintext: ClassVar[bool] = False
 
-    def begin(self, global_state: State) -> FedNovaAccumulator:
-        return FedNovaAccumulator(global_state)
+    def begin(self, global_state: State, base_version: int = 0) -> FedNovaAccumulator:
+        return FedNovaAccumulator(global_state, base_version, rule=self.describe())

@@ -22,7 +22,7 @@ FedAdagrad's v is a sum, not an average, so only m is corrected there; FedYogi's
 corrected like Adam's (its additive step has the same (1 − beta2) scale).
 
 Moments are kept in float64, one pair per float tensor; integer/bool buffers come from
-the proposal unchanged.
+the proposal unchanged. ``state_dict`` holds ``m/<key>``, ``v/<key>`` and the step count ``t``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import ClassVar
 
 import torch
 
-from fedbus.aggregation.base import ServerOptimizer, State
-from fedbus.aggregation.server_sgd import assemble, pseudo_gradients
+from fedbus.aggregation.base import ServerOptimizer, State, StateDict, require, scalar_of
+from fedbus.aggregation.server_sgd import assemble, load_float64_tensors, pseudo_gradients
 
 
 class AdaptiveServerOptimizer(ServerOptimizer):
@@ -70,3 +70,17 @@ class AdaptiveServerOptimizer(ServerOptimizer):
                     v = v / (1.0 - self.beta2 ** self.t)
             new[name] = x + self.lr * m / (v.sqrt() + self.tau)
         return assemble(global_state, proposal, new)
+
+    def state_dict(self) -> StateDict:
+        out: StateDict = {"t": self.t}
+        out.update({f"m/{k}": v.clone() for k, v in self.m.items()})
+        out.update({f"v/{k}": v.clone() for k, v in self.v.items()})
+        return out
+
+    def load_state_dict(self, state: StateDict) -> None:
+        require("t" in state, f"{self.name}: state lacks the step count 't'")
+        t = scalar_of(state["t"], "t")
+        require(float(t).is_integer() and t >= 0, f"{self.name}: t must be an integer >= 0, got {t}")
+        parts = load_float64_tensors(self.name, state, ("m/", "v/"), scalars=("t",))
+        require(set(parts["m/"]) == set(parts["v/"]), f"{self.name}: m and v must cover the same tensors")
+        self.t, self.m, self.v = int(t), parts["m/"], parts["v/"]

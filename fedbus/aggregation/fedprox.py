@@ -12,8 +12,9 @@ aggregates with FedAvg; with FedNova, pass the same mu and the local lr to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -41,11 +42,15 @@ def proximal_term(params: Iterable[tuple[str, torch.Tensor]], global_params: dic
 
 
 class FedProx(FedAvg):
-    """FedProx as a rule: the server side is FedAvg; ``mu`` travels to the workers in the job spec."""
+    """FedProx as a rule: the server side is FedAvg (streaming, mergeable); workers are told ``proximal_mu``."""
 
     name: ClassVar[str] = "fedprox"
 
     def __init__(self, mu: float = 0.01):
-        if mu < 0:
-            raise StrategyConfigError(f"fedprox: mu must be >= 0, got {mu}")
+        if not (mu >= 0 and math.isfinite(mu)):
+            raise StrategyConfigError(f"fedprox: mu must be finite and >= 0, got {mu}")
         self.mu = mu
+
+    def configure(self, worker_id: str | None = None, version: int | None = None) -> dict[str, Any]:
+        """``{"proximal_mu": mu}``: the coefficient of the worker's proximal term."""
+        return {"proximal_mu": float(self.mu)}

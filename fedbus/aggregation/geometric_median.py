@@ -70,6 +70,8 @@ def weiszfeld(cohort: Cohort, alpha: torch.Tensor, eps: float, max_iter: int, to
 class GeometricMedian(AggregationRule):
     name: ClassVar[str] = "geometric_median"
     streaming: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False      # compares contributions with each other
+    needs_plaintext: ClassVar[bool] = True
 
     def __init__(self, eps: float = 1e-6, max_iter: int = 100, tol: float = 1e-5, weighted: bool = True, f: int = 0):
         if not (eps > 0 and max_iter >= 1 and tol >= 0 and f >= 0):
@@ -85,8 +87,8 @@ class GeometricMedian(AggregationRule):
                 f"geometric_median tolerates f Byzantine updates only with an honest majority, n >= 2f + 1; "
                 f"with f={self.f} that is n >= {2 * self.f + 1}, but a round may aggregate only n={min_updates}")
 
-    def begin(self, global_state: State) -> BufferedAggregator:
-        return BufferedAggregator(global_state, self._aggregate, self.check_cohort)
+    def begin(self, global_state: State, base_version: int = 0) -> BufferedAggregator:
+        return BufferedAggregator(global_state, self._aggregate, self.check_cohort, base_version, self.describe())
 
     def _aggregate(self, cohort: Cohort) -> State:
         alpha = cohort.weights if self.weighted else torch.ones(cohort.n, dtype=torch.float64)

@@ -63,6 +63,8 @@ class MultiKrum(AggregationRule):
 
     name: ClassVar[str] = "multi_krum"
     streaming: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False      # compares contributions with each other
+    needs_plaintext: ClassVar[bool] = True
 
     def __init__(self, f: int, m: int = 1):
         self.f = int(f)
@@ -78,8 +80,8 @@ class MultiKrum(AggregationRule):
                 f"m <= n - f, but m={self.m} > {min_updates} - {self.f} = {min_updates - self.f} "
                 f"(n={min_updates} is the smallest round the job may aggregate)")
 
-    def begin(self, global_state: State) -> BufferedAggregator:
-        return BufferedAggregator(global_state, self._aggregate, self.check_cohort)
+    def begin(self, global_state: State, base_version: int = 0) -> BufferedAggregator:
+        return BufferedAggregator(global_state, self._aggregate, self.check_cohort, base_version, self.describe())
 
     def select(self, cohort: Cohort) -> list[int]:
         scores = krum_scores(cohort.pairwise_sq_distances(), self.f)

@@ -24,6 +24,8 @@ from fedbus.aggregation.cohort import BufferedAggregator, Cohort, median_of_sort
 class CoordinateMedian(AggregationRule):
     name: ClassVar[str] = "median"
     streaming: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False      # compares contributions with each other
+    needs_plaintext: ClassVar[bool] = True
 
     def __init__(self, f: int = 0):
         self.f = int(f)
@@ -36,8 +38,8 @@ class CoordinateMedian(AggregationRule):
                 f"median tolerates f Byzantine updates only with an honest majority, n >= 2f + 1; "
                 f"with f={self.f} that is n >= {2 * self.f + 1}, but a round may aggregate only n={min_updates}")
 
-    def begin(self, global_state: State) -> BufferedAggregator:
-        return BufferedAggregator(global_state, self._aggregate, self.check_cohort)
+    def begin(self, global_state: State, base_version: int = 0) -> BufferedAggregator:
+        return BufferedAggregator(global_state, self._aggregate, self.check_cohort, base_version, self.describe())
 
     def _aggregate(self, cohort: Cohort) -> State:
         return cohort.to_state(cohort.coordinatewise(lambda m: median_of_sorted(sorted_columns(m))))

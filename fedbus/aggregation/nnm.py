@@ -76,7 +76,7 @@ class NearestNeighbourMixing(PreAggregation):
     def rewrite(self, cohort: Cohort, round_index: int) -> Mixing:
         hoods = neighbourhoods(cohort.pairwise_sq_distances(), cohort.ids, self.f)
         rows = [normalised_row(cohort.n, hood, [1.0] * len(hood)) for hood in hoods]
-        return Mixing(torch.stack(rows), list(cohort.ids), [int(u.num_samples) for u in cohort.updates],
+        return Mixing(torch.stack(rows), list(cohort.ids), [float(u.weight) for u in cohort.updates],
                       [[cohort.ids[j] for j in hood] for hood in hoods])
 
 

@@ -26,27 +26,30 @@ from dataclasses import dataclass
 import torch
 
 from fedbus.aggregation.base import (
+    Accumulator,
     AggregationRule,
-    ClientUpdate,
-    IntegerBufferCarry,
-    RoundAggregator,
+    Contribution,
     State,
+    StateDict,
     StrategyConfigError,
+    counter_keys,
     require,
+    scalar_of,
 )
 from fedbus.aggregation.cohort import Cohort, UpdateBuffer
 
+ROUNDS_BEGUN = "preaggregation.rounds_begun"
 ROBUST_RULES = "median, trimmed_mean, geometric_median, krum, multi_krum or bulyan"
 
 
 @dataclass
 class Mixing:
     """k inputs for the inner rule: ``coeffs`` (k × n, rows summing to 1) over the cohort's
-    updates, and per input its worker id, sample count, and the worker ids it was made from."""
+    contributions, and per input its worker id, weight, and the worker ids it was made from."""
 
     coeffs: torch.Tensor
     ids: list[str]
-    num_samples: list[int]
+    num_samples: list[float]  # the inputs' weights
     sources: list[list[str]]
 
 
@@ -61,12 +64,12 @@ def normalised_row(n: int, members: list[int], weights: list[float]) -> torch.Te
 
 
 class PreAggregator(UpdateBuffer):
-    """Buffers the round's updates; ``result()`` feeds the rewritten inputs to the inner rule.
+    """Buffers the round's contributions; ``finalize()`` feeds the rewritten inputs to the inner rule.
     ``sources`` then lists, per input, the worker ids it was made from (a bucket, a neighbourhood)."""
 
-    def __init__(self, inner: RoundAggregator, global_state: State, rewrite: Callable[[Cohort], Mixing],
-                 check: Callable[[int], None]):
-        super().__init__(global_state)
+    def __init__(self, inner: Accumulator, global_state: State, rewrite: Callable[[Cohort], Mixing],
+                 check: Callable[[int], None], base_version: int = 0, rule: str = ""):
+        super().__init__(global_state, base_version, rule)
         self.inner = inner
         self._rewrite = rewrite
         self._check = check
@@ -75,17 +78,18 @@ class PreAggregator(UpdateBuffer):
     def result(self) -> State:
         require(self.count > 0, "no updates to aggregate")
         self._check(self.count)
-        # Sorted by worker id so the result never depends on the order updates arrived in.
-        cohort = Cohort(self._global, sorted(self._updates, key=lambda u: u.worker_id))
+        # Sorted by worker id so the result never depends on the order contributions arrived in.
+        cohort = Cohort(self._global, sorted(self._updates, key=lambda u: u.worker_id), base_version=self.base_version)
         mixing = self._rewrite(cohort)
         self.sources = mixing.sources
-        for wid, samples, state in zip(mixing.ids, mixing.num_samples, cohort.mix(mixing.coeffs)):
-            self.inner.add(ClientUpdate(wid, samples, state))
-        out = self.inner.result()
-        carry = IntegerBufferCarry(self._global)
-        for u in self._updates:
-            carry.add(u)
-        out.update(carry.result())
+        # The inner rule's inputs carry no counter increments: buffers are carried below over
+        # the original contributions (an average of counters is not a counter).
+        zero_counters = {k: torch.zeros(v.shape, dtype=torch.int64) for k in counter_keys(self._global)
+                         for v in (self._global[k],)}
+        for wid, weight, delta in zip(mixing.ids, mixing.num_samples, cohort.mix_deltas(mixing.coeffs)):
+            self.inner.fold(Contribution(wid, self.base_version, float(weight), {**delta, **zero_counters}))
+        out = self.inner.finalize()
+        out.update(cohort.carry())
         return {k: out[k] for k in self._global}
 
 
@@ -134,15 +138,30 @@ class PreAggregation(AggregationRule):
     def broadcast(self) -> State:
         return self.rule.broadcast()
 
-    def begin(self, global_state: State) -> PreAggregator:
+    def configure(self, worker_id: str | None = None, version: int | None = None) -> dict:
+        return self.rule.configure(worker_id, version)
+
+    def begin(self, global_state: State, base_version: int = 0) -> PreAggregator:
         round_index = self.rounds_begun
         self.rounds_begun += 1
-        return PreAggregator(self.rule.begin(global_state), global_state,
-                             lambda cohort: self.rewrite(cohort, round_index), self.check_cohort)
+        return PreAggregator(self.rule.begin(global_state, base_version), global_state,
+                             lambda cohort: self.rewrite(cohort, round_index), self.check_cohort,
+                             base_version, self.describe())
 
-    def commit(self, aggregator: RoundAggregator, num_workers_total: int) -> None:
+    def commit(self, aggregator: Accumulator, num_workers_total: int) -> None:
         inner = aggregator.inner if isinstance(aggregator, PreAggregator) else aggregator
         self.rule.commit(inner, num_workers_total)
+
+    def state_dict(self) -> StateDict:
+        """``rounds_begun`` (it seeds each round's rewrite, e.g. bucketing's permutation) and the rule's state."""
+        return {**self.rule.state_dict(), ROUNDS_BEGUN: self.rounds_begun}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        require(ROUNDS_BEGUN in state, f"{self.describe()}: state lacks {ROUNDS_BEGUN!r}")
+        n = scalar_of(state[ROUNDS_BEGUN], ROUNDS_BEGUN)
+        require(float(n).is_integer() and n >= 0, f"{ROUNDS_BEGUN} must be an integer >= 0, got {n}")
+        self.rule.load_state_dict({k: v for k, v in state.items() if k != ROUNDS_BEGUN})
+        self.rounds_begun = int(n)
 
     def describe(self) -> str:
         return f"{self.rule.describe()}+{self.describe_filter()}"

@@ -18,12 +18,14 @@ The server averages uniformly over the sampled set S (not by sample count) and s
 with N the total number of clients. ``result()`` is the proposed x; ``commit()`` applies the
 c update after the round succeeded, so a failed round leaves c untouched.
 
-Δc_i arrives in ``update.extra["scaffold_delta_c"]`` (a State with c's keys);
+Δc_i arrives in ``contribution.extras["scaffold_delta_c"]`` (a State with c's keys);
 ``scaffold_client_update`` is the worker-side formula. The correction c - c_i only makes
 sense for tensors trained by gradient; c also has entries for float buffers (BatchNorm
 running statistics) so that keys line up, and workers simply do not apply them there.
 
-Streaming: float64 sums of Δy and Δc; c is kept in float64 and sent in the model's dtypes.
+Streaming and mergeable: float64 sums of Δy and Δc plus the count (partials add up, see
+``partial.py``); c is kept in float64, sent in the model's dtypes (``configure`` gives
+``{"scaffold": c}``), and persisted by ``state_dict``.
 
 Local momentum. Option II's (x − y_i)/(K eta_l) is the mean corrected gradient only for
 plain SGD. With heavy-ball momentum rho (and/or a FedProx term) the corrected gradients
@@ -42,12 +44,14 @@ gradient before the optimizer's momentum.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
-from fedbus.aggregation.base import (StreamingAccumulatorBase, AggregationRule, ClientUpdate, InvalidUpdate,
-                                     RoundAggregator, State, float_keys, validate_update)
+from fedbus.aggregation.base import (Accumulator, AggregationRule, Contribution, State, StateDict, float_keys,
+                                     is_averageable, require, tensors_with_prefix, wide_dtype)
+from fedbus.aggregation.streaming import StreamingAccumulator
 from fedbus.aggregation.fednova import fednova_a
 
 DELTA_C = "scaffold_delta_c"
@@ -78,57 +82,35 @@ def scaffold_client_update(c_global: State, c_local: State, x_global: State, y_l
     return c_new, delta
 
 
-class ScaffoldAccumulator(StreamingAccumulatorBase):
-    """Uniform float64 sums of Δy_i and Δc_i over the round's updates."""
+class ScaffoldAccumulator(StreamingAccumulator):
+    """Uniform float64 sums of Δy_i and Δc_i over the round's contributions (weights are not used)."""
 
-    def __init__(self, global_state: State, control: State, eta_g: float):
-        super().__init__(global_state, with_sums=False)
+    def __init__(self, global_state: State, eta_g: float, base_version: int = 0, *, rule: str = "scaffold"):
+        super().__init__(global_state, base_version, rule=rule, groups=(DELTA_C,))
         self._eta_g = eta_g
-        self._keys = float_keys(global_state)
-        self._dy = {k: torch.zeros(global_state[k].shape, dtype=control[k].dtype) for k in self._keys}
-        self._dc = {k: torch.zeros_like(control[k]) for k in self._keys}
 
-    def add(self, update: ClientUpdate) -> None:
-        validate_update(self._global, update)
-        dc = update.extra.get(DELTA_C)
-        if not isinstance(dc, dict):
-            raise InvalidUpdate(f"update from {update.worker_id!r} lacks extra[{DELTA_C!r}] (SCAFFOLD needs Δc_i)")
-        for name in self._keys:
-            t = dc.get(name)
-            if not isinstance(t, torch.Tensor) or t.shape != self._dc[name].shape:
-                raise InvalidUpdate(f"update from {update.worker_id!r}: {DELTA_C}[{name!r}] is missing or has the "
-                                    f"wrong shape (want {tuple(self._dc[name].shape)})")
-        for name in self._keys:
-            acc = self._dy[name]
-            acc.add_(update.state[name].to(acc.dtype) - self._global[name].to(acc.dtype))
-            self._dc[name].add_(dc[name].to(self._dc[name].dtype))
-        self._carry.add(update)
-        self._count += 1
-        self._total_weight += float(update.num_samples)
+    def coefficient(self, c: Contribution, weight: float) -> float:
+        return 1.0
 
-    def result(self) -> State:
-        if self._count == 0:
-            raise ValueError("no updates to aggregate")
-        out = self._carry.result()
-        for name in self._keys:
-            base = self._global[name]
-            out[name] = (base.to(self._dy[name].dtype) + self._dy[name] * (self._eta_g / self._count)).to(base.dtype)
-        return {k: out[k] for k in self._global}
+    def aggregate_delta(self, name: str, total: torch.Tensor) -> torch.Tensor:
+        return total * (self._eta_g / self._count)
 
     def mean_delta_c(self) -> State:
-        return {k: v / self._count for k, v in self._dc.items()}
+        return {k: v / self._count for k, v in self._groups[DELTA_C].items()}
 
 
 class Scaffold(AggregationRule):
-    """SCAFFOLD option II; streaming; precondition n >= 1, eta_g > 0, N >= |S| at commit."""
+    """SCAFFOLD option II; streaming, mergeable; precondition n >= 1, eta_g > 0, N >= |S| at commit."""
 
     name: ClassVar[str] = "scaffold"
     streaming: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+    needs_plaintext: ClassVar[bool] = False
     update_groups: ClassVar[tuple[str, ...]] = (DELTA_C,)
 
     def __init__(self, eta_g: float = 1.0):
-        if not eta_g > 0:
-            raise ValueError(f"scaffold: eta_g must be > 0, got {eta_g}")
+        if not (eta_g > 0 and math.isfinite(eta_g)):
+            raise ValueError(f"scaffold: eta_g must be finite and > 0, got {eta_g}")
         self.eta_g = float(eta_g)
         self._c: State | None = None   # float64 / complex128 per float tensor
         self._dtypes: dict[str, torch.dtype] = {}
@@ -138,24 +120,22 @@ class Scaffold(AggregationRule):
         """The server control variate c in float64 (None before the first begin())."""
         return self._c
 
-    def begin(self, global_state: State) -> ScaffoldAccumulator:
+    def begin(self, global_state: State, base_version: int = 0) -> ScaffoldAccumulator:
         keys = float_keys(global_state)
         if self._c is None:
-            self._c = {k: torch.zeros(global_state[k].shape,
-                                      dtype=torch.complex128 if global_state[k].is_complex() else torch.float64)
-                       for k in keys}
+            self._c = {k: torch.zeros(global_state[k].shape, dtype=wide_dtype(global_state[k])) for k in keys}
             self._dtypes = {k: global_state[k].dtype for k in keys}
-        elif set(self._c) != set(keys):
+        elif set(self._c) != set(keys) or any(self._c[k].shape != global_state[k].shape for k in keys):
             raise ValueError("scaffold: the model's float tensors changed between rounds")
-        return ScaffoldAccumulator(global_state, self._c, self.eta_g)
+        return ScaffoldAccumulator(global_state, self.eta_g, base_version, rule=self.describe())
 
     def broadcast(self) -> State:
-        """c in the model's dtypes. Call begin() first: c takes its shapes from the model."""
+        """c in the model's dtypes. Call begin() (or load_state_dict) first: c takes its shapes from the model."""
         if self._c is None:
             raise RuntimeError("scaffold: broadcast() before the first begin(); c needs the model's shapes")
         return {k: v.to(self._dtypes[k]) for k, v in self._c.items()}
 
-    def commit(self, aggregator: RoundAggregator, num_workers_total: int) -> None:
+    def commit(self, aggregator: Accumulator, num_workers_total: int) -> None:
         if not isinstance(aggregator, ScaffoldAccumulator):
             raise TypeError("scaffold.commit needs the aggregator its begin() returned")
         assert self._c is not None
@@ -166,3 +146,28 @@ class Scaffold(AggregationRule):
             raise ValueError(f"scaffold: N = {num_workers_total} workers in total but {s} updates aggregated")
         for name, mean in aggregator.mean_delta_c().items():
             self._c[name].add_(mean, alpha=s / num_workers_total)
+
+    def state_dict(self) -> StateDict:
+        """``c/<key>``: c in float64/complex128; ``dtype/<key>``: a 0-d tensor of the model's dtype
+        (so the broadcast casts identically after a restore). Empty before the first begin()."""
+        if self._c is None:
+            return {}
+        out: StateDict = {f"c/{k}": v.clone() for k, v in self._c.items()}
+        out.update({f"dtype/{k}": torch.zeros((), dtype=self._dtypes[k]) for k in self._c})
+        return out
+
+    def load_state_dict(self, state: StateDict) -> None:
+        if not state:
+            self._c, self._dtypes = None, {}
+            return
+        c = tensors_with_prefix(state, "c/")
+        dtypes = tensors_with_prefix(state, "dtype/")
+        require(set(state) == {f"c/{k}" for k in c} | {f"dtype/{k}" for k in c} and set(dtypes) == set(c),
+                "scaffold: state must hold c/<key> and dtype/<key> for the same keys")
+        for k, v in c.items():
+            require(isinstance(v, torch.Tensor) and v.dtype in (torch.float64, torch.complex128)
+                    and bool(torch.isfinite(v).all()), f"scaffold: c/{k} must be a finite float64/complex128 tensor")
+            require(isinstance(dtypes[k], torch.Tensor) and is_averageable(dtypes[k])
+                    and dtypes[k].is_complex() == v.is_complex(), f"scaffold: dtype/{k} must match c/{k}'s kind")
+        self._c = {k: v.detach().clone() for k, v in c.items()}
+        self._dtypes = {k: dtypes[k].dtype for k in c}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fedbus.aggregation.base import ServerOptimizer, State, float_keys, from_real64, to_real64
+import torch
+
+from fedbus.aggregation.base import ServerOptimizer, State, StateDict, float_keys, from_real64, require, to_real64
 
 
 def pseudo_gradients(global_state: State, proposal: State) -> dict[str, tuple]:
@@ -25,6 +27,22 @@ def assemble(global_state: State, proposal: State, new_floats: dict) -> State:
     """Float tensors from the optimizer (cast to the model's dtypes), the rest from the proposal."""
     return {k: from_real64(new_floats[k], global_state[k]) if k in new_floats else proposal[k]
             for k in global_state}
+
+
+def load_float64_tensors(name: str, state: StateDict, prefixes: tuple[str, ...],
+                         scalars: tuple[str, ...] = ()) -> dict[str, State]:
+    """Split a state dict into {prefix: {key: tensor}}, checking that every entry is one of
+    ``prefixes`` + key (a finite float64 tensor) or one of ``scalars``; StrategyConfigError otherwise."""
+    out: dict[str, State] = {p: {} for p in prefixes}
+    for k, v in state.items():
+        if k in scalars:
+            continue
+        prefix = next((p for p in prefixes if k.startswith(p)), None)
+        require(prefix is not None, f"{name}: unexpected state entry {k!r}")
+        require(isinstance(v, torch.Tensor) and v.dtype == torch.float64 and bool(torch.isfinite(v).all()),
+                f"{name}: state {k!r} must be a finite float64 tensor")
+        out[prefix][k[len(prefix):]] = v.detach().clone()
+    return out
 
 
 class ServerSGD(ServerOptimizer):

@@ -33,6 +33,8 @@ def trim_count(beta: float, n: int) -> int:
 class TrimmedMean(AggregationRule):
     name: ClassVar[str] = "trimmed_mean"
     streaming: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False      # compares contributions with each other
+    needs_plaintext: ClassVar[bool] = True
 
     def __init__(self, beta: float):
         self.beta = float(beta)
@@ -46,8 +48,8 @@ class TrimmedMean(AggregationRule):
                 f"trimmed_mean removes b = floor(beta*n) = floor({self.beta}*{min_updates}) = {b} values from each "
                 f"end of every coordinate and needs 2b < n, but 2*{b} >= {min_updates}")
 
-    def begin(self, global_state: State) -> BufferedAggregator:
-        return BufferedAggregator(global_state, self._aggregate, self.check_cohort)
+    def begin(self, global_state: State, base_version: int = 0) -> BufferedAggregator:
+        return BufferedAggregator(global_state, self._aggregate, self.check_cohort, base_version, self.describe())
 
     def _aggregate(self, cohort: Cohort) -> State:
         n = cohort.n

@@ -1,0 +1,168 @@
+"""The shared half of every streaming (mergeable) rule: fold, partial, merge, finalize.
+
+A streaming rule is defined by three small hooks on ``StreamingAccumulator``:
+
+* ``coefficient(c, w)`` — how contribution c (weight w) enters the float64 sums:
+  S[k] += coefficient · Δ_c[k]  (FedAvg: w; FedNova: w / a_c; SCAFFOLD: 1);
+* ``scalars_of(c, w)`` — rule scalars added per contribution (FedNova: {"weighted_a": w · a_c});
+* ``aggregate_delta(name, S[name])`` — the aggregated delta from the sums at finalize
+  (FedAvg: S / sum w).
+
+Tensor groups named in ``groups`` (SCAFFOLD's Δc) are summed uniformly. Everything the
+accumulator keeps is a sum, so ``partial()`` exports it and ``merge()`` adds another
+partial of the same rule and base: the result equals folding all contributions into one
+accumulator. ``finalize()`` returns x_base + aggregated delta, cast to the base's dtypes,
+in the base's key order; integer buffers go through ``IntegerBufferCarry``.
+
+Memory: one float64 (complex128) sum per float tensor and group entry, whatever the cohort.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
+                                     float64_sums, float_keys, tensor_group, validate_contribution, wide_dtype)
+from fedbus.aggregation.partial import Contributor, PartialAggregate, check_partial_tensors
+
+
+class StreamingAccumulator:
+    """Float64 sums of rule-weighted deltas, the integer-buffer carry, counts and contributors."""
+
+    scalar_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "",
+                 groups: tuple[str, ...] = ()):
+        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        self.base_version = int(base_version)
+        self.rule = rule
+        self._keys = float_keys(global_state)
+        # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
+        # would stall; the division happens once, in finalize().
+        self._sums = float64_sums(global_state)
+        self._groups: dict[str, State] = {g: float64_sums(global_state) for g in groups}
+        self._carry = IntegerBufferCarry(global_state)
+        self._scalars: dict[str, float] = {k: 0.0 for k in self.scalar_names}
+        self._total_weight = 0.0
+        self._count = 0
+        self._contributors: list[Contributor] = []
+
+    # ---- rule hooks ------------------------------------------------------------------
+
+    def coefficient(self, c: Contribution, weight: float) -> float:
+        return weight
+
+    def scalars_of(self, c: Contribution, weight: float) -> dict[str, float]:
+        return {}
+
+    def aggregate_delta(self, name: str, total: torch.Tensor) -> torch.Tensor:
+        return total / self._total_weight
+
+    # ---- the contract ----------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+
+    @property
+    def contributors(self) -> list[Contributor]:
+        return list(self._contributors)
+
+    def fold(self, c: Contribution) -> None:
+        """Add one contribution; InvalidUpdate (and no change) if the rule cannot use it."""
+        w = validate_contribution(self._global, self.base_version, c)
+        coeff = self.coefficient(c, w)
+        like = {k: self._sums[k] for k in self._keys}
+        group_tensors = {g: tensor_group(c, g, like) for g in self._groups}
+        scalars = self.scalars_of(c, w)
+        for name, acc in self._sums.items():
+            acc.add_(c.delta[name].to(acc.dtype), alpha=coeff)
+        for g, sums in self._groups.items():
+            for name, acc in sums.items():
+                acc.add_(group_tensors[g][name].to(acc.dtype))
+        for k, v in scalars.items():
+            self._scalars[k] += v
+        self._carry.fold(c, w)
+        self._total_weight += w
+        self._count += 1
+        self._contributors.append(Contributor(c.worker_id, w, int(c.base_version)))
+
+    def partial(self) -> PartialAggregate:
+        """A copy of the mergeable statistics (later folds do not change it)."""
+        return PartialAggregate(
+            rule=self.rule, base_version=self.base_version,
+            sums={k: v.clone() for k, v in self._sums.items()},
+            carry={k: v.clone() for k, v in self._carry.sums.items()},
+            total_weight=self._total_weight, count=self._count, contributors=list(self._contributors),
+            scalars=dict(self._scalars),
+            groups={g: {k: v.clone() for k, v in s.items()} for g, s in self._groups.items()})
+
+    def merge(self, partial: PartialAggregate) -> None:
+        """Add a partial of the same rule and base; InvalidUpdate (and no change) otherwise."""
+        if not isinstance(partial, PartialAggregate):
+            raise InvalidUpdate(f"expected a PartialAggregate, got {type(partial).__name__}")
+        if partial.rule != self.rule:
+            raise InvalidUpdate(f"partial aggregate of rule {partial.rule!r} cannot merge into {self.rule!r}")
+        if partial.base_version != self.base_version:
+            raise InvalidUpdate(f"partial aggregate of base version {partial.base_version} cannot merge into "
+                                f"base version {self.base_version}")
+        check_partial_tensors("sums", partial.sums, self._sums)
+        check_partial_tensors("carry", partial.carry, self._carry.sums)
+        if set(partial.groups) != set(self._groups):
+            raise InvalidUpdate(f"partial aggregate: groups {sorted(partial.groups)}, expected {sorted(self._groups)}")
+        for g, sums in self._groups.items():
+            check_partial_tensors(f"groups[{g}]", partial.groups[g], sums)
+        if set(partial.scalars) != set(self._scalars):
+            raise InvalidUpdate(f"partial aggregate: scalars {sorted(partial.scalars)}, "
+                                f"expected {sorted(self._scalars)}")
+        if partial.count != len(partial.contributors) or partial.count < 0:
+            raise InvalidUpdate("partial aggregate: count does not match its contributors")
+        weight = sum(c.weight for c in partial.contributors)
+        if partial.count and not (partial.total_weight > 0 and abs(weight - partial.total_weight)
+                                  <= 1e-9 * max(weight, partial.total_weight)):
+            raise InvalidUpdate("partial aggregate: total_weight does not match its contributors' weights")
+        if any(c.base_version > self.base_version for c in partial.contributors):
+            raise InvalidUpdate("partial aggregate: a contributor was trained from a newer version than its base")
+        for name, acc in self._sums.items():
+            acc.add_(partial.sums[name])
+        for g, sums in self._groups.items():
+            for name, acc in sums.items():
+                acc.add_(partial.groups[g][name])
+        for k, v in partial.scalars.items():
+            self._scalars[k] += v
+        self._carry.merge(partial.carry, partial.total_weight)
+        self._total_weight += partial.total_weight
+        self._count += partial.count
+        self._contributors.extend(partial.contributors)
+
+    def finalize(self) -> State:
+        """x_base + aggregated delta: the same keys, dtypes and order as the base."""
+        if self._count == 0:
+            raise ValueError("no updates to aggregate")
+        out = self._carry.result()
+        for name in self._keys:
+            base = self._global[name]
+            out[name] = (base.to(wide_dtype(base)) + self.aggregate_delta(name, self._sums[name])).to(base.dtype)
+        return {k: out[k] for k in self._global}
+
+    # ---- legacy entry points -----------------------------------------------------------
+
+    def add(self, update: ClientUpdate) -> None:
+        """Legacy: fold a full-weights ClientUpdate (converted against this accumulator's base)."""
+        self.fold(Contribution.from_client_update(update, self._global, self.base_version))
+
+    def result(self) -> State:
+        """Legacy name of ``finalize``."""
+        return self.finalize()
+
+
+# Older name, kept for imports elsewhere.
+StreamingAccumulatorBase = StreamingAccumulator
+
+__all__ = ["StreamingAccumulator", "StreamingAccumulatorBase"]
