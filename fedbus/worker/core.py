@@ -28,9 +28,9 @@ Run binding: the core follows the newest run seen in a verified round.open, eval
 round.close (ordered by ``run_started_ms``, then by id), refuses control messages of
 older runs (``wrong_run``), and accepts ``job.done`` only for the run it follows; a core
 following no run yet ignores ``job.done`` (a fresh worker is replayed the previous
-run's last ``job.done`` by the control stream). Messages without a run come from a
-coordinator that does not name runs yet and are handled as before (no binding);
-``STRICT_RUNS`` turns that off once every coordinator sends runs.
+run's last ``job.done`` by the control stream). Control messages without a run are
+ignored (``no_run``): every coordinator names its run, so an unbound one can only be a
+replay from before run binding.
 
 Rejoin: a round.open for a (run, round) this worker already answered, in a control
 message it has not handled before (another nonce: a resumed coordinator reopened the
@@ -52,9 +52,6 @@ from fedbus.protocol.runs import is_run_id, run_started_ms
 from fedbus.protocol.tensor_groups import split_groups
 from fedbus.tasks import TrainingContext, training_context
 
-# When True, control messages without a run are ignored (reason "no_run"). False while
-# coordinators that do not name their run are still in use (see module docstring).
-STRICT_RUNS = False
 # Nonces of handled control messages remembered for de-duplication (bounded).
 SEEN_NONCES = 4096
 # Stored updates kept per core (the latest rounds answered; a reopened round is the last one).
@@ -249,9 +246,8 @@ class WorkerCore:
         while len(self._seen) > SEEN_NONCES:
             self._seen.popitem(last=False)
         if ev.run is None:
-            if STRICT_RUNS:
-                return [Ignore("no_run", kind, ev.round)]
-        elif self.run is not None and _run_order(ev.run) < _run_order(self.run):
+            return [Ignore("no_run", kind, ev.round)]
+        if self.run is not None and _run_order(ev.run) < _run_order(self.run):
             return [Reject("wrong_run", kind, ev.round, ev.run, f"following {self.run}")]
         elif not isinstance(ev.fields, JobDone) and ev.run != self.run:
             self._follow(ev.run)
