@@ -82,17 +82,37 @@ def wide_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.complex128 if t.is_complex() else torch.float64
 
 
+# Weights above this are refused outright. With float32-sized deltas (|Δ| < 3.4e38) a sum of
+# w · Δ stays far inside float64 (< 1e58 per term), so no claim can overflow the aggregate.
+# Sample counts are capped much lower by the coordinator; this only keeps the rules finite.
+MAX_WEIGHT = 2.0 ** 64
+
+
 def check_weight(worker_id: str, weight: Any) -> float:
-    """A contribution's weight as a float: finite and > 0 (InvalidUpdate otherwise).
+    """A contribution's weight as a float: finite, > 0 and <= MAX_WEIGHT (InvalidUpdate otherwise).
 
     Bools are refused (True would silently count as weight 1).
     """
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise InvalidUpdate(f"contribution from {worker_id!r}: weight must be a real number, got {weight!r}")
-    w = float(weight)
-    if not (math.isfinite(w) and w > 0):
-        raise InvalidUpdate(f"contribution from {worker_id!r}: weight must be finite and > 0, got {weight!r}")
+    try:
+        w = float(weight)
+    except OverflowError:  # an int beyond float range
+        w = math.inf
+    if not (math.isfinite(w) and 0 < w <= MAX_WEIGHT):
+        raise InvalidUpdate(f"contribution from {worker_id!r}: weight must be finite, > 0 and <= 2**64, "
+                            f"got {weight!r}")
     return w
+
+
+def check_finite_result(out: State, base: State) -> None:
+    """Refuse an aggregate with inf/NaN where the base model was finite (ValueError: the round fails
+    instead of committing a broken model). Non-finite base entries (a -inf mask buffer) may stay so."""
+    for name, t in out.items():
+        if is_averageable(t):
+            bad = ~torch.isfinite(t) & torch.isfinite(base[name])
+            if bool(bad.any()):
+                raise ValueError(f"the aggregate of {name!r} is not finite")
 
 
 # ---- contributions ----------------------------------------------------------------------

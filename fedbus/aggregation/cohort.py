@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, State, StrategyConfigError,
-                                     as_contribution, float_keys, from_real64, require, to_real64,
-                                     validate_contribution)
+                                     as_contribution, check_finite_result, float_keys, from_real64, require,
+                                     to_real64, validate_contribution)
 
 # float64 working set per chunk: large enough to vectorise, small next to the buffered cohort.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -262,7 +262,9 @@ class BufferedAggregator(UpdateBuffer):
     def result(self) -> State:
         require(self.count > 0, "no updates to aggregate")
         self._check(self.count)
-        return self._aggregate(Cohort(self._global, self._updates, base_version=self.base_version))
+        out = self._aggregate(Cohort(self._global, self._updates, base_version=self.base_version))
+        check_finite_result(out, self._global)
+        return out
 
 
 def sorted_columns(m: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 
 from fedbus.aggregation.base import (Accumulator, AggregationRule, ClientUpdate, Contribution, InvalidUpdate, State,
                                      StateDict, as_contribution, float_keys, from_real64, is_averageable, to_real64)
+from fedbus.aggregation.cohort import UpdateBuffer
 from fedbus.aggregation.partial import PartialAggregate
 
 CLIPPED = "clipped"
@@ -121,10 +122,12 @@ class ClippingAccumulator:
         self.clipped += norm > self._max_norm
 
     def partial(self) -> PartialAggregate:
-        p = self.inner.partial()
+        p = self.inner.partial()  # a buffered inner rule raises StrategyConfigError here
         return replace(p, rule=self.rule, scalars={**p.scalars, CLIPPED: float(self.clipped)})
 
     def merge(self, partial: PartialAggregate) -> None:
+        if isinstance(self.inner, UpdateBuffer):
+            self.inner.merge(partial)  # not mergeable: StrategyConfigError
         if not isinstance(partial, PartialAggregate):
             raise InvalidUpdate(f"expected a PartialAggregate, got {type(partial).__name__}")
         if partial.rule != self.rule:

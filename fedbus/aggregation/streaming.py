@@ -19,12 +19,14 @@ Memory: one float64 (complex128) sum per float tensor and group entry, whatever 
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
-                                     float64_sums, float_keys, tensor_group, validate_contribution, wide_dtype)
+                                     check_finite_result, float64_sums, float_keys, tensor_group,
+                                     validate_contribution, wide_dtype)
 from fedbus.aggregation.partial import Contributor, PartialAggregate, check_partial_tensors
 
 
@@ -78,6 +80,8 @@ class StreamingAccumulator:
         """Add one contribution; InvalidUpdate (and no change) if the rule cannot use it."""
         w = validate_contribution(self._global, self.base_version, c)
         coeff = self.coefficient(c, w)
+        if not (math.isfinite(coeff) and coeff >= 0):
+            raise InvalidUpdate(f"contribution from {c.worker_id!r}: its coefficient {coeff!r} is not finite")
         like = {k: self._sums[k] for k in self._keys}
         group_tensors = {g: tensor_group(c, g, like) for g in self._groups}
         scalars = self.scalars_of(c, w)
@@ -149,6 +153,7 @@ class StreamingAccumulator:
         for name in self._keys:
             base = self._global[name]
             out[name] = (base.to(wide_dtype(base)) + self.aggregate_delta(name, self._sums[name])).to(base.dtype)
+        check_finite_result(out, self._global)
         return {k: out[k] for k in self._global}
 
     # ---- legacy entry points -----------------------------------------------------------
