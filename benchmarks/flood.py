@@ -42,6 +42,8 @@ from pathlib import Path
 import nats
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's directory is on sys.path, not the checkout it belongs to.
+sys.path.insert(0, str(ROOT))
 
 JUNK_KINDS = ("junk-hb", "junk-upd")
 KINDS = (*JUNK_KINDS, "signed-hb")
@@ -110,6 +112,20 @@ async def _connect(url: str, name: str):
                               connect_timeout=5)
 
 
+async def _wait_for_go(args) -> None:
+    """With --go-file: say we are ready (connected, templates built), then wait for the
+    file, so that a harness can aim the flood at a moment of the job."""
+    if args.go_file:
+        print(json.dumps({"ready": args.kind, "pid": os.getpid()}), flush=True)
+        give_up = time.monotonic() + args.max_wait
+        while not Path(args.go_file).exists():
+            if time.monotonic() > give_up:
+                raise SystemExit(f"no {args.go_file} within {args.max_wait} s")
+            await asyncio.sleep(0.02)
+    args.started = time.monotonic()
+    args.started_wall = time.time()
+
+
 async def publish_junk(args) -> int:
     prefix, job = args.prefix, args.job
     listed = _listed_workers(args.federation)
@@ -117,6 +133,7 @@ async def publish_junk(args) -> int:
     maker = JunkMaker(job, msg_type, listed, args.seed)
     rng = random.Random(args.seed + 1)
     nc = await _connect(args.nats, f"flood-{args.kind}")
+    await _wait_for_go(args)
     sent = 0
     deadline = time.monotonic() + args.max_seconds
     try:
@@ -154,6 +171,7 @@ async def publish_signed_heartbeats(args) -> int:
     body = encode_body(Heartbeat(num_samples=50, partition=0))
     subject = f"{args.prefix}.{args.job}.hb.{me.id}"
     nc = await _connect(args.nats, f"flood-signed-hb-{me.id}")
+    await _wait_for_go(args)
     sent = 0
     deadline = time.monotonic() + args.max_seconds
     try:
@@ -181,16 +199,15 @@ async def _pace(args, sent: int) -> None:
 def run_publisher(args) -> dict:
     if args.count < 0 or args.count > 10_000_000:
         raise SystemExit("--count must be between 0 and 10,000,000")
-    args.started = time.monotonic()
     publish = publish_signed_heartbeats if args.kind == "signed-hb" else publish_junk
     sent = asyncio.run(publish(args))
     seconds = time.monotonic() - args.started
     return {"kind": args.kind, "sent": sent, "seconds": round(seconds, 3),
-            "rate": round(sent / seconds) if seconds > 0 else None, "pid": os.getpid()}
+            "rate": round(sent / seconds) if seconds > 0 else None, "pid": os.getpid(),
+            "start_wall": round(args.started_wall, 3), "end_wall": round(time.time(), 3)}
 
 
 def run_measure(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     from fedbus.bus.server import EmbeddedNatsServer
     from tests.flood_support import FloodPlan, run_flooded_job
 
@@ -220,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--federation", help="federation file: listed worker ids (forged claims, key check)")
     parser.add_argument("--target-listed", action="store_true",
                         help="junk-upd: also put junk on listed workers' own update subjects")
+    parser.add_argument("--go-file", help="print a ready line, then start publishing once this file exists")
+    parser.add_argument("--max-wait", type=float, default=300.0, help="longest wait for --go-file (s)")
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
     # measure mode
     parser.add_argument("--junk", type=int, default=200_000, help="measure: junk messages, half hb, half upd")

@@ -30,17 +30,23 @@ PER = 100_000  # results are reported per this many junk messages
 class FloodPlan:
     junk_hb: int = 100_000
     junk_upd: int = 100_000
-    # Validly signed heartbeat storms, one process each. w05 is listed but its worker
-    # process is not running (a stolen key of an idle participant: its heartbeats put it
-    # in every cohort); w01 is a running worker whose key also signs a storm from another
-    # process (its honest process must keep working).
+    # Validly signed heartbeat storms, one process each, as fast as each can sign. w05 is
+    # listed but its worker process is not running (a stolen key of an idle participant):
+    # the job waits for it as a fifth worker, so round 1 opens only once the storm runs,
+    # and while it is alive it is in every cohort and sends nothing, so those rounds close
+    # at their deadline with the four real updates; the flood thus always overlaps the
+    # rounds, however fast the coordinator is. w01 is a running worker whose key also
+    # signs a storm from another process (its honest process must keep working).
     storm_workers: tuple[str, ...] = ("w05", "w01")
     storm_count: int = 100_000
     running_workers: tuple[str, ...] = ("w01", "w02", "w03", "w04")
     listed_workers: int = 5
     rounds: int = 5
     deadline_s: float = 4.0
-    flood_max_seconds: float = 30.0
+    # The junk is spread evenly over this window (as fast as possible if the publisher
+    # cannot keep up), so that it hits the rounds rather than only the start.
+    flood_window_s: float = 10.0
+    flood_max_seconds: float = 20.0
     job_timeout_s: float = 120.0
     job_id: str = "e2e-flood"
 
@@ -116,14 +122,47 @@ def wait_for_log_event(path: Path, event: str, timeout: float) -> None:
 
 
 def start_publisher(fed: LocalFederation, name: str, kind: str, count: int, plan: FloodPlan,
-                    key: Path | None = None) -> subprocess.Popen:
+                    key: Path | None = None, rate: float = 0.0) -> subprocess.Popen:
     argv = [sys.executable, str(FLOOD_SCRIPT), "--nats", fed.nats_url, "--job", fed.job.job,
             "--prefix", fed.job.transport.prefix, "--kind", kind, "--count", str(count),
-            "--max-seconds", str(plan.flood_max_seconds),
-            "--federation", str(fed.run_dir / "federation.yaml")]
+            "--max-seconds", str(plan.flood_max_seconds), "--go-file", str(go_file(fed)), "--max-wait", "180",
+            "--federation", str(fed.run_dir / "federation.yaml"), "--rate", str(rate)]
     if key is not None:
         argv += ["--key", str(key)]
     return fed.group.start(name, argv)
+
+
+def go_file(fed: LocalFederation) -> Path:
+    return fed.run_dir / "flood.go"
+
+
+def wait_until_ready(fed: LocalFederation, names: list[str], timeout: float) -> None:
+    """Bounded wait until every publisher printed its ready line (or died)."""
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            log = fed.run_dir / "logs" / f"{name}.log"
+            if (log.exists() and '"ready"' in log.read_text(errors="replace")) or fed.group.procs[name].poll() is not None:
+                pending.discard(name)
+        time.sleep(0.05)
+    if pending:
+        raise AssertionError(f"flood publishers not ready within {timeout} s: {sorted(pending)}")
+
+
+def log_times(path: Path, event: str) -> list[float]:
+    """Wall-clock times (s) of a JSON log event."""
+    from datetime import datetime
+
+    times = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        if line.startswith("{") and f'"{event}"' in line:
+            try:
+                stamp = json.loads(line)["timestamp"]
+            except (ValueError, KeyError):
+                continue
+            times.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    return times
 
 
 def publisher_report(fed: LocalFederation, name: str) -> dict:
@@ -170,7 +209,8 @@ def run_flooded_job(run_dir: Path, nats_url: str, plan: FloodPlan) -> dict:
     (the caller asserts), so the numbers are there either way. Writes
     run_dir/flood-result.json."""
     run_dir = Path(run_dir)
-    job = small_job(plan.job_id, rounds=plan.rounds, min_workers=len(plan.running_workers),
+    idle_storms = [w for w in plan.storm_workers if w not in plan.running_workers]
+    job = small_job(plan.job_id, rounds=plan.rounds, min_workers=len(plan.running_workers) + len(idle_storms),
                     min_updates=len(plan.running_workers) - 1, deadline_s=plan.deadline_s)
     fed = LocalFederation(run_dir, nats_url, job, plan.listed_workers)
     result = FloodResult(plan=asdict(plan))
@@ -182,18 +222,26 @@ def run_flooded_job(run_dir: Path, nats_url: str, plan: FloodPlan) -> dict:
         for worker in plan.running_workers:
             fed.start_worker(worker)
         sampler = RssSampler(coordinator.pid).start()
-        wait_for_log_event(coordinator_log, "round.opened", timeout=120)
-        result.coordinator_rss_before_flood_mb = sampler.last / 2**20
-        result.seconds["to_round_1"] = round(time.monotonic() - t0, 2)
-
-        flood_started = time.monotonic()
+        # The publishers start with the workers and wait, ready, for the go file, so
+        # that their start-up costs do not decide when the flood hits.
+        wait_for_log_event(coordinator_log, "coordinator.started", timeout=120)
         publishers = {
-            "flood-junk-hb": start_publisher(fed, "flood-junk-hb", "junk-hb", plan.junk_hb, plan),
-            "flood-junk-upd": start_publisher(fed, "flood-junk-upd", "junk-upd", plan.junk_upd, plan),
+            "flood-junk-hb": start_publisher(fed, "flood-junk-hb", "junk-hb", plan.junk_hb, plan,
+                                             rate=plan.junk_hb / plan.flood_window_s),
+            "flood-junk-upd": start_publisher(fed, "flood-junk-upd", "junk-upd", plan.junk_upd, plan,
+                                              rate=plan.junk_upd / plan.flood_window_s),
         }
         for worker in plan.storm_workers:
             name = f"flood-signed-hb-{worker}"
             publishers[name] = start_publisher(fed, name, "signed-hb", plan.storm_count, plan, key=fed.key(worker))
+        wait_until_ready(fed, list(publishers), timeout=120)
+        for worker in plan.running_workers:
+            wait_for_log_event(run_dir / "logs" / f"{worker}.log", "worker.started", timeout=120)
+        time.sleep(2 * job.transport.heartbeat_s)  # the coordinator has seen every real worker
+        result.coordinator_rss_before_flood_mb = sampler.last / 2**20
+        result.seconds["to_flood"] = round(time.monotonic() - t0, 2)
+        flood_started = time.monotonic()
+        go_file(fed).touch()
         for name, proc in publishers.items():
             try:
                 proc.wait(timeout=plan.flood_max_seconds + 30)
@@ -222,6 +270,14 @@ def run_flooded_job(run_dir: Path, nats_url: str, plan: FloodPlan) -> dict:
     result.coordinator_peak_rss_mb = sampler.peak / 2**20 if sampler else 0.0
     result.coordinator_rss_increase_mb = max(0.0, result.coordinator_peak_rss_mb - result.coordinator_rss_before_flood_mb)
     result.coordinator_log_bytes = coordinator_log.stat().st_size if coordinator_log.exists() else 0
+    # How much of the flood hit the job while its rounds ran (both clocks are wall time).
+    opened, closed = log_times(coordinator_log, "round.opened"), log_times(coordinator_log, "round.closed")
+    starts = [r["start_wall"] for r in result.publishers.values() if "start_wall" in r]
+    ends = [r["end_wall"] for r in result.publishers.values() if "end_wall" in r]
+    if opened and starts and ends:
+        job_end = max(closed) if closed else time.time()
+        result.seconds["flood_while_rounds_ran"] = round(max(0.0, min(max(ends), job_end) - max(min(starts), min(opened))), 2)
+        result.seconds["rounds_span"] = round(job_end - min(opened), 2)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         try:
