@@ -44,13 +44,23 @@ class CommittedJob:
     strategy_state: dict
 
 
+def _escape_key(key: str) -> str:
+    # "/" separates nesting levels; state_dict keys contain it too ("m/fc.weight"), so a
+    # key's own "/" (and "%", the escape) are percent-encoded and come back as they were.
+    return str(key).replace("%", "%25").replace("/", "%2F")
+
+
+def _unescape_key(part: str) -> str:
+    return part.replace("%2F", "/").replace("%25", "%")
+
+
 def flatten_state(tree: dict, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Nested dicts of tensors and numbers -> flat tensors plus the kind of each leaf
     ("t" tensor, "i" int, "f" float), so numbers come back as the same Python type."""
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, str] = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{_escape_key(key)}"
         if isinstance(value, dict):
             sub_t, sub_k = flatten_state(value, f"{name}/")
             tensors.update(sub_t)
@@ -72,7 +82,7 @@ def unflatten_state(tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> 
         value = tensors[name]
         leaf = value if kind == "t" else (int(value.item()) if kind == "i" else float(value.item()))
         node = tree
-        *parents, last = name.split("/")
+        *parents, last = (_unescape_key(part) for part in name.split("/"))
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = leaf
