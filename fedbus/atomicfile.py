@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import io
+import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -78,6 +80,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str 
                       mode: int = 0o666) -> None:
     """``atomic_write_bytes`` for text (no newline translation)."""
     atomic_write_bytes(path, text.encode(encoding), mode=mode)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every inf/nan float (at any depth) replaced by None: JSON has no such numbers,
+    and Python's default ``NaN`` output is rejected by strict parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any, *, indent: int | None = 2) -> None:
+    """Strict JSON (non-finite floats as null) written atomically, with a final newline."""
+    atomic_write_text(path, json.dumps(json_safe(value), indent=indent, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

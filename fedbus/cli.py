@@ -224,6 +224,8 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     import json
 
+    from fedbus.atomicfile import atomic_write_json, json_safe
+
     job = load_job(args.job)
 
     import torch
@@ -233,11 +235,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.rounds:
-        job = job.model_copy(update={"rounds": args.rounds})
+        try:  # validated like the file: --rounds 0 or 10**9 is as wrong here as there
+            job = type(job).model_validate({**job.model_dump(), "rounds": args.rounds})
+        except ValueError as exc:
+            raise CliError(f"--rounds {args.rounds}: {_describe(exc)}") from None
     attacks = {}
     for text in args.attack or []:
         index, _, kind = text.partition("=")
-        attacks[int(index)] = Attack.parse(kind, seed=job.seed)
+        try:
+            attacks[int(index)] = Attack.parse(kind, seed=job.seed)
+        except ValueError as exc:
+            raise CliError(f"--attack {text}: {_describe(exc)}") from None
 
     def show(row: dict) -> None:
         acc = row.get("test_accuracy")
@@ -247,9 +255,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     result = simulate(job, args.workers, attacks=attacks, on_round=show)
     report = {"job": job.job, "workers": args.workers, "reason": result.reason, "final": result.final,
               "rejected": result.rejected, "wall_seconds": round(result.wall_seconds, 3), "rounds": result.rounds}
-    print(json.dumps({k: report[k] for k in ("reason", "final", "rejected", "wall_seconds")}))
+    # Strict JSON: a diverged run's nan loss is printed and written as null, not as NaN.
+    print(json.dumps(json_safe({k: report[k] for k in ("reason", "final", "rejected", "wall_seconds")}),
+                     allow_nan=False))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
     return 0 if result.reason == "completed" else 3
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedbus.aggregation.base import StrategyConfigError
+from fedbus.atomicfile import atomic_write_text
 from fedbus.aggregation.specs import FedAvgSpec, ServerOptimizerSpec, SgdSpec, StrategySpec, validate_strategy
 from fedbus.tasks.base import TrainSettings
 
@@ -151,7 +152,7 @@ class JobSpec(BaseModel):
             return cls.model_validate(yaml.safe_load(fh))
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
 def _non_finite(value: Any, path: tuple) -> tuple | None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedbus import atomicfile
-from fedbus.atomicfile import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from fedbus.atomicfile import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedbus.coordinator.summary import RunSummary
 from fedbus.crypto.keys import Identity
 
@@ -181,3 +181,10 @@ def test_summary_write_on_a_full_disk_keeps_the_previous_summary(tmp_path, monke
         _summary().write(path)
     assert path.read_text() == before and _strict_json(before)["final_accuracy"] == 0.9
     assert _names(tmp_path) == ["summary.json"]
+
+
+def test_atomic_write_json_is_strict(tmp_path):
+    path = tmp_path / "report.json"
+    atomic_write_json(path, {"final": {"loss": float("nan"), "acc": 0.5}, "rows": [float("inf"), 1, "x", None]})
+    assert _strict_json(path.read_text()) == {"final": {"loss": None, "acc": 0.5}, "rows": [None, 1, "x", None]}
+    assert path.read_text().endswith("\n")

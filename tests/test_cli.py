@@ -184,3 +184,17 @@ def test_keys_gen_force_replaces_with_a_private_file(tmp_path):
     assert stat.S_IMODE((keys / "w.key").stat().st_mode) == 0o600
     assert bytes(Identity.load(keys / "w.key").signing_key) != bytes(first.signing_key)
     assert sorted(p.name for p in keys.iterdir()) == ["w.key"]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--rounds", "2000000"], "fedbus: --rounds 2000000: rounds: Input should be less than or equal to 1000000"),
+    (["--attack", "0=teleport"], "fedbus: --attack 0=teleport: unknown attack 'teleport'"),
+    (["--attack", "x=sign_flip"], "fedbus: --attack x=sign_flip: invalid literal for int() with base 10: 'x'"),
+])
+def test_sim_overrides_are_validated(tmp_path, extra, expected):
+    job = tmp_path / "job.yaml"
+    job.write_text(GOOD_JOB)
+    result = fedbus("sim", "--job", str(job), "--workers", "2", *extra, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(expected), line
