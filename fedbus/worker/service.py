@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import structlog
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -95,7 +95,8 @@ class ControlFollower:
         if self.last_seq is None:
             kwargs = {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}
         else:
-            kwargs = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": self.last_seq + 1}
+            kwargs = {"config": ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                               opt_start_seq=self.last_seq + 1)}
         return await self.js.subscribe(self.subject, ordered_consumer=True, idle_heartbeat=CONTROL_IDLE_HEARTBEAT_S,
                                        cb=self._on_msg, **kwargs)
 
