@@ -14,10 +14,11 @@ Kinds:
   `<prefix>.<job>.hb.<random worker id>`, over core NATS.
 - junk-upd: the same on `<prefix>.<job>.upd.<region>.<random worker id>`. The update
   stream captures these subjects; they are published as core NATS messages on the
-  stream's subjects (no ack awaited), flushed in bounded batches. Random ids, never a
-  listed worker's own subject (unless --target-listed): junk on a listed worker's own
-  subject can evict that worker's unread updates (per-subject cap), which only NATS
-  permissions prevent.
+  stream's subjects (no ack awaited), flushed in bounded batches.
+- Junk never goes on a listed worker's own subject unless --target-listed: in fedbus's
+  threat model the subject names the sender and NATS permissions (deploy/nats) stop
+  others from publishing on it. Without them, junk on `hb.w01` spends w01's heartbeat
+  budget and junk on `upd.<region>.w01` can evict w01's unread updates (per-subject cap).
 - signed-hb: a validly signed heartbeat storm from one listed worker (its key), fresh
   nonces and timestamps, as fast as this process can sign.
 
@@ -140,8 +141,8 @@ async def publish_junk(args) -> int:
         while sent < args.count and time.monotonic() < deadline:
             for _ in range(min(FLUSH_EVERY, args.count - sent)):
                 token, payload = maker.next()
-                if args.kind == "junk-upd" and token in listed and not args.target_listed:
-                    token = None  # keep junk off honest workers' own update subjects
+                if token in listed and not args.target_listed:
+                    token = None  # a forged claim, but on a subject that is not the worker's
                 token = token or _random_token(rng)
                 if args.kind == "junk-hb":
                     subject = f"{prefix}.{job}.hb.{token}"
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", help="signed-hb: the listed worker's key file")
     parser.add_argument("--federation", help="federation file: listed worker ids (forged claims, key check)")
     parser.add_argument("--target-listed", action="store_true",
-                        help="junk-upd: also put junk on listed workers' own update subjects")
+                        help="also put junk on listed workers' own subjects (attacker not stopped by permissions)")
     parser.add_argument("--go-file", help="print a ready line, then start publishing once this file exists")
     parser.add_argument("--max-wait", type=float, default=300.0, help="longest wait for --go-file (s)")
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))

@@ -47,7 +47,7 @@ class FloodPlan:
     # cannot keep up), so that it hits the rounds rather than only the start.
     flood_window_s: float = 10.0
     flood_max_seconds: float = 20.0
-    job_timeout_s: float = 120.0
+    job_timeout_s: float = 90.0
     job_id: str = "e2e-flood"
 
 
