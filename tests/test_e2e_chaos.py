@@ -9,20 +9,25 @@ round closed twice, no honest update lost, one summary.json counting every incar
 and one verifiable, contiguous audit chain for the whole job. See tests/chaos_support.py
 for the plan, the harness and the precise definition of a lost update.
 
-FEDBUS_CHAOS_SEED picks another plan (the seed is printed on failure).
+FEDBUS_CHAOS_SEED picks another plan (the seed is printed on failure). The tests after
+the e2e one feed ``analyse`` small hand-made runs, to show each check can fail.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.chaos_support import ChaosError, ChaosPlan, ChaosRun, analyse, chaos_job, env_seed, tail
+import json
+from pathlib import Path
 
-pytestmark = pytest.mark.e2e
+from fedbus.audit import AuditTrail
+from tests.chaos_support import (ChaosError, ChaosOutcome, ChaosPlan, ChaosRun, analyse, chaos_job, env_seed,
+                                 tail)
 
 SEED = 20261129
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(420)
 def test_chaos_coordinator_kills_worker_deaths_and_broker_restart_lose_nothing(tmp_path):
     seed = env_seed(SEED)
@@ -44,9 +49,97 @@ def test_chaos_coordinator_kills_worker_deaths_and_broker_restart_lose_nothing(t
     # The chaos really happened as required.
     assert outcome.coordinator_kills >= 10 and outcome.resumes == outcome.coordinator_kills, context
     assert outcome.long_waits_s and min(outcome.long_waits_s) > job.security.max_age_s, context
+    # ... while the coordinator held updates: they came back older than max_age_s (a
+    # stale_timestamp rejection of any of them is one of report.problems).
+    assert outcome.held_at_long_wait_kill >= 1, context
     assert len(outcome.workers_killed) == 2 and outcome.nats_restarts == 1, context
     assert job.rounds >= 30
     # And the job came through it whole.
     assert not report.problems, context
     live = [w for w in outcome.worker_exit_codes if w not in outcome.workers_killed]
     assert all(outcome.worker_exit_codes[w] == 0 for w in live), context  # they got the job.done
+
+
+# ---- the analysis itself, on hand-made runs (no processes) -----------------------------
+
+RUN = "r1795985560148-02091d2e"
+T0 = "2026-11-29T20:00:"
+
+
+def _log(path: Path, *records: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _at(second: float) -> str:
+    return f"{T0}{second:06.3f}Z"
+
+
+def _tiny_run(tmp_path: Path, *, accepted_r2=("w01", "w02"), w02_sent_r2: float = 11.0,
+              incarnations: int = 2, tamper: bool = False, close_twice: bool = False):
+    """Two rounds, two workers, one resume: round 2 reopened at 10 s (deadline 13.5 s)."""
+    job = chaos_job(rounds=2)
+    logs = tmp_path / "logs"
+    _log(logs / "coordinator-00.log",
+         {"event": "round.opened", "round": 1, "timestamp": _at(1)},
+         {"event": "round.closed", "round": 1, "status": "aggregated", "timestamp": _at(2)},
+         {"event": "round.opened", "round": 2, "timestamp": _at(2.1)})
+    _log(logs / "coordinator-01.log",
+         {"event": "round.opened", "round": 2, "timestamp": _at(10)},
+         {"event": "round.closed", "round": 2, "status": "aggregated", "timestamp": _at(11.5)},
+         *([{"event": "round.closed", "round": 2, "status": "aggregated", "timestamp": _at(12)}]
+           if close_twice else []))
+    for w in ("w01", "w02"):
+        _log(logs / f"{w}.log", {"event": "update.sent", "round": 1, "run": RUN, "timestamp": _at(1.5)})
+    _log(logs / "w01.log", {"event": "update.sent", "round": 2, "run": RUN, "timestamp": _at(2.5)})
+    _log(logs / "w02.log", {"event": "update.sent", "round": 2, "run": RUN, "timestamp": _at(w02_sent_r2)})
+    rows = [{"round": 1, "model_version": 1, "status": "aggregated", "accepted": 2, "accepted_workers": ["w01", "w02"]},
+            {"round": 2, "model_version": 2, "status": "aggregated", "accepted": len(accepted_r2),
+             "accepted_workers": list(accepted_r2)}]
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "run": RUN, "reason": "completed", "rounds_completed": 2, "model_version": 2, "incarnations": incarnations,
+        "updates_accepted": 2 + len(accepted_r2), "updates_rejected": {}, "rounds": rows}))
+    trail = AuditTrail(None, "audit", "coordinator")
+    audit = []
+    for event, fields in (("job.started", {"run": RUN}),
+                          ("round.closed", {"round": 1, "status": "aggregated", "model_version": 1,
+                                            "accepted": ["w01", "w02"]}),
+                          ("job.resumed", {"run": RUN}),
+                          ("round.closed", {"round": 2, "status": "aggregated", "model_version": 2,
+                                            "accepted": list(accepted_r2)}),
+                          ("job.done", {"run": RUN})):
+        rec = trail.chain(event, **fields)
+        trail.advance(rec)
+        audit.append(rec)
+    if tamper:
+        audit[1]["accepted"] = ["w01"]
+    outcome = ChaosOutcome(coordinator_starts=2, coordinator_kills=1, resumes=1, final_exit_code=0, audit=audit)
+    return analyse(tmp_path, job, outcome)
+
+
+def test_analysis_passes_a_clean_run(tmp_path):
+    report = _tiny_run(tmp_path)
+    assert report.problems == [], report.describe()
+    assert report.numbers["pairs required / accepted / lost"] == (4, 4, 0)
+
+
+def test_analysis_finds_a_lost_update(tmp_path):
+    # w01 sent for round 2 long before the (reopened) deadline; round 2 did not take it.
+    report = _tiny_run(tmp_path, accepted_r2=("w02",))
+    assert report.lost == [("w01", 2)]
+    assert any("honest updates lost" in p for p in report.problems)
+
+
+def test_analysis_excuses_an_update_sent_at_the_deadline(tmp_path):
+    report = _tiny_run(tmp_path, accepted_r2=("w01",), w02_sent_r2=13.4)  # deadline 13.5 s
+    assert report.lost == [] and report.problems == [], report.describe()
+
+
+def test_analysis_finds_a_broken_chain_a_missing_incarnation_and_a_round_closed_twice(tmp_path):
+    report = _tiny_run(tmp_path, incarnations=1, tamper=True, close_twice=True)
+    text = "\n".join(report.problems)
+    assert "verify_chain is false" in text
+    assert "incarnations 1 != coordinator starts 2" in text
+    assert "rounds closed more than once (across incarnations): [2]" in text
