@@ -240,7 +240,10 @@ def test_a_restarted_worker_resends_from_its_store_or_trains_without_one():
     body = Update(round=3, base_version=2, num_samples=10, num_steps=2)
     stored = SentUpdate(body, {k: v + 5 for k, v in MODEL.items()})
     with_state = core(sent={(RUN_NEW, 3): stored})
-    assert with_state.run == RUN_NEW  # it follows the run it answered last
+    # Stored work does not make it follow a run: only control messages do (so a replayed
+    # job.done of that run cannot end a restarted worker before the run speaks).
+    assert with_state.run is None
+    assert with_state.handle(ctl(job_done(), RUN_NEW))[0].reason == "no_run_followed"
     out, = with_state.handle(ctl(round_open(3), RUN_NEW))
     assert isinstance(out, PublishUpdate) and out.resend and out.fields == body
     without = core()

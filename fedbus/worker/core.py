@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import Tensor, TensorSpec
 from fedbus.protocol.messages import Body, EvalOpen, EvalReport, JobDone, RoundClose, RoundOpen, Update
-from fedbus.protocol.runs import is_run_id, run_started_ms
+from fedbus.protocol.runs import run_started_ms
 from fedbus.protocol.tensor_groups import split_groups
 from fedbus.tasks import TrainingContext, training_context
 
@@ -207,11 +207,6 @@ class WorkerCore:
     _in_progress: set[RunKey] = field(default_factory=set)
     _evaluated: dict[RunKey, EvalReport | None] = field(default_factory=dict)
     _seen: OrderedDict = field(default_factory=OrderedDict)
-
-    def __post_init__(self) -> None:
-        runs = [r for r, _ in self.sent if r is not None and is_run_id(r)]
-        if runs and self.run is None:
-            self.run = max(runs, key=_run_order)
 
     # -- the one entry point --------------------------------------------------------------
 
