@@ -6,7 +6,7 @@ import time
 
 import nats.js.errors
 import pytest
-from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
 
 from fedbus.bus import (
     BLOBS_BUCKET,
@@ -297,6 +297,39 @@ def test_publish_with_retry_survives_a_server_restart(nats_server: EmbeddedNatsS
             await restart
             assert ack.seq == 1
             assert (await js.stream_info(s.ctl_stream)).state.messages == 1
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_consumer_filtered_on_listed_workers_is_never_delivered_junk(nats_server: EmbeddedNatsServer) -> None:
+    s = Subjects("job-filter")
+    listed = [("eu", f"w{i:03d}") for i in range(500)]  # filters scale to a real federation
+    assert s.upd_listed(listed + listed[:3]) == sorted(s.upd(r, w) for r, w in listed)
+
+    async def main() -> None:
+        nc = await connect(nats_server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s)
+            await js.add_consumer(s.upd_stream, ConsumerConfig(
+                durable_name="coordinator-updates", filter_subjects=s.upd_listed(listed),
+                deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT))
+            psub = await js.pull_subscribe_bind("coordinator-updates", s.upd_stream)
+            for i in range(2000):  # junk under ids nobody listed, before and after the real ones
+                nc_subject = s.upd("eu", f"x{i}")
+                await nc.publish(nc_subject, b"junk")
+                if i == 1000:
+                    for _, w in listed[:3]:
+                        await publish_with_retry(js, s.upd("eu", w), w.encode())
+            await nc.flush()
+            await publish_with_retry(js, s.upd("eu", "w499"), b"w499")  # acked: everything before is stored
+            assert (await js.stream_info(s.upd_stream)).state.messages == 2004
+            info = await js.consumer_info(s.upd_stream, "coordinator-updates")
+            assert info.num_pending == 4
+            msgs = await psub.fetch(batch=100, timeout=2)
+            assert [m.data for m in msgs] == [b"w000", b"w001", b"w002", b"w499"]
         finally:
             await nc.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, replace
+from collections.abc import Iterable
 from typing import Any
 
 import nats.errors
@@ -184,6 +185,19 @@ class Subjects:
     @property
     def upd_all(self) -> str:
         return f"{self._base}.upd.>"
+
+    def upd_listed(self, members: Iterable[tuple[str, str]]) -> list[str]:
+        """The update subjects of exactly these (region, worker) pairs.
+
+        As a consumer's `filter_subjects` (nats-server >= 2.10), the server never
+        delivers what was published on any other worker's subject: junk under random
+        worker ids costs the consumer nothing, and honest updates do not queue behind it.
+        Create the consumer with `js.add_consumer(stream, ConsumerConfig(filter_subjects=
+        ...))` and bind with `js.pull_subscribe_bind(durable, stream)`: `pull_subscribe`
+        would add its own `filter_subject`, which the server refuses next to
+        `filter_subjects`.
+        """
+        return sorted({self.upd(region, worker) for region, worker in members})
 
     # regional partial aggregates
     def agg(self, region: str) -> str:
