@@ -554,3 +554,15 @@ def test_two_copies_decoded_concurrently_are_accepted_once():
     results = asyncio.run(run())
     assert sum(isinstance(r, Rejection) and r.reason == "replayed_nonce" for r in results) == 1
     assert sum(not isinstance(r, Exception) for r in results) == 1
+
+
+def test_senders_clean_their_metrics_with_finite_metrics():
+    from fedbus.protocol.messages import finite_metrics
+
+    raw = {"loss": float("nan"), "acc": 0.9, "k" * 65: 1.0, **{f"m{i}": float(i) for i in range(100)}}
+    clean = finite_metrics(raw)
+    assert "loss" not in clean and clean["acc"] == 0.9 and len(clean) == 64
+    update = Update(round=1, base_version=0, num_samples=1, num_steps=0, train_metrics=clean)
+    assert reason(verifier(), wire_of(W1, "update", encode_body(update, STATE))) == "accepted"
+    with pytest.raises(ValueError):
+        Update(round=1, base_version=0, num_samples=1, num_steps=0, train_metrics={"loss": float("nan")})

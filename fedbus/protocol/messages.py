@@ -13,6 +13,7 @@ list or map of scalars) before pydantic sees it.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from typing import Annotated, ClassVar, Literal
@@ -54,6 +55,20 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Metrics = Annotated[dict[Annotated[str, StringConstraints(max_length=MAX_METRIC_NAME)], FiniteFloat],
                     Field(max_length=MAX_METRICS)]
 Cohort = Annotated[list[WorkerId], Field(max_length=MAX_LIST_LEN)]
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """What a sender puts in a metrics field: finite values only (a diverged loss is NaN),
+    at most MAX_METRICS names of at most MAX_METRIC_NAME characters. Receivers reject
+    anything else as invalid_metrics, and constructing a body with it raises."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if len(out) >= MAX_METRICS:
+            break
+        if isinstance(name, str) and len(name) <= MAX_METRIC_NAME and isinstance(value, (int, float)) \
+                and math.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 class BodyError(ValueError):
