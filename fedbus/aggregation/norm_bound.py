@@ -47,8 +47,8 @@ def delta_norm(c: Contribution, keys: list[str]) -> float:
     """||Δ_i||_2 over the given float tensors, accumulated in float64."""
     sq = 0.0
     for name in keys:
-        d = to_real64(c.delta[name])
-        sq += float((d * d).sum())
+        d = to_real64(c.delta[name]).reshape(-1)
+        sq += float(torch.dot(d, d))  # no n-sized temporary, unlike (d * d).sum()
     return math.sqrt(sq)
 
 
@@ -120,6 +120,11 @@ class ClippingAccumulator:
         clipped, norm = clip_contribution(c, self._keys, self._max_norm)
         self.inner.fold(clipped)
         self.clipped += norm > self._max_norm
+
+    def from_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None,
+                         **kwargs) -> Contribution:
+        """The inner accumulator's conversion (clipping happens in ``fold``)."""
+        return self.inner.from_local_state(worker_id, weight, local_state, extras, **kwargs)
 
     def partial(self) -> PartialAggregate:
         p = self.inner.partial()  # a buffered inner rule raises StrategyConfigError here

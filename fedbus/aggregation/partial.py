@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fedbus.aggregation.base import InvalidUpdate, State
+from fedbus.aggregation.base import InvalidUpdate, State, all_finite
 
 WIRE_FORMAT = 1
 
@@ -153,7 +153,7 @@ def check_partial_tensors(what: str, got: State, like: State) -> None:
         t = got[k]
         if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
             raise InvalidUpdate(f"partial aggregate: {what}[{k!r}] must be {ref.dtype} of shape {tuple(ref.shape)}")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidUpdate(f"partial aggregate: {what}[{k!r}] has non-finite values")
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
                                      check_finite_result, float64_sums, float_keys, tensor_group,
-                                     validate_contribution, wide_dtype)
+                                     validate_contribution, widened)
 from fedbus.aggregation.partial import Contributor, PartialAggregate, check_partial_tensors
 
 
@@ -37,7 +37,9 @@ class StreamingAccumulator:
 
     def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "",
                  groups: tuple[str, ...] = ()):
-        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        # The base in float64 (complex128): deltas and the final x + Δ are computed there.
+        self._global = widened(global_state)
+        self._dtypes = {k: v.dtype for k, v in global_state.items()}
         self.base_version = int(base_version)
         self.rule = rule
         self._keys = float_keys(global_state)
@@ -151,10 +153,16 @@ class StreamingAccumulator:
             raise ValueError("no updates to aggregate")
         out = self._carry.result()
         for name in self._keys:
-            base = self._global[name]
-            out[name] = (base.to(wide_dtype(base)) + self.aggregate_delta(name, self._sums[name])).to(base.dtype)
+            out[name] = (self._global[name] + self.aggregate_delta(name, self._sums[name])).to(self._dtypes[name])
         check_finite_result(out, self._global)
         return {k: out[k] for k in self._global}
+
+    def from_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
+                         num_steps: int = 0, base_version: int | None = None) -> Contribution:
+        """``Contribution.from_local_state`` against this accumulator's base (and base version by
+        default); faster than passing the model, whose float64 copy is already here."""
+        return Contribution.from_local_state(worker_id, self.base_version if base_version is None else base_version,
+                                             weight, local_state, self._global, extras, num_steps=num_steps)
 
     # ---- legacy entry points -----------------------------------------------------------
 
