@@ -212,6 +212,8 @@ def test_round_open_trains_then_publishes_under_its_run_and_round():
 
 def test_not_in_cohort_late_and_bad_models_are_ignored_or_rejected():
     c = core()
+    mismatch = ControlVerified(round_open(2), dict(MODEL), RUN_NEW, 3, b"m" * 16, NOW, NOW)
+    assert c.handle(mismatch)[0].reason == "header_mismatch"
     assert c.handle(ctl(round_open(1, cohort=["w02"]), RUN_NEW))[0].reason == "not_in_cohort"
     assert c.handle(ctl(round_open(2, deadline=NOW - 1), RUN_NEW))[0].reason == "deadline_passed"
     bad = {"w": torch.zeros(4), "b": torch.zeros(1)}

@@ -242,6 +242,10 @@ class WorkerCore:
             self._seen.popitem(last=False)
         if ev.run is None:
             return [Ignore("no_run", kind, ev.round)]
+        body_round = getattr(ev.fields, "round", None)
+        if body_round is not None and body_round != ev.round:
+            # The verifier should have refused it; the core trusts only what both agree on.
+            return [Reject("header_mismatch", kind, ev.round, ev.run, f"body round {body_round}")]
         if self.run is not None and _run_order(ev.run) < _run_order(self.run):
             return [Reject("wrong_run", kind, ev.round, ev.run, f"following {self.run}")]
         elif not isinstance(ev.fields, JobDone) and ev.run != self.run:
