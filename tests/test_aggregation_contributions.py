@@ -217,3 +217,31 @@ def test_configure_is_the_worker_half():
     assert list(told) == ["scaffold"] and told["scaffold"]["w"].dtype == torch.float16
     assert torch.equal(told["scaffold"]["w"], sc.broadcast()["w"])  # broadcast() is the legacy spelling
     assert CoordinateMedian().configure("w1", 0) == {}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_direct_contributions_with_non_finite_deltas_are_refused(bad):
+    base = {"w": torch.zeros(3), "z": torch.zeros(1, dtype=torch.complex64)}
+    acc = FedAvg().begin(base)
+    ok = {"w": torch.zeros(3, dtype=torch.float64), "z": torch.zeros(1, dtype=torch.complex128)}
+    with pytest.raises(InvalidUpdate, match="non-finite"):
+        acc.fold(Contribution("a", 0, 1.0, {**ok, "w": torch.tensor([0.0, bad, 1.0], dtype=torch.float64)}))
+    with pytest.raises(InvalidUpdate, match="non-finite"):
+        acc.fold(Contribution("a", 0, 1.0, {**ok, "z": torch.tensor([complex(0.0, bad)], dtype=torch.complex128)}))
+    # finite values whose float64 sum overflows are still finite: accepted
+    acc.fold(Contribution("b", 0, 1.0, {**ok, "w": torch.tensor([1e308, 1e308, 0.0], dtype=torch.float64)}))
+    assert acc.count == 1
+
+
+def test_the_accumulator_converts_against_its_own_base_and_version():
+    base = {"w": torch.tensor([1.0, 2.0]), "mask": torch.tensor([float("-inf")]), "nbt": torch.tensor(4)}
+    for rule in (FedAvg(), CoordinateMedian(), NormBound(FedAvg(), 10.0)):
+        acc = rule.begin(base, 9)
+        c = acc.from_local_state("a", 2.0, {"w": torch.tensor([3.0, 2.5]), "mask": torch.tensor([float("-inf")]),
+                                            "nbt": torch.tensor(6)}, num_steps=3)
+        assert c.base_version == 9 and c.num_steps == 3
+        assert c.delta["w"].tolist() == [2.0, 0.5] and c.delta["mask"].tolist() == [0.0] and c.delta["nbt"].item() == 2
+        acc.fold(c)
+        out = acc.finalize()
+        assert out["w"].tolist() == [3.0, 2.5] and out["mask"].tolist() == [float("-inf")] and out["nbt"].item() == 6
+        assert out["w"].dtype == torch.float32
