@@ -433,6 +433,12 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
     dup_rounds = sorted(r for r, c in Counter(r["round"] for r in s_rounds).items() if c > 1)
     if dup_rounds:
         problems.append(f"summary: rounds listed more than once: {dup_rounds}")
+    # Every accepted update belongs to exactly one closed round (a resumed round's held
+    # updates are accepted again, by the incarnation that closes it), so over the whole job:
+    row_total = sum(int(r.get("accepted", 0)) for r in s_rounds)
+    if summary.get("updates_accepted") != row_total:
+        problems.append(f"summary updates_accepted {summary.get('updates_accepted')} != {row_total}, the updates "
+                        f"accepted by the closed rounds it lists")
     rejected = summary.get("updates_rejected", {}) or {}
     honest_rej = {k: v for k, v in rejected.items() if k in HONEST_REJECTIONS}
     if honest_rej:
