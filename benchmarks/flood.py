@@ -169,7 +169,9 @@ async def publish_signed_heartbeats(args) -> int:
     listed = _listed_workers(args.federation)
     if listed and me.id not in listed:
         raise SystemExit(f"{me.id} is not a worker of {args.federation}")
-    body = encode_body(Heartbeat(num_samples=50, partition=0))
+    # Declare plenty of samples: the coordinator caps a worker's update claims by its last
+    # heartbeat, and this storm is about rate, not about shrinking the real w01's claim.
+    body = encode_body(Heartbeat(num_samples=args.declare_samples, partition=0))
     subject = f"{args.prefix}.{args.job}.hb.{me.id}"
     nc = await _connect(args.nats, f"flood-signed-hb-{me.id}")
     await _wait_for_go(args)
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--federation", help="federation file: listed worker ids (forged claims, key check)")
     parser.add_argument("--target-listed", action="store_true",
                         help="also put junk on listed workers' own subjects (attacker not stopped by permissions)")
+    parser.add_argument("--declare-samples", type=int, default=10_000, help="signed-hb: num_samples declared")
     parser.add_argument("--go-file", help="print a ready line, then start publishing once this file exists")
     parser.add_argument("--max-wait", type=float, default=300.0, help="longest wait for --go-file (s)")
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
