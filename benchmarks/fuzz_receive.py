@@ -299,6 +299,9 @@ def fam_header_type_confusion(rng):
             hdr[key] = nasty_value(rng)
     if rng.random() < 0.2:  # not even a map
         return Input("header_type_confusion", frame_raw(ident, msgpack.packb(nasty_value(rng)), body), ident.id)
+    if rng.random() < 0.1:  # a 4 KiB nest of container claims, decoded before the sender is known
+        unit = rng.choice([b"\xdd\x00\x00\x0f\xff", b"\xdf\x00\x00\x0f\xff", b"\x91", b"\x81\xa1a"])
+        return Input("header_type_confusion", frame_raw(ident, unit * (4096 // len(unit)), body), ident.id)
     try:
         packed = msgpack.packb(hdr, use_bin_type=True)
     except (TypeError, ValueError, OverflowError):

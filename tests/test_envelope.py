@@ -623,3 +623,23 @@ def test_an_accepted_message_is_never_accepted_again(skew, later):
     with pytest.raises(Rejection) as info:
         accept(v, wire, now=NOW + later)  # ... and at no later moment
     assert info.value.reason in ("replayed_nonce", "stale_timestamp")
+
+
+@pytest.mark.parametrize("header", [
+    (b"\xdd" + (4095).to_bytes(4, "big")) * 819,  # nested list claims: ~26 MB with msgpack's default bounds
+    (b"\xdf" + (4095).to_bytes(4, "big")) * 819,
+    b"\x91" * 4096,
+    b"\x81\xa1a" * 1365,
+], ids=["list-claims", "map-claims", "deep-lists", "deep-maps"])
+def test_hostile_header_from_anyone_costs_no_memory(verifier, header):
+    """The header is decoded before the sender is known: a 4 KiB nest must stay cheap."""
+    import tracemalloc
+
+    wire = MAGIC + len(header).to_bytes(2, "little") + header + b"\0" * SIGNATURE_LEN
+    tracemalloc.start()
+    try:
+        assert rejected(verifier, wire) == "malformed_header"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 * 2**20, peak

@@ -31,6 +31,7 @@ DIGEST_ALG = "blake2b-256"
 _HLEN = struct.Struct("<H")
 PREFIX_LEN = len(MAGIC) + _HLEN.size
 MAX_HEADER_LEN = 4096
+_MAX_HEADER_MAP_LEN = 32  # EnvelopeHeader has 12 fields, BlobPointer 4
 
 
 class EnvelopeError(ValueError):
@@ -101,7 +102,13 @@ def split_frame(wire: bytes | bytearray | memoryview) -> tuple[memoryview, bytes
 
 def decode_header(header_bytes: bytes | memoryview) -> EnvelopeHeader:
     try:
-        fields = msgpack.unpackb(header_bytes, raw=False, strict_map_key=True)
+        # Decoded before the sender is known, so every bound is explicit: the header is a
+        # map of scalars plus the small blob map, and has no lists. (msgpack preallocates
+        # each claimed list length; with its default bounds a 4 KiB nest of list claims
+        # from anyone would cost ~26 MB.)
+        fields = msgpack.unpackb(header_bytes, raw=False, strict_map_key=True, max_array_len=0,
+                                 max_map_len=_MAX_HEADER_MAP_LEN, max_str_len=MAX_HEADER_LEN,
+                                 max_bin_len=MAX_HEADER_LEN, max_ext_len=0)
     except Exception as exc:  # msgpack raises several unrelated types
         raise EnvelopeError(f"header is not msgpack: {exc}") from None
     if not isinstance(fields, dict):
