@@ -158,11 +158,13 @@ class StreamingAccumulator:
         return {k: out[k] for k in self._global}
 
     def from_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
-                         num_steps: int = 0, base_version: int | None = None) -> Contribution:
+                         num_steps: int = 0, base_version: int | None = None,
+                         delta_dtype: torch.dtype | None = None) -> Contribution:
         """``Contribution.from_local_state`` against this accumulator's base (and base version by
         default); faster than passing the model, whose float64 copy is already here."""
         return Contribution.from_local_state(worker_id, self.base_version if base_version is None else base_version,
-                                             weight, local_state, self._global, extras, num_steps=num_steps)
+                                             weight, local_state, self._global, extras, num_steps=num_steps,
+                                             delta_dtype=delta_dtype)
 
     # ---- legacy entry points -----------------------------------------------------------
 
