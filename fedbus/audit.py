@@ -10,6 +10,7 @@ last record on its subject, so one chain covers the whole job.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -37,6 +38,8 @@ class AuditTrail:
         self.seq = 0
         self.prev = GENESIS
         self.failed = 0
+        # One record in flight at a time: two publishers building on the same head would fork the chain.
+        self._lock = asyncio.Lock()
 
     async def resume(self) -> None:
         """Continue after the last record on the subject (if any, and if its hash holds)."""
@@ -65,6 +68,10 @@ class AuditTrail:
         self.seq, self.prev = record["seq"], record["hash"]
 
     async def publish(self, event: str, **fields) -> bool:
+        async with self._lock:
+            return await self._publish(event, fields)
+
+    async def _publish(self, event: str, fields: dict) -> bool:
         record = self.chain(event, **fields)
         try:
             await publish_with_retry(self.js, self.subject, json.dumps(record, default=str).encode(),

@@ -29,7 +29,7 @@ from tests.e2e_support import LocalFederation, small_job
 pytestmark = pytest.mark.e2e
 
 EXPECTED = {"unknown_sender", "bad_signature", "stale_timestamp", "wrong_round", "digest_mismatch",
-            "tensor_mismatch", "non_finite", "replayed_nonce"}
+            "tensor_mismatch", "non_finite", "replayed_nonce", "wrong_run", "excessive_samples"}
 
 
 def update_body(round_: int, base_version: int) -> Update:
@@ -76,10 +76,11 @@ class Attacker:
                 if "w04" not in ro.cohort:
                     continue
                 model = {k: v.clone() for k, v in got.tensors.items()}
+                self.run = got.header.run  # an update answers the coordinator's current run
                 if ro.round == 1:
                     await self._attacks(ro, model, honest)
                 await self.messenger.publish(self.subjects.upd("default", "w04"), update_body(ro.round, ro.model_version),
-                                             model, round=ro.round)
+                                             model, round=ro.round, run=self.run)
         finally:
             beat.cancel()
             await nc.close()
@@ -101,24 +102,24 @@ class Attacker:
         body = encode_body(update_body(r, v), model)
 
         # An unlisted key signs a well-formed update.
-        wire, _ = seal(self.mallory, "update", job=job, round=r, body=body)
+        wire, _ = seal(self.mallory, "update", job=job, round=r, body=body, run=self.run)
         await self._send("unknown_sender", self.subjects.upd("default", "mallory"), wire)
 
         # A forged sender: the header claims w01, the signature is w04's.
         forged = Identity("w01", "worker", "default", self.me.signing_key)
-        wire, _ = seal(forged, "update", job=job, round=r, body=body)
+        wire, _ = seal(forged, "update", job=job, round=r, body=body, run=self.run)
         await self._send("bad_signature", self.subjects.upd("default", "w01"), wire)
 
         # A stale timestamp, correctly signed.
-        wire, _ = seal(self.me, "update", job=job, round=r, body=body, ts_ms=now_ms() - 10 * 60 * 1000)
+        wire, _ = seal(self.me, "update", job=job, round=r, body=body, ts_ms=now_ms() - 10 * 60 * 1000, run=self.run)
         await self._send("stale_timestamp", my_subject, wire)
 
         # A round that is not open.
-        wire, _ = seal(self.me, "update", job=job, round=r + 7, body=encode_body(update_body(r + 7, v), model))
+        wire, _ = seal(self.me, "update", job=job, round=r + 7, body=encode_body(update_body(r + 7, v), model), run=self.run)
         await self._send("wrong_round", my_subject, wire)
 
         # One body byte flipped after signing.
-        wire, _ = seal(self.me, "update", job=job, round=r, body=body)
+        wire, _ = seal(self.me, "update", job=job, round=r, body=body, run=self.run)
         tampered = bytearray(wire)
         tampered[-1] ^= 0x01
         assert len(wire) > PREFIX_LEN + SIGNATURE_LEN
@@ -128,14 +129,23 @@ class Attacker:
         name = next(k for k, t in model.items() if t.dim() == 2)
         wrong = dict(model)
         wrong[name] = torch.zeros(model[name].shape[0], model[name].shape[1] + 1)
-        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(update_body(r, v), wrong))
+        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(update_body(r, v), wrong), run=self.run)
         await self._send("tensor_mismatch", my_subject, wire)
 
         # A NaN in an otherwise valid update.
         poisoned = {k: t.clone() for k, t in model.items()}
         poisoned[name].view(-1)[0] = math.nan
-        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(update_body(r, v), poisoned))
+        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(update_body(r, v), poisoned), run=self.run)
         await self._send("non_finite", my_subject, wire)
+
+        # An update for another run of this job (e.g. captured from an earlier run).
+        wire, _ = seal(self.me, "update", job=job, round=r, body=body, run="r1000000000000-00000000")
+        await self._send("wrong_run", my_subject, wire)
+
+        # A sample claim far above the 50 samples w04 declares on its heartbeats (the 2**63 attack).
+        greedy = Update(round=r, base_version=v, num_samples=2**53 - 1, num_steps=1)
+        wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(greedy, model), run=self.run)
+        await self._send("excessive_samples", my_subject, wire)
 
         # An honest worker's update re-published byte for byte under a fresh Nats-Msg-Id
         # (so JetStream de-duplication does not catch it; the replay guard must).
@@ -183,7 +193,8 @@ def test_every_rejection_reason_on_a_real_server(nats_server, tmp_path):
     # Every rejection is in the audit stream, whose hash chain is intact.
     records = asyncio.run(_audit_records(nats_server.url, job.job))
     assert verify_chain(records)
-    audited = {r["reason"] for r in records if r["event"].endswith(".rejected")}
+    # Rejections are audited in aggregate: one "rejections" record per sender, reason and interval.
+    audited = {r["reason"] for r in records if r["event"] == "rejections"}
     assert EXPECTED <= audited, audited
 
 

@@ -451,6 +451,10 @@ class RoundStateMachine:
             self.phase = Phase.DONE
             return
         if resumed == "round_open":
+            # The committed cohort is presumed alive until its heartbeats lapse, so the round
+            # after the reopened one does not start from whoever happened to beat first.
+            for worker, samples in self.declared.items():
+                self.registry.seen(worker, samples, now)
             self._enter_round(now, self.cohort, self.declared)
             out.append(self._open_round_action())
             return

@@ -388,7 +388,6 @@ class CoordinatorService:
                 and isinstance(a, (RejectUpdate, DuplicateIgnored))]
         if mine:
             return False
-        self.summary.updates_accepted += 1
         self._unacked.setdefault(event.round, []).append(msg)  # acked when the round commits
         self._held_nonces.add(got.header.nonce)
         log.debug("update.accepted", worker=event.worker_id, round=event.round, samples=upd.num_samples)
@@ -539,6 +538,7 @@ class CoordinatorService:
         self.summary.add_round(close_row(a))
         self.summary.rounds_completed = self.machine.rounds_completed
         self.summary.model_version = a.model_version
+        self.summary.updates_accepted = self.machine.accepted_total
         self.summary.set_rejections(self.ledger.totals)
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
         self._audit("round.closed", round=a.round, status=a.status, model_version=a.model_version,
@@ -569,6 +569,7 @@ class CoordinatorService:
         final = await asyncio.to_thread(self._evaluate, self.machine.state)
         metrics = {**final, **a.metrics}
         self.summary.finish(a.reason, a.rounds_completed, a.model_version, metrics)
+        self.summary.updates_accepted = self.machine.accepted_total
         if a.reason == "commit_failed":
             self.exit_code = 1
         await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
