@@ -218,7 +218,10 @@ def run_measure(args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     server = EmbeddedNatsServer(store_dir=run_dir / "nats-store").start()
     try:
-        plan = FloodPlan(junk_hb=args.junk // 2, junk_upd=args.junk - args.junk // 2, storm_count=args.storm,
+        junk_hb = args.junk_hb if args.junk_hb is not None else args.junk // 2
+        junk_upd = args.junk_upd if args.junk_upd is not None else args.junk - args.junk // 2
+        plan = FloodPlan(junk_hb=junk_hb, junk_upd=junk_upd, storm_count=args.storm,
+                         storm_workers=tuple(w for w in args.storm_workers.split(",") if w),
                          rounds=args.rounds, deadline_s=args.deadline)
         return run_flooded_job(run_dir, server.url, plan)
     finally:
@@ -246,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
     # measure mode
     parser.add_argument("--junk", type=int, default=200_000, help="measure: junk messages, half hb, half upd")
+    parser.add_argument("--junk-hb", type=int, help="measure: junk on heartbeat subjects (overrides --junk half)")
+    parser.add_argument("--junk-upd", type=int, help="measure: junk on update subjects (overrides --junk half)")
     parser.add_argument("--storm", type=int, default=100_000, help="measure: signed heartbeats per storm process")
+    parser.add_argument("--storm-workers", default="w05,w01",
+                        help="measure: listed workers whose keys storm (w05 idle, w01 running); '' for none")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--deadline", type=float, default=4.0, help="measure: round deadline (s)")
     parser.add_argument("--run-dir", help="measure: where logs and results go")

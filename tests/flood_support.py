@@ -226,10 +226,8 @@ def run_flooded_job(run_dir: Path, nats_url: str, plan: FloodPlan) -> dict:
         # that their start-up costs do not decide when the flood hits.
         wait_for_log_event(coordinator_log, "coordinator.started", timeout=120)
         publishers = {
-            "flood-junk-hb": start_publisher(fed, "flood-junk-hb", "junk-hb", plan.junk_hb, plan,
-                                             rate=plan.junk_hb / plan.flood_window_s),
-            "flood-junk-upd": start_publisher(fed, "flood-junk-upd", "junk-upd", plan.junk_upd, plan,
-                                              rate=plan.junk_upd / plan.flood_window_s),
+            f"flood-{kind}": start_publisher(fed, f"flood-{kind}", kind, count, plan, rate=count / plan.flood_window_s)
+            for kind, count in (("junk-hb", plan.junk_hb), ("junk-upd", plan.junk_upd)) if count > 0
         }
         for worker in plan.storm_workers:
             name = f"flood-signed-hb-{worker}"
@@ -250,7 +248,7 @@ def run_flooded_job(run_dir: Path, nats_url: str, plan: FloodPlan) -> dict:
                 proc.wait()
             result.publishers[name] = publisher_report(fed, name)
         result.seconds["flood"] = round(time.monotonic() - flood_started, 2)
-        result.junk_sent = sum(result.publishers[n].get("sent", 0) for n in ("flood-junk-hb", "flood-junk-upd"))
+        result.junk_sent = sum(r.get("sent", 0) for n, r in result.publishers.items() if "junk" in n)
         result.storm_sent = sum(r.get("sent", 0) for n, r in result.publishers.items() if "signed-hb" in n)
 
         remaining = max(5.0, plan.job_timeout_s - (time.monotonic() - flood_started))
