@@ -97,9 +97,13 @@ def test_merging_partials_equals_folding_everything(name, data):
     single_rule = make()
     single = fold_all(single_rule, base, contributions)
 
+    # Region 0 folds straight into the central accumulator; regions 1 and 2 ship partials.
     central_rule = make()
     central = central_rule.begin(base, 4)
-    for r in range(3):
+    for c, g in zip(contributions, regions):
+        if g == 0:
+            central.fold(c)
+    for r in (1, 2):
         mine = [c for c, g in zip(contributions, regions) if g == r]
         regional = fold_all(make(), base, mine)
         central.merge(ship(regional.partial()))
