@@ -334,3 +334,24 @@ def test_consumer_filtered_on_listed_workers_is_never_delivered_junk(nats_server
             await nc.close()
 
     asyncio.run(main())
+
+
+def test_a_store_too_small_for_the_limits_fails_with_a_clear_error(nats_server_factory) -> None:
+    # The streams' max_bytes are reserved up front against the server's store.
+    reserved = sum(lim.max_bytes for lim in stream_limits().values())
+    small = nats_server_factory(max_file_store=reserved - 1)
+    roomy = nats_server_factory(max_file_store=reserved + 64 * 1024 * 1024)  # plus KV and object stores
+
+    async def main() -> None:
+        for server, fits in ((small, False), (roomy, True)):
+            nc = await connect(server.url, "test-layout", first_connect_timeout=5)
+            try:
+                if fits:
+                    await ensure_job_infrastructure(nc.jetstream(), Subjects("job-store"))
+                else:
+                    with pytest.raises(RuntimeError, match="cannot reserve its max_bytes"):
+                        await ensure_job_infrastructure(nc.jetstream(), Subjects("job-store"))
+            finally:
+                await nc.close()
+
+    asyncio.run(main())

@@ -127,6 +127,7 @@ def stream_limits(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[st
 # JetStream API error codes (nats-server's errors.json).
 ERR_STREAM_NAME_IN_USE = 10058  # exists with a different configuration
 ERR_STREAM_SUBJECT_OVERLAP = 10065
+ERR_INSUFFICIENT_RESOURCES = 10047  # max_bytes cannot be reserved against the server's store
 
 
 def _check_token(value: object, what: str) -> str:
@@ -337,7 +338,16 @@ async def _ensure_stream(js: Any, config: StreamConfig) -> None:
     try:
         await _with_retry(lambda: js.add_stream(config), f"stream {config.name}")
         return
-    except nats.js.errors.BadRequestError as err:
+    except nats.js.errors.APIError as err:
+        if err.err_code == ERR_INSUFFICIENT_RESOURCES:
+            raise RuntimeError(
+                f"cannot create stream {config.name}: the server cannot reserve its max_bytes "
+                f"({config.max_bytes} bytes) in its JetStream store ({err.description}). Each job's "
+                "streams reserve ~1.1 GiB (fedbus/bus/layout.py); raise max_file_store or delete "
+                "the streams of finished jobs."
+            ) from err
+        if not isinstance(err, nats.js.errors.BadRequestError):
+            raise
         if err.err_code == ERR_STREAM_SUBJECT_OVERLAP:
             raise RuntimeError(
                 f"cannot create stream {config.name}: subjects {config.subjects} overlap "

@@ -122,6 +122,7 @@ class EmbeddedNatsServer:
         port: int | None = None,
         http_port: int | None = None,
         max_payload: int | None = None,
+        max_file_store: int | None = None,
         log_file: Path | None = None,
         server_name: str = "fedbus-embedded",
     ) -> None:
@@ -131,6 +132,8 @@ class EmbeddedNatsServer:
         self.port = port if port is not None else free_port(host)
         self.http_port = http_port if http_port is not None else free_port(host)
         self.max_payload = max_payload
+        # JetStream file storage limit in bytes; streams' max_bytes are reserved against it.
+        self.max_file_store = max_file_store
         self.server_name = server_name
         self._given_store_dir = Path(store_dir) if store_dir is not None else None
         self._given_log_file = Path(log_file) if log_file is not None else None
@@ -181,7 +184,9 @@ class EmbeddedNatsServer:
             f"http: {json.dumps(f'{self.host}:{self.http_port}')}",
             f"log_file: {json.dumps(str(self.log_file))}",
             "logtime: true",
-            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))}"
+            + (f", max_file_store: {int(self.max_file_store)}" if self.max_file_store is not None else "")
+            + " }",
         ]
         if self.max_payload is not None:
             lines.append(f"max_payload: {int(self.max_payload)}")
