@@ -42,18 +42,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from nats.errors import TimeoutError as NatsTimeoutError
+
 from fedbus.audit import verify_chain
-from fedbus.bus import EmbeddedNatsServer, Subjects, connect
+from fedbus.bus import KV_BUCKET, EmbeddedNatsServer, Subjects, connect
 from fedbus.demo import cli_command
 from fedbus.jobspec import JobSpec
 from tests.e2e_support import LocalFederation, small_job
 
 CHAOS_JOB = "e2e-chaos"
 NUM_WORKERS = 6
-MAX_AGE_S = 3.0
-LONG_WAIT_S = 5.0  # longer than MAX_AGE_S: held updates must be judged by the stream's stored time
+# Small, so one resume waits longer than it; but above the 5 s JetStream publish timeout of
+# publish_with_retry: an update whose publish is in flight when the nats-server dies is
+# retried with the same sealed envelope (same timestamp) and stored ~5 s after sealing.
+MAX_AGE_S = 6.0
+LONG_WAIT_S = 8.0  # longer than MAX_AGE_S: held updates must be judged by the stream's stored time
 LATE_GRACE_S = 0.5  # an update sent this close to its round's deadline may legitimately miss it
 PROGRESS_EVENTS = ("round.opened", "eval.opened")
+KILL_MODES = ("time", "after_close", "after_commit")
 # Rejections an honest federation must never see (the workers here are all honest).
 HONEST_REJECTIONS = ("stale_timestamp", "not_in_cohort", "wrong_run", "replayed_nonce", "excessive_samples")
 
@@ -79,12 +85,14 @@ class ChaosPlan:
     """Every random choice of one chaos run, drawn from ``seed``."""
 
     seed: int
-    # Per coordinator kill, seconds after the incarnation made progress; a kill whose
-    # ``after_close`` flag is set waits instead for the incarnation's next round.closed and
-    # then ``delays_s`` (0-0.15 s), to land in the windows between a round's commit, its
-    # announcement, the acks and the next round's open.
+    # How each coordinator kill is timed, once the incarnation made progress:
+    #   "time"          ``delays_s`` (0.3-3 s) later;
+    #   "after_close"   ``delays_s`` (0-0.15 s) after its next round.closed log line: between
+    #                   a round's announcement, the acks and the next round's commit and open;
+    #   "after_commit"  the moment the test sees its next round-closing commit land in the
+    #                   KV bucket (a watch): between a round's commit and its announcement.
+    modes: tuple[str, ...]
     delays_s: tuple[float, ...]
-    after_close: tuple[bool, ...]
     long_wait_kill: int  # after this kill, wait LONG_WAIT_S before resuming (and kill while holding updates)
     worker_kills: dict[int, tuple[str, float]]  # during incarnation i: (worker, seconds after progress)
     nats_restart: tuple[int, float]  # during incarnation i, this many seconds after progress
@@ -100,8 +108,9 @@ class ChaosPlan:
             raise ValueError("a chaos plan needs at least 4 coordinator kills")
         workers = workers or tuple(f"w{i:02d}" for i in range(1, NUM_WORKERS + 1))
         rng = random.Random(seed)
-        after_close = tuple(rng.random() < 0.4 for _ in range(kills))
-        delays = tuple(round(rng.uniform(0.0, 0.15) if a else rng.uniform(0.3, 3.0), 3) for a in after_close)
+        modes = tuple(rng.choices(KILL_MODES, weights=(2, 1, 1))[0] for _ in range(kills))
+        delays = tuple(round({"time": rng.uniform(0.3, 3.0), "after_close": rng.uniform(0.0, 0.15)}.get(m, 0.0), 3)
+                       for m in modes)
         middle = list(range(1, kills - 1))
         long_wait = rng.choice(middle)
         victims = rng.sample(workers, 2)
@@ -111,7 +120,7 @@ class ChaosPlan:
         nats_at = rng.choice([i for i in middle if i != long_wait])
         nats_restart = (nats_at, round(rng.uniform(0.2, 1.5), 2))
         pauses = tuple(round(rng.uniform(0.0, 0.5), 2) for _ in range(kills))
-        return cls(seed, delays, after_close, long_wait, worker_kills, nats_restart, pauses)
+        return cls(seed, modes, delays, long_wait, worker_kills, nats_restart, pauses)
 
 
 # ---- reading what the processes left behind ------------------------------------------------
@@ -174,6 +183,39 @@ async def wait_for_held_updates(nats_url: str, job: str, at_least: int, timeout_
                     return held
             await asyncio.sleep(0.05)
         return held
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def kill_at_next_closing_commit(nats_url: str, job: str, proc: subprocess.Popen,
+                                     timeout_s: float) -> dict | None:
+    """SIGKILL ``proc`` the moment the next commit that closes a round lands in the job's KV
+    record (watched, not polled); the committed record, or None if none came in time."""
+    nc = await connect(nats_url, name="chaos-commit-watch", first_connect_timeout=10)
+    try:
+        kv = await nc.jetstream().key_value(KV_BUCKET)
+        watcher = await kv.watch(job)
+        caught_up = False  # the watch first replays the current value, then a None marker
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                entry = await watcher.updates(timeout=0.5)
+            except NatsTimeoutError:
+                if proc.poll() is not None:
+                    return None
+                continue
+            if entry is None:
+                caught_up = True
+                continue
+            if not caught_up or not entry.value:
+                continue
+            record = json.loads(entry.value)["record"]["record"]
+            if record.get("last_close"):
+                if proc.poll() is None:
+                    proc.kill()
+                return record
+        return None
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -268,10 +310,13 @@ class ChaosRun:
             raise ChaosError(f"the coordinator (pid {proc.pid}) had already exited with {proc.returncode} "
                              f"before kill {self.outcome.coordinator_kills + 1}")
         proc.kill()  # SIGKILL: no cleanup, no goodbye
+        self._count_kill(proc, "")
+
+    def _count_kill(self, proc: subprocess.Popen, how: str) -> None:
         proc.wait(timeout=10)
         self.outcome.coordinator_kills += 1
-        self._note(f"coordinator SIGKILLed (kill {self.outcome.coordinator_kills}, pid {proc.pid}), "
-                   f"{len(self._aggregated_rounds())} rounds aggregated so far")
+        self._note(f"coordinator SIGKILLed {how}(kill {self.outcome.coordinator_kills}, pid {proc.pid}), "
+                   f"{len(self._aggregated_rounds())} rounds logged as aggregated so far")
 
     def _kill_worker(self, worker: str) -> None:
         assert self.fed is not None
@@ -349,8 +394,15 @@ class ChaosRun:
                 self._sleep(LONG_WAIT_S)
                 self.outcome.long_waits_s.append(LONG_WAIT_S)
                 self._note(f"waited {LONG_WAIT_S} s (> max_age_s {self.job.security.max_age_s}) before resuming")
+            elif plan.modes[i] == "after_commit":
+                rec = asyncio.run(kill_at_next_closing_commit(self.server.url, self.job.job, proc,
+                                                              min(30.0, max(1.0, self._left()))))
+                if rec is None:
+                    raise ChaosError(f"{log.stem}: no round-closing commit seen within 30 s")
+                self._count_kill(proc, f"at the commit closing round {rec['last_close'].get('round')}")
+                self._sleep(plan.resume_pauses_s[i])
             else:
-                if plan.after_close[i]:
+                if plan.modes[i] == "after_close":
                     closed = self._count(log, ("round.closed",))
                     self._wait_progress(proc, log, ("round.closed",), closed, 30, "the next round.closed")
                 self._sleep(delay)
