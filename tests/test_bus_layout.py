@@ -355,3 +355,22 @@ def test_a_store_too_small_for_the_limits_fails_with_a_clear_error(nats_server_f
                 await nc.close()
 
     asyncio.run(main())
+
+
+def test_without_a_message_limit_streams_take_what_the_server_takes(nats_server_factory) -> None:
+    server = nats_server_factory(max_payload=4 * 1024 * 1024)
+    s = Subjects("job-payload")
+
+    async def main() -> None:
+        nc = await connect(server.url, "test-layout", first_connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            await ensure_job_infrastructure(js, s)
+            assert (await js.stream_info(s.upd_stream)).config.max_msg_size == stream_limits(4 * 1024 * 1024)["UPD"].max_msg_size
+            # A 3 MiB inline update (a job with a raised inline limit) is stored.
+            ack = await publish_with_retry(js, s.upd("eu", "w1"), b"u" * (3 * 1024 * 1024))
+            assert ack.seq == 1
+        finally:
+            await nc.close()
+
+    asyncio.run(main())

@@ -41,8 +41,9 @@ KV_HISTORY = 8
 # client with no key flooding junk, or one listed worker in a loop) can grow a stream
 # without bound, and so that a flood on one subject cannot push out other subjects'
 # messages. M is the largest message a participant publishes inline
-# (`max_message_bytes`, the job's inline limit, default 1 MiB = the server's default
-# max_payload); bigger bodies travel as claim checks in the Object Store.
+# (`max_message_bytes`: the job's inline limit when the caller passes it, else the
+# server's max_payload, which no message can exceed anyway); bigger bodies travel as
+# claim checks in the Object Store.
 #
 # | stream  | per subject | max_msgs | max_bytes | max_age | max_msg_size | discard |
 # |---------|-------------|----------|-----------|---------|--------------|---------|
@@ -381,6 +382,13 @@ async def _ensure_stream(js: Any, config: StreamConfig) -> None:
              changes={f: [str(a), str(b)] for f, (a, b) in drift.items()})
 
 
+def _server_max_payload(js: Any) -> int:
+    # nats-py keeps the connection on the JetStream context; the server announced its
+    # max_payload on connect.
+    payload = getattr(getattr(js, "_nc", None), "max_payload", None)
+    return int(payload) if isinstance(payload, int) and payload > 0 else DEFAULT_MAX_MESSAGE_BYTES
+
+
 async def _ensure_bucket(create: Any, bind: Any, what: str) -> None:
     try:
         await _with_retry(create, what)
@@ -399,18 +407,22 @@ async def ensure_job_infrastructure(
     replicas: int = 1,
     storage: str = "file",
     duplicate_window: float = DUPLICATE_WINDOW_S,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_message_bytes: int | None = None,
 ) -> None:
     """Create the job's streams, the jobs KV bucket and the object stores if missing.
 
     `max_message_bytes` is the largest message published inline (the job's
-    `transport.inline_max_bytes`); every participant of a job should pass the same
-    value, as it sets the streams' max_msg_size.
+    `transport.inline_max_bytes`); it sets the streams' max_msg_size, so every
+    participant of a job should pass the same value. Without it, the server's
+    max_payload is used: nothing larger can be published anyway, so callers that do not
+    know the job's limit never have their messages refused.
 
     Safe to call from every process at start-up, concurrently and after restarts:
     creating a stream with an identical config is a no-op on the server, and an
     existing stream with the same subjects but other limits is updated to these.
     """
+    if max_message_bytes is None:
+        max_message_bytes = _server_max_payload(js)
     configs = subjects.stream_configs(replicas=replicas, storage=storage, duplicate_window=duplicate_window,
                                       max_message_bytes=max_message_bytes)
     for config in configs:
