@@ -134,6 +134,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         summary = await service.run()
+        if service.already_done:
+            return 0  # resumed a job that had finished: nothing to do, results untouched
+        if service.exit_code:
+            return service.exit_code
         return 0 if summary.reason == "completed" else 3
 
     return _run_service(go, process="coordinator", service="fedbus-coordinator", instance=identity.id,

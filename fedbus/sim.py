@@ -18,6 +18,7 @@ import torch
 
 from fedbus.aggregation.base import ClientUpdate
 from fedbus.coordinator.factory import machine_for
+from fedbus.coordinator.inline import drive
 from fedbus.coordinator.rounds import (
     CloseRound,
     EvalReceived,
@@ -101,9 +102,9 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
         ev = task.evaluate(model, test_data)
         return {"test_loss": float(ev.loss), "test_accuracy": float(ev.accuracy)}
 
-    pending = machine.handle(Start(tick()))
+    pending = drive(machine, Start(tick()))
     for wid in ids:
-        pending += machine.handle(WorkerSeen(wid, trainers[wid].num_samples, tick()))
+        pending += drive(machine, WorkerSeen(wid, trainers[wid].num_samples, tick()))
     while pending:
         action = pending.pop(0)
         match action:
@@ -116,8 +117,8 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
                     # Virtual time jumps to the deadline; every worker heartbeats on the way.
                     clock = max(clock, action.deadline_ms)
                     for wid in ids:
-                        pending += machine.handle(WorkerSeen(wid, trainers[wid].num_samples, tick()))
-                    pending += machine.handle(Tick(tick()))
+                        pending += drive(machine, WorkerSeen(wid, trainers[wid].num_samples, tick()))
+                    pending += drive(machine, Tick(tick()))
             case CloseRound():
                 metrics = {**action.metrics, **(server_eval(action.state) if action.status == "aggregated" else {})}
                 row = {"round": action.round, "model_version": action.model_version, "status": action.status,
@@ -129,7 +130,7 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
                 message = control.message(*eval_open_message(action), clock)
                 for wid in action.cohort:
                     for sent in trainers[wid].receive(message):
-                        pending += machine.handle(eval_received(wid, sent, tick()))
+                        pending += drive(machine, eval_received(wid, sent, tick()))
             case RejectUpdate():
                 pass
             case FinishJob():
@@ -144,5 +145,5 @@ def _train_one(machine, worker: SimulatedWorker, message, receiver, tick) -> lis
     """One simulated worker answers a round.open exactly as a deployed one (RoundOpen.evaluate included)."""
     out = []
     for sent in worker.receive(message):
-        out += machine.handle(update_received(receiver, worker.worker_id, sent, tick()))
+        out += drive(machine, update_received(receiver, worker.worker_id, sent, tick()))
     return out
