@@ -13,7 +13,7 @@ from fedbus.protocol.codec import spec_of
 from fedbus.protocol.messages import EvalOpen, JobDone, RoundClose, RoundOpen, Update
 from fedbus.protocol.runs import new_run_id
 from fedbus.sim import simulate
-from fedbus.tasks import Task, TrainSettings, derive_seed, load_task, training_context
+from fedbus.tasks import TrainSettings, derive_seed, load_task, training_context
 from fedbus.tasks.digits import DigitsTask
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.transforms.base import LocalUpdate, UpdateContext

@@ -20,7 +20,6 @@ from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.messages import JobDone, RoundOpen, Update
 from fedbus.protocol.runs import new_run_id
-from fedbus.protocol.tensor_groups import join_groups
 from fedbus.tasks import load_task
 from fedbus.worker.service import WorkerService
 from fedbus.coordinator.rounds import OpenRound
