@@ -93,6 +93,15 @@ def test_seeds_differ_per_worker_and_repeat_for_the_same_worker_round_and_run():
     assert training_context(job_seed=1, run=run, worker_id="w01", partition=0, num_partitions=2, round_=3).seed == a
 
 
+def test_deterministic_jobs_leave_the_run_out_of_the_seed():
+    # A rerun of a deterministic job is a new run but must train identically.
+    a = WorkerCore("w01", 0, 2, 7, spec_of(MODEL), deterministic=True).context(RUN_OLD, 2)
+    b = WorkerCore("w01", 0, 2, 7, spec_of(MODEL), deterministic=True).context(RUN_NEW, 2)
+    assert a.seed == b.seed == derive_seed(7, None, "w01", 2) and (a.run, b.run) == (RUN_OLD, RUN_NEW)
+    assert core().context(RUN_OLD, 2).seed != core().context(RUN_NEW, 2).seed
+    assert WorkerCore("w02", 1, 2, 7, spec_of(MODEL), deterministic=True).context(RUN_OLD, 2).seed != a.seed
+
+
 class RecordingTask(DigitsTask):
     """Records what each train/evaluate call was told (on the task object, as a stateful task would)."""
 

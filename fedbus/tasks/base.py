@@ -85,9 +85,12 @@ def derive_seed(job_seed: int, run: str | None, worker_id: str, round_: int) -> 
 
 
 def training_context(*, job_seed: int, run: str | None, worker_id: str, partition: int, num_partitions: int,
-                     round_: int) -> TrainingContext:
+                     round_: int, seed_with_run: bool = True) -> TrainingContext:
+    """The context of one round's work. ``seed_with_run=False`` (a job's ``deterministic`` mode)
+    leaves the run out of the seed, so a rerun of the job (a new run) trains identically."""
+    seed = derive_seed(job_seed, run if seed_with_run else None, worker_id, round_)
     return TrainingContext(worker_id=worker_id, partition=partition, num_partitions=num_partitions, run=run,
-                           round=round_, seed=derive_seed(job_seed, run, worker_id, round_))
+                           round=round_, seed=seed)
 
 
 def accepts_context(method) -> bool:

@@ -201,6 +201,8 @@ class WorkerCore:
     model_spec: Mapping[str, TensorSpec]
     # Updates already sent, by (run, round): loaded from the state directory on start.
     sent: dict[RunKey, SentUpdate] = field(default_factory=dict)
+    # The job's deterministic mode: training seeds leave the run out (reruns train identically).
+    deterministic: bool = False
     run: str | None = None  # the run this worker follows
     status: str = "idle"  # "idle" | "training" | "done" (heartbeats report it)
     rounds_trained: int = 0
@@ -229,7 +231,7 @@ class WorkerCore:
 
     def context(self, run: str | None, round_: int) -> TrainingContext:
         return training_context(job_seed=self.job_seed, run=run, worker_id=self.worker_id, partition=self.partition,
-                                num_partitions=self.num_partitions, round_=round_)
+                                num_partitions=self.num_partitions, round_=round_, seed_with_run=not self.deterministic)
 
     # -- control ----------------------------------------------------------------------------
 

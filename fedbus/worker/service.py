@@ -162,8 +162,9 @@ class WorkerService:
                                     state_loader=self.store.load_strategy)
         self.model_spec = spec_of(self.trainer.model.state_dict())
         self.core = WorkerCore(identity.id, self.partition, self.num_partitions, job.seed, self.model_spec,
-                               sent=self.store.load_updates())
-        self.verifier = verifier_for(job, federation)
+                               sent=self.store.load_updates(), deterministic=job.deterministic)
+        # A control body carries at most the model's tensors and as many again of strategy extras.
+        self.verifier = verifier_for(job, federation, max_tensors=2 * len(self.model_spec) + 16)
         self.tracer = get_tracer("fedbus.worker")
         self.messenger: Messenger | None = None
         self.follower: ControlFollower | None = None

@@ -72,7 +72,8 @@ class SimulatedWorker:
         self.worker_id = worker_id
         self.trainer = LocalTrainer(copy.deepcopy(task), job, worker_id=worker_id, partition=partition,
                                     num_partitions=num_partitions, attack=attack)
-        self.core = WorkerCore(worker_id, partition, num_partitions, job.seed, spec_of(self.trainer.model.state_dict()))
+        self.core = WorkerCore(worker_id, partition, num_partitions, job.seed, spec_of(self.trainer.model.state_dict()),
+                               deterministic=job.deterministic)
 
     @property
     def num_samples(self) -> int:
