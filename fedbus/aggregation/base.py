@@ -38,6 +38,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -180,14 +181,16 @@ class Contribution:
     @classmethod
     def from_local_state(cls, worker_id: str, base_version: int, weight: float, local_state: State,
                          base_state: State, extras: dict | None = None, *, num_steps: int = 0,
-                         delta_dtype: torch.dtype | None = None) -> Contribution:
+                         delta_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> Contribution:
         """The contribution of a worker holding full local weights ``local_state`` trained from ``base_state``.
 
         Float deltas are computed in float64 (complex128) and kept there by default: the
         difference of two float32 (or narrower) values is exact in float64, so x + Δ gives y
-        back bit for bit. To save memory pass ``delta_dtype`` (e.g. ``torch.float32``; complex
-        tensors get the matching complex dtype): the deltas are rounded once, halving what
-        buffered rules hold for a float32 model. Where base and local values are equal
+        back bit for bit. To save memory pass ``delta_dtype`` (one dtype, e.g. ``torch.float32``,
+        or one per tensor name; complex tensors get the matching complex dtype): the deltas
+        are rounded once, halving what buffered rules hold for a float32 model. (Rounding Δ
+        to the model's dtype costs at most half an ulp of Δ, below the model's own resolution
+        ulp(x) whenever |Δ| <= |x|.) Where base and local values are equal
         (including equal infinities, e.g. an attention mask buffer of -inf) the delta is 0. Raises InvalidUpdate for a missing tensor, a wrong
         shape or kind, a bad weight, or a non-finite delta.
         """
@@ -216,7 +219,8 @@ class Contribution:
                     d = torch.where(equal, torch.zeros((), dtype=dt), d)
                     if not all_finite(d):
                         raise InvalidUpdate(f"update from {worker_id!r}: tensor {name!r} gives a non-finite delta")
-                delta[name] = d if delta_dtype is None else d.to(_kind_of(delta_dtype, base))
+                target = delta_dtype.get(name) if isinstance(delta_dtype, Mapping) else delta_dtype
+                delta[name] = d if target is None else d.to(_kind_of(target, base))
             else:
                 delta[name] = value.detach().to(torch.int64) - base.detach().to(torch.int64)
         return cls(worker_id, int(base_version), w, delta, dict(extras or {}), int(num_steps), finite_checked=True)
@@ -234,7 +238,7 @@ class Contribution:
 
 def _kind_of(dtype: torch.dtype, base: torch.Tensor) -> torch.dtype:
     if not base.is_complex():
-        return dtype
+        return torch.float32 if dtype == torch.complex64 else torch.float64 if dtype == torch.complex128 else dtype
     return torch.complex128 if dtype in (torch.float64, torch.complex128) else torch.complex64
 
 

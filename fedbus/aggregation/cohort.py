@@ -3,9 +3,9 @@
 Robust rules need the whole cohort at once, so ``BufferedAggregator`` keeps each
 contribution until ``finalize()``: memory is O(cohort x model). It keeps references to the
 contributions' delta tensors, not copies, so callers must not modify a contribution after
-``fold``. (A legacy ``add(ClientUpdate)`` converts the full weights into float64 deltas: for
-a float32 model that is twice the update's size; ``Contribution.from_local_state(...,
-delta_dtype=torch.float32)`` keeps the model's size at the cost of one rounding.)
+``fold``. (``acc.from_local_state`` and the legacy ``add(ClientUpdate)`` store each delta in
+its tensor's own dtype, so a buffered contribution costs what the update did; a
+Contribution built with float64 deltas costs twice that for a float32 model.)
 
 Buffered rules are not mergeable: they compare contributions with each other, so they
 need each one in the clear (``needs_plaintext``); ``partial()`` and ``merge()`` raise
@@ -22,14 +22,16 @@ buffers go through ``IntegerBufferCarry`` exactly as in FedAvg.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, State, StrategyConfigError,
+from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
+                                     StrategyConfigError,
                                      as_contribution, check_finite_result, float_keys, from_real64, require,
-                                     to_real64, validate_contribution, widened)
+                                     to_real64, validate_contribution, wide_dtype, widened)
 
 # float64 working set per chunk: large enough to vectorise, small next to the buffered cohort.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -160,26 +162,23 @@ class Cohort:
                 flat[key][s:e].copy_(block[r])
         return [{k: out[k] if k in out else carried[k].clone() for k in self.global_state} for out in outs]
 
-    def mix_deltas(self, coeffs: torch.Tensor) -> list[State]:
-        """For each row r of ``coeffs`` (k × n): the delta sum_j coeffs[r, j] Δ_j, float64
-        (complex128) per float tensor, computed in one pass over the chunks. Integer buffers
-        are not included: pre-aggregations carry them over the original contributions."""
+    def mix_deltas(self, coeffs: torch.Tensor, dtypes: dict[str, torch.dtype] | None = None) -> list[State]:
+        """For each row r of ``coeffs`` (k × n): the delta sum_j coeffs[r, j] Δ_j per float tensor,
+        computed in float64 in one pass over the chunks and stored in ``dtypes[key]`` (default
+        float64/complex128; complex tensors take the complex dtype). Integer buffers are not
+        included: pre-aggregations carry them over the original contributions."""
         require(coeffs.dim() == 2 and coeffs.shape[1] == self.n, f"mix: coefficients must be k x {self.n}")
         c = coeffs.to(torch.float64)
-        flats = [{k: torch.empty(self.numel(k), dtype=torch.float64) for k in self.keys} for _ in range(c.shape[0])]
+        wanted = {k: (dtypes or {}).get(k) or wide_dtype(self.global_state[k]) for k in self.keys}
+        outs: list[State] = [{k: torch.empty(self.global_state[k].shape, dtype=wanted[k]) for k in self.keys}
+                             for _ in range(c.shape[0])]
+        flats = [{k: (torch.view_as_real(t) if t.is_complex() else t).reshape(-1) for k, t in out.items()}
+                 for out in outs]
         for key, s, e, m in self.chunks():
             block = c @ m
             for r, flat in enumerate(flats):
                 flat[key][s:e].copy_(block[r])
-        out = []
-        for flat in flats:
-            d: State = {}
-            for k in self.keys:
-                base = self.global_state[k]
-                d[k] = (torch.view_as_complex(flat[k].reshape(*base.shape, 2)) if base.is_complex()
-                        else flat[k].reshape(base.shape))
-            out.append(d)
-        return out
+        return outs
 
     # ---- back to a model --------------------------------------------------------------
 
@@ -233,17 +232,31 @@ class UpdateBuffer:
             self._wide = widened(self._global)
         return self._wide
 
+    def model_dtypes(self) -> dict[str, torch.dtype]:
+        return {k: v.dtype for k, v in self._global.items() if v.is_floating_point() or v.is_complex()}
+
     def from_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
                          num_steps: int = 0, base_version: int | None = None,
-                         delta_dtype: torch.dtype | None = None) -> Contribution:
-        """``Contribution.from_local_state`` against this accumulator's base (and base version by default)."""
+                         delta_dtype: torch.dtype | dict[str, torch.dtype] | None | str = "model") -> Contribution:
+        """``Contribution.from_local_state`` against this accumulator's base (and base version by default).
+
+        Buffered rules keep every delta until finalize, so by default (``delta_dtype="model"``)
+        each is stored in its tensor's own dtype: the memory of the update itself, after one
+        rounding of Δ (see ``Contribution.from_local_state``). ``delta_dtype=None`` keeps float64.
+        """
+        dtypes = self.model_dtypes() if delta_dtype == "model" else delta_dtype
         return Contribution.from_local_state(worker_id, self.base_version if base_version is None else base_version,
                                              weight, local_state, self._wide_base(), extras, num_steps=num_steps,
-                                             delta_dtype=delta_dtype)
+                                             delta_dtype=dtypes)
 
     def add(self, update: ClientUpdate) -> None:
-        """Legacy: keep a full-weights ClientUpdate (converted to float64 deltas)."""
-        self.fold(Contribution.from_client_update(update, self._wide_base(), self.base_version))
+        """Legacy: keep a full-weights ClientUpdate (its deltas in the model's dtypes, as from_local_state)."""
+        n = update.num_samples
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+            raise InvalidUpdate(f"update from {update.worker_id!r}: num_samples must be a positive integer, "
+                                f"got {n!r}")
+        self.fold(self.from_local_state(update.worker_id, float(n), update.state, update.extra,
+                                        num_steps=update.num_steps))
 
     def partial(self):
         raise StrategyConfigError(f"{self.rule or 'this rule'} is not mergeable: a robust rule compares "

@@ -86,7 +86,9 @@ class PreAggregator(UpdateBuffer):
         # the original contributions (an average of counters is not a counter).
         zero_counters = {k: torch.zeros(v.shape, dtype=torch.int64) for k in counter_keys(self._global)
                          for v in (self._global[k],)}
-        for wid, weight, delta in zip(mixing.ids, mixing.num_samples, cohort.mix_deltas(mixing.coeffs)):
+        # Mixed inputs in the model's dtypes, like the updates they came from (memory: k models).
+        mixed = cohort.mix_deltas(mixing.coeffs, self.model_dtypes())
+        for wid, weight, delta in zip(mixing.ids, mixing.num_samples, mixed):
             self.inner.fold(Contribution(wid, self.base_version, float(weight), {**delta, **zero_counters}))
         out = self.inner.finalize()
         out.update(cohort.carry())
