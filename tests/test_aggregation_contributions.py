@@ -121,11 +121,14 @@ def test_float_weights_hand_case():
     # x = 1; Δ = +3 (w = 0.5), Δ = -1 (w = 1.5): x' = 1 + (1.5 - 1.5) / 2 = 1
     # Δ = +4 (w = 0.25), Δ = 0 (w = 0.75): x' = 1 + 1/1 = 2
     base = {"x": torch.tensor([1.0])}
-    d = lambda v: {"x": torch.tensor([v], dtype=torch.float64)}  # noqa: E731
-    assert fold(FedAvg(), base, [Contribution("a", 0, 0.5, d(3.0)), Contribution("b", 0, 1.5, d(-1.0))])["x"].tolist() \
-        == [1.0]
-    assert fold(FedAvg(), base, [Contribution("a", 0, 0.25, d(4.0)), Contribution("b", 0, 0.75, d(0.0))])["x"].tolist() \
-        == [2.0]
+
+    def two(w1, d1, w2, d2):
+        cs = [Contribution(wid, 0, w, {"x": torch.tensor([d], dtype=torch.float64)})
+              for wid, w, d in (("a", w1, d1), ("b", w2, d2))]
+        return fold(FedAvg(), base, cs)["x"].tolist()
+
+    assert two(0.5, 3.0, 1.5, -1.0) == [1.0]
+    assert two(0.25, 4.0, 0.75, 0.0) == [2.0]
 
 
 def test_staleness_weights_fedbuff():
@@ -165,8 +168,8 @@ def test_the_2_pow_63_claim_moves_a_norm_bounded_model_by_at_most_m():
     # FedAvg of clipped deltas: (2**63 (0.6, 0.8) + 1e3 (0, -0.5)) / (2**63 + 1e3) ~ (0.6, 0.8):
     # by convexity its norm is <= max ||Δ_i'|| = 1 = M.
     base = {"x": torch.zeros(2, dtype=torch.float64)}
-    attacker = Contribution.from_local_state("evil", 0, 2 ** 63, {"x": torch.tensor([300.0, 400.0], dtype=torch.float64)},
-                                             base)
+    evil = {"x": torch.tensor([300.0, 400.0], dtype=torch.float64)}
+    attacker = Contribution.from_local_state("evil", 0, 2 ** 63, evil, base)
     honest = Contribution.from_local_state("ok", 0, 1e3, {"x": torch.tensor([0.0, -0.5], dtype=torch.float64)}, base)
     plain = fold(FedAvg(), base, [attacker, honest])["x"]
     assert plain.tolist() == pytest.approx([300.0, 400.0], rel=1e-12)  # without the bound the claim wins

@@ -190,9 +190,10 @@ class Contribution:
         or one per tensor name; complex tensors get the matching complex dtype): the deltas
         are rounded once, halving what buffered rules hold for a float32 model. (Rounding Δ
         to the model's dtype costs at most half an ulp of Δ, below the model's own resolution
-        ulp(x) whenever |Δ| <= |x|.) Where base and local values are equal
-        (including equal infinities, e.g. an attention mask buffer of -inf) the delta is 0. Raises InvalidUpdate for a missing tensor, a wrong
-        shape or kind, a bad weight, or a non-finite delta.
+        ulp(x) whenever |Δ| <= |x|.) Where base and local values are equal (including equal
+        infinities, e.g. an attention mask buffer of -inf) the delta is 0. Raises
+        InvalidUpdate for a missing tensor, a wrong shape or kind, a bad weight, or a
+        non-finite delta.
         """
         w = check_weight(worker_id, weight)
         delta: State = {}

@@ -20,8 +20,9 @@ surrogate objective weighted by p_i tau_i, which FedNova removes.
 
 a_i arrives in ``contribution.extras["fednova_a"]`` (the worker computes it with ``fednova_a``
 below, because only it knows its optimizer); without it, a_i = ``contribution.num_steps``
-(vanilla SGD). Weights p_i = w_i / sum w are the contributions' float weights. The server step size of the paper is the server optimizer's business:
-with ``{name: sgd, lr: 1}`` the result is exactly x_{t+1} above.
+(vanilla SGD). Weights p_i = w_i / sum w are the contributions' float weights. The
+server step size of the paper is the server optimizer's business: with
+``{name: sgd, lr: 1}`` the result is exactly x_{t+1} above.
 
 Streaming and mergeable: float64 sums of w_i (y_i - x_t) / a_i per tensor, plus the
 scalars sum w_i a_i and sum w_i; partial sums add up (see ``partial.py``).
