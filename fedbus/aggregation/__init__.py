@@ -13,6 +13,7 @@ from fedbus.aggregation.fednova import fednova_a
 from fedbus.aggregation.norm_bound import NormBound, wrap_norm_bound
 from fedbus.aggregation.partial import Contributor, PartialAggregate
 from fedbus.aggregation.scaffold import scaffold_client_update
+from fedbus.aggregation.staleness import staleness_discount, staleness_weight
 from fedbus.aggregation.specs import (ServerOptimizerSpec, StrategySpec, build_rule, build_server_optimizer,
                                       validate_strategy)
 
@@ -20,6 +21,6 @@ __all__ = [
     "Accumulator", "AggregationRule", "ClientUpdate", "Contribution", "Contributor", "FedAvg", "InvalidUpdate",
     "NormBound", "PartialAggregate", "RoundAggregator", "ServerOptimizer", "ServerOptimizerSpec", "State",
     "StrategyConfigError", "StrategySpec", "WeightedMeanAccumulator", "build_rule", "build_server_optimizer",
-    "fednova_a", "is_averageable", "scaffold_client_update", "state_to_tensors", "validate_strategy",
-    "wrap_norm_bound",
+    "fednova_a", "is_averageable", "scaffold_client_update", "staleness_discount", "staleness_weight",
+    "state_to_tensors", "validate_strategy", "wrap_norm_bound",
 ]
