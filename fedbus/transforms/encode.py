@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from fedbus.protocol.codec import Tensor
-from fedbus.protocol.messages import Update
+from fedbus.protocol.messages import Update, finite_metrics
 from fedbus.protocol.tensor_groups import join_groups, split_groups
 from fedbus.transforms.base import LocalUpdate, Transform, UpdateContext
 
@@ -19,8 +19,8 @@ class Encode(Transform):
 
     def apply(self, ctx: UpdateContext, update: LocalUpdate) -> LocalUpdate:
         fields = Update(round=update.round, base_version=update.base_version, num_samples=update.num_samples,
-                        num_steps=update.num_steps, train_metrics=update.train_metrics,
-                        eval_metrics=update.eval_metrics, eval_samples=update.eval_samples,
+                        num_steps=update.num_steps, train_metrics=finite_metrics(update.train_metrics),
+                        eval_metrics=finite_metrics(update.eval_metrics), eval_samples=update.eval_samples,
                         extra_scalars=update.extra_scalars)
         return update.with_(fields=fields, tensors=join_groups(update.state, update.extra_groups))
 

@@ -20,7 +20,7 @@ from fedbus.tasks import (EvalResult, Task, TrainingContext, TrainSettings, call
                           training_context)
 from fedbus.transforms import LocalUpdate, Pipeline, TrainPlan, UpdateContext, build_worker_pipeline
 from fedbus.transforms.strategy import SCAFFOLD_C, ScaffoldStep
-from fedbus.protocol.messages import EvalReport
+from fedbus.protocol.messages import EvalReport, finite_metrics
 from fedbus.worker.attacks import Attack
 from fedbus.worker.core import Evaluate, EvaluationFinished, Train, TrainingFinished
 
@@ -124,5 +124,5 @@ class LocalTrainer:
         self.load(action.model)
         ev = self.evaluate(context=action.context)
         report = EvalReport(round=action.round, model_version=action.model_version, num_samples=ev.num_samples,
-                            metrics={"loss": float(ev.loss), "accuracy": float(ev.accuracy)})
+                            metrics=finite_metrics({"loss": float(ev.loss), "accuracy": float(ev.accuracy)}))
         return EvaluationFinished(action.run, action.round, report, action.trace)
