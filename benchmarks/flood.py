@@ -27,6 +27,14 @@ CLI), floods it while it runs, and prints the coordinator's cost per 100k junk
 messages (peak RSS increase, audit records, log bytes) and the job's outcome:
 
     python benchmarks/flood.py measure [--junk 200000] [--storm 100000] [--rounds 5]
+
+Head-of-line mode shows why a coordinator should not receive heartbeats on the
+connection it commits and publishes on: two processes flood one heartbeat subject
+(with NATS headers, like signed heartbeats) at a subscriber whose callback costs
+~60 us, while JetStream publishes with acks (5 s timeout) go out on the same
+connection, then on a separate one:
+
+    python benchmarks/flood.py headofline
 """
 
 from __future__ import annotations
@@ -202,7 +210,7 @@ async def _pace(args, sent: int) -> None:
 def run_publisher(args) -> dict:
     if args.count < 0 or args.count > 10_000_000:
         raise SystemExit("--count must be between 0 and 10,000,000")
-    publish = publish_signed_heartbeats if args.kind == "signed-hb" else publish_junk
+    publish = {"signed-hb": publish_signed_heartbeats, "header-hb": publish_header_heartbeats}.get(args.kind, publish_junk)
     sent = asyncio.run(publish(args))
     seconds = time.monotonic() - args.started
     return {"kind": args.kind, "sent": sent, "seconds": round(seconds, 3),
@@ -228,14 +236,89 @@ def run_measure(args) -> dict:
         server.stop()
 
 
+def _busy(us: float) -> None:
+    end = time.perf_counter() + us / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+async def _headofline_once(url: str, separate: bool, floods: int, probes: int) -> dict:
+    import subprocess
+    import statistics
+
+    from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+
+    subjects = Subjects("hol")
+    ctl = await connect(url, "hol-control")
+    js = ctl.jetstream()
+    await ensure_job_infrastructure(js, subjects)
+    hb_conn = await connect(url, "hol-heartbeats") if separate else ctl
+
+    async def on_heartbeat(msg) -> None:
+        _busy(60)  # verification work that never awaits, like a real handler
+
+    await hb_conn.subscribe(subjects.hb_all, cb=on_heartbeat)
+    procs = [subprocess.Popen([sys.executable, __file__, "--nats", url, "--job", "hol", "--kind", "header-hb",
+                               "--count", "400000", "--max-seconds", "60"], stdout=subprocess.DEVNULL)
+             for _ in range(floods)]
+    try:
+        await asyncio.sleep(1.0)
+        latencies, timeouts = [], 0
+        for _ in range(probes):
+            started = time.perf_counter()
+            try:
+                await js.publish(subjects.ctl("probe"), b"1", timeout=5)
+                latencies.append(time.perf_counter() - started)
+            except Exception:
+                timeouts += 1
+            await asyncio.sleep(0.3)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        if separate:
+            await hb_conn.close()
+        await ctl.close()
+    return {"connection": "separate" if separate else "shared", "probes": probes, "timeouts_5s": timeouts,
+            "median_ack_s": round(statistics.median(latencies), 3) if latencies else None,
+            "max_ack_s": round(max(latencies), 3) if latencies else None}
+
+
+def run_headofline(args) -> list[dict]:
+    from fedbus.bus.server import EmbeddedNatsServer
+
+    server = EmbeddedNatsServer().start()
+    try:
+        return [asyncio.run(_headofline_once(server.url, separate, floods=2, probes=10)) for separate in (False, True)]
+    finally:
+        server.stop()
+
+
+async def publish_header_heartbeats(args) -> int:
+    """Unsigned heartbeat-sized messages with the NATS headers a signed one carries."""
+    nc = await _connect(args.nats, "flood-header-hb")
+    subject = f"{args.prefix}.{args.job}.hb.w01"
+    sent = 0
+    args.started, args.started_wall = time.monotonic(), time.time()
+    try:
+        while sent < args.count and time.monotonic() - args.started < args.max_seconds:
+            for _ in range(FLUSH_EVERY):
+                await nc.publish(subject, b"x" * 200, headers={"Nats-Msg-Id": f"{sent:032x}", "Fedbus-Type": "heartbeat"})
+                sent += 1
+            await nc.flush(timeout=30)
+    finally:
+        await nc.close()
+    return sent
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", choices=("publish", "measure"), default="publish")
+    parser.add_argument("mode", nargs="?", choices=("publish", "measure", "headofline"), default="publish")
     parser.add_argument("--nats", help="server URL (publish mode)")
     parser.add_argument("--job", help="job id (publish mode)")
     parser.add_argument("--prefix", default="fedbus")
     parser.add_argument("--region", default="default")
-    parser.add_argument("--kind", choices=KINDS)
+    parser.add_argument("--kind", choices=(*KINDS, "header-hb"))
     parser.add_argument("--count", type=int, default=100_000, help="messages to publish (bounded)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop after this long even if not done")
     parser.add_argument("--rate", type=float, default=0.0, help="messages per second; 0 = as fast as possible")
@@ -258,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=4.0, help="measure: round deadline (s)")
     parser.add_argument("--run-dir", help="measure: where logs and results go")
     args = parser.parse_args(argv)
+    if args.mode == "headofline":
+        for row in run_headofline(args):
+            print(json.dumps(row))
+        return 0
     if args.mode == "measure":
         result = run_measure(args)
         print(json.dumps(result, indent=2))
