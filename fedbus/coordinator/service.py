@@ -64,7 +64,8 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
-from fedbus.protocol.messages import EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update
+from fedbus.protocol.messages import (EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update,
+                                     finite_metrics)
 from fedbus.protocol.runs import new_run_id
 from fedbus.protocol.tensor_groups import join_groups, split_groups
 from fedbus.tasks import load_task
@@ -104,7 +105,8 @@ class CoordinatorService:
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
                                    federation=federation)
-        self.verifier = verifier_for(job, federation)
+        # A body carries at most the model's tensors and as many again of strategy extras.
+        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
         self._round_spans: dict[int, otel_trace.Span] = {}
@@ -125,6 +127,9 @@ class CoordinatorService:
         # When this process last handled a verified heartbeat of each worker (monotonic s):
         # the gaps between them show whether the event loop kept listening (summary.json).
         self._last_heartbeat: dict[str, float] = {}
+        # Fetched messages not handled yet, by consumer: a batch of large updates can take
+        # longer than the ack wait to work through, so the batch is kept alive too.
+        self._in_hand: dict[str, list] = {}
         self.exit_code = 0
         self.already_done = False
 
@@ -292,8 +297,11 @@ class CoordinatorService:
     def _note_heartbeat_gap(self, sender: str, arrived: float) -> None:
         last = self._last_heartbeat.get(sender)
         self._last_heartbeat[sender] = arrived
-        if last is not None and arrived - last < HEARTBEAT_GAP_ALIVE_S:
-            self.summary.max_heartbeat_gap_s = max(self.summary.max_heartbeat_gap_s, arrived - last)
+        gap = arrived - last if last is not None else 0.0
+        if gap < HEARTBEAT_GAP_ALIVE_S and gap > self.summary.max_heartbeat_gap_s:
+            self.summary.max_heartbeat_gap_s = gap
+            if gap > 2 * self.job.transport.heartbeat_s:  # logged only when a new maximum: a few lines a run
+                log.warning("heartbeat.gap", worker=sender, gap_s=round(gap, 3), phase=self.machine.phase.value)
 
     async def _consume(self, subject: str, stream: str, durable: str, handler) -> None:
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
@@ -310,6 +318,7 @@ class CoordinatorService:
                 log.warning("consumer.fetch_failed", durable=durable, error=repr(exc))
                 await asyncio.sleep(0.2)
                 continue
+            in_hand = self._in_hand[durable] = list(msgs)  # this one and the rest of the batch
             for msg in msgs:
                 hold = False
                 try:
@@ -320,13 +329,14 @@ class CoordinatorService:
                 if not hold:
                     with contextlib.suppress(Exception):
                         await msg.ack()
+                in_hand.pop(0)
 
     async def _keep_unacked_alive(self) -> None:
         """Updates wait unacknowledged until their round commits; tell the server we
         are still working on them so it does not redeliver them meanwhile."""
         while True:
             await asyncio.sleep(ACK_WAIT_S / 4)
-            for msgs in list(self._unacked.values()):
+            for msgs in [*self._unacked.values(), *self._in_hand.values()]:
                 for msg in msgs:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
@@ -532,7 +542,7 @@ class CoordinatorService:
         span = self._round_spans.pop(a.round, None)
         metrics = dict(a.metrics)
         body = RoundClose(round=a.round, model_version=a.model_version, status=a.status, accepted=list(a.accepted),
-                          rejected=a.rejected, seconds=a.seconds, metrics=metrics)
+                          rejected=a.rejected, seconds=a.seconds, metrics=finite_metrics(metrics))
         # Committed already (the machine announces only what was committed).
         await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round, run=self.run_id)
         self.summary.add_round(close_row(a))
@@ -573,7 +583,8 @@ class CoordinatorService:
         if a.reason == "commit_failed":
             self.exit_code = 1
         await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
-            rounds_completed=a.rounds_completed, model_version=a.model_version, metrics=metrics, reason=a.reason),
+            rounds_completed=a.rounds_completed, model_version=a.model_version, metrics=finite_metrics(metrics),
+            reason=a.reason),
             round=self.machine.round, run=self.run_id)
         await self.audit.publish("job.done", reason=a.reason, rounds_completed=a.rounds_completed, run=self.run_id)
         await asyncio.to_thread(atomic_torch_save, self.machine.state, self.run_dir / "final_model.pt")
