@@ -191,11 +191,11 @@ def test_resumed_scaffold_fedadam_job_is_bit_identical(uninterrupted, crash):
     assert_bit_identical(uninterrupted.strategy_state, resumed.strategy_state, "strategy")
 
 
-def test_strategy_state_survives_the_commit_encoding():
+def test_strategy_state_survives_the_commit_encoding(uninterrupted):
     """The SCAFFOLD c and FedAdam moments a commit carries load back into fresh rule and
     optimizer objects unchanged (their keys contain '/', as flatten_state's separator does)."""
     job = scaffold_fedadam_job()
-    out = run_job(job)
+    out = uninterrupted
     task = load_task(job.task)
     torch.manual_seed(job.seed)
     initial = {k: v.detach().clone() for k, v in task.build_model(job.task_params).state_dict().items()}
