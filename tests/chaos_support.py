@@ -57,6 +57,7 @@ NUM_WORKERS = 6
 # retried with the same sealed envelope (same timestamp) and stored ~5 s after sealing.
 MAX_AGE_S = 6.0
 LONG_WAIT_S = 8.0  # longer than MAX_AGE_S: held updates must be judged by the stream's stored time
+MIN_FINAL_ACCURACY = 0.8  # digits MLP: ~0.97 after 36 rounds, ~0.1 for a broken model
 LATE_GRACE_S = 0.5  # an update sent this close to its round's deadline may legitimately miss it
 PROGRESS_EVENTS = ("round.opened", "eval.opened")
 KILL_MODES = ("time", "after_close", "after_commit")
@@ -470,6 +471,9 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
     if summary.get("incarnations") != outcome.coordinator_starts:
         problems.append(f"summary incarnations {summary.get('incarnations')} != coordinator starts "
                         f"{outcome.coordinator_starts}")
+    accuracy = summary.get("final_accuracy")
+    if accuracy is None or accuracy < MIN_FINAL_ACCURACY:
+        problems.append(f"final test accuracy {accuracy} < {MIN_FINAL_ACCURACY}: the model that came through is broken")
     if outcome.final_exit_code != 0:
         problems.append(f"the last coordinator exited with {outcome.final_exit_code}")
     s_rounds = summary.get("rounds", [])
@@ -618,6 +622,7 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
         "nats-server restarts": outcome.nats_restarts,
         "summary incarnations": summary.get("incarnations"),
         "rounds planned / completed": (planned, summary.get("rounds_completed")),
+        "final test accuracy": accuracy,
         "round entries aggregated / failed": (len(s_agg), len(s_failed)),
         "rounds opened more than once (reopened after a resume)": sum(1 for c in opens.values() if c > 1),
         "updates sent / resent (log lines)": (sent, resent),
