@@ -113,9 +113,11 @@ class EvalReceived:
 
 @dataclass(frozen=True)
 class MessageRejected:
-    """The service rejected a message before it reached the machine; count it here."""
+    """The service rejected ``count`` messages for ``reason`` before they reached the
+    machine; count them here (a flood is fed in aggregate, once per tick)."""
 
     reason: str
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -396,9 +398,9 @@ class RoundStateMachine:
             case EvalReceived():
                 self._deadline_passed(event.now_ms, out)
                 self._on_eval(event, out)
-            case MessageRejected(reason=reason):
-                self.rejections[reason] += 1
-                self._round_rejections[reason] += 1
+            case MessageRejected(reason=reason, count=count):
+                self.rejections[reason] += count
+                self._round_rejections[reason] += count
             case Aggregated():
                 self._on_aggregated(event, out)
             case AggregationFailed():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import structlog
@@ -84,6 +85,10 @@ AUDIT_QUEUE_MAX = 1_000
 # Heartbeat gaps longer than this mean the worker was away (dead, restarted, partitioned),
 # not that the coordinator was slow to listen: they are left out of max_heartbeat_gap_s.
 HEARTBEAT_GAP_ALIVE_S = 30.0
+# A listed worker whose heartbeats were refused this often since its last cool-down is
+# storming: unsubscribe it for a while (shorter than any liveness window, >= 5 s).
+HB_STORM_REFUSALS = 1_000
+HB_COOL_DOWN_S = 2.0
 
 
 class CoordinatorService:
@@ -121,6 +126,7 @@ class CoordinatorService:
         # before that leaves them in the stream for the next coordinator (see jobstate).
         self._unacked: dict[int, list] = {}
         self._held_nonces: set[bytes] = set()
+        self._unfed_rejections: Counter[str] = Counter()
         self._actions: asyncio.Queue = asyncio.Queue()
         self._audit_queue: asyncio.Queue = asyncio.Queue(maxsize=AUDIT_QUEUE_MAX)
         self._done = asyncio.Event()
@@ -156,10 +162,13 @@ class CoordinatorService:
             await self.audit.resume()
             await self.audit.publish("job.resumed" if self.resume else "job.started", job=self.job.job,
                                      run=self.run_id, rounds=self.job.rounds)
-            hb_sub = await self.nc.subscribe(self.subjects.hb_all, cb=self._on_heartbeat)
-            tasks = [asyncio.create_task(self._consume(self.subjects.upd_all, self.subjects.upd_stream,
+            await self._subscribe_heartbeats()
+            workers = self.federation.workers()
+            updates = self.subjects.upd_listed((w.region, w.id) for w in workers)
+            reports = sorted(self.subjects.metrics(w.id) for w in workers)
+            tasks = [asyncio.create_task(self._consume(updates, self.subjects.upd_stream,
                                                       "coordinator-updates", self._on_update)),
-                     asyncio.create_task(self._consume(self.subjects.metrics_all, self.subjects.metrics_stream,
+                     asyncio.create_task(self._consume(reports, self.subjects.metrics_stream,
                                                       "coordinator-metrics", self._on_eval_report)),
                      asyncio.create_task(self._tick()),
                      asyncio.create_task(self._keep_unacked_alive()),
@@ -176,7 +185,7 @@ class CoordinatorService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
-                await hb_sub.unsubscribe()
+                await self.hb_nc.close()
         finally:
             if write_summary:
                 self.summary.add_wall(time.perf_counter() - started)
@@ -242,6 +251,9 @@ class CoordinatorService:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
+            for reason, count in self._unfed_rejections.items():
+                self.machine.handle(MessageRejected(reason, count))
+            self._unfed_rejections.clear()
             self._feed(Tick(now_ms()))
             if self.ledger.due(now_ms()):
                 await self._flush_rejections()
@@ -250,7 +262,7 @@ class CoordinatorService:
                   round_: int | None, *, counted_by_machine: bool = False) -> None:
         """Count a rejection exactly; log it only when it is the first of its kind this interval."""
         if not counted_by_machine:
-            self.machine.handle(MessageRejected(reason))
+            self._unfed_rejections[reason] += 1  # fed to the machine in aggregate, once per tick
         if self.ledger.record(kind, sender, reason, detail, now_ms()):
             log.warning(f"{kind}.rejected", reason=reason, detail=detail[:200], subject=subject[:200],
                         sender=(sender or "")[:64], round=round_, note="further ones this interval are aggregated")
@@ -277,12 +289,44 @@ class CoordinatorService:
             event, fields = await self._audit_queue.get()
             await self.audit.publish(event, **fields)
 
+    async def _subscribe_heartbeats(self) -> None:
+        """One subscription per listed worker, on a connection of its own.
+
+        The server then drops heartbeats under any other id, and a storm from a listed
+        worker is parsed on a socket that commits and publishes do not share, so their
+        acks never queue behind it. A worker that overspends its budget by far is
+        unsubscribed for a cool-down shorter than the liveness window."""
+        self.hb_nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}-heartbeats",
+                                   first_connect_timeout=CONNECT_TIMEOUT_S)
+        self._hb_subs: dict[str, object] = {}
+        self._hb_refused: Counter[str] = Counter()
+        for worker in self.federation.workers():
+            await self._subscribe_heartbeat(worker.id)
+
+    async def _subscribe_heartbeat(self, worker: str) -> None:
+        self._hb_subs[worker] = await self.hb_nc.subscribe(self.subjects.hb(worker), cb=self._on_heartbeat)
+
+    async def _cool_down(self, worker: str) -> None:
+        sub = self._hb_subs.pop(worker, None)
+        if sub is None:
+            return
+        log.warning("heartbeat.storm_cooldown", worker=worker, seconds=HB_COOL_DOWN_S)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        await asyncio.sleep(HB_COOL_DOWN_S)
+        self._hb_refused[worker] = 0
+        with contextlib.suppress(Exception):
+            await self._subscribe_heartbeat(worker)
+
     async def _on_heartbeat(self, msg) -> None:
         arrived = time.monotonic()
         token = msg.subject.rsplit(".", 1)[-1]
         now = now_ms()
         if not self.hb_buckets.allow(token, now):
             self._rejected("heartbeat", "rate_limited", "heartbeat budget spent", token, msg.subject, None)
+            self._hb_refused[token] += 1
+            if self._hb_refused[token] == HB_STORM_REFUSALS:
+                asyncio.get_running_loop().create_task(self._cool_down(token))
             return
         try:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=token)
@@ -303,10 +347,20 @@ class CoordinatorService:
             if gap > 2 * self.job.transport.heartbeat_s:  # logged only when a new maximum: a few lines a run
                 log.warning("heartbeat.gap", worker=sender, gap_s=round(gap, 3), phase=self.machine.phase.value)
 
-    async def _consume(self, subject: str, stream: str, durable: str, handler) -> None:
+    async def _consume(self, subjects: list[str], stream: str, durable: str, handler) -> None:
+        """Pull from a durable consumer that the server filters to listed workers' subjects:
+        junk published under any other id never reaches us, and honest messages never
+        queue behind it."""
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
-                                ack_wait=ACK_WAIT_S, max_ack_pending=10_000)
-        psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+                                ack_wait=ACK_WAIT_S, max_ack_pending=10_000, filter_subjects=subjects)
+        try:
+            await self.js.add_consumer(stream, config)
+        except Exception as exc:  # it exists with another filter (the federation changed): start it afresh
+            log.warning("consumer.recreated", durable=durable, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(stream, durable)
+            await self.js.add_consumer(stream, config)
+        psub = await self.js.pull_subscribe_bind(durable, stream)
         while True:
             try:
                 msgs = await psub.fetch(batch=FETCH_BATCH, timeout=0.5)
