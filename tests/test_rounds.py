@@ -593,3 +593,11 @@ def test_deterministic_mode_folds_in_worker_order_whatever_the_arrival_order():
     assert torch.equal(a, b)
     # Arrival order does matter otherwise, so the assertion above is not vacuous.
     assert not torch.equal(_close_in_order(("w1", "w2", "w3"), False), _close_in_order(("w1", "w3", "w2"), False))
+
+
+def test_an_update_trained_from_another_model_version_is_wrong_round():
+    """Update.base_version is read: a sync round folds only updates of its own base."""
+    m, opened = started()
+    [rej] = drive(m, update("w1", 1, 100, base_version=7))
+    assert rej.reason == "wrong_round" and "version 7" in rej.detail
+    assert of(drive(m, update("w2", 1, 100, base_version=0)), RejectUpdate) == []

@@ -100,6 +100,7 @@ class UpdateReceived:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     eval_samples: int = 0
     digest: bytes = b""
+    base_version: int | None = None  # the model version it was trained from (None: the round's)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class Aggregate:
     num_workers_total: int
 
     def compute(self) -> State:
-        proposal = self.accumulator.result()
+        proposal = self.accumulator.finalize()
         new_state = self.optimizer.step(self.base_state, proposal) if self.optimizer else proposal
         self.rule.commit(self.accumulator, self.num_workers_total)
         return new_state
@@ -522,6 +523,10 @@ class RoundStateMachine:
             else:
                 self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
             return
+        if ev.base_version is not None and ev.base_version != self.model_version:
+            self._reject(ev.worker_id, ev.round, "wrong_round",
+                         f"trained from version {ev.base_version}, the round's base is {self.model_version}", out)
+            return
         cap = self.sample_cap(ev.worker_id)
         if cap is None or ev.update.num_samples > cap:
             self._reject(ev.worker_id, ev.round, "excessive_samples",
@@ -535,7 +540,7 @@ class RoundStateMachine:
                 validate_update(self.state, ev.update)
                 self._held[ev.worker_id] = ev.update
             else:
-                self._accumulator.add(ev.update)  # InvalidUpdate leaves the aggregator unchanged
+                self._fold(ev.update)  # InvalidUpdate leaves the accumulator unchanged
         except Rejection as rej:
             self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
             return
@@ -549,6 +554,14 @@ class RoundStateMachine:
             self._eval_metrics.append((float(ev.eval_samples), ev.eval_metrics))
         if set(self._reported) >= set(self.cohort):
             self._begin_aggregation(ev.now_ms, out)
+
+    def _fold(self, update: ClientUpdate) -> None:
+        """Fold an update into the round's accumulator as a Contribution: its delta from
+        the round's base, weighted by its (capped) sample count."""
+        acc = self._accumulator
+        contribution = acc.from_local_state(update.worker_id, float(update.num_samples), update.state,
+                                            update.extra, num_steps=update.num_steps)
+        acc.fold(contribution)
 
     def _check_extras(self, update: ClientUpdate) -> None:
         groups = {k for k, v in update.extra.items() if isinstance(v, dict)}
@@ -565,9 +578,16 @@ class RoundStateMachine:
 
     def _begin_aggregation(self, now: int, out: list[Action]) -> None:
         assert self._accumulator is not None
-        for worker in sorted(self._held):
-            self._accumulator.add(self._held[worker])
-        self._held = {}
+        held, self._held = self._held, {}
+        for worker in sorted(held):
+            try:
+                self._fold(held[worker])
+            except InvalidUpdate as exc:  # validated on arrival; a rule may still refuse it
+                self._reported.pop(worker, None)
+                self._reject(worker, self.round, "invalid_update", str(exc), out)
+        if self._accumulator.count == 0:
+            self._fail_round(now, out)
+            return
         self.phase = Phase.AGGREGATING
         self._closing_ms = now
         out.append(Aggregate(self.round, self._accumulator, self.state, self.rule, self.optimizer,
@@ -680,12 +700,13 @@ class RoundStateMachine:
         self.declared = {w: n for w, n in dict(declared).items() if n is not None}
         self._opened_ms = now
         self.deadline_ms = now + self.policy.round_deadline_ms
-        self._accumulator = self.rule.begin(self.state)
+        self._accumulator = self.rule.begin(self.state, self.model_version)
 
     def _open_round_action(self) -> OpenRound:
-        extra = self.rule.broadcast()
-        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state,
-                         {self.rule.name: extra} if extra else {})
+        # What every worker is told (the strategy's first half): its tensor groups travel with the model.
+        told = self.rule.configure(None, self.model_version)
+        groups = {k: v for k, v in told.items() if isinstance(v, dict) and v}
+        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state, groups)
 
     def _enter_eval(self, now: int, cohort) -> None:
         self._reset_round_state()

@@ -444,6 +444,7 @@ class CoordinatorService:
         state, groups = split_groups(got.tensors or {})
         event = UpdateReceived(
             worker_id=got.header.sender, round=got.header.round, now_ms=now_ms(), digest=got.header.digest,
+            base_version=upd.base_version,
             update=ClientUpdate(got.header.sender, upd.num_samples, state, upd.num_steps,
                                 extra={**upd.extra_scalars, **groups}),
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
