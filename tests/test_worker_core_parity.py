@@ -18,7 +18,7 @@ from fedbus.crypto.keys import Identity
 from fedbus.demo import write_federation
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, verifier_for
-from fedbus.protocol.messages import JobDone, RoundOpen, Update
+from fedbus.protocol.messages import EvalOpen, JobDone, RoundOpen, Update
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
 from fedbus.worker.service import WorkerService
@@ -61,6 +61,7 @@ class Coordinator:
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.verifier = verifier_for(job, federation)
         self.updates: asyncio.Queue = asyncio.Queue()
+        self.reports: asyncio.Queue = asyncio.Queue()
 
     async def __aenter__(self):
         self.nc = await connect(self.url, name="test-coordinator")
@@ -70,11 +71,14 @@ class Coordinator:
                                    inline_max_bytes=self.job.transport.inline_max_bytes)
         self.sub = await self.js.subscribe(self.subjects.upd_all, ordered_consumer=True,
                                            deliver_policy=DeliverPolicy.NEW, cb=self.updates.put)
+        self.metrics_sub = await self.js.subscribe(self.subjects.metrics_all, ordered_consumer=True,
+                                                   deliver_policy=DeliverPolicy.NEW, cb=self.reports.put)
         return self
 
     async def __aexit__(self, *exc):
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
+            await self.metrics_sub.unsubscribe()
         await self.nc.close()
 
     async def send(self, fields, tensors=None, *, run: str | None):
@@ -83,6 +87,10 @@ class Coordinator:
 
     async def next_update(self) -> Received:
         msg = await asyncio.wait_for(self.updates.get(), WAIT_S)
+        return await self.messenger.receive(self.verifier, msg.data)
+
+    async def next_report(self) -> Received:
+        msg = await asyncio.wait_for(self.reports.get(), WAIT_S)
         return await self.messenger.receive(self.verifier, msg.data)
 
     async def no_update(self, seconds: float) -> None:
@@ -129,7 +137,9 @@ def test_deployed_and_simulated_workers_send_identical_updates(nats_server, tmp_
     assert ro == RoundOpen(round=1, model_version=0, cohort=["w02"], deadline_ms=opened.deadline_ms,
                            train=job.train.model_dump(), evaluate=job.evaluation.federated)
 
-    async def deployed() -> Received:
+    eo = EvalOpen(round=2, model_version=1, cohort=["w02"], deadline_ms=opened.deadline_ms)
+
+    async def deployed() -> tuple[Received, Received]:
         service = WorkerService(job, federation, Identity.load(tmp_path / "keys" / "w02.key"), nats_server.url,
                                 state_dir=tmp_path / "state-w02")
         async with Coordinator(tmp_path, nats_server.url, job, federation) as coord:
@@ -138,19 +148,25 @@ def test_deployed_and_simulated_workers_send_identical_updates(nats_server, tmp_
                 await wait_until(lambda: service.follower is not None)
                 await coord.send(ro, tensors, run=run)
                 got = await coord.next_update()
+                await coord.send(eo, state, run=run)
+                report = await coord.next_report()
                 await coord.send(JobDone(rounds_completed=1, model_version=1), run=run)
                 assert await asyncio.wait_for(task, WAIT_S) == 0
             finally:
                 await stop(task)
-        return got
+        return got, report
 
-    got = asyncio.run(deployed())
+    got, report = asyncio.run(deployed())
+    assert report.header.run == run and report.header.round == 2
     assert got.header.run == run and got.header.sender == "w02" and got.header.round == 1
 
     # The simulator's worker: same task module, same job, same position in the federation.
     worker = SimulatedWorker(load_task(TASK), job, "w02", partition=federation.partition_of("w02"),
                              num_partitions=len(federation.workers()))
-    sent, = worker.receive(ControlChannel(run).message(ro, tensors, now_ms()))
+    channel = ControlChannel(run)
+    sent, = worker.receive(channel.message(ro, tensors, now_ms()))
+    sim_report, = worker.receive(channel.message(eo, state, now_ms()))
+    assert sim_report.run == run and sim_report.fields == report.fields
     assert sent.run == run and not sent.resend
     assert_same_update(got.fields, got.tensors, sent.fields, sent.tensors)
     # And what the machine is fed: the simulator's decode equals the receiving pipeline on the wire form.
