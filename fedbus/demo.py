@@ -277,7 +277,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "coordinator", *common, "--key", str(run_dir / "keys" / "coordinator.key"), "--run-dir", str(run_dir)))
         for p in federation.workers():
             group.start(p.id, cli_command("worker", *common, "--key", str(run_dir / "keys" / f"{p.id}.key"),
-                                          "--id", p.id))
+                                          "--id", p.id, "--state-dir", str(run_dir / "worker-state" / p.id)))
         try:
             code = asyncio.run(_supervise(server, federation, job, group, coordinator, args.timeout))
         finally:
