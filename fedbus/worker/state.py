@@ -11,8 +11,12 @@ Layout under the state directory (``fedbus worker --state-dir``, default
 is replaced atomically (temporary file in the same directory, fsync, ``os.replace``), so
 a crash leaves the old version or the new one, never half a file. Only the newest
 ``KEEP_SENT`` updates of a run are kept; runs other than the newest few are removed.
-The update is written before the strategy state: a crash between the two leaves a
-stored update (resent as is) and the previous c_i.
+The service writes both after the update's publish was acknowledged, c_i first, since
+the coordinator may already hold the update (and with it Δc_i = c_i+ - c_i). A crash
+before either write leaves the previous c_i and no stored update: a reopened round is
+trained again, and the coordinator keeps the first update it holds. A crash between the
+two leaves c_i+ without the stored update: the same, but the worker's c_i already
+agrees with the Δc_i the coordinator has.
 
 Files are read back with the wire codecs (no pickle), and a file that does not decode
 is ignored with a warning (the round is then trained again).
