@@ -63,10 +63,12 @@ class RateLimitSpec(BaseModel):
                                                 "beyond it heartbeats are dropped as rate_limited")
     heartbeat_burst: int = Field(20, ge=1, le=100_000,
                                  description="heartbeats one sender may send at once before heartbeats_per_s applies")
-    updates_per_s: float = Field(2.0, gt=0, le=10_000,
+    # An honest worker sends one update per round (plus a resend after a coordinator
+    # resume); rounds of a small model close in well under 0.1 s, hence 20/s.
+    updates_per_s: float = Field(20.0, gt=0, le=10_000,
                                  description="updates per second one sender may send, sustained; "
                                              "beyond it updates are rejected as rate_limited")
-    update_burst: int = Field(10, ge=1, le=100_000,
+    update_burst: int = Field(40, ge=1, le=100_000,
                               description="updates one sender may send at once before updates_per_s applies")
 
 

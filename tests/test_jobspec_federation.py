@@ -367,7 +367,7 @@ def test_security_caps_and_rates_defaults(tmp_path):
     assert security.max_samples_per_update is None
     assert security.audit_interval_s == 5.0
     rate = security.rate
-    assert (rate.heartbeats_per_s, rate.heartbeat_burst, rate.updates_per_s, rate.update_burst) == (5.0, 20, 2.0, 10)
+    assert (rate.heartbeats_per_s, rate.heartbeat_burst, rate.updates_per_s, rate.update_burst) == (5.0, 20, 20.0, 40)
 
 
 def test_security_caps_and_rates_load(tmp_path):
