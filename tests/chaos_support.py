@@ -20,12 +20,13 @@ as *sent* at the time of the first ``update.sent``/``update.resent`` log line fo
 r) of the job's run (the worker logs it after JetStream acknowledged the publish, so the
 stream held it by then). The round's *deadline* is the time the coordinator last logged
 ``round.opened`` for r (a resumed coordinator reopens the round with a fresh deadline)
-plus ``round_deadline_s``. An update is *required* when r was aggregated and it was sent
-at least ``LATE_GRACE_S`` before that deadline; every required (worker, r) must be among
-the accepted workers of round r (the audit's ``round.closed`` record). Updates sent to
-rounds that failed, or sent within the grace of the deadline or after it, are counted but
-not required. Workers killed for good are included: an update that reached the stream
-before its worker died is still an honest update.
+plus ``round_deadline_s``. An update is *required* when it was sent at least ``LATE_GRACE_S``
+before that deadline; every required (worker, r) must be among the accepted workers of
+round r (the audit's ``round.closed`` record, else the summary row), whether r was then
+aggregated or failed: a failed round must still have accepted it, it only lacked a
+quorum. Updates sent within the grace of the deadline or after it are counted but not
+required. Workers killed for good are included: an update that reached the stream before
+its worker died is still an honest update.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ MIN_FINAL_ACCURACY = 0.8  # digits MLP: ~0.97 after 36 rounds, ~0.1 for a broken
 LATE_GRACE_S = 0.5  # an update sent this close to its round's deadline may legitimately miss it
 PROGRESS_EVENTS = ("round.opened", "eval.opened")
 KILL_MODES = ("time", "after_close", "after_commit")
+ROUNDS_AFTER_LAST_KILL = 4  # rounds the last incarnation runs without chaos
 # Rejections an honest federation must never see (the workers here are all honest).
-HONEST_REJECTIONS = ("stale_timestamp", "not_in_cohort", "wrong_run", "replayed_nonce", "excessive_samples")
+HONEST_REJECTIONS = ("stale_timestamp", "not_in_cohort", "wrong_run", "replayed_nonce", "excessive_samples",
+                     "rate_limited")
 
 
 class ChaosError(AssertionError):
@@ -253,6 +256,9 @@ class ChaosRun:
         self.outcome = ChaosOutcome()
         self._t0 = 0.0
         self._deadline = 0.0
+        # (coordinator log, round.closed count at progress, rounds this incarnation may close)
+        self._round_cap: tuple[Path, int, int] | None = None
+        self._cap_noted = False
 
     # -- small bounded helpers
 
@@ -263,7 +269,17 @@ class ChaosRun:
         self.outcome.timeline.append(f"{time.monotonic() - self._t0:7.2f}s {what}")
 
     def _sleep(self, seconds: float) -> None:
-        time.sleep(max(0.0, min(seconds, self._left())))
+        """Sleep, bounded by the budget; while an incarnation runs, also cut short once it
+        closed its allowance of rounds (see ``_chaos``)."""
+        until = time.monotonic() + max(0.0, min(seconds, self._left()))
+        while time.monotonic() < until:
+            cap = self._round_cap
+            if cap is not None and self._count(cap[0], ("round.closed",)) - cap[1] >= cap[2]:
+                if not self._cap_noted:
+                    self._note(f"{cap[0].stem} closed its allowance of {cap[2]} rounds: no more waiting")
+                    self._cap_noted = True
+                return
+            time.sleep(min(0.02, max(0.0, until - time.monotonic())))
 
     def coordinator_log(self, n: int) -> Path:
         return self.run_dir / "logs" / f"coordinator-{n:02d}.log"
@@ -367,8 +383,13 @@ class ChaosRun:
             # waits for six workers to come up, which takes longest.
             self._wait_progress(proc, log, PROGRESS_EVENTS, 0, 120 if i == 0 else 60, "round.opened")
             delay = plan.delays_s[i]
-            # Keep rounds for the kills still to come: near the end, kill soon after progress.
+            # Keep rounds for the kills still to come, however fast rounds are on this machine:
+            # each incarnation may close about its share of the rounds left before it is killed
+            # (the kill then comes at the random delay or right after that share, whichever is first).
             left = rounds - len(self._aggregated_rounds())
+            allowance = max(1, (left - ROUNDS_AFTER_LAST_KILL) // (plan.kills - i))
+            self._round_cap = (log, self._count(log, ("round.closed",)), allowance)
+            self._cap_noted = False
             if left <= 2 * (plan.kills - i) + 2:
                 delay = min(delay, 0.3)
                 self._note(f"only {left} rounds left for {plan.kills - i} kills: delay cut to {delay} s")
@@ -409,6 +430,7 @@ class ChaosRun:
                 self._sleep(delay)
                 self._kill_coordinator(proc)
                 self._sleep(plan.resume_pauses_s[i])
+            self._round_cap = None
             if self._left() <= 0:
                 raise ChaosError(f"budget of {self.budget_s:.0f} s spent after {i + 1} kills")
             proc = self._start_coordinator(resume=True)
@@ -524,26 +546,30 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
     a_dup = sorted(r for r, c in Counter(c["round"] for c in closes).items() if c > 1)
     if a_dup:
         problems.append(f"audit: round.closed more than once for rounds {a_dup}")
-    a_agg = {c["round"]: c for c in closes if c.get("status") == "aggregated"}
+    a_close = {c["round"]: c for c in closes}  # aggregated and failed
     a_versions = [c["model_version"] for c in closes if c.get("status") == "aggregated"]
     if any(b <= a for a, b in zip(a_versions, a_versions[1:])):
         problems.append(f"audit: model versions not strictly increasing: {a_versions}")
-    if set(a_agg) != {r["round"] for r in s_agg}:
-        problems.append(f"audit and summary disagree on the aggregated rounds: only in audit "
-                        f"{sorted(set(a_agg) - {r['round'] for r in s_agg})}, only in summary "
-                        f"{sorted({r['round'] for r in s_agg} - set(a_agg))}")
-    for r in s_agg:
-        c = a_agg.get(r["round"])
-        if c is not None and (len(c.get("accepted", [])) != r["accepted"] or c["model_version"] != r["model_version"]):
-            problems.append(f"round {r['round']}: summary says {r['accepted']} accepted at v{r['model_version']}, "
-                            f"audit {len(c.get('accepted', []))} at v{c['model_version']}")
-        if c is not None and "accepted_workers" in r and sorted(r["accepted_workers"]) != sorted(c.get("accepted", [])):
-            problems.append(f"round {r['round']}: summary accepted {r['accepted_workers']}, audit {c.get('accepted')}")
-    # Who was accepted in each aggregated round: the audit record, else the summary's row.
-    accepted_by_round: dict[int, list[str]] = {rnd: list(c.get("accepted", [])) for rnd, c in a_agg.items()}
-    for r in s_agg:
-        if r["round"] not in accepted_by_round and "accepted_workers" in r:
-            accepted_by_round[r["round"]] = list(r["accepted_workers"])
+    s_close = {r["round"]: r for r in s_rounds}
+    if set(a_close) != set(s_close):
+        problems.append(f"audit and summary disagree on the closed rounds: only in audit "
+                        f"{sorted(set(a_close) - set(s_close))}, only in summary {sorted(set(s_close) - set(a_close))}")
+    for rnd, r in sorted(s_close.items()):
+        c = a_close.get(rnd)
+        if c is None:
+            continue
+        if (c.get("status"), len(c.get("accepted", [])), c.get("model_version")) != \
+                (r.get("status"), r.get("accepted"), r.get("model_version")):
+            problems.append(f"round {rnd}: summary says {r.get('status')} with {r.get('accepted')} accepted at "
+                            f"v{r.get('model_version')}, audit {c.get('status')} with {len(c.get('accepted', []))} "
+                            f"at v{c.get('model_version')}")
+        elif "accepted_workers" in r and sorted(r["accepted_workers"]) != sorted(c.get("accepted", [])):
+            problems.append(f"round {rnd}: summary accepted {r['accepted_workers']}, audit {c.get('accepted')}")
+    # Who was accepted in each closed round: the audit record, else the summary's row.
+    accepted_by_round: dict[int, list[str]] = {rnd: list(c.get("accepted", [])) for rnd, c in a_close.items()}
+    for rnd, r in s_close.items():
+        if rnd not in accepted_by_round and "accepted_workers" in r:
+            accepted_by_round[rnd] = list(r["accepted_workers"])
 
     # -- when each round opened last (its final deadline), from the coordinators' logs
     last_open: dict[int, float] = {}
@@ -580,25 +606,24 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
             first_sent[key] = min(first_sent.get(key, float("inf")), log_time(rec))
     if wrong_run:
         problems.append(f"updates sent under another run than {run!r}: {wrong_run[:5]}")
+    # Required: sent in time, whether the round was then aggregated or failed (a failed round
+    # must still have accepted it; it only lacked a quorum).
     failed_rounds = {r["round"] for r in s_failed}
-    required = accepted_ok = late = to_failed = unknown = 0
+    required = accepted_ok = late = to_failed = 0
     late_list = []
     for (worker, rnd), t in sorted(first_sent.items()):
-        if rnd in failed_rounds:
-            to_failed += 1
-            continue
+        to_failed += rnd in failed_rounds
         accepted = accepted_by_round.get(rnd)
         if accepted is None:
-            unknown += 1
-            problems.append(f"{worker} sent an update for round {rnd}, which has no aggregated or failed close record")
+            problems.append(f"{worker} sent an update for round {rnd}, which has no close record")
             continue
+        in_time = rnd in deadline and t < deadline[rnd] - LATE_GRACE_S
         if worker in accepted:
             accepted_ok += 1
-            if rnd in deadline and t >= deadline[rnd] - LATE_GRACE_S:
-                late += 1  # late but still in: counted as accepted
             required += 1
+            late += not in_time  # late but still in: counted as accepted
             continue
-        if rnd not in deadline or t >= deadline[rnd] - LATE_GRACE_S:
+        if not in_time:
             late += 1
             late_list.append((worker, rnd, round(t - deadline.get(rnd, t), 3)))
             continue
@@ -606,6 +631,7 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
         rep.lost.append((worker, rnd))
     if rep.lost:
         detail = [f"{w}@r{r} sent {deadline[r] - first_sent[(w, r)]:.2f}s before the deadline"
+                  f"{' of a failed round' if r in failed_rounds else ''}"
                   f"{' (worker killed later)' if w in outcome.workers_killed else ''}" for w, r in rep.lost[:10]]
         problems.append(f"{len(rep.lost)} honest updates lost: {detail}")
     accepted_total = sum(len(ws) for ws in accepted_by_round.values())
@@ -628,9 +654,9 @@ def analyse(run_dir: Path, job: JobSpec, outcome: ChaosOutcome) -> ChaosReport:
         "updates sent / resent (log lines)": (sent, resent),
         "(worker, round) pairs sent": len(first_sent),
         "pairs required / accepted / lost": (required, accepted_ok, len(rep.lost)),
-        "pairs late (within grace or after deadline) / to failed rounds": (late, to_failed),
+        "pairs late (within grace or after deadline) / sent to rounds that failed": (late, to_failed),
         "late pairs not accepted": late_list[:10],
-        "accepted in aggregated rounds / summary updates_accepted": (accepted_total,
+        "accepted in closed rounds / summary updates_accepted": (accepted_total,
                                                                             summary.get("updates_accepted")),
         "accepted pairs with no update.sent log line": senders_missing[:10],
         "updates rejected (summary)": rejected,
