@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -187,7 +186,8 @@ async def sender(run_dir: Path, nats_url: str, workers: list[str], seconds: floa
                 if w not in ro.cohort:
                     continue
                 eps = 1e-3 * (1 + int(w.lstrip("w")))
-                state = await asyncio.to_thread(lambda eps=eps: {k: v.add(noise[k], alpha=eps) for k, v in base.items()})
+                state = await asyncio.to_thread(
+                    lambda eps=eps: {k: v.add(noise[k], alpha=eps) for k, v in base.items()})
                 body = Update(round=ro.round, base_version=ro.model_version, num_samples=SAMPLES_PER_WORKER,
                               num_steps=1)
                 await messengers[w].publish(subjects.upd("default", w), body, state, round=ro.round,
@@ -237,12 +237,13 @@ def one_run(run_dir: Path, args, *, inline: bool) -> dict:
         write_federation(run_dir, args.workers)
         workers = [f"w{i + 1:02d}" for i in range(args.workers)]
         params = {"in": args.d_in, "hidden": args.hidden, "out": args.d_out}
-        job = JobSpec(job="offloop", task=f"{Path(__file__).resolve()}:task", task_params=params, seed=1, rounds=args.rounds,
+        job = JobSpec(job="offloop", task=f"{Path(__file__).resolve()}:task", task_params=params, seed=1,
+                      rounds=args.rounds,
                       round_deadline_s=args.deadline,
                       cohort=CohortSpec(min_workers=args.workers, min_updates=args.workers, wait_for_workers_s=300),
                       strategy={"name": "median", "nnm": {"f": args.nnm_f}},
                       evaluation={"server_test": False, "federated": False, "final_round": False},
-                      transport={"heartbeat_s": args.heartbeat_s})
+                      transport={"heartbeat_s": args.heartbeat_s}, deterministic=args.deterministic)
         job.dump(run_dir / "job.yaml")
         env = dict(os.environ, FEDBUS_LOG_JSON="1",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -287,7 +288,7 @@ def one_run(run_dir: Path, args, *, inline: bool) -> dict:
         server.stop()
     seconds = [r["seconds"] for r in summary["rounds"]]
     return {
-        "mode": "inline" if inline else "thread",
+        "mode": ("inline" if inline else "thread") + ("+det" if args.deterministic else ""),
         "exit": coordinator.returncode, "reason": summary["reason"],
         "accepted": [r["accepted"] for r in summary["rounds"]],
         "statuses": [r["status"] for r in summary["rounds"]],
@@ -351,8 +352,11 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=4000)
     ap.add_argument("--out", dest="d_out", type=int, default=10)
     ap.add_argument("--heartbeat-s", type=float, default=1.0)
-    ap.add_argument("--deadline", type=float, default=300.0, help="round deadline (s): generous, nothing should time out")
+    ap.add_argument("--deadline", type=float, default=300.0,
+                    help="round deadline (s): generous, nothing should time out")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds one run may take")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic mode: updates are held and folded at close, in the Aggregate thread")
     ap.add_argument("--compare-inline", action="store_true", help="also run with aggregation on the event loop")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (logs, summary.json)")
     ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -375,7 +379,8 @@ def main() -> int:
     params = {"in": args.d_in, "hidden": args.hidden, "out": args.d_out}
     n = num_params(params)
     print(f"model: {n:,} float32 parameters ({n * 4 / 2**20:.1f} MiB); {args.workers} workers, {args.rounds} rounds, "
-          f"median + nnm(f={args.nnm_f}), heartbeat_s {args.heartbeat_s}; {args.senders} sender processes + 1 "
+          f"median + nnm(f={args.nnm_f}), heartbeat_s {args.heartbeat_s}, deterministic {args.deterministic}; "
+          f"{args.senders} sender processes + 1 "
           f"heartbeat process sign as the workers", flush=True)
     modes = [False, True] if args.compare_inline else [False]
     rows: list[dict] = []
@@ -399,7 +404,7 @@ def main() -> int:
               f"{'coord MiB':>9}")
     print(header)
     print("-" * len(header))
-    for mode in ("thread", "inline"):
+    for mode in sorted({r["mode"] for r in rows}, key=lambda m: m.startswith("inline")):
         mine = [r for r in rows if r["mode"] == mode]
         if not mine:
             continue
@@ -416,7 +421,7 @@ def main() -> int:
           f"\nmax hb gap, round s, open->close s: median over runs of each run's maximum / median round"
           f"\nround s: summary.json's round seconds (open to last update); open->close: the coordinator log's "
           f"round.opened to round.closed (adds aggregation and commit)")
-    thread_rows = [r for r in rows if r["mode"] == "thread"]
+    thread_rows = [r for r in rows if r["mode"].startswith("thread")]
     return 0 if thread_rows and all(r["pass"] for r in thread_rows) else 1
 
 
