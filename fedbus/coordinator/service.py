@@ -133,6 +133,7 @@ class CoordinatorService:
         # When this process last handled a verified heartbeat of each worker (monotonic s):
         # the gaps between them show whether the event loop kept listening (summary.json).
         self._last_heartbeat: dict[str, float] = {}
+        self._gap_logged = 0.0  # one heartbeat.gap line per stall, not one per worker
         # Fetched messages not handled yet, by consumer: a batch of large updates can take
         # longer than the ack wait to work through, so the batch is kept alive too.
         self._in_hand: dict[str, list] = {}
@@ -344,7 +345,9 @@ class CoordinatorService:
         gap = arrived - last if last is not None else 0.0
         if gap < HEARTBEAT_GAP_ALIVE_S and gap > self.summary.max_heartbeat_gap_s:
             self.summary.max_heartbeat_gap_s = gap
-            if gap > 2 * self.job.transport.heartbeat_s:  # logged only when a new maximum: a few lines a run
+            hb_s = self.job.transport.heartbeat_s
+            if gap > 2 * hb_s and arrived - self._gap_logged > hb_s:  # a new maximum, once per stall
+                self._gap_logged = arrived
                 log.warning("heartbeat.gap", worker=sender, gap_s=round(gap, 3), phase=self.machine.phase.value)
 
     async def _consume(self, subjects: list[str], stream: str, durable: str, handler) -> None:
