@@ -100,7 +100,8 @@ def _tiny_run(tmp_path: Path, *, accepted_r2=("w01", "w02"), w02_sent_r2: float 
             {"round": 2, "model_version": 2, "status": "aggregated", "accepted": len(accepted_r2),
              "accepted_workers": list(accepted_r2)}]
     (tmp_path / "summary.json").write_text(json.dumps({
-        "run": RUN, "reason": "completed", "rounds_completed": 2, "final_accuracy": 0.95, "model_version": 2, "incarnations": incarnations,
+        "run": RUN, "reason": "completed", "rounds_completed": 2, "final_accuracy": 0.95, "model_version": 2,
+        "incarnations": incarnations,
         "updates_accepted": 2 + len(accepted_r2) if updates_accepted is None else updates_accepted,
         "updates_rejected": {}, "rounds": rows}))
     trail = AuditTrail(None, "audit", "coordinator")
