@@ -16,31 +16,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedbus.aggregation.base import ClientUpdate
 from fedbus.coordinator.factory import machine_for
 from fedbus.coordinator.inline import drive
 from fedbus.coordinator.rounds import (
     CloseRound,
-    EvalReceived,
     FinishJob,
     OpenEval,
     OpenRound,
     RejectUpdate,
     Start,
     Tick,
-    UpdateReceived,
     WorkerSeen,
 )
 from fedbus.jobspec import JobSpec
 from fedbus.tasks import load_task
+from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.worker.attacks import Attack
 from fedbus.worker.simulated import (
     ControlChannel,
     SimulatedWorker,
-    eval_open_message,
     eval_received,
     receiver_pipeline,
-    round_open_message,
     sim_run_id,
     update_received,
 )

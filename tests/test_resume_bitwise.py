@@ -33,7 +33,8 @@ from fedbus.jobspec import CohortSpec, JobSpec
 from fedbus.protocol.codec import decode_tensors, encode_tensors
 from fedbus.sim import worker_ids
 from fedbus.tasks import load_task
-from fedbus.worker.simulated import (ControlChannel, SimulatedWorker, receiver_pipeline, round_open_message,
+from fedbus.coordinator.announcements import round_open_message
+from fedbus.worker.simulated import (ControlChannel, SimulatedWorker, receiver_pipeline,
                                      sim_run_id, update_received)
 
 NUM_WORKERS = 4

@@ -24,7 +24,8 @@ from fedbus.tasks import load_task
 from fedbus.worker.service import WorkerService
 from fedbus.coordinator.rounds import OpenRound
 from fedbus.transforms import decode_update
-from fedbus.worker.simulated import (ControlChannel, SimulatedWorker, receiver_pipeline, round_open_message,
+from fedbus.coordinator.announcements import round_open_message
+from fedbus.worker.simulated import (ControlChannel, SimulatedWorker, receiver_pipeline,
                                      update_received)
 
 pytestmark = pytest.mark.e2e

@@ -27,10 +27,10 @@ import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
-from fedbus.aggregation.base import ClientUpdate
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
 from fedbus.coordinator.ledger import RejectionLedger
@@ -65,11 +65,10 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
-from fedbus.protocol.messages import (EvalOpen, EvalReport, Heartbeat, JobDone, RoundClose, RoundOpen, Update,
-                                     finite_metrics)
+from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
-from fedbus.protocol.tensor_groups import join_groups, split_groups
 from fedbus.tasks import load_task
+from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.telemetry import get_tracer, inject_trace_headers
 
 log = structlog.get_logger("fedbus.coordinator")
@@ -112,6 +111,7 @@ class CoordinatorService:
                                    federation=federation)
         # A body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
+        self.pipeline = build_worker_pipeline(job)  # its decode half turns wire updates into contributions
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
         self._round_spans: dict[int, otel_trace.Span] = {}
@@ -444,12 +444,11 @@ class CoordinatorService:
                            h.round if h else None)
             return False
         upd: Update = got.fields  # type: ignore[assignment]
-        state, groups = split_groups(got.tensors or {})
         event = UpdateReceived(
             worker_id=got.header.sender, round=got.header.round, now_ms=now_ms(), digest=got.header.digest,
             base_version=upd.base_version,
-            update=ClientUpdate(got.header.sender, upd.num_samples, state, upd.num_steps,
-                                extra={**upd.extra_scalars, **groups}),
+            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
+            update=decode_update(self.pipeline, got.header.sender, upd, got.tensors),
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
         actions = self._feed(event)
         mine = [a for a in actions if getattr(a, "worker_id", None) == event.worker_id
@@ -582,10 +581,8 @@ class CoordinatorService:
             "fedbus.model_version": a.model_version, "fedbus.cohort_size": len(a.cohort)})
         self._round_spans[a.round] = span
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
-        body = RoundOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort),
-                         deadline_ms=a.deadline_ms, train=self.job.train.model_dump(),
-                         evaluate=self.job.evaluation.federated)
-        await self.messenger.publish(self.subjects.ctl("round.open"), body, join_groups(a.state, a.broadcast),
+        body, tensors = round_open_message(self.job, a)
+        await self.messenger.publish(self.subjects.ctl("round.open"), body, tensors,
                                      round=a.round, trace=traceparent, run=self.run_id)
         log.info("round.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
 
@@ -625,8 +622,8 @@ class CoordinatorService:
             "fedbus.job": self.job.job, "fedbus.round": a.round, "fedbus.model_version": a.model_version})
         self._round_spans[a.round] = span
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
-        body = EvalOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort), deadline_ms=a.deadline_ms)
-        await self.messenger.publish(self.subjects.ctl("eval.open"), body, a.state, round=a.round, trace=traceparent,
+        body, tensors = eval_open_message(a)
+        await self.messenger.publish(self.subjects.ctl("eval.open"), body, tensors, round=a.round, trace=traceparent,
                                      run=self.run_id)
         log.info("eval.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
 

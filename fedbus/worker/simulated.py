@@ -15,11 +15,10 @@ import copy
 import hashlib
 from collections.abc import Mapping
 
-from fedbus.coordinator.rounds import EvalReceived, OpenEval, OpenRound, UpdateReceived
+from fedbus.coordinator.rounds import EvalReceived, UpdateReceived
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.codec import Tensor, spec_of
-from fedbus.protocol.messages import Body, EvalOpen, RoundOpen
-from fedbus.protocol.tensor_groups import join_groups
+from fedbus.protocol.messages import Body
 from fedbus.tasks import Task
 from fedbus.transforms import Pipeline, build_worker_pipeline, decode_update
 from fedbus.worker.attacks import Attack
@@ -38,18 +37,6 @@ def sim_run_id(job: JobSpec) -> str:
     """A fixed run id per (job, seed), so a simulation is reproducible (training seeds include the run)."""
     tag = hashlib.blake2b(f"{job.job}\x1f{job.seed}".encode(), digest_size=4).hexdigest()
     return f"r0-{tag}"
-
-
-def round_open_message(job: JobSpec, a: OpenRound) -> tuple[RoundOpen, dict[str, Tensor]]:
-    """The round.open body and tensors the coordinator service publishes for ``a``."""
-    body = RoundOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort), deadline_ms=a.deadline_ms,
-                     train=job.train.model_dump(), evaluate=job.evaluation.federated)
-    return body, join_groups(a.state, a.broadcast)
-
-
-def eval_open_message(a: OpenEval) -> tuple[EvalOpen, dict[str, Tensor]]:
-    body = EvalOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort), deadline_ms=a.deadline_ms)
-    return body, dict(a.state)
 
 
 class ControlChannel:
