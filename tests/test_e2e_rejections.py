@@ -101,9 +101,11 @@ class Attacker:
         my_subject = self.subjects.upd("default", "w04")
         body = encode_body(update_body(r, v), model)
 
-        # An unlisted key signs a well-formed update.
+        # An unlisted key signs a well-formed update, on a listed worker's subject (the
+        # coordinator's consumer is filtered to listed workers' subjects: anything under an
+        # unlisted id never reaches it at all).
         wire, _ = seal(self.mallory, "update", job=job, round=r, body=body, run=self.run)
-        await self._send("unknown_sender", self.subjects.upd("default", "mallory"), wire)
+        await self._send("unknown_sender", my_subject, wire)
 
         # A forged sender: the header claims w01, the signature is w04's.
         forged = Identity("w01", "worker", "default", self.me.signing_key)
