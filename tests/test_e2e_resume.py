@@ -13,6 +13,7 @@ held in the stream and redelivered, or resent by the workers that see round 2 re
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import pytest
@@ -130,3 +131,13 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
     assert summary["final_accuracy"] > 0.8
     log = (tmp_path / "logs" / "coordinator-resumed.log").read_text()
     assert '"coordinator.resumed"' in log
+
+    # Resuming the finished job does nothing: exit 0, its results untouched.
+    before = {name: (tmp_path / name).read_bytes() for name in ("summary.json", "final_model.pt")}
+    again = subprocess.run(cli_command(
+        "coordinator", "--job", str(tmp_path / "job.yaml"), "--federation", str(tmp_path / "federation.yaml"),
+        "--key", str(fed.key("coordinator")), "--nats", fed.nats_url, "--run-dir", str(tmp_path), "--resume"),
+        capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "coordinator.already_done" in again.stdout + again.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
