@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedbus.atomicfile import atomic_write_text
+from fedbus.atomicfile import atomic_write_json
 
 
 @dataclass
@@ -110,15 +109,5 @@ class RunSummary:
         """Replace summary.json atomically (a full disk never leaves it empty); NaN/inf become null
         so the file is valid JSON."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(_finite_or_none(self.as_dict()), indent=2, allow_nan=False) + "\n")
+        atomic_write_json(path, self.as_dict())
 
-
-def _finite_or_none(value):
-    """``value`` with every inf/nan float (at any depth) replaced by None: JSON has no such numbers."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value

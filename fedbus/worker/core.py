@@ -102,8 +102,22 @@ class EvaluationFinished:
 
 # ---- actions ------------------------------------------------------------------------------
 
+class _InContext:
+    """Actions that carry a TrainingContext name their run and round through it."""
+
+    context: TrainingContext
+
+    @property
+    def run(self) -> str | None:
+        return self.context.run
+
+    @property
+    def round(self) -> int:
+        return self.context.round
+
+
 @dataclass(frozen=True)
-class Train:
+class Train(_InContext):
     context: TrainingContext
     model: dict[str, Tensor]
     broadcast: dict[str, dict[str, Tensor]]  # strategy extras, by group
@@ -113,29 +127,13 @@ class Train:
     deadline_ms: int
     trace: str | None = None
 
-    @property
-    def run(self) -> str | None:
-        return self.context.run
-
-    @property
-    def round(self) -> int:
-        return self.context.round
-
 
 @dataclass(frozen=True)
-class Evaluate:
+class Evaluate(_InContext):
     context: TrainingContext
     model: dict[str, Tensor]
     model_version: int
     trace: str | None = None
-
-    @property
-    def run(self) -> str | None:
-        return self.context.run
-
-    @property
-    def round(self) -> int:
-        return self.context.round
 
 
 @dataclass(frozen=True)
