@@ -11,6 +11,15 @@ for the plan, the harness and the precise definition of a lost update.
 
 FEDBUS_CHAOS_SEED picks another plan (the seed is printed on failure). The tests after
 the e2e one feed ``analyse`` small hand-made runs, to show each check can fail.
+
+Failures it has shown on real runs (each a named problem in the report it prints):
+``summary incarnations N != coordinator starts M`` (an incarnation killed before it
+closed a round never wrote summary.json); ``audit and summary disagree on the closed
+rounds: ... only in summary [r]`` (a round whose closing commit landed just before the
+kill is recovered into summary.json but never audited); ``honest updates rejected:
+{'replayed_nonce': k}`` (held updates redelivered after the nats-server restart come
+with num_delivered == 1 and are taken for replays); ``rate_limited`` honest updates when
+rounds were faster than the update budget.
 """
 
 from __future__ import annotations
