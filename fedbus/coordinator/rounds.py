@@ -212,10 +212,23 @@ class FinishJob:
     metrics: dict[str, float]
 
 
+def fold_update(accumulator, update: ClientUpdate) -> None:
+    """Fold a verified update into a round's accumulator as a Contribution: its delta from
+    the round's base, weighted by its (capped) sample count. InvalidUpdate leaves the
+    accumulator unchanged."""
+    contribution = accumulator.from_local_state(update.worker_id, float(update.num_samples), update.state,
+                                                update.extra, num_steps=update.num_steps)
+    accumulator.fold(contribution)
+
+
 @dataclass(frozen=True)
 class Aggregate:
     """Heavy work: turn a round's accumulator into the next model. Run ``compute()`` off
-    the event loop and feed back ``Aggregated`` (or ``AggregationFailed``)."""
+    the event loop and feed back ``Aggregated`` (or ``AggregationFailed``).
+
+    ``held``: updates still to fold first, in this order (deterministic mode keeps them
+    until the close); any a rule refuses land in ``refused`` as (worker, reason detail).
+    """
 
     round: int
     accumulator: RoundAggregator
@@ -223,8 +236,15 @@ class Aggregate:
     rule: AggregationRule
     optimizer: ServerOptimizer | None
     num_workers_total: int
+    held: tuple[ClientUpdate, ...] = ()
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     def compute(self) -> State:
+        for update in self.held:
+            try:
+                fold_update(self.accumulator, update)
+            except InvalidUpdate as exc:
+                self.refused.append((update.worker_id, str(exc)))
         proposal = self.accumulator.finalize()
         new_state = self.optimizer.step(self.base_state, proposal) if self.optimizer else proposal
         self.rule.commit(self.accumulator, self.num_workers_total)
@@ -332,6 +352,7 @@ class RoundStateMachine:
         self._accumulator: RoundAggregator | None = None
         self._reported: dict[str, bytes] = {}  # worker -> digest of its accepted update
         self._held: dict[str, ClientUpdate] = {}  # deterministic mode: folded at close, in id order
+        self._aggregating: Aggregate | None = None
         self._round_rejections: Counter[str] = Counter()
         self._train_metrics: list[tuple[float, dict[str, float]]] = []
         self._eval_metrics: list[tuple[float, dict[str, float]]] = []
@@ -540,7 +561,7 @@ class RoundStateMachine:
                 validate_update(self.state, ev.update)
                 self._held[ev.worker_id] = ev.update
             else:
-                self._fold(ev.update)  # InvalidUpdate leaves the accumulator unchanged
+                fold_update(self._accumulator, ev.update)  # InvalidUpdate leaves it unchanged
         except Rejection as rej:
             self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
             return
@@ -554,14 +575,6 @@ class RoundStateMachine:
             self._eval_metrics.append((float(ev.eval_samples), ev.eval_metrics))
         if set(self._reported) >= set(self.cohort):
             self._begin_aggregation(ev.now_ms, out)
-
-    def _fold(self, update: ClientUpdate) -> None:
-        """Fold an update into the round's accumulator as a Contribution: its delta from
-        the round's base, weighted by its (capped) sample count."""
-        acc = self._accumulator
-        contribution = acc.from_local_state(update.worker_id, float(update.num_samples), update.state,
-                                            update.extra, num_steps=update.num_steps)
-        acc.fold(contribution)
 
     def _check_extras(self, update: ClientUpdate) -> None:
         groups = {k for k, v in update.extra.items() if isinstance(v, dict)}
@@ -579,23 +592,20 @@ class RoundStateMachine:
     def _begin_aggregation(self, now: int, out: list[Action]) -> None:
         assert self._accumulator is not None
         held, self._held = self._held, {}
-        for worker in sorted(held):
-            try:
-                self._fold(held[worker])
-            except InvalidUpdate as exc:  # validated on arrival; a rule may still refuse it
-                self._reported.pop(worker, None)
-                self._reject(worker, self.round, "invalid_update", str(exc), out)
-        if self._accumulator.count == 0:
-            self._fail_round(now, out)
-            return
         self.phase = Phase.AGGREGATING
         self._closing_ms = now
-        out.append(Aggregate(self.round, self._accumulator, self.state, self.rule, self.optimizer,
-                             self.num_workers_total or len(self.registry)))
+        self._aggregating = Aggregate(self.round, self._accumulator, self.state, self.rule, self.optimizer,
+                                      self.num_workers_total or len(self.registry),
+                                      held=tuple(held[w] for w in sorted(held)))
+        out.append(self._aggregating)
 
     def _on_aggregated(self, ev: Aggregated, out: list[Action]) -> None:
         if self.phase is not Phase.AGGREGATING or ev.round != self.round:
             return
+        for worker, detail in self._aggregating.refused:  # held updates a rule refused at the close
+            self._reported.pop(worker, None)
+            self.accepted_total -= 1
+            self._reject(worker, self.round, "invalid_update", detail, out)
         self.state = ev.state
         self.model_version += 1
         self.rounds_completed += 1
