@@ -601,3 +601,32 @@ def test_an_update_trained_from_another_model_version_is_wrong_round():
     [rej] = drive(m, update("w1", 1, 100, base_version=7))
     assert rej.reason == "wrong_round" and "version 7" in rej.detail
     assert of(drive(m, update("w2", 1, 100, base_version=0)), RejectUpdate) == []
+
+
+def test_local_step_claims_are_bounded_by_the_jobs_epochs_and_batches():
+    # 100 declared samples, 3 epochs of batch 16: at most 3 * ceil(100 / 16) = 21 steps.
+    m, opened = started(policy(epochs=3, batch_size=16))
+    assert m.steps_cap(100) == 21
+    [rej] = drive(m, UpdateReceived("w1", 1, ClientUpdate("w1", 100, state(1.0), num_steps=22), 100))
+    assert rej.reason == "invalid_update" and "22 local steps" in rej.detail
+    assert of(drive(m, UpdateReceived("w2", 1, ClientUpdate("w2", 100, state(1.0), num_steps=21), 100)),
+              RejectUpdate) == []
+
+
+def test_fednova_a_claims_are_bounded_by_the_local_momentum():
+    """A huge a_i would scale tau_eff and with it every honest update (an amplification)."""
+    from fedbus.coordinator.factory import rule_for
+    from fedbus.jobspec import JobSpec
+    job = JobSpec.model_validate({"job": "j", "task": "m:t", "rounds": 1, "strategy": {"name": "fednova"},
+                                  "train": {"momentum": 0.5}})
+    rule = rule_for(job)
+    assert rule.max_a_per_step == 2.0  # 1 / (1 - 0.5)
+    m = RoundStateMachine(policy(min_updates=1), INIT, rule=rule)
+    drive(m, Start(0))
+    for w in WORKERS:
+        drive(m, WorkerSeen(w, DECLARED, 0))
+    honest = ClientUpdate("w1", 10, state(1.0), num_steps=4, extra={"fednova_a": 8.0})  # = 4 / (1 - 0.5)
+    greedy = ClientUpdate("w2", 10, state(1.0), num_steps=4, extra={"fednova_a": 1e12})
+    assert of(drive(m, UpdateReceived("w1", 1, honest, 100)), RejectUpdate) == []
+    [rej] = of(drive(m, UpdateReceived("w2", 1, greedy, 100)), RejectUpdate)
+    assert rej.reason == "invalid_update" and "fednova_a" in rej.detail

@@ -105,7 +105,7 @@ def fednova_a(num_steps: int, momentum: float = 0.0, proximal_mu: float = 0.0, l
     return total
 
 
-def _a_of(c: Contribution) -> float:
+def _a_of(c: Contribution, max_a_per_step: float | None = None) -> float:
     raw = c.extras.get("fednova_a", c.num_steps)
     if isinstance(raw, bool):
         raw = repr(raw)  # True is not a step count
@@ -116,6 +116,11 @@ def _a_of(c: Contribution) -> float:
     if not (a > 0 and math.isfinite(a)):
         raise InvalidUpdate(f"update from {c.worker_id!r}: FedNova needs a_i > 0 (extra['fednova_a'] or "
                             f"num_steps), got {raw!r}")
+    # a_i is a claim: a huge one would scale tau_eff, and with it every honest update. For
+    # heavy-ball momentum rho (FedProx's mu only shrinks it), ||a_i||_1 <= tau_i / (1 - rho).
+    if max_a_per_step is not None and a > max(1, c.num_steps) * max_a_per_step * (1 + 1e-9):
+        raise InvalidUpdate(f"update from {c.worker_id!r}: fednova_a {a:g} exceeds {max_a_per_step:g} per local "
+                            f"step for {c.num_steps} steps")
     return a
 
 
@@ -124,8 +129,10 @@ class FedNovaAccumulator(StreamingAccumulator):
 
     scalar_names: ClassVar[tuple[str, ...]] = ("weighted_a",)
 
-    def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "fednova"):
+    def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "fednova",
+                 max_a_per_step: float | None = None):
         super().__init__(global_state, base_version, rule=rule)
+        self.max_a_per_step = max_a_per_step
 
     @property
     def tau_eff(self) -> float:
@@ -133,10 +140,10 @@ class FedNovaAccumulator(StreamingAccumulator):
         return self._scalars["weighted_a"] / self._total_weight if self._total_weight else 0.0
 
     def coefficient(self, c: Contribution, weight: float) -> float:
-        return weight / _a_of(c)
+        return weight / _a_of(c, self.max_a_per_step)
 
     def scalars_of(self, c: Contribution, weight: float) -> dict[str, float]:
-        return {"weighted_a": weight * _a_of(c)}
+        return {"weighted_a": weight * _a_of(c, self.max_a_per_step)}
 
     def aggregate_delta(self, name: str, total: torch.Tensor) -> torch.Tensor:
         # x_t - tau_eff * sum p_i d_i  ==  x_t + tau_eff * sum p_i (y_i - x_t) / a_i
@@ -152,5 +159,9 @@ class FedNova(AggregationRule):
     mergeable: ClassVar[bool] = True
     needs_plaintext: ClassVar[bool] = False
 
+    # Set from the job's local optimizer (1 / (1 - momentum)); None: a_i is only checked finite and positive.
+    max_a_per_step: float | None = None
+
     def begin(self, global_state: State, base_version: int = 0) -> FedNovaAccumulator:
-        return FedNovaAccumulator(global_state, base_version, rule=self.describe())
+        return FedNovaAccumulator(global_state, base_version, rule=self.describe(),
+                                  max_a_per_step=self.max_a_per_step)

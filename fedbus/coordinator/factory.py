@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedbus.aggregation.base import State
+from fedbus.aggregation.base import AggregationRule, State
+from fedbus.aggregation.fednova import FedNova
 from fedbus.aggregation.specs import build_rule, build_server_optimizer
 from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine
 from fedbus.crypto.federation import Federation
@@ -23,13 +24,30 @@ def policy_from(job: JobSpec, federation: Federation | None = None) -> RoundPoli
         seed=job.seed,
         max_samples=job.security.max_samples_per_update,
         deterministic=job.deterministic,
+        epochs=job.train.epochs,
+        batch_size=job.train.batch_size,
         max_samples_by_worker=({p.id: p.max_samples for p in federation.workers() if p.max_samples is not None}
                                if federation is not None else {}),
     )
 
 
+def _innermost(rule: AggregationRule) -> AggregationRule:
+    while hasattr(rule, "rule"):  # pre-filters and pre-aggregations wrap a rule
+        rule = rule.rule
+    return rule
+
+
+def rule_for(job: JobSpec) -> AggregationRule:
+    """The job's rule, told what it needs of the job's local training to bound claims."""
+    rule = build_rule(job.strategy)
+    inner = _innermost(rule)
+    if isinstance(inner, FedNova):
+        inner.max_a_per_step = 1.0 / (1.0 - job.train.momentum)
+    return rule
+
+
 def machine_for(job: JobSpec, initial_state: State, num_workers_total: int,
                 federation: Federation | None = None) -> RoundStateMachine:
-    return RoundStateMachine(policy_from(job, federation), initial_state, rule=build_rule(job.strategy),
+    return RoundStateMachine(policy_from(job, federation), initial_state, rule=rule_for(job),
                              optimizer=build_server_optimizer(job.server_optimizer),
                              num_workers_total=num_workers_total)

@@ -63,6 +63,10 @@ class RoundPolicy:
     # float sums then do not depend on timing, so a resumed job ends bit-identical to an
     # uninterrupted one. Costs O(cohort x model) memory while the round is open.
     deterministic: bool = False
+    # Local training the job asks for: an update's num_steps claim may not exceed
+    # epochs x ceil(samples / batch_size) for the samples it may claim.
+    epochs: int | None = None
+    batch_size: int | None = None
 
 
 # ---- events ----------------------------------------------------------------------------
@@ -531,6 +535,11 @@ class RoundStateMachine:
                             self.policy.max_samples_by_worker.get(worker)) if c is not None]
         return min(caps) if caps else None
 
+    def steps_cap(self, sample_cap: int) -> int | None:
+        if self.policy.epochs is None or self.policy.batch_size is None:
+            return None
+        return self.policy.epochs * -(-sample_cap // self.policy.batch_size)
+
     def _on_update(self, ev: UpdateReceived, out: list[Action]) -> None:
         if not self.accepts_round("update", ev.round):
             self._reject(ev.worker_id, ev.round, "wrong_round", f"round {self.round} is {self.phase.value}", out)
@@ -552,6 +561,11 @@ class RoundStateMachine:
         if cap is None or ev.update.num_samples > cap:
             self._reject(ev.worker_id, ev.round, "excessive_samples",
                          f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
+            return
+        steps_cap = self.steps_cap(cap)
+        if steps_cap is not None and ev.update.num_steps > steps_cap:
+            self._reject(ev.worker_id, ev.round, "invalid_update",
+                         f"claims {ev.update.num_steps} local steps, at most {steps_cap} for {cap} samples", out)
             return
         try:
             check_tensors(ev.update.state, self.model_spec)
