@@ -630,3 +630,17 @@ def test_fednova_a_claims_are_bounded_by_the_local_momentum():
     assert of(drive(m, UpdateReceived("w1", 1, honest, 100)), RejectUpdate) == []
     [rej] = of(drive(m, UpdateReceived("w2", 1, greedy, 100)), RejectUpdate)
     assert rej.reason == "invalid_update" and "fednova_a" in rej.detail
+
+
+def test_evaluation_sample_claims_weigh_no_more_than_the_worker_may_claim():
+    m, opened = started(policy(rounds=1, final_eval=True))
+    drive(m, update("w1", 1, 100, eval_metrics={"accuracy": 0.0}, eval_samples=2**52))
+    drive(m, update("w2", 1, 100, eval_metrics={"accuracy": 1.0}, eval_samples=100))
+    actions = drive(m, update("w3", 1, 100, eval_metrics={"accuracy": 1.0}, eval_samples=100))
+    [close] = of(actions, CloseRound)
+    assert close.metrics["federated_accuracy"] == pytest.approx(2 / 3)  # w1 weighs its 100, not 2**52
+    [eo] = of(actions, OpenEval)
+    drive(m, EvalReceived("w1", eo.round, 2**52, {"accuracy": 0.0}, 200))
+    drive(m, EvalReceived("w2", eo.round, 100, {"accuracy": 1.0}, 200))
+    [finish] = drive(m, EvalReceived("w3", eo.round, 100, {"accuracy": 1.0}, 200))
+    assert finish.metrics["federated_accuracy"] == pytest.approx(2 / 3)

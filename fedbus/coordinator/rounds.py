@@ -585,8 +585,8 @@ class RoundStateMachine:
         self._reported[ev.worker_id] = ev.digest
         self.accepted_total += 1
         self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
-        if ev.eval_samples > 0:
-            self._eval_metrics.append((float(ev.eval_samples), ev.eval_metrics))
+        if ev.eval_samples > 0:  # weights a metric average: no more than the samples it may claim
+            self._eval_metrics.append((float(min(ev.eval_samples, cap)), ev.eval_metrics))
         if set(self._reported) >= set(self.cohort):
             self._begin_aggregation(ev.now_ms, out)
 
@@ -750,7 +750,9 @@ class RoundStateMachine:
             self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
             return
         self._reported[ev.worker_id] = b""
-        if ev.num_samples > 0:
-            self._eval_metrics.append((float(ev.num_samples), ev.metrics))
+        cap = self.sample_cap(ev.worker_id)
+        weight = ev.num_samples if cap is None else min(ev.num_samples, cap)
+        if weight > 0:  # weights a metric average: no more than the samples the worker may claim
+            self._eval_metrics.append((float(weight), ev.metrics))
         if set(self._reported) >= set(self.cohort):
             self._plan_finish(ev.now_ms, out, "completed", closing=None)
