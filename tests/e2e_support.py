@@ -83,3 +83,20 @@ class LocalFederation:
 
     def stop(self) -> None:
         self.group.stop_all(grace=5)
+
+
+def wait_for_round(fed: LocalFederation, round_: int, timeout: float) -> None:
+    """Block until the coordinator logged round.closed for ``round_`` (bounded); fail early
+    if the coordinator exits first."""
+    log = fed.run_dir / "logs" / "coordinator.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if '"round.closed"' in line and json.loads(line).get("round") == round_:
+                    return
+        coordinator = fed.group.procs.get("coordinator")
+        if coordinator is not None and coordinator.poll() is not None:
+            raise AssertionError(f"coordinator exited before round {round_} closed:\n{fed.tail_logs()}")
+        time.sleep(0.05)
+    raise AssertionError(f"round {round_} did not close within {timeout} s:\n{fed.tail_logs()}")

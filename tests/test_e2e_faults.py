@@ -7,22 +7,9 @@ import time
 
 import pytest
 
-from tests.e2e_support import LocalFederation, small_job
+from tests.e2e_support import LocalFederation, wait_for_round, small_job
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for_round(fed: LocalFederation, round_: int, timeout: float) -> None:
-    """Block until the coordinator logged round.closed for ``round_`` (bounded)."""
-    log = fed.run_dir / "logs" / "coordinator.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists():
-            for line in log.read_text(errors="replace").splitlines():
-                if '"round.closed"' in line and json.loads(line).get("round") == round_:
-                    return
-        time.sleep(0.1)
-    raise AssertionError(f"round {round_} did not close within {timeout} s:\n{fed.tail_logs()}")
 
 
 def test_killed_worker_does_not_stall_the_job(nats_server, tmp_path):

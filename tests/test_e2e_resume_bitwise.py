@@ -18,7 +18,6 @@ Every tensor of the two final_model.pt files must be ``torch.equal``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -28,7 +27,7 @@ import pytest
 import torch
 
 from fedbus.demo import cli_command
-from tests.e2e_support import LocalFederation, small_job
+from tests.e2e_support import LocalFederation, wait_for_round, small_job
 
 pytestmark = pytest.mark.e2e
 
@@ -52,20 +51,6 @@ def start(fed: LocalFederation) -> None:
         fed.start_worker(w)
 
 
-def wait_for_round_closed(fed: LocalFederation, round_: int, timeout: float) -> None:
-    log = fed.run_dir / "logs" / "coordinator.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists():
-            for line in log.read_text(errors="replace").splitlines():
-                if '"round.closed"' in line and json.loads(line).get("round") == round_:
-                    return
-        if fed.group.procs["coordinator"].poll() is not None:
-            raise AssertionError(f"coordinator exited before round {round_} closed:\n{fed.tail_logs()}")
-        time.sleep(0.05)
-    raise AssertionError(f"round {round_} did not close in {timeout} s:\n{fed.tail_logs()}")
-
-
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_model.pt", weights_only=True)
 
@@ -87,7 +72,7 @@ def test_resumed_deterministic_scaffold_fedadam_job_ends_bit_identical(nats_serv
         (crashed.run_dir / "keys" / key.name).write_bytes(key.read_bytes())
     try:
         start(crashed)
-        wait_for_round_closed(crashed, PAUSE_AFTER_ROUND, 240)
+        wait_for_round(crashed, PAUSE_AFTER_ROUND, 240)
         paused = crashed.group.procs[PAUSED_WORKER]
         os.kill(paused.pid, signal.SIGSTOP)  # the open round now waits for it
         time.sleep(1.0)  # the others' updates arrive and are held
