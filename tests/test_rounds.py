@@ -644,3 +644,14 @@ def test_evaluation_sample_claims_weigh_no_more_than_the_worker_may_claim():
     drive(m, EvalReceived("w2", eo.round, 100, {"accuracy": 1.0}, 200))
     [finish] = drive(m, EvalReceived("w3", eo.round, 100, {"accuracy": 1.0}, 200))
     assert finish.metrics["federated_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_copies_of_accepted_updates_are_recognised_after_their_round_closed():
+    m, opened = started(policy(min_updates=3, rounds=5))
+    for w in WORKERS:
+        drive(m, update(w, 1, 100))
+    for w in WORKERS:
+        drive(m, update(w, 2, 200))
+    assert m.round == 3
+    assert m.already_accepted("w1", 1) and m.already_accepted("w3", 2)
+    assert not m.already_accepted("w1", 3) and not m.already_accepted("mallory", 1)

@@ -255,6 +255,8 @@ class Aggregate:
         return new_state
 
 
+RECENT_ROUNDS = 8  # closed rounds whose accepted workers are remembered (copies arriving late)
+
 AGGREGATION_ERRORS = (StrategyConfigError, InvalidUpdate, ValueError)
 
 
@@ -346,6 +348,7 @@ class RoundStateMachine:
         self._resumed_phase: str | None = None
         self._commit_seq = 0
         self._pending: _Pending | None = None
+        self._recent_accepted: dict[int, frozenset[str]] = {}  # the last few closed rounds
         self._reset_round_state()
 
     def _reset_round_state(self) -> None:
@@ -468,6 +471,8 @@ class RoundStateMachine:
             self.declared = dict(record.declared)
         if strategy_state:
             self._load_strategy_state(strategy_state)
+        if record.last_close is not None:
+            self._remember_accepted(int(record.last_close["round"]), record.last_close.get("accepted_workers", ()))
 
     # ---- transitions ---------------------------------------------------------------
 
@@ -528,6 +533,13 @@ class RoundStateMachine:
         self.rejections[reason] += 1
         self._round_rejections[reason] += 1
         out.append(RejectUpdate(worker, round_, reason, detail))
+
+    def already_accepted(self, worker: str, round_: int) -> bool:
+        """Whether ``worker``'s update for ``round_`` is in the current round or one of the
+        last closed ones (a later copy of it is a duplicate, not news)."""
+        if round_ == self.round and worker in self._reported:
+            return True
+        return worker in self._recent_accepted.get(round_, ())
 
     def sample_cap(self, worker: str) -> int | None:
         """The most samples ``worker`` may claim: its declared count and the caps."""
@@ -621,6 +633,7 @@ class RoundStateMachine:
             self.accepted_total -= 1
             self._reject(worker, self.round, "invalid_update", detail, out)
         self.state = ev.state
+        self._remember_accepted(self.round, self._reported)
         self.model_version += 1
         self.rounds_completed += 1
         self._failed_in_a_row = 0
@@ -628,6 +641,11 @@ class RoundStateMachine:
                            dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
                            self.state, {**self._round_metrics(), **ev.metrics})
         self._plan_next(ev.now_ms, out, closing=close)
+
+    def _remember_accepted(self, round_: int, workers) -> None:
+        self._recent_accepted[round_] = frozenset(workers)
+        for old in sorted(self._recent_accepted)[:-RECENT_ROUNDS]:
+            del self._recent_accepted[old]
 
     def _fail_round(self, now: int, out: list[Action]) -> None:
         self._failed_in_a_row += 1

@@ -139,6 +139,7 @@ class CoordinatorService:
         self._in_hand: dict[str, list] = {}
         self.exit_code = 0
         self.already_done = False
+        self._recovered_close: dict | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -163,6 +164,13 @@ class CoordinatorService:
             await self.audit.resume()
             await self.audit.publish("job.resumed" if self.resume else "job.started", job=self.job.job,
                                      run=self.run_id, rounds=self.job.rounds)
+            if self._recovered_close is not None:
+                last = self._recovered_close
+                await self.audit.publish("round.closed", round=last["round"], status=last["status"],
+                                         model_version=last["model_version"],
+                                         accepted=last.get("accepted_workers", []), recovered=True)
+            # Every incarnation is on record at once, even one killed before its first round.
+            await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
             await self._subscribe_heartbeats()
             workers = self.federation.workers()
             updates = self.subjects.upd_listed((w.region, w.id) for w in workers)
@@ -214,11 +222,14 @@ class CoordinatorService:
             self.summary = previous
         self.summary.run = self.run_id
         self.summary.incarnations += 1
-        if committed.record.last_close is not None:
-            # The commit that closed a round landed, but this summary may not have seen it.
-            self.summary.add_round(committed.record.last_close)
-            self.summary.rounds_completed = committed.record.rounds_completed
-            self.summary.model_version = committed.record.model_version
+        last = committed.record.last_close
+        if last is not None and not any(r.get("round") == last.get("round") for r in self.summary.rounds):
+            # The commit that closed this round landed, but the coordinator died before it
+            # was summarised and audited: both happen now.
+            self.summary.add_round(last)
+            self._recovered_close = last
+        self.summary.rounds_completed = committed.record.rounds_completed
+        self.summary.model_version = committed.record.model_version
         if self.summary.resumed_from_round is None:
             self.summary.resumed_from_round = committed.record.round - (committed.record.phase == "round_open")
         log.info("coordinator.resumed", run=self.run_id, round=committed.record.round,
@@ -438,7 +449,7 @@ class CoordinatorService:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
         except Rejection as rej:
             h = rej.header
-            if delivered > 1 and h is not None and self._redelivery_of_known(rej, h, msg):
+            if h is not None and self._copy_of_accepted(rej, h, msg, delivered):
                 return h.nonce in self._held_nonces
             self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject,
                            h.round if h else None)
@@ -460,18 +471,23 @@ class CoordinatorService:
         log.debug("update.accepted", worker=event.worker_id, round=event.round, samples=upd.num_samples)
         return True
 
-    def _redelivery_of_known(self, rej: Rejection, header, msg) -> bool:
-        """A redelivered update we already handled: not an attack, do not report it.
+    def _copy_of_accepted(self, rej: Rejection, header, msg, delivered: int) -> bool:
+        """Another copy of an update this job already accepted: not an attack, do not report it.
 
-        Held updates come back when an ack keep-alive was late (replayed_nonce in this
-        process); updates of a round that committed just before a crash come back to the
-        next coordinator (wrong_round, older round)."""
-        if rej.reason == "replayed_nonce" and header.nonce in self._held_nonces:
-            self._unacked.setdefault(header.round, []).append(msg)
+        * A redelivery whose nonce we remember (replayed_nonce on num_delivered > 1): this
+          process verified that very message before; JetStream gave it back because an ack
+          or keep-alive was late or lost. Held ones stay held; the rest are acknowledged.
+        * A late copy for a round that already closed (wrong_round) from a worker whose
+          update that round accepted: a redelivery after a resume, or a worker's resend of
+          its stored update after the round closed without needing it.
+        """
+        if rej.reason == "replayed_nonce" and delivered > 1:
+            if header.nonce in self._held_nonces:
+                self._unacked.setdefault(header.round, []).append(msg)
             log.debug("update.redelivered", sender=header.sender, round=header.round)
             return True
-        if rej.reason == "wrong_round" and header.round < self.machine.round:
-            log.debug("update.redelivered_after_commit", sender=header.sender, round=header.round)
+        if rej.reason == "wrong_round" and self.machine.already_accepted(header.sender, header.round):
+            log.debug("update.copy_after_close", sender=header.sender, round=header.round, delivered=delivered)
             return True
         return False
 
@@ -605,9 +621,10 @@ class CoordinatorService:
         self.summary.model_version = a.model_version
         self.summary.updates_accepted = self.machine.accepted_total
         self.summary.set_rejections(self.ledger.totals)
+        # Audited before it is summarised: a round in summary.json is in the audit chain.
+        await self.audit.publish("round.closed", round=a.round, status=a.status, model_version=a.model_version,
+                                 accepted=list(a.accepted))
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
-        self._audit("round.closed", round=a.round, status=a.status, model_version=a.model_version,
-                    accepted=list(a.accepted))
         log.info("round.closed", round=a.round, status=a.status, seconds=round(a.seconds, 4),
                  accepted=len(a.accepted), **{k: round(v, 4) for k, v in metrics.items()})
         if span:
