@@ -16,10 +16,12 @@ Failures it has shown on real runs (each a named problem in the report it prints
 ``summary incarnations N != coordinator starts M`` (an incarnation killed before it
 closed a round never wrote summary.json); ``audit and summary disagree on the closed
 rounds: ... only in summary [r]`` (a round whose closing commit landed just before the
-kill is recovered into summary.json but never audited); ``honest updates rejected:
-{'replayed_nonce': k}`` (held updates redelivered after the nats-server restart come
-with num_delivered == 1 and are taken for replays); ``rate_limited`` honest updates when
-rounds were faster than the update budget.
+kill was recovered into summary.json but never audited); ``rate_limited`` honest updates
+when rounds were faster than the update budget (all three fixed since);
+``honest updates rejected: {'replayed_nonce': k}``: when the nats-server is SIGKILLed
+within ~40 ms of a round's acks, the acks are lost and every update of that round is
+redelivered right after the restart with num_delivered == 1, which the coordinator then
+takes for replays.
 """
 
 from __future__ import annotations
