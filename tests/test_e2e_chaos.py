@@ -21,7 +21,11 @@ when rounds were faster than the update budget (all three fixed since);
 ``honest updates rejected: {'replayed_nonce': k}``: when the nats-server is SIGKILLed
 within ~40 ms of a round's acks, the acks are lost and every update of that round is
 redelivered right after the restart with num_delivered == 1, which the coordinator then
-takes for replays.
+takes for replays; ``honest updates lost: ['w03@r5 ... (worker killed later)']``: updates
+delivered to a coordinator that died come back only after the consumer's ack wait (10 s),
+while the resumed coordinator reopens the round with a fresh round_deadline_s (3.5 s); a
+live worker resends on the reopen, a dead one cannot, so the round closes without its
+update and the late redelivery is rejected wrong_round and acked (seed 3).
 """
 
 from __future__ import annotations
