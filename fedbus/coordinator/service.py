@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import structlog
@@ -80,6 +80,7 @@ ACK_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 60.0
 FETCH_BATCH = 64
 COMMIT_ATTEMPTS = 3
+ACCEPTED_NONCES = 100_000  # nonces of accepted updates remembered, to tell copies from attacks
 AUDIT_QUEUE_MAX = 1_000
 # Heartbeat gaps longer than this mean the worker was away (dead, restarted, partitioned),
 # not that the coordinator was slow to listen: they are left out of max_heartbeat_gap_s.
@@ -126,6 +127,7 @@ class CoordinatorService:
         # before that leaves them in the stream for the next coordinator (see jobstate).
         self._unacked: dict[int, list] = {}
         self._held_nonces: set[bytes] = set()
+        self._accepted_nonces: OrderedDict[bytes, None] = OrderedDict()  # recent accepted updates (bounded)
         self._unfed_rejections: Counter[str] = Counter()
         self._actions: asyncio.Queue = asyncio.Queue()
         self._audit_queue: asyncio.Queue = asyncio.Queue(maxsize=AUDIT_QUEUE_MAX)
@@ -468,25 +470,31 @@ class CoordinatorService:
             return False
         self._unacked.setdefault(event.round, []).append(msg)  # acked when the round commits
         self._held_nonces.add(got.header.nonce)
+        self._accepted_nonces[got.header.nonce] = None
+        while len(self._accepted_nonces) > ACCEPTED_NONCES:
+            self._accepted_nonces.popitem(last=False)
         log.debug("update.accepted", worker=event.worker_id, round=event.round, samples=upd.num_samples)
         return True
 
     def _copy_of_accepted(self, rej: Rejection, header, msg, delivered: int) -> bool:
         """Another copy of an update this job already accepted: not an attack, do not report it.
 
-        * A redelivery whose nonce we remember (replayed_nonce on num_delivered > 1): this
-          process verified that very message before; JetStream gave it back because an ack
+        * A redelivery whose nonce we remember (replayed_nonce on num_delivered > 1, or the
+          nonce of an update this process accepted): JetStream gave it back because an ack
           or keep-alive was late or lost. Held ones stay held; the rest are acknowledged.
         * A late copy for a round that already closed (wrong_round) from a worker whose
           update that round accepted: a redelivery after a resume, or a worker's resend of
           its stored update after the round closed without needing it.
         """
-        if rej.reason == "replayed_nonce" and delivered > 1:
+        if rej.reason == "replayed_nonce" and (delivered > 1 or header.nonce in self._accepted_nonces):
+            # (A server restart can forget delivery counts: the nonce itself says we accepted it.)
             if header.nonce in self._held_nonces:
                 self._unacked.setdefault(header.round, []).append(msg)
-            log.debug("update.redelivered", sender=header.sender, round=header.round)
+            log.debug("update.redelivered", sender=header.sender, round=header.round, delivered=delivered)
             return True
-        if rej.reason == "wrong_round" and self.machine.already_accepted(header.sender, header.round):
+        if rej.reason == "wrong_round" and (self.machine.already_accepted(header.sender, header.round)
+                                            or (delivered > 1 and header.round < self.machine.round)):
+            # Redelivered to a later incarnation, or resent after the round closed without it.
             log.debug("update.copy_after_close", sender=header.sender, round=header.round, delivered=delivered)
             return True
         return False
