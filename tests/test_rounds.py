@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -655,3 +657,13 @@ def test_copies_of_accepted_updates_are_recognised_after_their_round_closed():
     assert m.round == 3
     assert m.already_accepted("w1", 1) and m.already_accepted("w3", 2)
     assert not m.already_accepted("w1", 3) and not m.already_accepted("mallory", 1)
+
+
+def test_a_reopened_round_waits_for_held_updates_to_come_back():
+    """Held updates return only after the stream's ack wait; a worker that died since
+    cannot resend, so the reopened round must outlast that wait."""
+    p = dataclasses.replace(policy(rounds=5), reopened_min_ms=12_000)
+    m = RoundStateMachine(p, INIT)
+    m.restore(record("round_open", 4, 2, 2, cohort=("w1", "w2")), state(5.0, steps=4))
+    [opened] = drive(m, Start(0))
+    assert opened.deadline_ms == 12_000  # not the usual 1_000

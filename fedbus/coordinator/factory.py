@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fedbus.aggregation.base import AggregationRule, State
 from fedbus.aggregation.fednova import FedNova
 from fedbus.aggregation.specs import build_rule, build_server_optimizer
@@ -47,7 +49,8 @@ def rule_for(job: JobSpec) -> AggregationRule:
 
 
 def machine_for(job: JobSpec, initial_state: State, num_workers_total: int,
-                federation: Federation | None = None) -> RoundStateMachine:
-    return RoundStateMachine(policy_from(job, federation), initial_state, rule=rule_for(job),
+                federation: Federation | None = None, *, reopened_min_ms: int = 0) -> RoundStateMachine:
+    policy = dataclasses.replace(policy_from(job, federation), reopened_min_ms=reopened_min_ms)
+    return RoundStateMachine(policy, initial_state, rule=rule_for(job),
                              optimizer=build_server_optimizer(job.server_optimizer),
                              num_workers_total=num_workers_total)

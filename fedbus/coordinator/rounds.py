@@ -67,6 +67,10 @@ class RoundPolicy:
     # epochs x ceil(samples / batch_size) for the samples it may claim.
     epochs: int | None = None
     batch_size: int | None = None
+    # A round reopened by a resumed coordinator stays open at least this long: updates
+    # held by the dead coordinator come back only once the stream's ack wait has passed,
+    # and a worker that died since cannot resend its update.
+    reopened_min_ms: int = 0
 
 
 # ---- events ----------------------------------------------------------------------------
@@ -489,6 +493,7 @@ class RoundStateMachine:
             for worker, samples in self.declared.items():
                 self.registry.seen(worker, samples, now)
             self._enter_round(now, self.cohort, self.declared)
+            self.deadline_ms = now + max(self.policy.round_deadline_ms, self.policy.reopened_min_ms)
             out.append(self._open_round_action())
             return
         if resumed == "evaluating":

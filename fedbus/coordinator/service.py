@@ -109,7 +109,7 @@ class CoordinatorService:
             self.task.evaluate(self.model, self.test_data)  # pay torch's one-time costs before round 1
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
-                                   federation=federation)
+                                   federation=federation, reopened_min_ms=int((ACK_WAIT_S + 2.0) * 1000))
         # A body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
         self.pipeline = build_worker_pipeline(job)  # its decode half turns wire updates into contributions
