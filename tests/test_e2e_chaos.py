@@ -17,7 +17,7 @@ Failures it has shown on real runs (each a named problem in the report it prints
 closed a round never wrote summary.json); ``audit and summary disagree on the closed
 rounds: ... only in summary [r]`` (a round whose closing commit landed just before the
 kill was recovered into summary.json but never audited); ``rate_limited`` honest updates
-when rounds were faster than the update budget (all three fixed since);
+when rounds were faster than the update budget;
 ``honest updates rejected: {'replayed_nonce': k}``: when the nats-server is SIGKILLed
 within ~40 ms of a round's acks, the acks are lost and every update of that round is
 redelivered right after the restart with num_delivered == 1, which the coordinator then
@@ -25,7 +25,8 @@ takes for replays; ``honest updates lost: ['w03@r5 ... (worker killed later)']``
 delivered to a coordinator that died come back only after the consumer's ack wait (10 s),
 while the resumed coordinator reopens the round with a fresh round_deadline_s (3.5 s); a
 live worker resends on the reopen, a dead one cannot, so the round closes without its
-update and the late redelivery is rejected wrong_round and acked (seed 3).
+update and the late redelivery is rejected wrong_round and acked (seed 3). All fixed
+by d320116, where seeds 20261129, 3 and 11 pass.
 """
 
 from __future__ import annotations
