@@ -91,6 +91,14 @@ HB_STORM_REFUSALS = 1_000
 HB_COOL_DOWN_S = 2.0
 
 
+def _seq(msg) -> int | None:
+    """The stream sequence of a JetStream message (None if it has no metadata)."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return None
+
+
 class CoordinatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path,
                  *, resume: bool = False):
@@ -127,7 +135,9 @@ class CoordinatorService:
         # before that leaves them in the stream for the next coordinator (see jobstate).
         self._unacked: dict[int, list] = {}
         self._held_nonces: set[bytes] = set()
-        self._accepted_nonces: OrderedDict[bytes, None] = OrderedDict()  # recent accepted updates (bounded)
+        # nonce -> stream sequence of recently accepted updates (bounded): tells a redelivery
+        # from a replay when a server restart has reset delivery counts
+        self._accepted_nonces: OrderedDict[bytes, int | None] = OrderedDict()
         self._unfed_rejections: Counter[str] = Counter()
         self._actions: asyncio.Queue = asyncio.Queue()
         self._audit_queue: asyncio.Queue = asyncio.Queue(maxsize=AUDIT_QUEUE_MAX)
@@ -470,7 +480,7 @@ class CoordinatorService:
             return False
         self._unacked.setdefault(event.round, []).append(msg)  # acked when the round commits
         self._held_nonces.add(got.header.nonce)
-        self._accepted_nonces[got.header.nonce] = None
+        self._accepted_nonces[got.header.nonce] = _seq(msg)
         while len(self._accepted_nonces) > ACCEPTED_NONCES:
             self._accepted_nonces.popitem(last=False)
         log.debug("update.accepted", worker=event.worker_id, round=event.round, samples=upd.num_samples)
@@ -486,8 +496,11 @@ class CoordinatorService:
           update that round accepted: a redelivery after a resume, or a worker's resend of
           its stored update after the round closed without needing it.
         """
-        if rej.reason == "replayed_nonce" and (delivered > 1 or header.nonce in self._accepted_nonces):
-            # (A server restart can forget delivery counts: the nonce itself says we accepted it.)
+        seq = _seq(msg)
+        same_message = seq is not None and self._accepted_nonces.get(header.nonce) == seq
+        if rej.reason == "replayed_nonce" and (delivered > 1 or same_message):
+            # (A server restart can forget delivery counts: the same nonce at the same stream
+            # sequence is the message we accepted; at another sequence it is a replay.)
             if header.nonce in self._held_nonces:
                 self._unacked.setdefault(header.round, []).append(msg)
             log.debug("update.redelivered", sender=header.sender, round=header.round, delivered=delivered)
