@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedbus.coordinator.ledger import UNLISTED, RejectionLedger
+from fedbus.rejections import UNLISTED, RejectionLedger
 from fedbus.coordinator.ratelimit import TokenBuckets
 
 

@@ -33,7 +33,7 @@ from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
-from fedbus.coordinator.ledger import RejectionLedger
+from fedbus.rejections import RejectionLedger
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import (
     AGGREGATION_ERRORS,

@@ -27,6 +27,7 @@ from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
 from fedbus.protocol.messages import Heartbeat
+from fedbus.rejections import RejectionLedger
 from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
 from fedbus.worker.attacks import Attack
@@ -165,6 +166,8 @@ class WorkerService:
                                sent=self.store.load_updates(), deterministic=job.deterministic)
         # A control body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(self.model_spec) + 16)
+        self.rejections = RejectionLedger(int(job.security.audit_interval_s * 1000),
+                                          lambda sender: federation.get(sender) is not None)
         self.tracer = get_tracer("fedbus.worker")
         self.messenger: Messenger | None = None
         self.follower: ControlFollower | None = None
@@ -247,10 +250,22 @@ class WorkerService:
             try:
                 got = await self.messenger.receive(self.verifier, msg.data)
             except Rejection as rej:
-                level = log.debug if rej.reason == "replayed_nonce" else log.warning
-                level("control.rejected", reason=rej.reason, detail=rej.detail, subject=msg.subject)
+                self._control_rejected(rej, msg.subject)
                 continue
             await self.on_control(got)
+
+    def _control_rejected(self, rej: Rejection, subject: str) -> None:
+        """Junk on the control stream costs one log line per sender and reason per interval,
+        not one per message (anyone who may publish there could flood every worker's log)."""
+        now = now_ms()
+        sender = rej.header.sender if rej.header else None
+        if self.rejections.due(now):
+            for rep in self.rejections.flush(now):
+                if rep.count > 1:
+                    log.warning("control.rejected.summary", reason=rep.reason, sender=rep.sender, count=rep.count)
+        if self.rejections.record("control", sender, rej.reason, rej.detail, now) and rej.reason != "replayed_nonce":
+            log.warning("control.rejected", reason=rej.reason, detail=rej.detail[:200], subject=subject[:200],
+                        note="further ones this interval are aggregated")
 
     async def on_control(self, got: Received) -> None:
         """One verified control message: the core decides, this runs what it decided."""

@@ -1,4 +1,4 @@
-"""RejectionLedger: rejections counted exactly, reported in aggregate (pure).
+"""RejectionLedger: rejections counted exactly, reported in aggregate (pure; every role uses it).
 
 A flood must cost its sender, not the job: one log line and one audit record per
 rejected message let 100k junk messages write 100k records. The ledger counts every
