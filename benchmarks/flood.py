@@ -141,28 +141,16 @@ async def publish_junk(args) -> int:
     msg_type = "heartbeat" if args.kind == "junk-hb" else "update"
     maker = JunkMaker(job, msg_type, listed, args.seed)
     rng = random.Random(args.seed + 1)
-    nc = await _connect(args.nats, f"flood-{args.kind}")
-    await _wait_for_go(args)
-    sent = 0
-    deadline = time.monotonic() + args.max_seconds
-    try:
-        while sent < args.count and time.monotonic() < deadline:
-            for _ in range(min(FLUSH_EVERY, args.count - sent)):
-                token, payload = maker.next()
-                if token in listed and not args.target_listed:
-                    token = None  # a forged claim, but on a subject that is not the worker's
-                token = token or _random_token(rng)
-                if args.kind == "junk-hb":
-                    subject = f"{prefix}.{job}.hb.{token}"
-                else:
-                    subject = f"{prefix}.{job}.upd.{args.region}.{token}"
-                await nc.publish(subject, payload)
-                sent += 1
-            await nc.flush(timeout=30)
-            await _pace(args, sent)
-    finally:
-        await nc.close()
-    return sent
+
+    def junk() -> tuple[str, bytes, dict | None]:
+        token, payload = maker.next()
+        if token in listed and not args.target_listed:
+            token = None  # a forged claim, but on a subject that is not the worker's
+        token = token or _random_token(rng)
+        family = "hb" if args.kind == "junk-hb" else f"upd.{args.region}"
+        return f"{prefix}.{job}.{family}.{token}", payload, None
+
+    return await _publish_bounded(args, f"flood-{args.kind}", junk)
 
 
 async def publish_signed_heartbeats(args) -> int:
@@ -181,15 +169,25 @@ async def publish_signed_heartbeats(args) -> int:
     # heartbeat, and this storm is about rate, not about shrinking the real w01's claim.
     body = encode_body(Heartbeat(num_samples=args.declare_samples, partition=0))
     subject = f"{args.prefix}.{args.job}.hb.{me.id}"
-    nc = await _connect(args.nats, f"flood-signed-hb-{me.id}")
+
+    def signed() -> tuple[str, bytes, dict | None]:
+        wire, header = seal(me, "heartbeat", job=args.job, round=0, body=body)
+        return subject, wire, nats_headers(header)
+
+    return await _publish_bounded(args, f"flood-signed-hb-{me.id}", signed)
+
+
+async def _publish_bounded(args, client_name: str, next_message) -> int:
+    """Publish ``next_message()``s until --count or --max-seconds, flushing every FLUSH_EVERY."""
+    nc = await _connect(args.nats, client_name)
     await _wait_for_go(args)
     sent = 0
     deadline = time.monotonic() + args.max_seconds
     try:
         while sent < args.count and time.monotonic() < deadline:
             for _ in range(min(FLUSH_EVERY, args.count - sent)):
-                wire, header = seal(me, "heartbeat", job=args.job, round=0, body=body)
-                await nc.publish(subject, wire, headers=nats_headers(header))
+                subject, payload, headers = next_message()
+                await nc.publish(subject, payload, headers=headers)
                 sent += 1
             await nc.flush(timeout=30)
             await _pace(args, sent)
