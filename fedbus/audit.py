@@ -22,6 +22,7 @@ from fedbus.bus import publish_with_retry
 log = structlog.get_logger(__name__)
 
 GENESIS = "0" * 64
+RECENT_SCAN = 256  # records looked back through by ``recent`` (bounded: a flood is audited in aggregate)
 
 
 def record_hash(record: dict) -> str:
@@ -56,6 +57,27 @@ class AuditTrail:
             log.error("audit.previous_record_corrupt", seq=record.get("seq"))
             return
         self.seq, self.prev = int(record["seq"]), record["hash"]
+
+    async def recent(self, event: str, limit: int = RECENT_SCAN, **match) -> dict | None:
+        """The newest of the last ``limit`` records on the stream that is ``event`` with
+        these field values, or None. A resumed service asks before it records something a
+        dead predecessor may already have recorded just before it was killed."""
+        if self.stream is None:
+            return None
+        try:
+            last_seq = (await self.js.stream_info(self.stream)).state.last_seq
+        except Exception as exc:
+            log.warning("audit.scan_failed", error=repr(exc))
+            return None
+        for seq in range(last_seq, max(0, last_seq - limit), -1):
+            try:
+                msg = await self.js.get_msg(self.stream, seq=seq)
+                record = json.loads(msg.data)
+            except Exception:  # deleted, or not a record: keep looking
+                continue
+            if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
+                return record
+        return None
 
     def chain(self, event: str, **fields) -> dict:
         """The next record of the chain (pure: the head moves only in ``advance``)."""

@@ -95,6 +95,16 @@ def load_identity(path: str | Path):
     return identity
 
 
+def _interrupt(sig: signal.Signals, task: asyncio.Task) -> None:
+    """Stop the service; first log what it was waiting on, so a stop after a hang explains it."""
+    import structlog
+
+    from fedbus.telemetry.stacks import waiting_on
+
+    structlog.get_logger("fedbus.cli").warning("service.interrupted", signal=sig.name, waiting_on=waiting_on())
+    task.cancel()
+
+
 def _run_service(coro_factory, *, process: str, service: str, instance: str, span_file: str | None) -> int:
     """Run one role's service with logging, tracing and clean shutdown on SIGTERM/SIGINT."""
     from fedbus.telemetry import configure_logging, setup_tracing, shutdown_tracing
@@ -106,7 +116,7 @@ def _run_service(coro_factory, *, process: str, service: str, instance: str, spa
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, _interrupt, sig, task)
         return await coro_factory()
 
     try:

@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -443,8 +444,11 @@ class ChaosRun:
         try:
             self.outcome.final_exit_code = proc.wait(timeout=max(1.0, self._left()))
         except subprocess.TimeoutExpired:
-            raise ChaosError(f"the last coordinator did not finish within the budget; logs:\n"
-                             f"{self.fed.tail_logs()}") from None
+            # SIGINT first: the coordinator logs what it is waiting on (service.interrupted).
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            raise ChaosError("the last coordinator did not finish within the budget") from None
         self._note(f"last coordinator exited with {self.outcome.final_exit_code}")
         # Live workers exit on job.done; give them a bounded moment.
         live = {n: p for n, p in self.fed.group.procs.items() if n.startswith("w")}

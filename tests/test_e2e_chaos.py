@@ -55,8 +55,10 @@ def test_chaos_coordinator_kills_worker_deaths_and_broker_restart_lose_nothing(t
     except ChaosError as exc:
         # The plan could not be carried out (e.g. the job ended early): show what happened.
         report = analyse(tmp_path, job, run.outcome)
+        last = run.coordinator_log(max(0, run.outcome.coordinator_starts - 1))
         pytest.fail(f"chaos run aborted: {exc}\nseed {seed}, plan {plan}\n" + "\n".join(run.outcome.timeline)
-                    + "\n" + report.describe() + f"\n--- logs\n{run.fed.tail_logs() if run.fed else ''}")
+                    + "\n" + report.describe() + f"\n--- logs\n{run.fed.tail_logs(8) if run.fed else ''}"
+                    + f"\n--- last coordinator log ({last.name})\n{tail(last, 40)}")
     report = analyse(tmp_path, job, outcome)
     context = (f"seed {seed}, plan {plan}\n" + "\n".join(outcome.timeline) + "\n" + report.describe()
                + f"\n--- last coordinator log\n{tail(run.coordinator_log(outcome.coordinator_starts - 1))}")

@@ -57,7 +57,9 @@ def run_job(tmp_path, nats_server, strategy: dict, workers: int = 3,
     assert summary["reason"] == "completed", fed.tail_logs()
     assert summary["rounds_completed"] == 3
     assert summary["updates_accepted"] == 3 * workers and summary["updates_rejected"] == {}
-    assert summary["rounds"][-1]["test_accuracy"] > summary["rounds"][0]["test_accuracy"]
+    # It learned (chance is 0.1). Not "better than round 1": digits saturate within a round or two,
+    # so the last round may be a hair below the first (seen: 0.950 after 0.953 with FedNova).
+    assert summary["rounds"][-1]["test_accuracy"] > 0.8, summary["rounds"]
     return fed
 
 

@@ -176,9 +176,10 @@ class CoordinatorService:
             await self.audit.resume()
             await self.audit.publish("job.resumed" if self.resume else "job.started", job=self.job.job,
                                      run=self.run_id, rounds=self.job.rounds)
-            if self._recovered_close is not None:
-                last = self._recovered_close
-                await self.audit.publish("round.closed", round=last["round"], status=last["status"],
+            last = self._recovered_close
+            if last is not None and await self.audit.recent("round.closed", round=last["round"], run=self.run_id) is None:
+                # (The predecessor may have audited the close and died before summarising it.)
+                await self.audit.publish("round.closed", round=last["round"], run=self.run_id, status=last["status"],
                                          model_version=last["model_version"],
                                          accepted=last.get("accepted_workers", []), recovered=True)
             # Every incarnation is on record at once, even one killed before its first round.
@@ -643,7 +644,8 @@ class CoordinatorService:
         self.summary.updates_accepted = self.machine.accepted_total
         self.summary.set_rejections(self.ledger.totals)
         # Audited before it is summarised: a round in summary.json is in the audit chain.
-        await self.audit.publish("round.closed", round=a.round, status=a.status, model_version=a.model_version,
+        await self.audit.publish("round.closed", round=a.round, run=self.run_id, status=a.status,
+                                 model_version=a.model_version,
                                  accepted=list(a.accepted))
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
         log.info("round.closed", round=a.round, status=a.status, seconds=round(a.seconds, 4),
