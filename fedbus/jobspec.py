@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +23,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DAY_S = 86_400.0
 GIB = 1024**3
 MAX_WORKERS = 1_000_000
+# Rules whose server state (SCAFFOLD's c, FedNova's normalisation) presumes one base per aggregate.
+ASYNC_UNSUPPORTED = frozenset({"scaffold", "fednova"})
 MAX_SAMPLES_LIMIT = 2**53  # sample counts become float weights; above this they are no longer exact
 
 # Shared by every spec model: unknown keys are errors, and so are inf and nan in any float.
@@ -34,14 +36,105 @@ class CohortSpec(BaseModel):
     min_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="workers seen on heartbeats before round 1 opens")
     size: int | None = Field(None, ge=1, le=MAX_WORKERS,
                              description="workers sampled per round; all live workers when unset")
-    min_updates: int = Field(1, ge=1, le=MAX_WORKERS, description="quorum: updates needed to aggregate at the deadline")
+    min_updates: int | float = Field(
+        1, description="quorum: updates needed to aggregate at the deadline. An integer >= 1 is a count; a number "
+                       "in (0, 1) is a fraction of the round's cohort, rounded up (0.7 of 10 workers: 7)")
+    close_at_quorum: bool = Field(False, description="close a round as soon as min_updates updates arrived instead "
+                                                     "of waiting for the whole cohort (over-selection: sample more "
+                                                     "workers than needed); later ones are late_updates")
     wait_for_workers_s: float = Field(120.0, gt=0, le=DAY_S,
                                       description="how long to wait for min_workers before giving up (at most a day)")
 
+    @field_validator("min_updates")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, bool):
+            raise ValueError("min_updates must be a number")
+        if isinstance(value, float):
+            if 0 < value < 1:
+                return value
+            if not value.is_integer():
+                raise ValueError(f"min_updates {value}: a fraction must lie in (0, 1), a count must be an integer")
+            value = int(value)
+        if not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"min_updates {value}: a count must lie in [1, {MAX_WORKERS}]")
+        return value
+
+    def quorum(self, cohort_size: int) -> int:
+        """Updates needed to aggregate a round whose cohort has ``cohort_size`` workers."""
+        return quorum_of(self.min_updates, cohort_size)
+
+    @property
+    def least_quorum(self) -> int:
+        """The smallest quorum any round can have: what rule preconditions are checked against."""
+        return self.quorum(self.size if self.size is not None else self.min_workers)
+
     @model_validator(mode="after")
     def _quorum_fits(self) -> CohortSpec:
-        if self.size is not None and self.min_updates > self.size:
+        if self.size is not None and isinstance(self.min_updates, int) and self.min_updates > self.size:
             raise ValueError(f"min_updates ({self.min_updates}) exceeds the cohort size ({self.size})")
+        return self
+
+
+def quorum_of(min_updates: int | float, cohort_size: int) -> int:
+    """A count as it is; a fraction f of a cohort of n: ceil(f * n), at least 1."""
+    if isinstance(min_updates, float):
+        return max(1, math.ceil(min_updates * cohort_size - 1e-9))
+    return int(min_updates)
+
+
+class ConstantStaleness(BaseModel):
+    """s(τ) = 1: every update counts fully, however stale."""
+    model_config = SPEC_CONFIG
+    name: Literal["constant"]
+
+
+class PolynomialStaleness(BaseModel):
+    """s(τ) = (1 + τ)^(−a) (Xie et al. 2019; FedBuff uses a = 0.5)."""
+    model_config = SPEC_CONFIG
+    name: Literal["polynomial"]
+    a: float = Field(0.5, ge=0, le=100, description="exponent a of (1 + τ)^(−a)")
+
+
+class HingeStaleness(BaseModel):
+    """s(τ) = 1 for τ <= b, 1 / (a(τ − b) + 1) beyond (Xie et al. 2019)."""
+    model_config = SPEC_CONFIG
+    name: Literal["hinge"]
+    a: float = Field(10.0, ge=0, le=1e6, description="slope a beyond the hinge")
+    b: int = Field(4, ge=0, le=1_000_000, description="staleness b up to which updates count fully")
+
+
+StalenessSpec = Annotated[ConstantStaleness | PolynomialStaleness | HingeStaleness, Field(discriminator="name")]
+
+
+class AsyncSpec(BaseModel):
+    """Asynchronous federation (``mode: async``): no rounds, a buffer of updates per model version."""
+    model_config = SPEC_CONFIG
+    algorithm: Literal["fedbuff", "fedasync"] = Field(
+        "fedbuff", description="fedbuff: x <- x + server_lr * mean of staleness-weighted deltas of buffer_size "
+                               "updates (Nguyen et al. 2022); fedasync: buffer_size 1, x <- (1 - a_t) x + a_t y with "
+                               "a_t = alpha * s(staleness) (Xie et al. 2019)")
+    buffer_size: int = Field(3, ge=1, le=100_000, description="verified updates folded into each new model version")
+    concurrency: int | None = Field(None, ge=1, le=MAX_WORKERS,
+                                    description="workers training at once; all live workers when unset")
+    staleness: StalenessSpec = Field(default_factory=lambda: PolynomialStaleness(name="polynomial"),
+                                     description="s(τ), τ = current version - the version an update was trained "
+                                                 "from; also weighs late updates of sync rounds (late_updates: "
+                                                 "next_round)")
+    max_staleness: int = Field(10, ge=0, le=1_000,
+                               description="updates staler than this are rejected as too_stale; the coordinator "
+                                           "keeps this many past models to compute their deltas")
+    server_lr: float = Field(1.0, gt=0, le=100.0, description="FedBuff's server learning rate η_g")
+    alpha: float = Field(0.6, gt=0, le=1.0, description="FedAsync's mixing weight α")
+
+    @model_validator(mode="after")
+    def _algorithm_fits(self) -> AsyncSpec:
+        if self.algorithm == "fedasync":
+            if self.buffer_size != 1:
+                raise ValueError(f"fedasync mixes every update into the model at once: buffer_size must be 1, "
+                                 f"not {self.buffer_size}")
+            if self.server_lr != 1.0:
+                raise ValueError("fedasync has no server learning rate: its step is alpha * s(staleness)")
         return self
 
 
@@ -105,15 +198,25 @@ class TransportSpec(BaseModel):
 class JobSpec(BaseModel):
     """Everything a federation needs to agree on to run one job."""
 
-    model_config = SPEC_CONFIG
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
     job: str = Field(pattern=JOB_ID_PATTERN)
     task: str = Field(description="'package.module:attr' naming the task object")
     task_params: dict[str, Any] = Field(default_factory=dict,
                                         description="passed to the task as is; numbers in it must be finite")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="root of every seed the job derives")
-    rounds: int = Field(ge=1, le=1_000_000)
-    round_deadline_s: float = Field(30.0, gt=0, le=DAY_S, description="seconds a round stays open (at most a day)")
-    late_updates: Literal["drop"] = "drop"
+    mode: Literal["sync", "async"] = Field("sync", description="sync: lock-step rounds; async: workers train "
+                                                               "continuously and every buffer_size updates "
+                                                               "make a new model version (see async)")
+    rounds: int = Field(ge=1, le=1_000_000, description="model versions to commit, in both modes: a sync round "
+                                                        "commits one version, an async buffer commits one")
+    round_deadline_s: float = Field(30.0, gt=0, le=DAY_S,
+                                    description="seconds a round stays open (at most a day); in async mode, how "
+                                                "long a worker's assignment holds its slot")
+    late_updates: Literal["drop", "next_round"] = Field(
+        "drop", description="a sync round's update that arrives after the round closed: drop it (rejected as "
+                            "wrong_round) or fold it into the next round, weighted by async.staleness")
+    async_: AsyncSpec = Field(default_factory=AsyncSpec, alias="async",
+                              description="settings of mode: async (and the staleness weight of late updates)")
     deterministic: bool = Field(False, description="fold each round's updates in worker-id order (not arrival order) "
                                                    "and derive worker seeds without the run id, so a rerun or a "
                                                    "resumed job ends bit-identical; costs O(cohort x model) memory")
@@ -139,11 +242,17 @@ class JobSpec(BaseModel):
     @model_validator(mode="after")
     def _strategy_fits_quorum(self) -> JobSpec:
         # Checked at job load, not mid-run: e.g. Krum with f=2 needs every aggregated round to have n > 2f+2.
+        # In async mode a version aggregates buffer_size updates; in sync mode at least the quorum.
+        least = self.async_.buffer_size if self.mode == "async" else self.cohort.least_quorum
         try:
-            validate_strategy(self.strategy, self.cohort.min_updates)
+            validate_strategy(self.strategy, least)
         except StrategyConfigError as exc:
             raise ValueError(f"strategy {self.strategy.name}: {exc}") from None
-        if self.cohort.size is None and self.cohort.min_updates > self.cohort.min_workers:
+        if self.mode == "async" and self.strategy.name in ASYNC_UNSUPPORTED:
+            raise ValueError(f"strategy {self.strategy.name} keeps per-round server state that assumes every update "
+                             f"was trained from the current model; use it with mode: sync")
+        if (self.cohort.size is None and isinstance(self.cohort.min_updates, int)
+                and self.cohort.min_updates > self.cohort.min_workers):
             raise ValueError(f"cohort.min_updates ({self.cohort.min_updates}) exceeds cohort.min_workers "
                              f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
         return self
@@ -154,7 +263,7 @@ class JobSpec(BaseModel):
             return cls.model_validate(yaml.safe_load(fh))
 
     def dump(self, path: str | Path) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
 def _non_finite(value: Any, path: tuple) -> tuple | None:
