@@ -160,6 +160,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     identity = load_identity(args.key)
     if args.id and args.id != identity.id:
         raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
+    slowdown = None
+    if args.simulate_slowdown is not None:
+        from fedbus.worker.slowdown import Slowdown
+
+        try:
+            slowdown = Slowdown.parse(args.simulate_slowdown)
+        except ValueError as exc:
+            raise CliError(f"--simulate-slowdown: {exc}") from None
 
     import torch
 
@@ -174,8 +182,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         attack = Attack.parse(args.simulate_attack, seed=args.attack_seed)
         print(f"WARNING: worker {identity.id} simulates the attack {args.simulate_attack!r} (testing only)",
               file=sys.stderr)
+    if slowdown is not None:
+        print(f"WARNING: worker {identity.id} simulates a straggler: training stretched {slowdown.factor:g}x "
+              f"(testing only)", file=sys.stderr)
     service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
-                            state_dir=args.state_dir)
+                            state_dir=args.state_dir, slowdown=slowdown)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -313,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--simulate-attack", metavar="KIND[:PARAM]",
                    help="TESTING ONLY: misbehave (sign_flip:K, scale:K, gaussian:SIGMA, label_flip)")
     w.add_argument("--attack-seed", type=int, default=0, help=argparse.SUPPRESS)
+    w.add_argument("--simulate-slowdown", metavar="FACTOR",
+                   help="TESTING ONLY: act as a straggler, stretching local training wall time FACTOR x "
+                        "(1 <= FACTOR <= 1000)")
     w.set_defaults(func=cmd_worker)
 
     d = sub.add_parser("demo", help="a whole local federation: nats-server, coordinator and workers")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import time
 from pathlib import Path
 
 import structlog
@@ -31,6 +32,7 @@ from fedbus.rejections import RejectionLedger
 from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
 from fedbus.worker.attacks import Attack
+from fedbus.worker.slowdown import Slowdown
 from fedbus.worker.core import (
     Action,
     ControlVerified,
@@ -145,7 +147,7 @@ class ControlFollower:
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None,
-                 state_dir: str | os.PathLike[str] | None = None):
+                 state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None):
         listed = federation.listed_as(identity, "worker")
         self.job = job
         self.federation = federation
@@ -156,6 +158,7 @@ class WorkerService:
         self.partition = federation.partition_of(identity.id) if partition is None else partition
         self.num_partitions = len(federation.workers())
         self.attack = attack
+        self.slowdown = slowdown
         self.store = WorkerStateStore(Path(state_dir) if state_dir is not None
                                       else default_state_dir(job.job, identity.id))
         self.trainer = LocalTrainer(load_task(job.task), job, worker_id=identity.id, partition=self.partition,
@@ -219,6 +222,8 @@ class WorkerService:
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control())]
             if self.attack is not None:
                 log.warning("attack.simulation_enabled", kind=self.attack.kind, param=self.attack.param)
+            if self.slowdown is not None:
+                log.warning("slowdown.simulation_enabled", factor=self.slowdown.factor)
             log.info("worker.started", worker=self.identity.id, partition=self.partition,
                      samples=self.num_samples, nats=self.nats_url, state_dir=str(self.store.root),
                      stored_updates=len(self.core.sent))
@@ -287,7 +292,9 @@ class WorkerService:
                 case Train():
                     with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
                         try:
+                            started = time.perf_counter()
                             done = await asyncio.to_thread(self.trainer.run_train, action)
+                            await self._stretch(time.perf_counter() - started, action.round)
                         except Exception:
                             pending += self.core.handle(WorkFailed("train", action.run, action.round))
                             raise
@@ -320,6 +327,17 @@ class WorkerService:
                     else:
                         log.debug("control.ignored", reason=action.reason, type=action.type, round=action.round,
                                   run=action.run)
+
+    async def _stretch(self, trained_s: float, round_: int) -> None:
+        """Testing only (--simulate-slowdown): make this round's training last factor x as long.
+
+        An asyncio sleep, not a sleep in the training thread: heartbeats go on, so the
+        coordinator sees a live but slow worker, which is what a straggler is."""
+        if self.slowdown is None:
+            return
+        extra = self.slowdown.extra_seconds(trained_s)
+        log.info("slowdown.wait", round=round_, trained_s=round(trained_s, 4), extra_s=round(extra, 4))
+        await asyncio.sleep(extra)
 
     async def _publish_update(self, action: PublishUpdate, parent, attrs) -> None:
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
