@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    d.add_argument("--mode", choices=["sync", "async"], default="sync",
+                   help="sync: lock-step FedAvg rounds (default 20); async: FedBuff, buffer 3, "
+                        "a model version per 3 updates (default 60 versions)")
+    d.add_argument("--stragglers", type=int, default=0, metavar="N",
+                   help="start the last N workers with --simulate-slowdown (testing only)")
+    d.add_argument("--slowdown", type=float, default=10.0, metavar="F",
+                   help="how much slower the stragglers train (default 10)")
     d.set_defaults(func=cmd_demo)
 
     sm = sub.add_parser("sim", help="simulate a job in one process (same round core and training code, no bus)")

@@ -4,6 +4,11 @@ Starts an embedded nats-server, generates keys and a federation file, writes a j
 runs `fedbus coordinator` and N `fedbus worker` processes through the CLI, follows the
 rounds on the bus (verifying the coordinator's signatures like any participant would),
 and prints a per-round table. The run directory is left behind for inspection.
+
+`--mode async` runs the same federation asynchronously (FedBuff); `--stragglers N
+--slowdown F` starts the last N workers with `--simulate-slowdown F` (testing only), so
+a newcomer can watch what stragglers cost each mode. `run_local` is the harness the demo,
+`benchmarks/stragglers.py` and the end-to-end tests share.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbus.bus import EmbeddedNatsServer, Subjects, connect, ensure_job_infrastructure
@@ -29,6 +36,15 @@ from fedbus.protocol.messages import JobDone, RoundClose
 from fedbus.telemetry.spanfile import read_spans, traces_by_id
 
 DEMO_ROUNDS = 20
+# Async commits a version per buffer_size updates, not per cohort: more versions for the
+# same number of updates (see demo_job).
+DEMO_ASYNC_VERSIONS = 60
+# FedBuff's buffer in the demo: about a third of the 10 workers, so a version is committed
+# as soon as the fast ones report and a straggler holds up nothing. Much smaller (1-2) and
+# each version follows one or two Dirichlet-skewed workers' labels; much larger (close to
+# the cohort) and it waits for stragglers like a sync round.
+DEMO_BUFFER_SIZE = 3
+TARGET_ACCURACY = 0.93
 
 
 # ---- setting up a local federation (also used by the end-to-end tests) ----------------
@@ -50,14 +66,22 @@ def write_federation(run_dir: Path, num_workers: int, regions: int = 1) -> Feder
     return federation
 
 
-def demo_job(num_workers: int, rounds: int, alpha: float, seed: int) -> JobSpec:
-    return JobSpec(
-        job="digits-demo", task="fedbus.tasks.digits:task", seed=seed, rounds=rounds,
-        task_params={"model": "mlp", "partition": "dirichlet", "alpha": alpha},
-        cohort=CohortSpec(min_workers=num_workers, min_updates=max(1, math.ceil(0.8 * num_workers)),
-                          wait_for_workers_s=120),
-        round_deadline_s=30.0,
-    )
+def demo_job(num_workers: int, rounds: int, alpha: float, seed: int, mode: str = "sync",
+             buffer_size: int = DEMO_BUFFER_SIZE) -> JobSpec:
+    spec: dict = {
+        "job": "digits-demo", "task": "fedbus.tasks.digits:task", "seed": seed, "rounds": rounds, "mode": mode,
+        "task_params": {"model": "mlp", "partition": "dirichlet", "alpha": alpha},
+        "cohort": CohortSpec(min_workers=num_workers, min_updates=max(1, math.ceil(0.8 * num_workers)),
+                             wait_for_workers_s=120).model_dump(),
+        "round_deadline_s": 30.0,
+    }
+    if mode == "async":
+        # A 10x straggler answers ~num_workers/buffer_size x 10 versions late (about 30 here):
+        # max_staleness well above that keeps its data (3 of 10 Dirichlet-skewed label
+        # distributions) in the model, weighted down by FedBuff's polynomial (1 + s)^-0.5,
+        # instead of rejecting it as too_stale.
+        spec["async"] = {"algorithm": "fedbuff", "buffer_size": min(buffer_size, num_workers), "max_staleness": 100}
+    return JobSpec.model_validate(spec)
 
 
 def cli_command(*args: str) -> list[str]:
@@ -119,12 +143,22 @@ def _proc_memory(pid: int) -> tuple[int, int]:
 # ---- following the rounds on the bus --------------------------------------------------
 
 class Progress:
-    def __init__(self, rounds: int, stream=sys.stdout):
+    """What the observer saw: printed as it happens (a bar on a terminal, lines otherwise),
+    and remembered, so a run can stop once it reached a target accuracy."""
+
+    def __init__(self, rounds: int, stream=sys.stdout, unit: str = "round", quiet: bool = False,
+                 target: float | None = None):
         self.rounds = rounds
         self.stream = stream
-        self.tty = stream.isatty()
+        self.unit = unit  # "round" (sync) or "version" (async: one committed model version per close)
+        self.quiet = quiet
+        self.tty = stream.isatty() and not quiet
+        self.target = target
+        self.reached: RoundClose | None = None  # the first close at or above the target
 
     def workers_ready(self, ready: int, total: int, seconds: float) -> None:
+        if self.quiet:
+            return
         if self.tty:
             self.stream.write(f"\rworkers ready: {ready}/{total} ({seconds:.0f} s)   ")
             if ready >= total:
@@ -135,13 +169,19 @@ class Progress:
 
     def round_closed(self, rc: RoundClose) -> None:
         acc = rc.metrics.get("test_accuracy")
+        if (self.reached is None and self.target is not None and acc is not None
+                and math.isfinite(acc) and acc >= self.target):
+            self.reached = rc
+        if self.quiet:
+            return
         acc_text = f"test acc {acc:.3f}" if acc is not None else ""
         if self.tty:
             done = min(rc.model_version, self.rounds)
             bar = "#" * int(30 * done / self.rounds)
-            self.stream.write(f"\r[{bar:<30}] round {done}/{self.rounds} {acc_text} ({rc.seconds * 1000:.0f} ms)   ")
+            self.stream.write(f"\r[{bar:<30}] {self.unit} {done}/{self.rounds} {acc_text} "
+                              f"({rc.seconds * 1000:.0f} ms)   ")
         else:
-            self.stream.write(f"round {rc.round}: {rc.status} model v{rc.model_version} {acc_text} "
+            self.stream.write(f"{self.unit} {rc.round}: {rc.status} model v{rc.model_version} {acc_text} "
                               f"in {rc.seconds * 1000:.0f} ms, {len(rc.accepted)} updates\n")
         self.stream.flush()
 
@@ -221,18 +261,24 @@ def describe_traces(spans_path: Path, num_workers: int) -> str:
 
 
 def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
-    lines = [f"{'round':>5} {'status':>10} {'ms':>8} {'updates':>7} {'test acc':>8} {'test loss':>9} {'fed acc':>7}"]
-    for r in summary["rounds"]:
+    unit = "version" if summary.get("mode") == "async" else "round"
+    rows = summary["rounds"]
+    elapsed = row_elapsed(rows)
+    lines = [f"{unit:>7} {'status':>10} {'at s':>7} {'ms':>8} {'updates':>7} {'stale':>5} {'test acc':>8} "
+             f"{'test loss':>9} {'fed acc':>7}"]
+    for r, at in zip(rows, elapsed):
         acc = r.get("test_accuracy")
         loss = r.get("test_loss")
         fed = r.get("federated_accuracy")
-        lines.append(f"{r['round']:>5} {r['status']:>10} {r['seconds'] * 1000:>8.1f} {r['accepted']:>7} "
+        stale = max(r.get("staleness") or [0])  # the stalest update folded into it (0: all current)
+        lines.append(f"{r['round']:>7} {r['status']:>10} {at:>7.1f} {r['seconds'] * 1000:>8.1f} "
+                     f"{updates_folded([r]):>7} {stale:>5} "
                      f"{'' if acc is None else f'{acc:.4f}':>8} {'' if loss is None else f'{loss:.4f}':>9} "
                      f"{'' if fed is None else f'{fed:.4f}':>7}")
     final = summary.get("final_accuracy")
     med = summary.get("median_round_seconds")
     lines.append("")
-    lines.append(f"job {summary['job']}: {summary['reason']}, {summary['rounds_completed']} rounds in "
+    lines.append(f"job {summary['job']}: {summary['reason']}, {summary['rounds_completed']} {unit}s in "
                  f"{summary['wall_seconds']:.1f} s; median round {med * 1000 if med else float('nan'):.1f} ms")
     if final is not None:
         lines.append(f"final global test accuracy {final:.4f} (loss {summary.get('final_loss'):.4f})")
@@ -249,67 +295,108 @@ def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from fedbus.telemetry import configure_logging
+# ---- one local federation: nats-server, coordinator, workers (demo, benchmarks, tests) -------
 
-    configure_logging(process="demo", level=os.environ.get("FEDBUS_LOG_LEVEL", "warning"))
-    n = args.workers
-    if n < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
-    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+def straggler_ids(federation: Federation, count: int) -> list[str]:
+    """The last ``count`` workers of the federation (w08..w10 of 10 for 3): fixed, so runs compare."""
+    workers = [p.id for p in federation.workers()]
+    return workers[len(workers) - count:] if count > 0 else []
+
+
+@dataclass
+class LocalRun:
+    """What one local federation left: its exit code, processes and summary.json."""
+    run_dir: Path
+    code: int
+    group: ProcessGroup
+    coordinator: subprocess.Popen
+    stragglers: list[str]
+    reached: RoundClose | None = None  # the first close the observer saw at or above the target
+    stopped_at_target: bool = False
+    seconds: float = 0.0
+    summary: dict | None = field(default=None)
+
+    def worker_events(self, event: str) -> dict[str, int]:
+        """How often each worker logged ``event`` (JSON logs), e.g. update.sent."""
+        counts: dict[str, int] = {}
+        needle = f'"event": "{event}"'
+        for path in sorted((self.run_dir / "logs").glob("*.log")):
+            name = path.stem
+            if name in ("coordinator", "nats-server"):
+                continue
+            counts[name] = sum(1 for line in path.read_text(errors="replace").splitlines() if needle in line)
+        return counts
+
+
+def run_local(run_dir: Path, job: JobSpec, federation: Federation, *, stragglers: Sequence[str] = (),
+              slowdown: float = 1.0, timeout: float = 600.0, progress: Progress | None = None,
+              stop_at_target: bool = False, threads: int = 1) -> LocalRun:
+    """Run ``job`` over a fresh embedded nats-server with a ``fedbus coordinator`` and one
+    ``fedbus worker`` process per federation worker, all through the CLI; the workers in
+    ``stragglers`` get ``--simulate-slowdown slowdown``. Bounded by ``timeout``; with
+    ``stop_at_target`` the processes are stopped as soon as the observer sees a model at
+    ``progress.target`` test accuracy (summary.json is written on SIGTERM too). Stops only
+    the processes it started."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    federation = write_federation(run_dir, n)
-    job = demo_job(n, args.rounds or DEMO_ROUNDS, args.alpha, args.seed)
     job.dump(run_dir / "job.yaml")
     spans = run_dir / "spans.jsonl"
     spans.unlink(missing_ok=True)
-    print(f"fedbus demo: {n} workers, {job.rounds} rounds, digits with Dirichlet(alpha={args.alpha}) labels")
-    print(f"run directory: {run_dir}")
+    (run_dir / "summary.json").unlink(missing_ok=True)
     env = dict(os.environ, FEDBUS_LOG_JSON="1", FEDBUS_SPAN_FILE=str(spans))
     group = ProcessGroup(run_dir / "logs", env)
+    progress = progress or Progress(job.rounds, quiet=True)
+    slow = set(stragglers)
     started = time.perf_counter()
     with EmbeddedNatsServer(store_dir=run_dir / "nats", log_file=run_dir / "logs" / "nats-server.log") as server:
-        print(f"nats-server (pid {server.pid}) on {server.url}")
+        if not progress.quiet:
+            print(f"nats-server (pid {server.pid}) on {server.url}")
         common = ["--job", str(run_dir / "job.yaml"), "--federation", str(run_dir / "federation.yaml"),
-                  "--nats", server.url]
+                  "--nats", server.url, "--threads", str(threads)]
         coordinator = group.start("coordinator", cli_command(
             "coordinator", *common, "--key", str(run_dir / "keys" / "coordinator.key"), "--run-dir", str(run_dir)))
         for p in federation.workers():
+            extra = ["--simulate-slowdown", f"{slowdown:g}"] if p.id in slow else []
             group.start(p.id, cli_command("worker", *common, "--key", str(run_dir / "keys" / f"{p.id}.key"),
-                                          "--id", p.id, "--state-dir", str(run_dir / "worker-state" / p.id)))
+                                          "--id", p.id, "--state-dir", str(run_dir / "worker-state" / p.id), *extra))
         try:
-            code = asyncio.run(_supervise(server, federation, job, group, coordinator, args.timeout))
+            code, stopped = asyncio.run(_supervise(server, federation, job, group, coordinator, timeout, progress,
+                                                   stop_at_target))
         finally:
             group.stop_all()
-    print(f"(all processes stopped; {time.perf_counter() - started:.1f} s in total)")
+    run = LocalRun(run_dir, code, group, coordinator, sorted(slow), reached=progress.reached,
+                   stopped_at_target=stopped, seconds=time.perf_counter() - started)
     summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        print(f"error: the coordinator left no summary (exit {coordinator.returncode}); see {run_dir / 'logs'}",
-              file=sys.stderr)
-        return 1
-    summary = json.loads(summary_path.read_text())
-    print(format_report(summary, spans, group))
-    (run_dir / "demo-report.txt").write_text(format_report(summary, spans, group) + "\n")
-    return code
+    if summary_path.exists():
+        run.summary = json.loads(summary_path.read_text())
+    return run
 
 
-async def _supervise(server, federation, job, group: ProcessGroup, coordinator, timeout: float) -> int:
-    progress = Progress(job.rounds)
+async def _supervise(server, federation, job, group: ProcessGroup, coordinator, timeout: float,
+                     progress: Progress, stop_at_target: bool) -> tuple[int, bool]:
     done = asyncio.Event()
     follower = asyncio.create_task(follow_rounds(server.url, federation, job, progress, done))
     deadline = time.monotonic() + timeout
     code = 0
+    stopped = False
     try:
         while coordinator.poll() is None:
             group.sample_memory({"nats-server": server.pid})
+            if stop_at_target and progress.reached is not None:
+                # The summary row of the close we saw is on disk before round.close goes out
+                # (commit, summary, then publish); SIGTERM makes the coordinator write its wall time.
+                coordinator.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await asyncio.to_thread(coordinator.wait, 15)
+                stopped = True
+                break
             if time.monotonic() > deadline:
-                print(f"\nerror: the job did not finish within {timeout:.0f} s", file=sys.stderr)
+                if not progress.quiet:
+                    print(f"\nerror: the job did not finish within {timeout:.0f} s", file=sys.stderr)
                 code = 1
                 break
             await asyncio.sleep(0.1)
         # Workers exit on job.done; give them a moment before stopping them ourselves.
-        wait_until = time.monotonic() + 15
+        wait_until = time.monotonic() + (0 if stopped or code else 15)
         while any(p.poll() is None for p in group.procs.values()) and time.monotonic() < wait_until:
             group.sample_memory({"nats-server": server.pid})
             await asyncio.sleep(0.1)
@@ -318,8 +405,125 @@ async def _supervise(server, federation, job, group: ProcessGroup, coordinator, 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(follower, timeout=2)
         progress.finished()
-    if code == 0 and coordinator.returncode != 0:
+    if code == 0 and not stopped and coordinator.returncode != 0:
         code = coordinator.returncode or 1
-    return code
+    return code, stopped
 
 
+# ---- time to accuracy from summary.json rows ----------------------------------------------
+
+def row_elapsed(rows: Sequence[dict]) -> list[float]:
+    """Each row's seconds since the job started: ``elapsed_s`` when the coordinator wrote it;
+    otherwise the running sum of the rows' ``seconds`` (round durations only, so it leaves
+    out the gaps between rounds: a lower bound)."""
+    if rows and all(r.get("elapsed_s") is not None for r in rows):
+        return [float(r["elapsed_s"]) for r in rows]
+    out, total = [], 0.0
+    for r in rows:
+        total += float(r.get("seconds") or 0.0)
+        out.append(total)
+    return out
+
+
+def training_started(rows: Sequence[dict]) -> float:
+    """Seconds after the job start at which the first round (version) began: the first row's
+    elapsed time minus its own duration. The wait for workers before it (process start-up,
+    torch imports) is the same in every mode and is not what stragglers cost."""
+    if not rows:
+        return 0.0
+    return max(0.0, row_elapsed(rows)[0] - float(rows[0].get("seconds") or 0.0))
+
+
+def time_to_accuracy(rows: Sequence[dict], target: float = TARGET_ACCURACY) -> tuple[float, int] | None:
+    """(seconds from the first round's start to the first committed model at ``target``
+    test accuracy, its model version), or None if no row reached it."""
+    elapsed = row_elapsed(rows)
+    start = training_started(rows)
+    for r, t in zip(rows, elapsed):
+        acc = r.get("test_accuracy")
+        if acc is not None and math.isfinite(acc) and acc >= target:
+            return t - start, int(r.get("model_version", r.get("round", 0)))
+    return None
+
+
+def updates_folded(rows: Sequence[dict]) -> int:
+    """Updates folded into committed models: each row's ``folded`` (accepted plus late ones
+    under late_updates: next_round), or ``accepted`` where a row has no ``folded``."""
+    return sum(int(r["folded"] if r.get("folded") is not None else r.get("accepted", 0))
+               for r in rows if r.get("status", "aggregated") == "aggregated")
+
+
+def describe_time_to(summary: dict, target: float = TARGET_ACCURACY) -> str:
+    rows = summary.get("rounds") or []
+    unit = "version" if summary.get("mode") == "async" else "round"
+    hit = time_to_accuracy(rows, target)
+    if hit is None:
+        best = max((r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None), default=float("nan"))
+        return f"did not reach {target:.2f} test accuracy (best {best:.4f})"
+    seconds, version = hit
+    exact = "" if rows and rows[0].get("elapsed_s") is not None else " (sum of round durations: a lower bound)"
+    return (f"reached {target:.2f} test accuracy after {seconds:.1f} s of training{exact}, at model v{version} "
+            f"({unit} {version})")
+
+
+# ---- the demo --------------------------------------------------------------------------------
+
+def run_demo(args: argparse.Namespace) -> int:
+    from fedbus.telemetry import configure_logging
+    from fedbus.worker.slowdown import Slowdown
+
+    configure_logging(process="demo", level=os.environ.get("FEDBUS_LOG_LEVEL", "warning"))
+    n = args.workers
+    if n < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    stragglers = getattr(args, "stragglers", 0)
+    mode = getattr(args, "mode", "sync")
+    if not 0 <= stragglers <= n:
+        print(f"error: --stragglers must lie in [0, --workers = {n}]", file=sys.stderr)
+        return 2
+    try:
+        slowdown = Slowdown(float(getattr(args, "slowdown", 10.0))).factor
+    except ValueError as exc:
+        print(f"error: --slowdown: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    federation = write_federation(run_dir, n)
+    rounds = args.rounds or (DEMO_ASYNC_VERSIONS if mode == "async" else DEMO_ROUNDS)
+    try:
+        job = demo_job(n, rounds, args.alpha, args.seed, mode=mode)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    slow = straggler_ids(federation, stragglers)
+    if mode == "async":
+        a = job.async_
+        print(f"fedbus demo: {n} workers, async {a.algorithm} (buffer {a.buffer_size}), {job.rounds} model versions, "
+              f"digits with Dirichlet(alpha={args.alpha}) labels")
+    else:
+        print(f"fedbus demo: {n} workers, {job.rounds} sync rounds, digits with Dirichlet(alpha={args.alpha}) labels")
+    if slow:
+        print(f"stragglers (testing only): {', '.join(slow)} train {slowdown:g}x slower (--simulate-slowdown)")
+    print(f"run directory: {run_dir}")
+    progress = Progress(job.rounds, unit="version" if mode == "async" else "round", target=TARGET_ACCURACY)
+    run = run_local(run_dir, job, federation, stragglers=slow, slowdown=slowdown, timeout=args.timeout,
+                    progress=progress)
+    print(f"(all processes stopped; {run.seconds:.1f} s in total)")
+    if run.summary is None:
+        print(f"error: the coordinator left no summary (exit {run.coordinator.returncode}); see {run_dir / 'logs'}",
+              file=sys.stderr)
+        return 1
+    summary = dict(run.summary, mode=mode)
+    report = format_report(summary, run_dir / "spans.jsonl", run.group)
+    report += "\n" + describe_time_to(summary)
+    if slow:
+        report += f"\nstragglers {', '.join(slow)} ({slowdown:g}x slower) sent {_sent_by(run, slow)} updates"
+    print(report)
+    (run_dir / "demo-report.txt").write_text(report + "\n")
+    return run.code
+
+
+def _sent_by(run: LocalRun, workers: Sequence[str]) -> int:
+    sent = run.worker_events("update.sent")
+    return sum(sent.get(w, 0) for w in workers)
