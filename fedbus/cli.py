@@ -255,15 +255,18 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fedbus.sim import simulate
+    from fedbus.sim import SimSetupError, simulate
     from fedbus.worker.attacks import Attack
 
     torch.set_num_threads(args.threads)
-    if args.rounds:
-        try:  # validated like the file: --rounds 0 or 10**9 is as wrong here as there
-            job = type(job).model_validate({**job.model_dump(), "rounds": args.rounds})
-        except ValueError as exc:
-            raise CliError(f"--rounds {args.rounds}: {_describe(exc)}") from None
+    for flag, key, value in (("--rounds", "rounds", args.rounds), ("--mode", "mode", args.mode)):
+        if value:
+            try:  # validated like the file: --rounds 0 or 10**9 is as wrong here as there
+                job = type(job).model_validate({**job.model_dump(by_alias=True), key: value})
+            except ValueError as exc:
+                raise CliError(f"{flag} {value}: {_describe(exc)}") from None
+    if args.workers < 1:
+        raise CliError(f"--workers {args.workers}: must be at least 1")
     attacks = {}
     for text in args.attack or []:
         index, _, kind = text.partition("=")
@@ -275,14 +278,19 @@ def cmd_sim(args: argparse.Namespace) -> int:
     def show(row: dict) -> None:
         acc = row.get("test_accuracy")
         print(f"round {row['round']}: {row['status']} v{row['model_version']} "
-              f"{'' if acc is None else f'test acc {acc:.4f}'} ({row['accepted']} updates)", flush=True)
+              f"{'' if acc is None else f'test acc {acc:.4f}'} ({row['accepted']} updates) "
+              f"at {row['elapsed_s']:.3f} s virtual", flush=True)
 
-    result = simulate(job, args.workers, attacks=attacks, on_round=show)
-    report = {"job": job.job, "workers": args.workers, "reason": result.reason, "final": result.final,
-              "rejected": result.rejected, "wall_seconds": round(result.wall_seconds, 3), "rounds": result.rounds}
+    try:
+        result = simulate(job, args.workers, attacks=attacks, stragglers=args.stragglers, slowdown=args.slowdown,
+                          speeds=args.speeds, base_train_ms=args.train_ms, on_round=show)
+    except SimSetupError as exc:
+        raise CliError(str(exc)) from None
+    summary = {"mode": job.mode, "workers": args.workers, **result.summary()}
+    report = {"job": job.job, **summary, "speeds": args.speeds, "stragglers": args.stragglers,
+              "slowdown": args.slowdown, "train_ms": args.train_ms, "rounds": result.rounds}
     # Strict JSON: a diverged run's nan loss is printed and written as null, not as NaN.
-    print(json.dumps(json_safe({k: report[k] for k in ("reason", "final", "rejected", "wall_seconds")}),
-                     allow_nan=False))
+    print(json.dumps(json_safe(summary), allow_nan=False))
     if args.out:
         atomic_write_json(args.out, report)
     return 0 if result.reason == "completed" else 3
@@ -345,10 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much slower the stragglers train (default 10)")
     d.set_defaults(func=cmd_demo)
 
-    sm = sub.add_parser("sim", help="simulate a job in one process (same round core and training code, no bus)")
+    sm = sub.add_parser("sim", help="simulate a job in one process on a virtual clock (same round core and "
+                                     "training code, no bus)")
     sm.add_argument("--job", required=True)
     sm.add_argument("--workers", type=int, required=True)
     sm.add_argument("--rounds", type=int, help="override the job's rounds")
+    sm.add_argument("--mode", choices=("sync", "async"), help="override the job's mode")
+    sm.add_argument("--stragglers", type=int, default=0, metavar="N",
+                    help="the last N workers train --slowdown times slower (virtual time)")
+    sm.add_argument("--slowdown", type=float, default=10.0, metavar="F",
+                    help="how much slower the stragglers train (1 <= F <= 1000; default 10)")
+    sm.add_argument("--speeds", default="uniform", metavar="uniform|lognormal:SIGMA",
+                    help="every worker's training time factor: 1 (uniform) or exp(N(0, SIGMA)) drawn from the "
+                         "job seed")
+    sm.add_argument("--train-ms", type=int, default=1000, metavar="MS",
+                    help="virtual milliseconds one local training takes at factor 1 (default 1000)")
     sm.add_argument("--attack", action="append", metavar="INDEX=KIND[:PARAM]",
                     help="TESTING ONLY: worker INDEX misbehaves, e.g. 0=sign_flip:5 (repeatable)")
     sm.add_argument("--out", help="write the per-round results as JSON")

@@ -15,6 +15,8 @@ import copy
 import hashlib
 from collections.abc import Mapping
 
+import torch
+
 from fedbus.coordinator.rounds import EvalReceived, UpdateReceived
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.codec import Tensor, spec_of
@@ -55,10 +57,15 @@ class ControlChannel:
 
 class SimulatedWorker:
     def __init__(self, task: Task, job: JobSpec, worker_id: str, *, partition: int, num_partitions: int,
-                 attack: Attack | None = None):
+                 attack: Attack | None = None, shared_model: torch.nn.Module | None = None):
         self.worker_id = worker_id
         self.trainer = LocalTrainer(copy.deepcopy(task), job, worker_id=worker_id, partition=partition,
                                     num_partitions=num_partitions, attack=attack)
+        if shared_model is not None:
+            # Simulated workers train one at a time and every Train / Evaluate loads the
+            # received model into the trainer's module first, so one module (and its
+            # gradients) can serve them all: 1,000 workers need not hold 1,000 models.
+            self.trainer.model = shared_model
         self.core = WorkerCore(worker_id, partition, num_partitions, job.seed, spec_of(self.trainer.model.state_dict()),
                                deterministic=job.deterministic)
 
@@ -79,13 +86,17 @@ class SimulatedWorker:
             elif isinstance(action, (PublishUpdate, PublishEvalReport)):
                 out.append(action)
             # Ignore / Reject / Exit: nothing to publish
+        # A deployed core keeps its last few sent updates to resend them to a resumed
+        # coordinator; a simulation never resumes one, and 1,000 workers x a few models
+        # each is memory for nothing.
+        self.core.sent.clear()
         return out
 
 
 def update_received(receiver: Pipeline, worker_id: str, sent: PublishUpdate, now_ms: int) -> UpdateReceived:
     """What the coordinator's machine sees for an update: the receiving half of the pipeline."""
     fields = sent.fields
-    return UpdateReceived(worker_id=worker_id, round=sent.round,
+    return UpdateReceived(worker_id=worker_id, round=sent.round, base_version=fields.base_version,
                           update=decode_update(receiver, worker_id, fields, sent.tensors), now_ms=now_ms,
                           train_metrics=dict(fields.train_metrics), eval_metrics=dict(fields.eval_metrics),
                           eval_samples=fields.eval_samples)
