@@ -248,6 +248,9 @@ class JobSpec(BaseModel):
             validate_strategy(self.strategy, least)
         except StrategyConfigError as exc:
             raise ValueError(f"strategy {self.strategy.name}: {exc}") from None
+        if self.late_updates == "next_round" and self.strategy.name in ASYNC_UNSUPPORTED:
+            raise ValueError(f"strategy {self.strategy.name} cannot fold a late update trained from an older model: "
+                             f"use late_updates: drop")
         if self.mode == "async" and self.strategy.name in ASYNC_UNSUPPORTED:
             raise ValueError(f"strategy {self.strategy.name} keeps per-round server state that assumes every update "
                              f"was trained from the current model; use it with mode: sync")

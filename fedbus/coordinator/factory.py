@@ -7,7 +7,9 @@ import dataclasses
 from fedbus.aggregation.base import AggregationRule, State
 from fedbus.aggregation.fednova import FedNova
 from fedbus.aggregation.specs import build_rule, build_server_optimizer
+from fedbus.aggregation.staleness import from_spec as staleness_from_spec
 from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine
+from fedbus.coordinator.versions import AsyncPolicy, VersionStateMachine
 from fedbus.crypto.federation import Federation
 from fedbus.jobspec import JobSpec
 
@@ -30,6 +32,9 @@ def policy_from(job: JobSpec, federation: Federation | None = None) -> RoundPoli
         batch_size=job.train.batch_size,
         max_samples_by_worker=({p.id: p.max_samples for p in federation.workers() if p.max_samples is not None}
                                if federation is not None else {}),
+        close_at_quorum=job.cohort.close_at_quorum,
+        late_updates=job.late_updates,
+        staleness=staleness_from_spec(job.async_.staleness),
     )
 
 
@@ -48,9 +53,29 @@ def rule_for(job: JobSpec) -> AggregationRule:
     return rule
 
 
+def async_policy_from(job: JobSpec, federation: Federation | None = None) -> AsyncPolicy:
+    a = job.async_
+    return AsyncPolicy(base=policy_from(job, federation), buffer_size=a.buffer_size, concurrency=a.concurrency,
+                       staleness=staleness_from_spec(a.staleness), max_staleness=a.max_staleness,
+                       algorithm=a.algorithm, server_lr=a.server_lr, alpha=a.alpha)
+
+
+def history_versions(job: JobSpec) -> int:
+    """Past models the machine needs after a resume, besides the current one: the bases of
+    stale updates (async) or of the last round's late updates (late_updates: next_round)."""
+    if job.mode == "async":
+        return job.async_.max_staleness
+    return 1 if job.late_updates == "next_round" else 0
+
+
 def machine_for(job: JobSpec, initial_state: State, num_workers_total: int,
-                federation: Federation | None = None, *, reopened_min_ms: int = 0) -> RoundStateMachine:
+                federation: Federation | None = None, *,
+                reopened_min_ms: int = 0) -> RoundStateMachine | VersionStateMachine:
+    """The job's machine: sync rounds, or async versions (same events and actions)."""
+    rule, optimizer = rule_for(job), build_server_optimizer(job.server_optimizer)
+    if job.mode == "async":
+        return VersionStateMachine(async_policy_from(job, federation), initial_state, rule=rule, optimizer=optimizer,
+                                   num_workers_total=num_workers_total)
     policy = dataclasses.replace(policy_from(job, federation), reopened_min_ms=reopened_min_ms)
-    return RoundStateMachine(policy, initial_state, rule=rule_for(job),
-                             optimizer=build_server_optimizer(job.server_optimizer),
+    return RoundStateMachine(policy, initial_state, rule=rule, optimizer=optimizer,
                              num_workers_total=num_workers_total)

@@ -8,7 +8,8 @@ announcements. Same machine, same transitions.
 from __future__ import annotations
 
 from fedbus.coordinator.rounds import (AGGREGATION_ERRORS, AckThrough, Aggregate, AggregationFailed, Aggregated,
-                                       Commit, Committed)
+                                       Commit, Committed, Deferred)
+from fedbus.coordinator.versions import AckUpdates
 
 
 def settle(machine, actions: list, now_ms: int, *, keep_acks: bool = False) -> list:
@@ -27,7 +28,7 @@ def settle(machine, actions: list, now_ms: int, *, keep_acks: bool = False) -> l
             queue[:0] = machine.handle(Aggregated(action.round, state, now_ms))
         elif isinstance(action, Commit):
             queue[:0] = machine.handle(Committed(action.seq, now_ms))
-        elif isinstance(action, AckThrough) and not keep_acks:
+        elif isinstance(action, (AckThrough, AckUpdates, Deferred)) and not keep_acks:
             continue
         else:
             out.append(action)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-PHASES = ("waiting", "round_open", "evaluating", "done")
+PHASES = ("waiting", "round_open", "evaluating", "done", "async")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class JobRecord:
     accepted_total: int = 0
     reason: str = ""  # why the job finished, when phase == "done"
     last_close: dict | None = None  # the round this commit closed, as summary.json lists it
+    started_ms: int = 0  # when the job's first incarnation started (elapsed_s of every row counts from it)
+    # late_updates: next_round: {"round", "eligible" workers, "base_version"} whose late updates are still welcome
+    late: dict | None = None
+    # mode: async: outstanding assignments, updates accepted but not yet committed, recent folds (versions.py)
+    async_state: dict | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -39,4 +44,7 @@ class JobRecord:
                    rounds_completed=int(d["rounds_completed"]), failed_in_a_row=int(d.get("failed_in_a_row", 0)),
                    cohort=tuple(d.get("cohort", ())), declared={str(k): int(v) for k, v in d.get("declared", {}).items()},
                    accepted_total=int(d.get("accepted_total", 0)), reason=str(d.get("reason", "")),
-                   last_close=d.get("last_close") if isinstance(d.get("last_close"), dict) else None)
+                   last_close=d.get("last_close") if isinstance(d.get("last_close"), dict) else None,
+                   started_ms=int(d.get("started_ms", 0)),
+                   late=d.get("late") if isinstance(d.get("late"), dict) else None,
+                   async_state=d.get("async_state") if isinstance(d.get("async_state"), dict) else None)

@@ -25,13 +25,15 @@ and the machine folds it into the round's accumulator only while that round is o
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from fedbus.aggregation.base import (AggregationRule, ClientUpdate, InvalidUpdate, RoundAggregator,
+from fedbus.aggregation.base import (AggregationRule, ClientUpdate, Contribution, InvalidUpdate, RoundAggregator,
                                      ServerOptimizer, State, StrategyConfigError, is_averageable,
                                      validate_update)
+from fedbus.aggregation.staleness import discounted
 from fedbus.aggregation.fedavg import FedAvg
 from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.records import JobRecord
@@ -48,7 +50,7 @@ class RoundPolicy:
     rounds: int
     min_workers: int = 1
     cohort_size: int | None = None
-    min_updates: int = 1
+    min_updates: int | float = 1  # a count, or a fraction in (0, 1) of each round's cohort
     round_deadline_ms: int = 30_000
     wait_for_workers_ms: int = 120_000
     liveness_ms: int = 5_000
@@ -71,6 +73,29 @@ class RoundPolicy:
     # held by the dead coordinator come back only once the stream's ack wait has passed,
     # and a worker that died since cannot resend its update.
     reopened_min_ms: int = 0
+    # Close as soon as the quorum reported (over-selection) instead of waiting for the cohort.
+    close_at_quorum: bool = False
+    # An update of the round that just closed, from a cohort member that had not reported:
+    # "drop" rejects it (wrong_round); "next_round" folds it into the next round, its delta
+    # (against the model it was trained from) scaled by staleness(τ), τ = 1 version.
+    late_updates: str = "drop"
+    staleness: Callable[[int], float] | None = None
+
+    def quorum(self, cohort_size: int) -> int:
+        """Updates a round of ``cohort_size`` workers needs: a count, or ceil(fraction x size)."""
+        if isinstance(self.min_updates, float):
+            return max(1, math.ceil(self.min_updates * cohort_size - 1e-9))
+        return int(self.min_updates)
+
+    @property
+    def least_quorum(self) -> int:
+        """The smallest quorum a round can have (what rule preconditions are checked against)."""
+        return self.quorum(self.cohort_size if self.cohort_size is not None else self.min_workers)
+
+    @property
+    def live_needed(self) -> int:
+        """Live workers needed to open a round (a fraction of any cohort is reachable with one)."""
+        return 1 if isinstance(self.min_updates, float) else max(1, int(self.min_updates))
 
 
 # ---- events ----------------------------------------------------------------------------
@@ -184,6 +209,11 @@ class CloseRound:
     seconds: float
     state: State
     metrics: dict[str, float]
+    # Late updates of the previous round folded into this one, and the staleness of every
+    # folded update (accepted first, then late), in that order.
+    late: tuple[str, ...] = ()
+    staleness: tuple[int, ...] = ()
+    elapsed_s: float | None = None  # seconds since the job started (first incarnation) at the close
 
 
 @dataclass(frozen=True)
@@ -201,6 +231,16 @@ class DuplicateIgnored:
 
     worker_id: str
     round: int
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """An accepted update that a later aggregation folds (a late update under
+    late_updates: next_round): hold it unacknowledged until ``until_round`` commits."""
+
+    worker_id: str
+    round: int
+    until_round: int
 
 
 @dataclass(frozen=True)
@@ -246,6 +286,11 @@ class Aggregate:
     num_workers_total: int
     held: tuple[ClientUpdate, ...] = ()
     refused: list[tuple[str, str]] = field(default_factory=list)
+    # Late updates of the previous round (late_updates: next_round), folded after the held
+    # ones in this order: (update, the version it was trained from, its discount s(τ)).
+    late: tuple[tuple[ClientUpdate, int, float], ...] = ()
+    late_base: State | None = None  # the model those late updates were trained from
+    refused_late: list[tuple[str, str]] = field(default_factory=list)
 
     def compute(self) -> State:
         for update in self.held:
@@ -253,6 +298,14 @@ class Aggregate:
                 fold_update(self.accumulator, update)
             except InvalidUpdate as exc:
                 self.refused.append((update.worker_id, str(exc)))
+        for update, base_version, factor in self.late:
+            try:
+                c = Contribution.from_local_state(update.worker_id, base_version, float(update.num_samples),
+                                                  update.state, self.late_base, update.extra,
+                                                  num_steps=update.num_steps)
+                self.accumulator.fold(discounted(c, factor))
+            except InvalidUpdate as exc:
+                self.refused_late.append((update.worker_id, str(exc)))
         proposal = self.accumulator.finalize()
         new_state = self.optimizer.step(self.base_state, proposal) if self.optimizer else proposal
         self.rule.commit(self.accumulator, self.num_workers_total)
@@ -265,11 +318,17 @@ AGGREGATION_ERRORS = (StrategyConfigError, InvalidUpdate, ValueError)
 
 
 def close_row(close: CloseRound) -> dict:
-    """A closed round as summary.json lists it (and as the commit that closes it records it)."""
-    return {"round": close.round, "model_version": close.model_version, "status": close.status,
-            "seconds": round(close.seconds, 6), "accepted": len(close.accepted),
-            "accepted_workers": list(close.accepted), "rejected": dict(close.rejected),
-            **{k: float(v) for k, v in close.metrics.items()}}
+    """A closed round (or committed async version) as summary.json lists it, and as the
+    commit that closes it records it: ``folded`` updates, each with its ``staleness``."""
+    row = {"round": close.round, "model_version": close.model_version, "status": close.status,
+           "seconds": round(close.seconds, 6), "accepted": len(close.accepted),
+           "accepted_workers": list(close.accepted), "late_workers": list(close.late),
+           "folded": len(close.accepted) + len(close.late) if close.status == "aggregated" else 0,
+           "staleness": list(close.staleness), "rejected": dict(close.rejected),
+           **{k: float(v) for k, v in close.metrics.items()}}
+    if close.elapsed_s is not None:
+        row["elapsed_s"] = round(close.elapsed_s, 3)
+    return row
 
 
 @dataclass(frozen=True)
@@ -300,8 +359,8 @@ class InternalError:
 
 Event = (Start | WorkerSeen | Tick | UpdateReceived | EvalReceived | MessageRejected | Aggregated
          | AggregationFailed | Committed | CommitFailed)
-Action = (OpenRound | CloseRound | RejectUpdate | DuplicateIgnored | OpenEval | FinishJob | Aggregate | Commit
-          | AckThrough | InternalError)
+Action = (OpenRound | CloseRound | RejectUpdate | DuplicateIgnored | Deferred | OpenEval | FinishJob | Aggregate
+          | Commit | AckThrough | InternalError)
 
 
 class Phase(enum.Enum):
@@ -335,7 +394,7 @@ class RoundStateMachine:
         # Strategy extras (e.g. SCAFFOLD's Δc) are shaped like the model's float tensors.
         self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
         self.rule = rule or FedAvg()
-        self.rule.check_cohort(policy.min_updates)
+        self.rule.check_cohort(policy.least_quorum)
         self.optimizer = optimizer
         self.num_workers_total = num_workers_total
         self.update_groups: tuple[str, ...] = tuple(getattr(self.rule, "update_groups", ()))
@@ -353,6 +412,14 @@ class RoundStateMachine:
         self._commit_seq = 0
         self._pending: _Pending | None = None
         self._recent_accepted: dict[int, frozenset[str]] = {}  # the last few closed rounds
+        self.started_ms: int | None = None  # the job's first start (restored on resume)
+        # late_updates: next_round: the last closed round whose stragglers are still welcome,
+        # who they are, the model they trained from, and those that arrived (folded next).
+        self._late_round: int | None = None
+        self._late_eligible: frozenset[str] = frozenset()
+        self._late_base: State | None = None
+        self._late_base_version = 0
+        self._late_stash: dict[str, tuple[ClientUpdate, bytes]] = {}
         self._reset_round_state()
 
     def _reset_round_state(self) -> None:
@@ -364,6 +431,7 @@ class RoundStateMachine:
         self._reported: dict[str, bytes] = {}  # worker -> digest of its accepted update
         self._held: dict[str, ClientUpdate] = {}  # deterministic mode: folded at close, in id order
         self._aggregating: Aggregate | None = None
+        self._folded_late: list[tuple[str, int]] = []  # (worker, staleness) of late updates in this aggregate
         self._round_rejections: Counter[str] = Counter()
         self._train_metrics: list[tuple[float, dict[str, float]]] = []
         self._eval_metrics: list[tuple[float, dict[str, float]]] = []
@@ -450,7 +518,8 @@ class RoundStateMachine:
 
     # ---- resume --------------------------------------------------------------------
 
-    def restore(self, record: JobRecord, state: State, strategy_state: dict | None = None) -> None:
+    def restore(self, record: JobRecord, state: State, strategy_state: dict | None = None,
+                history: Mapping[int, State] | None = None) -> None:
         """Continue a job from its last committed record; call before Start.
 
         A round that was open when the previous coordinator died is reopened under the
@@ -477,12 +546,23 @@ class RoundStateMachine:
             self._load_strategy_state(strategy_state)
         if record.last_close is not None:
             self._remember_accepted(int(record.last_close["round"]), record.last_close.get("accepted_workers", ()))
+        self.started_ms = record.started_ms or None
+        late = record.late
+        if late is not None and history is not None and int(late["base_version"]) in history:
+            # Stragglers of the last closed round are still welcome (their updates come back
+            # unacknowledged); without the model they trained from they cannot be folded.
+            self._late_round = int(late["round"])
+            self._late_eligible = frozenset(late.get("eligible", ()))
+            self._late_base_version = int(late["base_version"])
+            self._late_base = history[self._late_base_version]
 
     # ---- transitions ---------------------------------------------------------------
 
     def _on_start(self, now: int, out: list[Action]) -> None:
         if self.phase is not Phase.CREATED:
             return
+        if self.started_ms is None:
+            self.started_ms = now
         resumed = self._resumed_phase
         if resumed == "done":
             self.phase = Phase.DONE
@@ -506,7 +586,8 @@ class RoundStateMachine:
 
     def _quorum_to_start(self) -> int:
         # Round 1 of a fresh run waits for the federation; a resumed job only for a quorum.
-        return self.policy.min_updates if self._resumed_phase is not None or self.round > 0 else self.policy.min_workers
+        resumed = self._resumed_phase is not None or self.round > 0
+        return self.policy.quorum(self.policy.min_workers) if resumed else self.policy.min_workers
 
     def _maybe_start(self, now: int, out: list[Action]) -> None:
         if self._pending is not None:
@@ -520,7 +601,7 @@ class RoundStateMachine:
         if self.phase is Phase.WAITING_FOR_WORKERS:
             self._maybe_start(now, out)
         elif self.phase is Phase.ROUND_OPEN and now >= self.deadline_ms:
-            if len(self._reported) >= self.policy.min_updates:
+            if len(self._reported) >= self.policy.quorum(len(self.cohort)):
                 self._begin_aggregation(now, out)
             else:
                 self._fail_round(now, out)
@@ -544,6 +625,8 @@ class RoundStateMachine:
         last closed ones (a later copy of it is a duplicate, not news)."""
         if round_ == self.round and worker in self._reported:
             return True
+        if round_ == self._late_round and worker in self._late_stash:
+            return True
         return worker in self._recent_accepted.get(round_, ())
 
     def sample_cap(self, worker: str) -> int | None:
@@ -557,7 +640,62 @@ class RoundStateMachine:
             return None
         return self.policy.epochs * -(-sample_cap // self.policy.batch_size)
 
+    def _is_late(self, ev: UpdateReceived) -> bool:
+        return (self.policy.late_updates == "next_round" and ev.round == self._late_round
+                and not (self.phase is Phase.ROUND_OPEN and ev.round == self.round))
+
+    def _check_claims(self, ev: UpdateReceived, base: State, out: list[Action]) -> int | None:
+        """Bound the update's claims and check its tensors; the sample cap, or None if rejected."""
+        cap = self.sample_cap(ev.worker_id)
+        if cap is None or ev.update.num_samples > cap:
+            self._reject(ev.worker_id, ev.round, "excessive_samples",
+                         f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
+            return None
+        steps_cap = self.steps_cap(cap)
+        if steps_cap is not None and ev.update.num_steps > steps_cap:
+            self._reject(ev.worker_id, ev.round, "invalid_update",
+                         f"claims {ev.update.num_steps} local steps, at most {steps_cap} for {cap} samples", out)
+            return None
+        try:
+            check_tensors(ev.update.state, self.model_spec)
+            self._check_extras(ev.update)
+            validate_update(base, ev.update)
+        except Rejection as rej:
+            self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
+            return None
+        except InvalidUpdate as exc:
+            self._reject(ev.worker_id, ev.round, "invalid_update", str(exc), out)
+            return None
+        return cap
+
+    def _on_late(self, ev: UpdateReceived, out: list[Action]) -> None:
+        """A straggler of the last closed round: kept for the next aggregation (next_round)."""
+        w = ev.worker_id
+        if w in self._late_stash:
+            if ev.digest and self._late_stash[w][1] == ev.digest:
+                out.append(DuplicateIgnored(w, ev.round))
+            else:
+                self._reject(w, ev.round, "duplicate_update", "", out)
+            return
+        if w not in self._late_eligible:
+            self._reject(w, ev.round, "wrong_round", f"round {ev.round} closed and {w} reported in it or "
+                                                     f"was not in its cohort", out)
+            return
+        if ev.base_version is not None and ev.base_version != self._late_base_version:
+            self._reject(w, ev.round, "wrong_round", f"trained from version {ev.base_version}, round {ev.round}'s "
+                                                     f"base is {self._late_base_version}", out)
+            return
+        if self._late_base is None or self._check_claims(ev, self._late_base, out) is None:
+            return
+        self._late_stash[w] = (ev.update, ev.digest)
+        self.accepted_total += 1
+        # Folded by the next aggregation: held until the round after the late one commits.
+        out.append(Deferred(w, ev.round, self._late_round + 1))
+
     def _on_update(self, ev: UpdateReceived, out: list[Action]) -> None:
+        if self._is_late(ev):
+            self._on_late(ev, out)
+            return
         if not self.accepts_round("update", ev.round):
             self._reject(ev.worker_id, ev.round, "wrong_round", f"round {self.round} is {self.phase.value}", out)
             return
@@ -604,7 +742,8 @@ class RoundStateMachine:
         self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
         if ev.eval_samples > 0:  # weights a metric average: no more than the samples it may claim
             self._eval_metrics.append((float(min(ev.eval_samples, cap)), ev.eval_metrics))
-        if set(self._reported) >= set(self.cohort):
+        if set(self._reported) >= set(self.cohort) or (
+                self.policy.close_at_quorum and len(self._reported) >= self.policy.quorum(len(self.cohort))):
             self._begin_aggregation(ev.now_ms, out)
 
     def _check_extras(self, update: ClientUpdate) -> None:
@@ -623,12 +762,34 @@ class RoundStateMachine:
     def _begin_aggregation(self, now: int, out: list[Action]) -> None:
         assert self._accumulator is not None
         held, self._held = self._held, {}
+        late = self._take_late()
         self.phase = Phase.AGGREGATING
         self._closing_ms = now
         self._aggregating = Aggregate(self.round, self._accumulator, self.state, self.rule, self.optimizer,
                                       self.num_workers_total or len(self.registry),
-                                      held=tuple(held[w] for w in sorted(held)))
+                                      held=tuple(held[w] for w in sorted(held)), late=late[0], late_base=late[1])
+        self._open_late_window()
         out.append(self._aggregating)
+
+    def _take_late(self) -> tuple[tuple, State | None]:
+        """The stragglers of the previous round, for this aggregation, in worker order, each
+        with its discount s(τ), τ = versions between its base and this round's base."""
+        stash, self._late_stash = self._late_stash, {}
+        if not stash:
+            return (), None
+        tau = self.model_version - self._late_base_version
+        factor = self.policy.staleness(tau) if self.policy.staleness else 1.0
+        self._folded_late = [(w, tau) for w in sorted(stash)]
+        return tuple((stash[w][0], self._late_base_version, factor) for w in sorted(stash)), self._late_base
+
+    def _open_late_window(self) -> None:
+        """This round closes: its cohort members that did not report may still be folded next round."""
+        if self.policy.late_updates != "next_round":
+            return
+        self._late_round = self.round
+        self._late_eligible = frozenset(self.cohort) - set(self._reported)
+        self._late_base = self.state
+        self._late_base_version = self.model_version
 
     def _on_aggregated(self, ev: Aggregated, out: list[Action]) -> None:
         if self.phase is not Phase.AGGREGATING or ev.round != self.round:
@@ -637,14 +798,24 @@ class RoundStateMachine:
             self._reported.pop(worker, None)
             self.accepted_total -= 1
             self._reject(worker, self.round, "invalid_update", detail, out)
+        refused_late = dict(self._aggregating.refused_late)
+        for worker, detail in refused_late.items():
+            self.accepted_total -= 1
+            self._reject(worker, self.round - 1, "invalid_update", detail, out)
+        late = [(w, tau) for w, tau in self._folded_late if w not in refused_late]
         self.state = ev.state
         self._remember_accepted(self.round, self._reported)
+        if late:  # a copy of a folded late update is a copy, not news
+            prev = self.round - 1
+            self._recent_accepted[prev] = self._recent_accepted.get(prev, frozenset()) | {w for w, _ in late}
         self.model_version += 1
         self.rounds_completed += 1
         self._failed_in_a_row = 0
         close = CloseRound(self.round, self.model_version, "aggregated", tuple(sorted(self._reported)),
                            dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
-                           self.state, {**self._round_metrics(), **ev.metrics})
+                           self.state, {**self._round_metrics(), **ev.metrics}, late=tuple(w for w, _ in late),
+                           staleness=(0,) * len(self._reported) + tuple(t for _, t in late),
+                           elapsed_s=self._elapsed(ev.now_ms))
         self._plan_next(ev.now_ms, out, closing=close)
 
     def _remember_accepted(self, round_: int, workers) -> None:
@@ -652,11 +823,16 @@ class RoundStateMachine:
         for old in sorted(self._recent_accepted)[:-RECENT_ROUNDS]:
             del self._recent_accepted[old]
 
+    def _elapsed(self, now: int) -> float | None:
+        return None if self.started_ms is None else (now - self.started_ms) / 1000.0
+
     def _fail_round(self, now: int, out: list[Action]) -> None:
         self._failed_in_a_row += 1
+        self._late_stash.clear()  # nothing aggregates them: the failed round's commit acknowledges them
+        self._open_late_window()
         close = CloseRound(self.round, self.model_version, "failed", tuple(sorted(self._reported)),
                            dict(self._round_rejections), (now - self._opened_ms) / 1000.0,
-                           self.state, self._round_metrics())
+                           self.state, self._round_metrics(), elapsed_s=self._elapsed(now))
         if self._failed_in_a_row >= self.policy.max_failed_rounds:
             self._plan_finish(now, out, "quorum_not_reached", closing=close)
         else:
@@ -666,10 +842,15 @@ class RoundStateMachine:
 
     def _record(self, phase: str, *, round_: int, cohort: tuple[str, ...] = (), declared: dict | None = None,
                 reason: str = "", closing: CloseRound | None = None) -> JobRecord:
+        late = None
+        if self._late_round is not None and self._late_eligible:
+            late = {"round": self._late_round, "eligible": sorted(self._late_eligible),
+                    "base_version": self._late_base_version}
         return JobRecord(round=round_, phase=phase, model_version=self.model_version,
                          rounds_completed=self.rounds_completed, failed_in_a_row=self._failed_in_a_row,
                          cohort=tuple(cohort), declared=dict(declared or {}), accepted_total=self.accepted_total,
-                         reason=reason, last_close=close_row(closing) if closing else None)
+                         reason=reason, last_close=close_row(closing) if closing else None,
+                         started_ms=self.started_ms or 0, late=late)
 
     def _propose(self, record: JobRecord, announce: list, out: list[Action], ack_round: int | None) -> None:
         self._commit_seq += 1
@@ -682,7 +863,7 @@ class RoundStateMachine:
         head = [closing] if closing else []
         alive = self.registry.alive(now)
         if self.rounds_completed < self.policy.rounds:
-            if len(alive) < max(1, self.policy.min_updates):
+            if len(alive) < self.policy.live_needed:
                 self._propose(self._record("waiting", round_=self.round, closing=closing), [*head, "wait"], out, ack)
                 return
             cohort = sample_cohort(alive, self.policy.cohort_size, seed=self.policy.seed, round_=self.round + 1)

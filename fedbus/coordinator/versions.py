@@ -1,0 +1,689 @@
+"""VersionStateMachine: asynchronous federation (FedBuff, FedAsync) as a sans-I/O state machine.
+
+No rounds: the machine hands *assignments* to idle live workers — at most ``concurrency``
+train at once — and every ``buffer_size`` verified updates make the next model version.
+It speaks the sync machine's vocabulary (``rounds.py``), so the NATS service, the
+simulator and the workers run it unchanged:
+
+* ``OpenRound`` is a dispatch: ``round`` is a ticket (monotonic over the job), ``cohort``
+  the workers told to train ``model_version`` now. A worker answers exactly as in a sync
+  round: its update's header round is the ticket, its body's base_version the version.
+* An update is checked like a sync one (claims bounded, tensors checked), then weighed by
+  its staleness τ = current version − base version: rejected as ``too_stale`` beyond
+  ``max_staleness``, else folded into the buffer as s(τ)·Δ (FedBuff) or α·s(τ)·(y − x_t)
+  (FedAsync). Δ is taken against the model the worker trained from, so the machine keeps
+  the last ``max_staleness`` + 1 models.
+* A full buffer becomes ``Aggregate`` (off the loop); ``Aggregated`` proposes the commit of
+  version + 1; once ``Committed``, the folded updates are acknowledged (``AckUpdates``)
+  and the version is announced as ``CloseRound(round = model_version = version)``.
+
+Nothing is announced before it is committed: a dispatch is a commit too (the record
+lists every outstanding assignment), so a resumed coordinator knows who is training what
+and re-announces it. Updates stay unacknowledged until the version that folds them is
+committed; after a crash they come back and are accepted again (the record lists them),
+and the record's recent folds make a redelivered, already-committed update a duplicate.
+Updates arriving while a version is being aggregated or committed wait, and are folded
+into the next buffer with the staleness they have then.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedbus.aggregation import fedasync, fedbuff
+from fedbus.aggregation.base import (AggregationRule, ClientUpdate, InvalidUpdate, ServerOptimizer, State,
+                                     is_averageable, validate_update)
+from fedbus.aggregation.fedavg import FedAvg
+from fedbus.aggregation.staleness import Staleness, polynomial
+from fedbus.coordinator.metrics import weighted_means
+from fedbus.coordinator.records import JobRecord
+from fedbus.coordinator.registry import WorkerRegistry
+from fedbus.coordinator.rounds import (AckThrough, Aggregate, Aggregated, AggregationFailed, CloseRound, Commit,
+                                       CommitFailed, Committed, Deferred, DuplicateIgnored, EvalReceived, FinishJob,
+                                       InternalError, MessageRejected, OpenEval, OpenRound, RejectUpdate,
+                                       RoundPolicy, Start, Tick, UpdateReceived, WorkerSeen, close_row)
+from fedbus.crypto.envelopes import Rejection, check_tensors
+from fedbus.protocol.codec import TensorSpec, spec_of
+
+# Folded (worker, ticket) pairs of committed versions remembered, to tell a redelivery after
+# a crash from news; at least this many, and four buffers' worth.
+RECENT_FOLDS = 256
+# Expired assignments whose late update is still welcome (if not too stale), at most.
+LATE_TICKETS = 10_000
+
+
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """``base`` carries what both modes share (versions to commit as ``rounds``, liveness,
+    waiting, caps on claims, final evaluation); ``round_deadline_ms`` is how long an
+    assignment holds its slot."""
+
+    base: RoundPolicy
+    buffer_size: int = 3
+    concurrency: int | None = None
+    staleness: Staleness = field(default_factory=polynomial)
+    max_staleness: int = 10
+    algorithm: str = "fedbuff"  # "fedbuff" | "fedasync"
+    server_lr: float = 1.0
+    alpha: float = 0.6
+
+
+@dataclass(frozen=True)
+class AckUpdates:
+    """These (worker, ticket) updates are committed (or refused after being held): acknowledge them."""
+
+    keys: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    worker: str
+    ticket: int
+    version: int
+    issued_ms: int
+
+
+@dataclass
+class _Buffered:
+    worker: str
+    ticket: int
+    base_version: int
+    digest: bytes
+    samples: int
+    staleness: int = 0
+
+
+class Phase(enum.Enum):
+    CREATED = "created"
+    WAITING_FOR_WORKERS = "waiting_for_workers"
+    RUNNING = "running"
+    EVALUATING = "evaluating"
+    DONE = "done"
+
+
+@dataclass
+class _Pending:
+    seq: int
+    kind: str  # "version" | "dispatch" | "eval" | "finish"
+    announce: list
+
+
+class VersionStateMachine:
+    """Drives one asynchronous job from the initial model to version ``rounds``."""
+
+    def __init__(self, policy: AsyncPolicy, initial_state: State, *, rule: AggregationRule | None = None,
+                 optimizer: ServerOptimizer | None = None, num_workers_total: int | None = None):
+        self.policy = policy
+        self.base = policy.base
+        self.state = initial_state
+        self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
+        self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
+        self.rule = rule or FedAvg()
+        self.rule.check_cohort(policy.buffer_size)
+        self.optimizer = optimizer
+        self.num_workers_total = num_workers_total
+        self.update_groups: tuple[str, ...] = tuple(getattr(self.rule, "update_groups", ()))
+        self.registry = WorkerRegistry(self.base.liveness_ms)
+        self.last_error: str | None = None
+        self.phase = Phase.CREATED
+        self.model_version = 0
+        self.rounds_completed = 0  # versions committed by this job
+        self.round = 0  # the last ticket issued (the sync machine's round, for the service)
+        self.rejections: Counter[str] = Counter()
+        self.accepted_total = 0
+        self.started_ms: int | None = None
+        self.history: dict[int, State] = {0: initial_state}
+        self.outstanding: dict[str, Assignment] = {}
+        self._late_tickets: OrderedDict[tuple[str, int], int] = OrderedDict()  # expired: (w, t) -> version
+        self._declared: dict[str, int] = {}  # sample counts of workers with assignments, committed with them
+        self._last_assigned: dict[str, int] = {}
+        self._buffer: list[_Buffered] = []
+        self._accumulator = self.rule.begin(self.state, self.model_version)
+        self._waiting: list[tuple[UpdateReceived, _Buffered]] = []  # arrived while a version was in flight
+        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # folded into committed versions
+        self._aggregating: Aggregate | None = None
+        self._in_flight: list[_Buffered] = []  # the buffer being aggregated and committed
+        self._pending: _Pending | None = None
+        self._ready: Aggregated | None = None  # an aggregate waiting for a dispatch commit to land
+        self._commit_seq = 0
+        self._version_started_ms = 0
+        self._wait_started_ms = 0
+        self._version_rejections: Counter[str] = Counter()
+        self._train_metrics: list[tuple[float, dict[str, float]]] = []
+        self._resumed: str | None = None  # the committed phase this machine continues from
+        self._reannounce: list[Assignment] = []
+        # final evaluation
+        self.cohort: tuple[str, ...] = ()
+        self.deadline_ms = 0
+        self._eval_reported: set[str] = set()
+        self._eval_metrics: list[tuple[float, dict[str, float]]] = []
+
+    # ---- queries the service uses ------------------------------------------------------
+
+    def accepts_round(self, msg_type: str, round_: int) -> bool:
+        if msg_type == "update":
+            return self.phase is Phase.RUNNING and 0 < round_ <= self.round
+        if msg_type == "eval.report":
+            return self.phase is Phase.EVALUATING and round_ == self.round
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.DONE
+
+    @property
+    def failed_in_a_row(self) -> int:
+        return 0
+
+    def alive_workers(self, now_ms: int) -> list[str]:
+        return self.registry.alive(now_ms)
+
+    def already_accepted(self, worker: str, ticket: int) -> bool:
+        key = (worker, ticket)
+        return key in self._recent or any((b.worker, b.ticket) == key for b in self._held())
+
+    def _held(self) -> list[_Buffered]:
+        return [*self._in_flight, *self._buffer, *(b for _, b in self._waiting)]
+
+    def strategy_state(self) -> dict:
+        out = {}
+        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
+            state_dict = getattr(part, "state_dict", None)
+            if callable(state_dict):
+                out[name] = state_dict()
+        return out
+
+    def sample_cap(self, worker: str) -> int | None:
+        caps = [c for c in (self._declared.get(worker, self.registry.declared(worker)), self.base.max_samples,
+                            self.base.max_samples_by_worker.get(worker)) if c is not None]
+        return min(caps) if caps else None
+
+    def steps_cap(self, sample_cap: int) -> int | None:
+        if self.base.epochs is None or self.base.batch_size is None:
+            return None
+        return self.base.epochs * -(-sample_cap // self.base.batch_size)
+
+    # ---- the single entry point --------------------------------------------------------
+
+    def handle(self, event) -> list:
+        out: list = []
+        try:
+            self._dispatch_event(event, out)
+        except Exception as exc:  # a bug must not swallow decided actions (e.g. a commit)
+            self.last_error = repr(exc)
+            out.append(InternalError(type(event).__name__, repr(exc)))
+        return out
+
+    def _dispatch_event(self, event, out: list) -> None:
+        match event:
+            case Start(now_ms=now):
+                self._on_start(now, out)
+            case WorkerSeen(worker_id=w, num_samples=n, now_ms=now):
+                self.registry.seen(w, n, now)
+                self._progress(now, out)
+            case Tick(now_ms=now):
+                self._on_tick(now, out)
+            case UpdateReceived():
+                self._on_update(event, out)
+                self._progress(event.now_ms, out)
+            case EvalReceived():
+                self._on_eval(event, out)
+            case MessageRejected(reason=reason, count=count):
+                self.rejections[reason] += count
+                self._version_rejections[reason] += count
+            case Aggregated():
+                self._on_aggregated(event, out)
+            case AggregationFailed():
+                self._on_aggregation_failed(event, out)
+            case Committed():
+                self._on_committed(event, out)
+            case CommitFailed():
+                self._on_commit_failed(event, out)
+            case _:
+                raise TypeError(f"unknown event {event!r}")
+
+    # ---- resume --------------------------------------------------------------------------
+
+    def restore(self, record: JobRecord, state: State, strategy_state: dict | None = None,
+                history: Mapping[int, State] | None = None) -> None:
+        """Continue from the last committed record (call before Start).
+
+        Outstanding assignments are re-announced at Start; updates that were accepted but
+        not committed come back unacknowledged and are accepted again; folds of committed
+        versions are remembered so their redeliveries are duplicates."""
+        if self.phase is not Phase.CREATED:
+            raise RuntimeError("restore() must come before Start")
+        if spec_of(state) != self.model_spec:
+            raise ValueError("the committed model does not match the task's model")
+        self.model_version = record.model_version
+        self.rounds_completed = record.rounds_completed
+        self.accepted_total = record.accepted_total
+        self.round = record.round
+        self.state = state
+        self.started_ms = record.started_ms or None
+        self.history = {v: s for v, s in (history or {}).items() if v >= self.model_version - self.policy.max_staleness}
+        self.history[self.model_version] = state
+        if strategy_state:
+            for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
+                if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
+                    part.load_state_dict(strategy_state[name])
+        self._accumulator = self.rule.begin(self.state, self.model_version)
+        a = record.async_state or {}
+        self._declared = {str(k): int(v) for k, v in record.declared.items()}
+        for w, ticket, version in a.get("outstanding", ()):
+            if int(version) in self.history:
+                self._reannounce.append(Assignment(str(w), int(ticket), int(version), 0))
+        for w, ticket, version in [*a.get("late", ()), *a.get("held", ())]:
+            self._late_tickets[(str(w), int(ticket))] = int(version)
+        for w, ticket, digest in a.get("recent", ()):
+            self._recent[(str(w), int(ticket))] = bytes.fromhex(digest)
+        self._resumed = record.phase
+        self.cohort = tuple(record.cohort)
+
+    def _async_state(self) -> dict:
+        held = [[b.worker, b.ticket, b.base_version] for b in self._held()]
+        return {"outstanding": [[a.worker, a.ticket, a.version] for a in self.outstanding.values()],
+                "late": [[w, t, v] for (w, t), v in self._late_tickets.items()],
+                "held": held,
+                "recent": [[w, t, d.hex()] for (w, t), d in self._recent.items()]}
+
+    # ---- transitions -------------------------------------------------------------------
+
+    def _on_start(self, now: int, out: list) -> None:
+        if self.phase is not Phase.CREATED:
+            return
+        if self.started_ms is None:
+            self.started_ms = now
+        self._version_started_ms = now
+        if self._resumed == "evaluating":
+            self._enter_eval(now, self.cohort, out)
+            return
+        if self._resumed:
+            self.phase = Phase.RUNNING
+            # Workers with committed assignments are presumed alive until their heartbeats lapse.
+            for a in self._reannounce:
+                self.registry.seen(a.worker, self._declared.get(a.worker, 0), now)
+            by_ticket: dict[tuple[int, int], list[str]] = {}
+            for a in self._reannounce:
+                self.outstanding[a.worker] = Assignment(a.worker, a.ticket, a.version, now)
+                by_ticket.setdefault((a.ticket, a.version), []).append(a.worker)
+            for (ticket, version), workers in sorted(by_ticket.items()):
+                out.append(self._open(ticket, version, workers, now))
+            self._reannounce = []
+            self._progress(now, out)
+            return
+        self.phase = Phase.WAITING_FOR_WORKERS
+        self._wait_started_ms = now
+        self._progress(now, out)
+
+    def _on_tick(self, now: int, out: list) -> None:
+        if self.phase is Phase.RUNNING:
+            self._expire(now)
+        elif self.phase is Phase.EVALUATING and now >= self.deadline_ms and self._pending is None:
+            self._plan_finish(now, out, "completed")
+            return
+        self._progress(now, out)
+
+    def _expire(self, now: int) -> None:
+        """Assignments past their deadline, or of workers whose heartbeats lapsed, free their
+        slot; their update is still used if it arrives before it is too stale."""
+        alive = set(self.registry.alive(now))
+        for w, a in list(self.outstanding.items()):
+            if now - a.issued_ms > self.base.round_deadline_ms or w not in alive:
+                del self.outstanding[w]
+                self._late_tickets[(w, a.ticket)] = a.version
+                while len(self._late_tickets) > LATE_TICKETS:
+                    self._late_tickets.popitem(last=False)
+
+    def _progress(self, now: int, out: list) -> None:
+        """Whatever can move now: start, aggregate a full buffer, hand out free slots."""
+        if self._pending is not None:
+            return
+        if self.phase is Phase.WAITING_FOR_WORKERS:
+            if len(self.registry.alive(now)) >= self.base.min_workers:
+                self.phase = Phase.RUNNING
+                self._version_started_ms = now
+            elif now - self._wait_started_ms > self.base.wait_for_workers_ms:
+                self._plan_finish(now, out, "not_enough_workers")
+                return
+            else:
+                return
+        if self.phase is not Phase.RUNNING:
+            return
+        if self._aggregating is None and len(self._buffer) >= self.policy.buffer_size:
+            self._begin_aggregation(now, out)
+        if self._pending is None:
+            self._plan_dispatch(now, out)
+
+    def _reject(self, worker: str, ticket: int, reason: str, detail: str, out: list) -> None:
+        self.rejections[reason] += 1
+        self._version_rejections[reason] += 1
+        out.append(RejectUpdate(worker, ticket, reason, detail))
+
+    def _assignment_of(self, worker: str, ticket: int) -> int | None:
+        """The version ``ticket`` asked ``worker`` to train, if it is (or was) assigned."""
+        a = self.outstanding.get(worker)
+        if a is not None and a.ticket == ticket:
+            return a.version
+        return self._late_tickets.get((worker, ticket))
+
+    def _on_update(self, ev: UpdateReceived, out: list) -> None:
+        w, ticket = ev.worker_id, ev.round
+        if self.phase is not Phase.RUNNING:
+            self._reject(w, ticket, "wrong_round", f"the job is {self.phase.value}", out)
+            return
+        key = (w, ticket)
+        seen = self._recent.get(key)
+        if seen is None:
+            seen = next((b.digest for b in self._held() if (b.worker, b.ticket) == key), None)
+        if seen is not None:
+            if ev.digest and seen == ev.digest:
+                out.append(DuplicateIgnored(w, ticket))
+            else:
+                self._reject(w, ticket, "duplicate_update", "", out)
+            return
+        version = self._assignment_of(w, ticket)
+        if version is None:
+            self._reject(w, ticket, "not_in_cohort", f"ticket {ticket} is not assigned to {w}", out)
+            return
+        if ev.base_version is not None and ev.base_version != version:
+            self._reject(w, ticket, "wrong_round", f"trained from version {ev.base_version}, ticket {ticket} "
+                                                   f"assigned version {version}", out)
+            return
+        tau = self.model_version - version
+        if tau > self.policy.max_staleness or version not in self.history:
+            self._free(w, ticket)
+            self._reject(w, ticket, "too_stale", f"trained from version {version}, {tau} versions behind "
+                                                 f"(max_staleness {self.policy.max_staleness})", out)
+            return
+        cap = self.sample_cap(w)
+        if cap is None or ev.update.num_samples > cap:
+            self._reject(w, ticket, "excessive_samples",
+                         f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
+            return
+        steps_cap = self.steps_cap(cap)
+        if steps_cap is not None and ev.update.num_steps > steps_cap:
+            self._reject(w, ticket, "invalid_update",
+                         f"claims {ev.update.num_steps} local steps, at most {steps_cap} for {cap} samples", out)
+            return
+        try:
+            check_tensors(ev.update.state, self.model_spec)
+            groups = {k for k, v in ev.update.extra.items() if isinstance(v, dict)}
+            if groups != set(self.update_groups):
+                raise Rejection("tensor_mismatch", f"tensor groups {sorted(groups)}, expected {list(self.update_groups)}")
+            validate_update(self.state, ev.update)
+        except Rejection as rej:
+            self._reject(w, ticket, rej.reason, rej.detail, out)
+            return
+        except InvalidUpdate as exc:
+            self._reject(w, ticket, "invalid_update", str(exc), out)
+            return
+        entry = _Buffered(w, ticket, version, ev.digest, int(ev.update.num_samples))
+        if self._aggregating is not None or (self._pending is not None and self._pending.kind == "version"):
+            self._waiting.append((ev, entry))  # folded into the next buffer, with the staleness it has then
+        elif not self._fold(ev.update, entry, out):
+            return
+        self._free(w, ticket)
+        self.accepted_total += 1
+        self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
+
+    def _free(self, worker: str, ticket: int) -> None:
+        a = self.outstanding.get(worker)
+        if a is not None and a.ticket == ticket:
+            del self.outstanding[worker]
+        self._late_tickets.pop((worker, ticket), None)
+
+    def _fold(self, update: ClientUpdate, entry: _Buffered, out: list) -> bool:
+        entry.staleness = self.model_version - entry.base_version
+        try:
+            if self.policy.algorithm == "fedasync":
+                c = fedasync.contribution(update.worker_id, float(update.num_samples), update.state, self.state,
+                                          self.model_version, entry.base_version, self.policy.alpha,
+                                          self.policy.staleness, update.extra, num_steps=update.num_steps)
+            else:
+                c = fedbuff.contribution(update.worker_id, float(update.num_samples), update.state,
+                                         self.history[entry.base_version], entry.base_version, self.model_version,
+                                         self.policy.staleness, update.extra, num_steps=update.num_steps)
+            self._accumulator.fold(c)
+        except InvalidUpdate as exc:
+            self._reject(entry.worker, entry.ticket, "invalid_update", str(exc), out)
+            return False
+        self._buffer.append(entry)
+        return True
+
+    def _begin_aggregation(self, now: int, out: list) -> None:
+        self._in_flight, self._buffer = self._buffer, []
+        self._closing_ms = now
+        self._aggregating = _BufferAggregate(self.model_version + 1, self._accumulator, self.state, self.rule,
+                                             self.optimizer, self.num_workers_total or len(self.registry),
+                                             server_lr=self.policy.server_lr)
+        out.append(self._aggregating)
+
+    def _on_aggregated(self, ev: Aggregated, out: list) -> None:
+        if self._aggregating is None or ev.round != self.model_version + 1:
+            return
+        if self._pending is not None:  # a dispatch is being committed: propose the version after it
+            self._ready = ev
+            return
+        self._aggregating = None
+        folded = self._in_flight
+        close = CloseRound(ev.round, ev.round, "aggregated", tuple(b.worker for b in folded),
+                           dict(self._version_rejections), (self._closing_ms - self._version_started_ms) / 1000.0,
+                           ev.state, {**weighted_means(self._train_metrics, "train_"), **ev.metrics},
+                           staleness=tuple(b.staleness for b in folded),
+                           elapsed_s=None if self.started_ms is None else (ev.now_ms - self.started_ms) / 1000.0)
+        self._next_state = ev.state
+        if self.rounds_completed + 1 < self.base.rounds:
+            record = self._record("async", version=ev.round, closing=close)
+        elif self._final_eval_wanted(ev.now_ms):
+            record = self._record("evaluating", version=ev.round, closing=close,
+                                  cohort=tuple(self.registry.alive(ev.now_ms)))
+        else:
+            record = self._record("done", version=ev.round, closing=close, reason="completed")
+        self._propose("version", record, [close], ev.state, out)
+
+    def _on_aggregation_failed(self, ev: AggregationFailed, out: list) -> None:
+        if self._aggregating is None:
+            return
+        # The buffer cannot make a model (e.g. a robust rule's precondition): its updates are
+        # refused and acknowledged, the version is not made, and a fresh buffer starts.
+        self._aggregating = None
+        self.last_error = ev.error
+        for b in self._in_flight:
+            self.accepted_total -= 1
+            self._reject(b.worker, b.ticket, "aggregation_failed", ev.error, out)
+        out.append(AckUpdates(tuple((b.worker, b.ticket) for b in self._in_flight)))
+        self._in_flight = []
+        self._accumulator = self.rule.begin(self.state, self.model_version)
+        self._fold_waiting(out)
+
+    def _final_eval_wanted(self, now: int) -> bool:
+        return self.base.final_eval and bool(self.registry.alive(now))
+
+    # ---- dispatch ----------------------------------------------------------------------
+
+    def _slots(self) -> int:
+        limit = self.policy.concurrency or len(self.registry)
+        return max(0, limit - len(self.outstanding))
+
+    def _plan_dispatch(self, now: int, out: list) -> None:
+        free = self._slots()
+        # While a buffer is being aggregated, a freed worker waits for the new model (a few ms
+        # to seconds) rather than train one that is about to be replaced.
+        if free <= 0 or self._aggregating is not None or self.rounds_completed >= self.base.rounds:
+            return
+        busy = set(self.outstanding)
+        idle = [w for w in self.registry.alive(now) if w not in busy]
+        if not idle:
+            return
+        # Longest idle first; ties broken by a seeded hash, so no worker id is always first.
+        seed = self.base.seed
+
+        def order(w: str) -> tuple[int, bytes]:
+            return self._last_assigned.get(w, -1), hashlib.blake2b(f"{seed}:{w}".encode(), digest_size=8).digest()
+
+        chosen = sorted(idle, key=order)[:free]
+        self.round += 1
+        ticket = self.round
+        for w in chosen:
+            self.outstanding[w] = Assignment(w, ticket, self.model_version, now)
+            self._last_assigned[w] = ticket
+            declared = self.registry.declared(w)
+            if declared is not None:
+                self._declared[w] = declared
+        self._declared = {w: n for w, n in self._declared.items()
+                          if w in self.outstanding or any(b.worker == w for b in self._held())}
+        self._propose("dispatch", self._record("async", version=self.model_version),
+                      [("open", ticket, self.model_version, tuple(chosen))], None, out)
+
+    def _open(self, ticket: int, version: int, workers, now: int) -> OpenRound:
+        told = self.rule.configure(None, version)
+        groups = {k: v for k, v in told.items() if isinstance(v, dict) and v}
+        return OpenRound(ticket, version, tuple(sorted(workers)), now + self.base.round_deadline_ms,
+                         self.history[version], groups)
+
+    # ---- commits -----------------------------------------------------------------------
+
+    def _record(self, phase: str, *, version: int, closing: CloseRound | None = None, reason: str = "",
+                cohort: tuple[str, ...] = ()) -> JobRecord:
+        completed = self.rounds_completed + (1 if closing is not None else 0)
+        return JobRecord(round=self.round, phase=phase, model_version=version, rounds_completed=completed,
+                         cohort=cohort, declared=dict(self._declared), accepted_total=self.accepted_total,
+                         reason=reason, last_close=close_row(closing) if closing else None,
+                         started_ms=self.started_ms or 0, async_state=self._async_state())
+
+    def _propose(self, kind: str, record: JobRecord, announce: list, model: State | None, out: list) -> None:
+        self._commit_seq += 1
+        self._pending = _Pending(self._commit_seq, kind, announce)
+        self._pending_record = record
+        out.append(Commit(self._commit_seq, record, model if model is not None else self.state,
+                          self.strategy_state()))
+
+    def _on_committed(self, ev: Committed, out: list) -> None:
+        pending = self._pending
+        if pending is None or ev.seq != pending.seq:
+            return
+        self._pending = None
+        record = self._pending_record
+        if pending.kind == "version":
+            self._after_version(ev.now_ms, record, pending.announce[0], out)
+        for item in pending.announce:
+            if isinstance(item, tuple) and item[0] == "open":
+                _, ticket, version, workers = item
+                out.append(self._open(ticket, version, workers, ev.now_ms))
+            elif isinstance(item, FinishJob):
+                self.phase = Phase.DONE
+                out.append(item)
+        if record.phase == "evaluating" and self.phase is not Phase.EVALUATING and pending.kind == "version":
+            self._enter_eval(ev.now_ms, record.cohort, out)
+        elif record.phase == "done" and pending.kind == "version":
+            self.phase = Phase.DONE
+            out.append(FinishJob(record.reason, self.rounds_completed, self.model_version, {}))
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self._on_aggregated(ready, out)
+        elif self.phase is Phase.RUNNING:
+            self._progress(ev.now_ms, out)
+
+    def _after_version(self, now: int, record: JobRecord, close: CloseRound, out: list) -> None:
+        folded = self._in_flight
+        self._in_flight = []
+        self.state = self._next_state
+        self.model_version = record.model_version
+        self.rounds_completed = record.rounds_completed
+        self.history[self.model_version] = self.state
+        for v in [v for v in self.history if v < self.model_version - self.policy.max_staleness]:
+            del self.history[v]
+        keep = max(RECENT_FOLDS, 4 * self.policy.buffer_size)
+        for b in folded:
+            self._recent[(b.worker, b.ticket)] = b.digest
+        while len(self._recent) > keep:
+            self._recent.popitem(last=False)
+        out.append(AckUpdates(tuple((b.worker, b.ticket) for b in folded)))
+        out.append(close)
+        self._version_rejections = Counter()
+        self._train_metrics = []
+        self._version_started_ms = now
+        self._accumulator = self.rule.begin(self.state, self.model_version)
+        if record.phase == "async":
+            self._fold_waiting(out)
+
+    def _fold_waiting(self, out: list) -> None:
+        waiting, self._waiting = self._waiting, []
+        refused = []
+        for ev, entry in waiting:
+            tau = self.model_version - entry.base_version
+            if tau > self.policy.max_staleness or entry.base_version not in self.history:
+                self.accepted_total -= 1
+                self._reject(entry.worker, entry.ticket, "too_stale",
+                             f"trained from version {entry.base_version}, {tau} versions behind", out)
+                refused.append((entry.worker, entry.ticket))
+            elif not self._fold(ev.update, entry, out):
+                self.accepted_total -= 1
+                refused.append((entry.worker, entry.ticket))
+        if refused:
+            out.append(AckUpdates(tuple(refused)))
+
+    def _on_commit_failed(self, ev: CommitFailed, out: list) -> None:
+        pending = self._pending
+        if pending is None or ev.seq != pending.seq:
+            return
+        self._pending = None
+        self.last_error = ev.error
+        self.phase = Phase.DONE
+        out.append(FinishJob("commit_failed", self.rounds_completed, self.model_version, {}))
+
+    # ---- the end ------------------------------------------------------------------------
+
+    def _plan_finish(self, now: int, out: list, reason: str) -> None:
+        metrics = weighted_means(self._eval_metrics, "federated_") if self.phase is Phase.EVALUATING else {}
+        finish = FinishJob(reason, self.rounds_completed, self.model_version, metrics)
+        self._propose("finish", self._record("done", version=self.model_version, reason=reason), [finish], None, out)
+
+    def _enter_eval(self, now: int, cohort, out: list) -> None:
+        self.phase = Phase.EVALUATING
+        self.outstanding.clear()
+        self.round += 1
+        self.cohort = tuple(cohort)
+        self.deadline_ms = now + self.base.final_eval_deadline_ms
+        out.append(OpenEval(self.round, self.model_version, self.cohort, self.deadline_ms, self.state))
+
+    def _on_eval(self, ev: EvalReceived, out: list) -> None:
+        if self.phase is not Phase.EVALUATING or ev.round != self.round:
+            self._reject(ev.worker_id, ev.round, "wrong_round", "", out)
+            return
+        if ev.worker_id not in self.cohort:
+            self._reject(ev.worker_id, ev.round, "not_in_cohort", "", out)
+            return
+        if ev.worker_id in self._eval_reported:
+            self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
+            return
+        self._eval_reported.add(ev.worker_id)
+        cap = self.sample_cap(ev.worker_id)
+        weight = ev.num_samples if cap is None else min(ev.num_samples, cap)
+        if weight > 0:
+            self._eval_metrics.append((float(weight), ev.metrics))
+        if self._eval_reported >= set(self.cohort) and self._pending is None:
+            self._plan_finish(ev.now_ms, out, "completed")
+
+
+@dataclass(frozen=True)
+class _BufferAggregate(Aggregate):
+    """A buffer's aggregate, applied with the server learning rate (FedBuff's η_g)."""
+
+    server_lr: float = 1.0
+
+    def compute(self) -> State:
+        proposal = self.accumulator.finalize()
+        if self.server_lr != 1.0:
+            proposal = fedbuff.step(self.base_state, self.base_state, proposal, self.server_lr)
+        new_state = self.optimizer.step(self.base_state, proposal) if self.optimizer else proposal
+        self.rule.commit(self.accumulator, self.num_workers_total)
+        return new_state
+
+
+__all__ = ["AsyncPolicy", "AckUpdates", "Assignment", "VersionStateMachine", "AckThrough", "Deferred"]
