@@ -22,6 +22,15 @@ per idle worker), and each update's delivery is independent of every other's.
 **Rows.** One per ``CloseRound`` (a committed version, or a failed sync round): the
 coordinator's ``close_row`` plus ``elapsed_s`` (virtual seconds since the job started),
 ``staleness`` (one int per folded update) and the server test metrics.
+
+**Many workers.** Simulated workers share one training module (each Train loads the
+received model into it) and keep no sent updates, so 1,000 workers cost ~90 MB beyond
+PyTorch itself (digits MLP; in-flight updates included). Partitions are the task's: the
+digits pool has 1,437 samples, so 1,000 workers need ``task_params: {partition: iid}``
+(1 or 2 training samples each, no validation split). A Dirichlet split cannot give every
+one of 1,000 workers even one sample (any alpha, ``min_partition_size: 1``): the run is
+refused with the task's message (``SimSetupError``). The simulator does not split data
+itself, so a simulated worker holds exactly what a deployed one would.
 """
 
 from __future__ import annotations
