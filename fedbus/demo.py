@@ -247,7 +247,7 @@ def describe_traces(spans_path: Path, num_workers: int) -> str:
     rounds = complete = 0
     for spans in traces.values():
         root = next((s for s in spans if s["parent_span_id"] is None), None)
-        if root is None or root["name"] != "round":
+        if root is None or root["name"] not in ("round", "version"):  # async: one trace per model version
             continue
         rounds += 1
         children = [s for s in spans if s["parent_span_id"] == root["span_id"]]
@@ -256,8 +256,9 @@ def describe_traces(spans_path: Path, num_workers: int) -> str:
         if all(len(w) == num_workers for w in workers):
             complete += 1
     total = sum(len(v) for v in traces.values())
-    return (f"traces in {spans_path.name}: {len(traces)} ({total} spans); {rounds} round traces, {complete} of them "
-            f"with the coordinator's round span and fetch/train/upload spans from all {num_workers} workers")
+    return (f"traces in {spans_path.name}: {len(traces)} ({total} spans); {rounds} round/version traces, {complete} "
+            f"of them with the coordinator's root span and fetch/train/upload spans from all {num_workers} workers "
+            f"(an async version's trace holds only the workers it folded)")
 
 
 def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
@@ -279,7 +280,8 @@ def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
     med = summary.get("median_round_seconds")
     lines.append("")
     lines.append(f"job {summary['job']}: {summary['reason']}, {summary['rounds_completed']} {unit}s in "
-                 f"{summary['wall_seconds']:.1f} s; median round {med * 1000 if med else float('nan'):.1f} ms")
+                 f"{summary['wall_seconds']:.1f} s" + (f"; median round {med * 1000:.1f} ms" if unit == "round" and med
+                                                        else ""))
     if final is not None:
         lines.append(f"final global test accuracy {final:.4f} (loss {summary.get('final_loss'):.4f})")
     fed = summary.get("final_metrics", {}).get("federated_accuracy")
