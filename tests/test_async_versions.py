@@ -262,9 +262,9 @@ def test_crash_with_a_half_full_buffer_loses_nothing_and_folds_nothing_twice():
     # Committed assignments are announced again (a dispatch may have died before its publish).
     reopened = {w for o in opens(out) for w in o.cohort}
     assert {w for w, _, _ in committed.record.async_state["outstanding"]} <= reopened
-    nxt = {w: o.round for o in opens(out + back + dup) for w in o.cohort}
-    w = next(iter(nxt))
-    final = drive(m2, UpdateReceived(w, nxt[w], ClientUpdate(w, 10, model(2.0)), 103, digest=b"z",
+    w = sorted(m2.outstanding)[0]
+    final = drive(m2, UpdateReceived(w, m2.outstanding[w].ticket, ClientUpdate(w, 10, model(2.0)), 103, digest=b"z",
                                      base_version=m2.outstanding[w].version))
     close = next(a for a in final if isinstance(a, CloseRound))
-    assert close.model_version == 2 and "c" in close.accepted and close.accepted.count("c") == 1
+    pairs = list(zip(close.accepted, close.tickets))
+    assert close.model_version == 2 and pairs.count(("c", t["c"])) == 1 and close.staleness[0] == 1

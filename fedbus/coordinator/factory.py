@@ -74,7 +74,9 @@ def machine_for(job: JobSpec, initial_state: State, num_workers_total: int,
     """The job's machine: sync rounds, or async versions (same events and actions)."""
     rule, optimizer = rule_for(job), build_server_optimizer(job.server_optimizer)
     if job.mode == "async":
-        return VersionStateMachine(async_policy_from(job, federation), initial_state, rule=rule, optimizer=optimizer,
+        policy = async_policy_from(job, federation)
+        policy = dataclasses.replace(policy, base=dataclasses.replace(policy.base, reopened_min_ms=reopened_min_ms))
+        return VersionStateMachine(policy, initial_state, rule=rule, optimizer=optimizer,
                                    num_workers_total=num_workers_total)
     policy = dataclasses.replace(policy_from(job, federation), reopened_min_ms=reopened_min_ms)
     return RoundStateMachine(policy, initial_state, rule=rule, optimizer=optimizer,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 import torch
@@ -42,6 +42,7 @@ class CommittedJob:
     record: JobRecord
     model: State
     strategy_state: dict
+    history: dict[int, State] = field(default_factory=dict)  # earlier versions' models still needed
 
 
 def _escape_key(key: str) -> str:
@@ -90,8 +91,12 @@ def unflatten_state(tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> 
 
 
 class JobStateStore:
-    def __init__(self, nc, js, job_id: str, identity: Identity):
+    def __init__(self, nc, js, job_id: str, identity: Identity, *, keep_versions: int = 0):
         self.nc = nc
+        # Earlier versions whose models the record keeps pointing at (async: the bases of
+        # stale updates; sync with late_updates: next_round: the last round's base).
+        self.keep_versions = keep_versions
+        self._history: list[tuple[int, dict]] = []
         self.js = js
         self.job_id = job_id
         self.identity = identity
@@ -122,11 +127,16 @@ class JobStateStore:
             # must not overwrite the object the current record points at.
             name = f"{self.job_id}/v{record.model_version}/{os.urandom(6).hex()}"
             ref = await self.models.put(name, data)
+            if self._model_ref is not None and self._model_version is not None and self.keep_versions > 0:
+                self._history.append((self._model_version, self._model_ref))
+                self._history = [(v, r) for v, r in self._history
+                                 if v >= record.model_version - self.keep_versions][-self.keep_versions:]
             self._model_ref = {"bucket": ref.bucket, "name": ref.name, "size": ref.size, "digest": ref.digest}
             self._kinds = kinds
             self._model_version = record.model_version
         doc = {"job": self.job_id, "run": run, "record": record.as_dict(), "model": self._model_ref,
-               "strategy_kinds": self._kinds, "coordinator": self.identity.id, "updated_ms": now_ms}
+               "strategy_kinds": self._kinds, "coordinator": self.identity.id, "updated_ms": now_ms,
+               "history": [[v, r] for v, r in self._history]}
         value = self._signed(doc)
         kv = await self._kv()
         if self.revision is None:
@@ -156,11 +166,24 @@ class JobStateStore:
         tensors = await asyncio.to_thread(lambda: dict(decode_tensors(data)))
         model = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
         strategy = unflatten_state(tensors, kinds)
+        history: dict[int, State] = {}
+        kept: list[tuple[int, dict]] = []
+        for item in doc.get("history", [])[-max(self.keep_versions, 0):] if self.keep_versions else []:
+            try:
+                version, old = int(item[0]), item[1]
+                raw = await self.models.get(old["name"], expected_size=old["size"], expected_digest=old["digest"])
+            except Exception as exc:  # a lost old model only makes its stale updates unusable
+                log.warning("jobstate.history_unavailable", version=item[0] if item else None, error=repr(exc))
+                continue
+            old_tensors = await asyncio.to_thread(lambda raw=raw: dict(decode_tensors(raw)))
+            history[version] = {k[len(MODEL_PREFIX):]: v for k, v in old_tensors.items() if k.startswith(MODEL_PREFIX)}
+            kept.append((version, old))
         self.revision = entry.revision
         self._model_ref = ref
         self._kinds = kinds
         self._model_version = record.model_version
-        return CommittedJob(doc["run"], record, model, strategy.get("strategy", {}))
+        self._history = kept
+        return CommittedJob(doc["run"], record, model, strategy.get("strategy", {}), history)
 
     def _signed(self, doc: dict) -> bytes:
         body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

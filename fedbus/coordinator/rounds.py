@@ -214,6 +214,7 @@ class CloseRound:
     late: tuple[str, ...] = ()
     staleness: tuple[int, ...] = ()
     elapsed_s: float | None = None  # seconds since the job started (first incarnation) at the close
+    tickets: tuple[int, ...] = ()  # async: the assignment each folded update answered (one per accepted)
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,8 @@ def close_row(close: CloseRound) -> dict:
            **{k: float(v) for k, v in close.metrics.items()}}
     if close.elapsed_s is not None:
         row["elapsed_s"] = round(close.elapsed_s, 3)
+    if close.tickets:
+        row["tickets"] = list(close.tickets)
     return row
 
 

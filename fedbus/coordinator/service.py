@@ -31,7 +31,7 @@ from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
-from fedbus.coordinator.factory import machine_for
+from fedbus.coordinator.factory import history_versions, machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
 from fedbus.rejections import RejectionLedger
 from fedbus.coordinator.ratelimit import TokenBuckets
@@ -45,6 +45,7 @@ from fedbus.coordinator.rounds import (
     Commit,
     CommitFailed,
     Committed,
+    Deferred,
     DuplicateIgnored,
     EvalReceived,
     FinishJob,
@@ -60,6 +61,7 @@ from fedbus.coordinator.rounds import (
     close_row,
 )
 from fedbus.coordinator.summary import RunSummary
+from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
@@ -131,9 +133,10 @@ class CoordinatorService:
                                       lambda sender: self.federation.get(sender) is not None)
         self.hb_buckets = TokenBuckets(sec.rate.heartbeats_per_s, sec.rate.heartbeat_burst)
         self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
-        # Accepted updates are acknowledged only once their round is committed: a crash
-        # before that leaves them in the stream for the next coordinator (see jobstate).
-        self._unacked: dict[int, list] = {}
+        # Accepted updates are acknowledged only once the model that folds them is committed:
+        # a crash before that leaves them in the stream for the next coordinator (see
+        # jobstate). Keyed by (round, worker) — in async mode (ticket, worker).
+        self._unacked: dict[tuple[int, str], list] = {}
         self._held_nonces: set[bytes] = set()
         # nonce -> stream sequence of recently accepted updates (bounded): tells a redelivery
         # from a replay when a server restart has reset delivery counts
@@ -163,7 +166,8 @@ class CoordinatorService:
         write_summary = True
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
-            self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity)
+            self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity,
+                                          keep_versions=history_versions(self.job))
             if self.resume:
                 if not await self._restore():
                     write_summary = False  # a finished job's results stay as they are
@@ -229,7 +233,7 @@ class CoordinatorService:
             log.info("coordinator.already_done", job=self.job.job, run=self.run_id,
                      reason=committed.record.reason, rounds_completed=committed.record.rounds_completed)
             return False
-        self.machine.restore(committed.record, committed.model, committed.strategy_state)
+        self.machine.restore(committed.record, committed.model, committed.strategy_state, committed.history)
         previous = RunSummary.load(self.run_dir / "summary.json", run=self.run_id)
         if previous is not None:
             self.summary = previous
@@ -423,8 +427,11 @@ class CoordinatorService:
                         await msg.in_progress()
 
     async def _ack_through(self, round_: int) -> None:
-        for r in sorted(k for k in self._unacked if k <= round_):
-            for msg in self._unacked.pop(r):
+        await self._ack([k for k in self._unacked if k[0] <= round_])
+
+    async def _ack(self, keys) -> None:
+        for key in sorted(keys):
+            for msg in self._unacked.pop(key, ()):
                 with contextlib.suppress(Exception):
                     await msg.ack()
         if not self._unacked:
@@ -479,7 +486,11 @@ class CoordinatorService:
                 and isinstance(a, (RejectUpdate, DuplicateIgnored))]
         if mine:
             return False
-        self._unacked.setdefault(event.round, []).append(msg)  # acked when the round commits
+        # Held until the model that folds it is committed: its round's, or for a late update
+        # (late_updates: next_round) the next round's.
+        until = next((a.until_round for a in actions if isinstance(a, Deferred) and a.worker_id == event.worker_id),
+                     event.round)
+        self._unacked.setdefault((until, event.worker_id), []).append(msg)
         self._held_nonces.add(got.header.nonce)
         self._accepted_nonces[got.header.nonce] = _seq(msg)
         while len(self._accepted_nonces) > ACCEPTED_NONCES:
@@ -503,7 +514,10 @@ class CoordinatorService:
             # (A server restart can forget delivery counts: the same nonce at the same stream
             # sequence is the message we accepted; at another sequence it is a replay.)
             if header.nonce in self._held_nonces:
-                self._unacked.setdefault(header.round, []).append(msg)
+                key = (header.round, header.sender)
+                if key not in self._unacked:  # a late update held for the round after its own
+                    key = next((k for k in self._unacked if k[1] == header.sender and k[0] > header.round), key)
+                self._unacked.setdefault(key, []).append(msg)
             log.debug("update.redelivered", sender=header.sender, round=header.round, delivered=delivered)
             return True
         if rej.reason == "wrong_round" and (self.machine.already_accepted(header.sender, header.round)
@@ -565,6 +579,11 @@ class CoordinatorService:
                 await self._commit(action)
             case AckThrough():
                 await self._ack_through(action.round)
+            case AckUpdates():
+                await self._ack((ticket, worker) for worker, ticket in action.keys)
+            case Deferred():
+                log.debug("update.deferred", worker=action.worker_id, round=action.round,
+                          until_round=action.until_round)
             case OpenRound():
                 await self._open_round(action)
             case CloseRound():
@@ -613,16 +632,33 @@ class CoordinatorService:
         self.exit_code = 1
         self._feed(CommitFailed(c.seq, repr(error), now_ms()))
 
-    async def _open_round(self, a: OpenRound) -> None:
+    def _span_for(self, a: OpenRound):
+        """The trace a round.open belongs to: its round's, or in async mode the next
+        version's (one trace per model version: every assignment on version v is work
+        towards v + 1, whose span the version's commit ends)."""
+        if self.job.mode == "async":
+            key = a.model_version + 1
+            if key not in self._round_spans:
+                self._round_spans[key] = self.tracer.start_span("version", attributes={
+                    "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.model_version": key,
+                    "fedbus.base_version": a.model_version})
+            return self._round_spans[key]
         span = self.tracer.start_span("round", attributes={
             "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.round": a.round,
             "fedbus.model_version": a.model_version, "fedbus.cohort_size": len(a.cohort)})
         self._round_spans[a.round] = span
+        return span
+
+    async def _open_round(self, a: OpenRound) -> None:
+        span = self._span_for(a)
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
         body, tensors = round_open_message(self.job, a)
         await self.messenger.publish(self.subjects.ctl("round.open"), body, tensors,
                                      round=a.round, trace=traceparent, run=self.run_id)
-        log.info("round.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
+        if self.job.mode == "async":
+            log.info("work.assigned", ticket=a.round, model_version=a.model_version, workers=len(a.cohort))
+        else:
+            log.info("round.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))
 
     def _evaluate(self, state) -> dict[str, float]:
         if self.test_data is None:
@@ -648,8 +684,9 @@ class CoordinatorService:
                                  model_version=a.model_version,
                                  accepted=list(a.accepted))
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
-        log.info("round.closed", round=a.round, status=a.status, seconds=round(a.seconds, 4),
-                 accepted=len(a.accepted), **{k: round(v, 4) for k, v in metrics.items()})
+        log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
+                 status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),
+                 staleness=list(a.staleness), **{k: round(v, 4) for k, v in metrics.items()})
         if span:
             span.set_attribute("fedbus.status", a.status)
             span.set_attribute("fedbus.accepted", len(a.accepted))

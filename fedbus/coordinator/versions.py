@@ -95,6 +95,7 @@ class _Buffered:
     digest: bytes
     samples: int
     staleness: int = 0
+    excused: bool = False  # accepted by a dead predecessor: not refused for staleness
 
 
 class Phase(enum.Enum):
@@ -155,6 +156,10 @@ class VersionStateMachine:
         self._version_rejections: Counter[str] = Counter()
         self._train_metrics: list[tuple[float, dict[str, float]]] = []
         self._resumed: str | None = None  # the committed phase this machine continues from
+        # Held updates of a dead predecessor not seen again yet, and until when the last
+        # version waits for them (they come back on a resend or after the stream's ack wait).
+        self._expected_back: set[tuple[str, int]] = set()
+        self._expect_until_ms = 0
         self._reannounce: list[Assignment] = []
         # final evaluation
         self.cohort: tuple[str, ...] = ()
@@ -277,8 +282,15 @@ class VersionStateMachine:
         for w, ticket, version in a.get("outstanding", ()):
             if int(version) in self.history:
                 self._reannounce.append(Assignment(str(w), int(ticket), int(version), 0))
-        for w, ticket, version in [*a.get("late", ()), *a.get("held", ())]:
+        for w, ticket, version in a.get("late", ()):
             self._late_tickets[(str(w), int(ticket))] = int(version)
+        for w, ticket, version in a.get("held", ()):
+            # Accepted by the dead coordinator, never committed: redelivered once the stream's
+            # ack wait passes, and announced again at Start so that the worker resends it now.
+            self._late_tickets[(str(w), int(ticket))] = int(version)
+            self._expected_back.add((str(w), int(ticket)))
+            if int(version) in self.history:
+                self._reannounce.append(Assignment(str(w), int(ticket), int(version), 0))
         for w, ticket, digest in a.get("recent", ()):
             self._recent[(str(w), int(ticket))] = bytes.fromhex(digest)
         self._resumed = record.phase
@@ -308,8 +320,10 @@ class VersionStateMachine:
             for a in self._reannounce:
                 self.registry.seen(a.worker, self._declared.get(a.worker, 0), now)
             by_ticket: dict[tuple[int, int], list[str]] = {}
+            self._expect_until_ms = now + self.base.reopened_min_ms
             for a in self._reannounce:
-                self.outstanding[a.worker] = Assignment(a.worker, a.ticket, a.version, now)
+                if (a.worker, a.ticket) not in self._expected_back:
+                    self.outstanding[a.worker] = Assignment(a.worker, a.ticket, a.version, now)
                 by_ticket.setdefault((a.ticket, a.version), []).append(a.worker)
             for (ticket, version), workers in sorted(by_ticket.items()):
                 out.append(self._open(ticket, version, workers, now))
@@ -335,12 +349,17 @@ class VersionStateMachine:
         for w, a in list(self.outstanding.items()):
             if now - a.issued_ms > self.base.round_deadline_ms or w not in alive:
                 del self.outstanding[w]
-                self._late_tickets[(w, a.ticket)] = a.version
-                while len(self._late_tickets) > LATE_TICKETS:
-                    self._late_tickets.popitem(last=False)
+                self._remember_late((w, a.ticket), a.version)
+
+    def _remember_late(self, key: tuple[str, int], version: int) -> None:
+        self._late_tickets[key] = version
+        while len(self._late_tickets) > LATE_TICKETS:
+            self._late_tickets.popitem(last=False)
 
     def _progress(self, now: int, out: list) -> None:
         """Whatever can move now: start, aggregate a full buffer, hand out free slots."""
+        if self._can_aggregate(now):
+            self._begin_aggregation(now, out)  # (its commit waits for any dispatch being committed)
         if self._pending is not None:
             return
         if self.phase is Phase.WAITING_FOR_WORKERS:
@@ -354,10 +373,18 @@ class VersionStateMachine:
                 return
         if self.phase is not Phase.RUNNING:
             return
-        if self._aggregating is None and len(self._buffer) >= self.policy.buffer_size:
+        if self._can_aggregate(now):
             self._begin_aggregation(now, out)
         if self._pending is None:
             self._plan_dispatch(now, out)
+
+    def _can_aggregate(self, now: int) -> bool:
+        if self.phase is not Phase.RUNNING or self._in_flight or len(self._buffer) < self.policy.buffer_size:
+            return False
+        # The last version waits (a bounded while) for updates a dead predecessor held: the
+        # job must not end without them.
+        last = self.rounds_completed + 1 >= self.base.rounds
+        return not (last and self._expected_back and now < self._expect_until_ms)
 
     def _reject(self, worker: str, ticket: int, reason: str, detail: str, out: list) -> None:
         self.rejections[reason] += 1
@@ -395,8 +422,12 @@ class VersionStateMachine:
                                                    f"assigned version {version}", out)
             return
         tau = self.model_version - version
-        if tau > self.policy.max_staleness or version not in self.history:
+        # An update a dead predecessor had accepted keeps its place even if versions were made
+        # while it came back (as long as the model it trained from is still known).
+        excused = key in self._expected_back
+        if (tau > self.policy.max_staleness and not excused) or version not in self.history:
             self._free(w, ticket)
+            self._remember_late(key, version)  # a copy of it (a worker's resend) gets the same answer
             self._reject(w, ticket, "too_stale", f"trained from version {version}, {tau} versions behind "
                                                  f"(max_staleness {self.policy.max_staleness})", out)
             return
@@ -422,9 +453,12 @@ class VersionStateMachine:
         except InvalidUpdate as exc:
             self._reject(w, ticket, "invalid_update", str(exc), out)
             return
-        entry = _Buffered(w, ticket, version, ev.digest, int(ev.update.num_samples))
-        if self._aggregating is not None or (self._pending is not None and self._pending.kind == "version"):
-            self._waiting.append((ev, entry))  # folded into the next buffer, with the staleness it has then
+        entry = _Buffered(w, ticket, version, ev.digest, int(ev.update.num_samples), excused=excused)
+        self._expected_back.discard(key)
+        if self._in_flight or len(self._buffer) >= self.policy.buffer_size:
+            # A version is being made from a full buffer: this one goes into the next buffer,
+            # folded against the new model with the staleness it has then.
+            self._waiting.append((ev, entry))
         elif not self._fold(ev.update, entry, out):
             return
         self._free(w, ticket)
@@ -474,7 +508,7 @@ class VersionStateMachine:
         close = CloseRound(ev.round, ev.round, "aggregated", tuple(b.worker for b in folded),
                            dict(self._version_rejections), (self._closing_ms - self._version_started_ms) / 1000.0,
                            ev.state, {**weighted_means(self._train_metrics, "train_"), **ev.metrics},
-                           staleness=tuple(b.staleness for b in folded),
+                           staleness=tuple(b.staleness for b in folded), tickets=tuple(b.ticket for b in folded),
                            elapsed_s=None if self.started_ms is None else (ev.now_ms - self.started_ms) / 1000.0)
         self._next_state = ev.state
         if self.rounds_completed + 1 < self.base.rounds:
@@ -514,7 +548,9 @@ class VersionStateMachine:
         free = self._slots()
         # While a buffer is being aggregated, a freed worker waits for the new model (a few ms
         # to seconds) rather than train one that is about to be replaced.
-        if free <= 0 or self._aggregating is not None or self.rounds_completed >= self.base.rounds:
+        last = self.rounds_completed + 1 >= self.base.rounds and len(self._buffer) + len(self._waiting) >= \
+            self.policy.buffer_size
+        if free <= 0 or self._in_flight or last or self.rounds_completed >= self.base.rounds:
             return
         busy = set(self.outstanding)
         idle = [w for w in self.registry.alive(now) if w not in busy]
@@ -613,11 +649,13 @@ class VersionStateMachine:
             self._fold_waiting(out)
 
     def _fold_waiting(self, out: list) -> None:
-        waiting, self._waiting = self._waiting, []
+        """Fold updates that waited for the new model, oldest first, up to a full buffer
+        (FedBuff aggregates exactly buffer_size updates; the rest wait for the next)."""
         refused = []
-        for ev, entry in waiting:
+        while self._waiting and len(self._buffer) < self.policy.buffer_size:
+            ev, entry = self._waiting.pop(0)
             tau = self.model_version - entry.base_version
-            if tau > self.policy.max_staleness or entry.base_version not in self.history:
+            if (tau > self.policy.max_staleness and not entry.excused) or entry.base_version not in self.history:
                 self.accepted_total -= 1
                 self._reject(entry.worker, entry.ticket, "too_stale",
                              f"trained from version {entry.base_version}, {tau} versions behind", out)
