@@ -268,3 +268,38 @@ def test_crash_with_a_half_full_buffer_loses_nothing_and_folds_nothing_twice():
     close = next(a for a in final if isinstance(a, CloseRound))
     pairs = list(zip(close.accepted, close.tickets))
     assert close.model_version == 2 and pairs.count(("c", t["c"])) == 1 and close.staleness[0] == 1
+
+
+def test_a_robust_rule_aggregates_the_buffer_of_discounted_deltas():
+    """Coordinate-wise median over the buffer: one wild update cannot move the model."""
+    from fedbus.aggregation.specs import MedianSpec, build_rule
+
+    rule = build_rule(MedianSpec(name="median", f=1))
+    pol = AsyncPolicy(base=base_policy(rounds=1, min_workers=3), buffer_size=3, staleness=constant())
+    m = VersionStateMachine(pol, model(0.0), rule=rule)
+    out = start(m, ["a", "b", "c"])
+    t = {w: o.round for o in opens(out) for w in o.cohort}
+    update(m, "a", t["a"], 0, model(1.0))
+    update(m, "b", t["b"], 0, model(1e6))   # an attacker's update
+    out = update(m, "c", t["c"], 0, model(3.0))
+    assert any(isinstance(a, CloseRound) for a in out)
+    assert torch.allclose(m.state["w"], torch.tensor([3.0, 6.0]))  # the median of (1, 3, 1e6)
+
+
+def test_a_held_update_excused_after_a_resume_is_folded_even_if_versions_passed():
+    """A dead predecessor accepted it; the resumed machine made versions before it came back.
+    It is folded (its base model is still known) rather than refused as too_stale."""
+    from fedbus.coordinator.records import JobRecord
+
+    m = machine(buffer_size=1, rounds=6, concurrency=2, max_staleness=1)
+    record = JobRecord(round=3, phase="async", model_version=2, rounds_completed=2, declared={"a": 1000, "b": 1000},
+                       async_state={"outstanding": [["b", 3, 2]], "late": [], "held": [["a", 2, 1]], "recent": []})
+    m.restore(record, model(2.0), {}, {1: model(1.0), 2: model(2.0)})
+    out = start(m, ["a", "b"], now=5)
+    assert {("a", 2), ("b", 3)} <= {(w, o.round) for o in opens(out) for w in o.cohort}  # both told again
+    update(m, "b", 3, 2, model(2.5), now=6)     # version 3
+    update(m, "b", m.outstanding["b"].ticket, 3, model(3.0), now=7)  # version 4: a's base is 3 versions back
+    out = update(m, "a", 2, 1, model(1.5), now=8)
+    assert not [r for r in out if isinstance(r, RejectUpdate)]
+    close = next(a for a in out if isinstance(a, CloseRound))
+    assert close.accepted == ("a",) and close.staleness == (3,)

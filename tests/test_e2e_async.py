@@ -97,5 +97,17 @@ def test_async_fedbuff_survives_a_coordinator_kill_with_a_half_full_buffer(nats_
     assert summary["updates_rejected"].get("too_stale", 0) >= 1, summary["updates_rejected"]
     assert set(summary["updates_rejected"]) <= {"too_stale", "wrong_round"}, summary["updates_rejected"]
     assert summary["final_accuracy"] > 0.85, context
+    # One trace per model version: every version the resumed coordinator committed has one
+    # "version" span of its own trace, and the workers' training spans hang in those traces.
+    spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+    after_kill = range(record["model_version"] + 1, job.rounds + 1)
+    version_spans = [s for s in spans if s["name"] == "version"
+                     and s["attributes"]["fedbus.model_version"] in after_kill]
+    by_version = Counter(s["attributes"]["fedbus.model_version"] for s in version_spans)
+    assert sorted(by_version) == list(after_kill) and set(by_version.values()) == {1}, by_version
+    traces = {s["trace_id"] for s in version_spans}
+    assert len(traces) == len(after_kill)
+    trained = [s for s in spans if s["name"] == "worker.train" and s["trace_id"] in traces]
+    assert len(trained) >= len(after_kill) * BUFFER
     log = (tmp_path / "logs" / "coordinator.log").read_text() + (tmp_path / "logs" / "coordinator-resumed.log").read_text()
     assert '"version.committed"' in log and '"work.assigned"' in log

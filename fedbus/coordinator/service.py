@@ -633,21 +633,23 @@ class CoordinatorService:
         self._feed(CommitFailed(c.seq, repr(error), now_ms()))
 
     def _span_for(self, a: OpenRound):
-        """The trace a round.open belongs to: its round's, or in async mode the next
-        version's (one trace per model version: every assignment on version v is work
-        towards v + 1, whose span the version's commit ends)."""
+        """The trace a round.open belongs to: its round's, or in async mode the trace of the
+        version being built (one trace per model version: any assignment handed out while
+        version v + 1 is built is work towards it, whatever model it carries)."""
         if self.job.mode == "async":
-            key = a.model_version + 1
-            if key not in self._round_spans:
-                self._round_spans[key] = self.tracer.start_span("version", attributes={
-                    "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.model_version": key,
-                    "fedbus.base_version": a.model_version})
-            return self._round_spans[key]
+            return self._version_span()
         span = self.tracer.start_span("round", attributes={
             "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.round": a.round,
             "fedbus.model_version": a.model_version, "fedbus.cohort_size": len(a.cohort)})
         self._round_spans[a.round] = span
         return span
+
+    def _version_span(self):
+        key = self.machine.model_version + 1
+        if key not in self._round_spans:
+            self._round_spans[key] = self.tracer.start_span("version", attributes={
+                "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.model_version": key})
+        return self._round_spans[key]
 
     async def _open_round(self, a: OpenRound) -> None:
         span = self._span_for(a)
@@ -690,9 +692,13 @@ class CoordinatorService:
         if span:
             span.set_attribute("fedbus.status", a.status)
             span.set_attribute("fedbus.accepted", len(a.accepted))
+            if a.staleness:
+                span.set_attribute("fedbus.staleness", list(a.staleness))
             for k, v in metrics.items():
                 span.set_attribute(f"fedbus.{k}", v)
             span.end()
+        if self.job.mode == "async" and self.machine.rounds_completed < self.job.rounds:
+            self._version_span()  # the next version's trace starts when this one is committed
 
     async def _open_eval(self, a: OpenEval) -> None:
         span = self.tracer.start_span("final_evaluation", attributes={

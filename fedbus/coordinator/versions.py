@@ -158,7 +158,7 @@ class VersionStateMachine:
         self._resumed: str | None = None  # the committed phase this machine continues from
         # Held updates of a dead predecessor not seen again yet, and until when the last
         # version waits for them (they come back on a resend or after the stream's ack wait).
-        self._expected_back: set[tuple[str, int]] = set()
+        self._expected_back: dict[tuple[str, int], int] = {}  # -> the version it trained from (kept)
         self._expect_until_ms = 0
         self._reannounce: list[Assignment] = []
         # final evaluation
@@ -270,7 +270,7 @@ class VersionStateMachine:
         self.round = record.round
         self.state = state
         self.started_ms = record.started_ms or None
-        self.history = {v: s for v, s in (history or {}).items() if v >= self.model_version - self.policy.max_staleness}
+        self.history = dict(history or {})  # (the store keeps max_staleness versions)
         self.history[self.model_version] = state
         if strategy_state:
             for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
@@ -288,7 +288,7 @@ class VersionStateMachine:
             # Accepted by the dead coordinator, never committed: redelivered once the stream's
             # ack wait passes, and announced again at Start so that the worker resends it now.
             self._late_tickets[(str(w), int(ticket))] = int(version)
-            self._expected_back.add((str(w), int(ticket)))
+            self._expected_back[(str(w), int(ticket))] = int(version)
             if int(version) in self.history:
                 self._reannounce.append(Assignment(str(w), int(ticket), int(version), 0))
         for w, ticket, digest in a.get("recent", ()):
@@ -454,7 +454,7 @@ class VersionStateMachine:
             self._reject(w, ticket, "invalid_update", str(exc), out)
             return
         entry = _Buffered(w, ticket, version, ev.digest, int(ev.update.num_samples), excused=excused)
-        self._expected_back.discard(key)
+        self._expected_back.pop(key, None)
         if self._in_flight or len(self._buffer) >= self.policy.buffer_size:
             # A version is being made from a full buffer: this one goes into the next buffer,
             # folded against the new model with the staleness it has then.
@@ -632,7 +632,8 @@ class VersionStateMachine:
         self.model_version = record.model_version
         self.rounds_completed = record.rounds_completed
         self.history[self.model_version] = self.state
-        for v in [v for v in self.history if v < self.model_version - self.policy.max_staleness]:
+        pinned = set(self._expected_back.values())  # bases of held updates still to come back
+        for v in [v for v in self.history if v < self.model_version - self.policy.max_staleness and v not in pinned]:
             del self.history[v]
         keep = max(RECENT_FOLDS, 4 * self.policy.buffer_size)
         for b in folded:
