@@ -425,3 +425,19 @@ def test_state_dir_default_is_relative_to_the_working_directory():
 
     assert default_state_dir("job-a", "w07") == type(default_state_dir("x", "y"))(".fedbus-state/job-a/w07")
     assert not os.path.isabs(default_state_dir("job-a", "w07"))
+
+
+def test_sync_worker_does_not_train_a_round_it_already_saw_closed():
+    """A slow worker catching up on queued control messages skips rounds that closed."""
+    def closed(round_):
+        return ctl(RoundClose(round=round_, model_version=round_, status="aggregated", accepted=[], rejected={},
+                              seconds=0.1, metrics={}), RUN_NEW)
+
+    c = core(skip_closed_rounds=True)
+    c.handle(closed(3))
+    assert [(type(a).__name__, a.reason) for a in c.handle(ctl(round_open(3), RUN_NEW))] == [("Ignore", "round_closed")]
+    assert [type(a).__name__ for a in c.handle(ctl(round_open(4), RUN_NEW))] == ["Train"]
+    # Async mode: round.close numbers versions, not the tickets round.open carries: nothing is skipped.
+    c = core(skip_closed_rounds=False)
+    c.handle(closed(3))
+    assert [type(a).__name__ for a in c.handle(ctl(round_open(3), RUN_NEW))] == ["Train"]

@@ -201,12 +201,17 @@ class WorkerCore:
     sent: dict[RunKey, SentUpdate] = field(default_factory=dict)
     # The job's deterministic mode: training seeds leave the run out (reruns train identically).
     deterministic: bool = False
+    # Sync rounds: a round.open for a round already seen closed is not trained (a slow worker
+    # catching up on queued control messages trains the newest open round instead). In async
+    # mode round.close numbers versions, not the tickets round.open carries: off.
+    skip_closed_rounds: bool = False
     run: str | None = None  # the run this worker follows
     status: str = "idle"  # "idle" | "training" | "done" (heartbeats report it)
     rounds_trained: int = 0
     _in_progress: set[RunKey] = field(default_factory=set)
     _evaluated: dict[RunKey, EvalReport | None] = field(default_factory=dict)
     _seen: OrderedDict = field(default_factory=OrderedDict)
+    _closed: OrderedDict = field(default_factory=OrderedDict)  # (run, round) seen closed (bounded)
 
     # -- the one entry point --------------------------------------------------------------
 
@@ -258,8 +263,15 @@ class WorkerCore:
         if isinstance(fields, EvalOpen):
             return self._on_eval_open(ev, fields)
         if isinstance(fields, RoundClose):
+            self.note_closed(ev.run, ev.round)
             return [Ignore("round_closed", kind, ev.round, ev.run)]
         return [Reject("unknown_type", kind, ev.round, ev.run)]
+
+    def note_closed(self, run: str | None, round_: int) -> None:
+        """A verified round.close: that round needs no more work (see skip_closed_rounds)."""
+        self._closed[(run, round_)] = None
+        while len(self._closed) > SEEN_NONCES:
+            self._closed.popitem(last=False)
 
     def _follow(self, run: str) -> None:
         self.run = run
@@ -286,6 +298,8 @@ class WorkerCore:
             return [Ignore("in_progress", ro.TYPE, ro.round, ev.run)]
         if ev.now_ms > ro.deadline_ms:
             return [Ignore("deadline_passed", ro.TYPE, ro.round, ev.run)]
+        if self.skip_closed_rounds and key in self._closed:
+            return [Ignore("round_closed", ro.TYPE, ro.round, ev.run)]
         stored = self.sent.get(key)
         if stored is not None:
             # A reopened round (resumed coordinator): the same body, re-sealed by the service.

@@ -27,7 +27,7 @@ from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
-from fedbus.protocol.messages import Heartbeat
+from fedbus.protocol.messages import Heartbeat, RoundClose
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
@@ -59,6 +59,8 @@ CONTROL_IDLE_HEARTBEAT_S = 2.0
 # may still be recovering its streams when the connection is back).
 RESUBSCRIBE_RETRY_S = 0.25
 RESUBSCRIBE_GIVE_UP_S = 120.0
+# Control messages verified together before any is acted on (bounded: each may carry a model).
+CONTROL_BATCH = 64
 
 
 def control_event(got: Received, now: int) -> ControlVerified:
@@ -166,7 +168,8 @@ class WorkerService:
                                     state_loader=self.store.load_strategy)
         self.model_spec = spec_of(self.trainer.model.state_dict())
         self.core = WorkerCore(identity.id, self.partition, self.num_partitions, job.seed, self.model_spec,
-                               sent=self.store.load_updates(), deterministic=job.deterministic)
+                               sent=self.store.load_updates(), deterministic=job.deterministic,
+                               skip_closed_rounds=job.mode == "sync")
         # A control body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(self.model_spec) + 16)
         self.rejections = RejectionLedger(int(job.security.audit_interval_s * 1000),
@@ -251,13 +254,22 @@ class WorkerService:
 
     async def _follow_control(self) -> None:
         while True:
-            msg = await self._inbox.get()
-            try:
-                got = await self.messenger.receive(self.verifier, msg.data)
-            except Rejection as rej:
-                self._control_rejected(rej, msg.subject)
-                continue
-            await self.on_control(got)
+            batch = [await self._inbox.get()]
+            while not self._inbox.empty() and len(batch) < CONTROL_BATCH:
+                batch.append(self._inbox.get_nowait())
+            received = []
+            for msg in batch:
+                try:
+                    received.append(await self.messenger.receive(self.verifier, msg.data))
+                except Rejection as rej:
+                    self._control_rejected(rej, msg.subject)
+            # Everything that queued while this worker trained is looked at before any of it
+            # is acted on: a round already closed is not trained (skip_closed_rounds).
+            for got in received:
+                if isinstance(got.fields, RoundClose):
+                    self.core.note_closed(got.header.run, got.header.round)
+            for got in received:
+                await self.on_control(got)
 
     def _control_rejected(self, rej: Rejection, subject: str) -> None:
         """Junk on the control stream costs one log line per sender and reason per interval,
