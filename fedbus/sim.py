@@ -238,7 +238,8 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     shared_model = task.build_model(job.task_params)  # the workers' one training module (SimulatedWorker)
     try:
         workers = {wid: SimulatedWorker(task, job, wid, partition=i, num_partitions=num_workers,
-                                        attack=(attacks or {}).get(i), shared_model=shared_model)
+                                        attack=(attacks or {}).get(i), shared_model=shared_model,
+                                        keep_sent=False)
                    for i, wid in enumerate(ids)}
     except ValueError as exc:  # e.g. a Dirichlet split that cannot give every worker a sample
         raise SimSetupError(f"{num_workers} workers on task {job.task}: {exc}") from None

@@ -57,7 +57,7 @@ def test_demo_job_per_mode():
     sync = demo_job(10, 20, 0.5, 0)
     assert sync.mode == "sync" and sync.rounds == 20 and sync.cohort.min_updates == 8
     a = demo_job(10, 60, 0.5, 0, mode="async")
-    assert a.mode == "async" and a.async_.algorithm == "fedbuff" and a.async_.buffer_size == 3
+    assert a.mode == "async" and a.async_.algorithm == "fedbuff" and a.async_.buffer_size == 5
     # A 10x straggler answers ~30 versions late: it must not be refused as too_stale.
     assert a.async_.max_staleness >= 30
     assert demo_job(2, 5, 0.5, 0, mode="async").async_.buffer_size == 2  # never more than the workers

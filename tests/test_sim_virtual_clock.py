@@ -213,7 +213,8 @@ def test_simulated_workers_share_one_module_and_keep_no_sent_updates():
     j = job()
     task = load_task(TASK)
     shared = task.build_model(j.task_params)
-    a, b = (SimulatedWorker(task, j, w, partition=i, num_partitions=4, shared_model=shared)
+    a, b = (SimulatedWorker(task, j, w, partition=i, num_partitions=4, shared_model=shared,
+                                    keep_sent=False)
             for i, w in enumerate(("w01", "w02")))
     assert a.trainer.model is b.trainer.model is shared
     state = {k: v.detach().clone() for k, v in shared.state_dict().items()}

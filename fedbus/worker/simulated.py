@@ -57,8 +57,10 @@ class ControlChannel:
 
 class SimulatedWorker:
     def __init__(self, task: Task, job: JobSpec, worker_id: str, *, partition: int, num_partitions: int,
-                 attack: Attack | None = None, shared_model: torch.nn.Module | None = None):
+                 attack: Attack | None = None, shared_model: torch.nn.Module | None = None,
+                 keep_sent: bool = True):
         self.worker_id = worker_id
+        self.keep_sent = keep_sent
         self.trainer = LocalTrainer(copy.deepcopy(task), job, worker_id=worker_id, partition=partition,
                                     num_partitions=num_partitions, attack=attack)
         if shared_model is not None:
@@ -87,9 +89,10 @@ class SimulatedWorker:
                 out.append(action)
             # Ignore / Reject / Exit: nothing to publish
         # A deployed core keeps its last few sent updates to resend them to a resumed
-        # coordinator; a simulation never resumes one, and 1,000 workers x a few models
-        # each is memory for nothing.
-        self.core.sent.clear()
+        # coordinator; ``fedbus sim`` never resumes one, and 1,000 workers x a few models
+        # each is memory for nothing (keep_sent=False). Resume tests keep them.
+        if not self.keep_sent:
+            self.core.sent.clear()
         return out
 
 
