@@ -31,15 +31,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fedbus.aggregation.base import (AggregationRule, ClientUpdate, Contribution, InvalidUpdate, RoundAggregator,
-                                     ServerOptimizer, State, StrategyConfigError, is_averageable,
-                                     validate_update)
-from fedbus.aggregation.staleness import discounted
+                                     ServerOptimizer, State, StrategyConfigError, is_averageable)
 from fedbus.aggregation.fedavg import FedAvg
+from fedbus.aggregation.staleness import discounted
+from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.records import JobRecord
 from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.coordinator.sampling import sample_cohort
-from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import TensorSpec, spec_of
 
 
@@ -386,12 +385,13 @@ class _Pending:
     ack_round: int | None
 
 
-class RoundStateMachine:
+class RoundStateMachine(MachineBase):
     """Drives one job's synchronous rounds from a global model to the final one."""
 
     def __init__(self, policy: RoundPolicy, initial_state: State, *, rule: AggregationRule | None = None,
                  optimizer: ServerOptimizer | None = None, num_workers_total: int | None = None):
         self.policy = policy
+        self.limits = policy
         self.state = initial_state
         self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
         # Strategy extras (e.g. SCAFFOLD's Δc) are shaped like the model's float tensors.
@@ -438,6 +438,7 @@ class RoundStateMachine:
         self._round_rejections: Counter[str] = Counter()
         self._train_metrics: list[tuple[float, dict[str, float]]] = []
         self._eval_metrics: list[tuple[float, dict[str, float]]] = []
+        self._eval_reported: set[str] = set()
 
     # ---- queries the service uses while verifying envelopes ---------------------------
 
@@ -459,32 +460,7 @@ class RoundStateMachine:
     def alive_workers(self, now_ms: int) -> list[str]:
         return self.registry.alive(now_ms)
 
-    def strategy_state(self) -> dict:
-        """The server-side state committed with every model (rule and optimizer)."""
-        out = {}
-        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
-            state_dict = getattr(part, "state_dict", None)
-            if callable(state_dict):
-                out[name] = state_dict()
-        return out
-
-    def _load_strategy_state(self, strategy_state: dict) -> None:
-        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
-            if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
-                part.load_state_dict(strategy_state[name])
-
-    # ---- the single entry point ----------------------------------------------------
-
-    def handle(self, event: Event) -> list[Action]:
-        """Actions for ``event``. If an exception escapes the transition, the actions it
-        had already decided are still returned, followed by ``InternalError``."""
-        out: list[Action] = []
-        try:
-            self._dispatch(event, out)
-        except Exception as exc:  # a bug must not swallow decided actions (e.g. a commit)
-            self.last_error = repr(exc)
-            out.append(InternalError(type(event).__name__, repr(exc)))
-        return out
+    # ---- the single entry point (MachineBase.handle) ------------------------------
 
     def _dispatch(self, event: Event, out: list[Action]) -> None:
         match event:
@@ -632,16 +608,8 @@ class RoundStateMachine:
             return True
         return worker in self._recent_accepted.get(round_, ())
 
-    def sample_cap(self, worker: str) -> int | None:
-        """The most samples ``worker`` may claim: its declared count and the caps."""
-        caps = [c for c in (self.declared.get(worker, self.registry.declared(worker)), self.policy.max_samples,
-                            self.policy.max_samples_by_worker.get(worker)) if c is not None]
-        return min(caps) if caps else None
-
-    def steps_cap(self, sample_cap: int) -> int | None:
-        if self.policy.epochs is None or self.policy.batch_size is None:
-            return None
-        return self.policy.epochs * -(-sample_cap // self.policy.batch_size)
+    def _declared(self, worker: str) -> int | None:
+        return self.declared.get(worker, self.registry.declared(worker))
 
     def _is_late(self, ev: UpdateReceived) -> bool:
         return (self.policy.late_updates == "next_round" and ev.round == self._late_round
@@ -649,25 +617,9 @@ class RoundStateMachine:
 
     def _check_claims(self, ev: UpdateReceived, base: State, out: list[Action]) -> int | None:
         """Bound the update's claims and check its tensors; the sample cap, or None if rejected."""
-        cap = self.sample_cap(ev.worker_id)
-        if cap is None or ev.update.num_samples > cap:
-            self._reject(ev.worker_id, ev.round, "excessive_samples",
-                         f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
-            return None
-        steps_cap = self.steps_cap(cap)
-        if steps_cap is not None and ev.update.num_steps > steps_cap:
-            self._reject(ev.worker_id, ev.round, "invalid_update",
-                         f"claims {ev.update.num_steps} local steps, at most {steps_cap} for {cap} samples", out)
-            return None
-        try:
-            check_tensors(ev.update.state, self.model_spec)
-            self._check_extras(ev.update)
-            validate_update(base, ev.update)
-        except Rejection as rej:
-            self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
-            return None
-        except InvalidUpdate as exc:
-            self._reject(ev.worker_id, ev.round, "invalid_update", str(exc), out)
+        reason, detail, cap = self.update_problem(ev, base)
+        if reason:
+            self._reject(ev.worker_id, ev.round, reason, detail, out)
             return None
         return cap
 
@@ -715,31 +667,18 @@ class RoundStateMachine:
             self._reject(ev.worker_id, ev.round, "wrong_round",
                          f"trained from version {ev.base_version}, the round's base is {self.model_version}", out)
             return
-        cap = self.sample_cap(ev.worker_id)
-        if cap is None or ev.update.num_samples > cap:
-            self._reject(ev.worker_id, ev.round, "excessive_samples",
-                         f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
+        cap = self._check_claims(ev, self.state, out)
+        if cap is None:
             return
-        steps_cap = self.steps_cap(cap)
-        if steps_cap is not None and ev.update.num_steps > steps_cap:
-            self._reject(ev.worker_id, ev.round, "invalid_update",
-                         f"claims {ev.update.num_steps} local steps, at most {steps_cap} for {cap} samples", out)
-            return
-        try:
-            check_tensors(ev.update.state, self.model_spec)
-            self._check_extras(ev.update)
-            assert self._accumulator is not None
-            if self.policy.deterministic:
-                validate_update(self.state, ev.update)
-                self._held[ev.worker_id] = ev.update
-            else:
+        assert self._accumulator is not None
+        if self.policy.deterministic:
+            self._held[ev.worker_id] = ev.update
+        else:
+            try:
                 fold_update(self._accumulator, ev.update)  # InvalidUpdate leaves it unchanged
-        except Rejection as rej:
-            self._reject(ev.worker_id, ev.round, rej.reason, rej.detail, out)
-            return
-        except InvalidUpdate as exc:
-            self._reject(ev.worker_id, ev.round, "invalid_update", str(exc), out)
-            return
+            except InvalidUpdate as exc:
+                self._reject(ev.worker_id, ev.round, "invalid_update", str(exc), out)
+                return
         self._reported[ev.worker_id] = ev.digest
         self.accepted_total += 1
         self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
@@ -748,13 +687,6 @@ class RoundStateMachine:
         if set(self._reported) >= set(self.cohort) or (
                 self.policy.close_at_quorum and len(self._reported) >= self.policy.quorum(len(self.cohort))):
             self._begin_aggregation(ev.now_ms, out)
-
-    def _check_extras(self, update: ClientUpdate) -> None:
-        groups = {k for k, v in update.extra.items() if isinstance(v, dict)}
-        if groups != set(self.update_groups):
-            raise Rejection("tensor_mismatch", f"tensor groups {sorted(groups)}, expected {list(self.update_groups)}")
-        for group in self.update_groups:
-            check_tensors(update.extra[group], self.float_spec)
 
     def _round_metrics(self) -> dict[str, float]:
         metrics = weighted_means(self._train_metrics, "train_")
@@ -950,16 +882,8 @@ class RoundStateMachine:
         if not self.accepts_round("eval.report", ev.round):
             self._reject(ev.worker_id, ev.round, "wrong_round", "", out)
             return
-        if ev.worker_id not in self.cohort:
-            self._reject(ev.worker_id, ev.round, "not_in_cohort", "", out)
-            return
-        if ev.worker_id in self._reported:
-            self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
-            return
-        self._reported[ev.worker_id] = b""
-        cap = self.sample_cap(ev.worker_id)
-        weight = ev.num_samples if cap is None else min(ev.num_samples, cap)
-        if weight > 0:  # weights a metric average: no more than the samples the worker may claim
-            self._eval_metrics.append((float(weight), ev.metrics))
-        if set(self._reported) >= set(self.cohort):
+        reason, detail = self._take_eval_report(ev)
+        if reason:
+            self._reject(ev.worker_id, ev.round, reason, detail, out)
+        elif self.eval_complete:
             self._plan_finish(ev.now_ms, out, "completed", closing=None)

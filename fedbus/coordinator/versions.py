@@ -35,18 +35,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedbus.aggregation import fedasync, fedbuff
-from fedbus.aggregation.base import (AggregationRule, ClientUpdate, InvalidUpdate, ServerOptimizer, State,
-                                     is_averageable, validate_update)
+from fedbus.aggregation.base import AggregationRule, ClientUpdate, InvalidUpdate, ServerOptimizer, State, is_averageable
 from fedbus.aggregation.fedavg import FedAvg
 from fedbus.aggregation.staleness import Staleness, polynomial
+from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.records import JobRecord
 from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.coordinator.rounds import (AckThrough, Aggregate, Aggregated, AggregationFailed, CloseRound, Commit,
                                        CommitFailed, Committed, Deferred, DuplicateIgnored, EvalReceived, FinishJob,
-                                       InternalError, MessageRejected, OpenEval, OpenRound, RejectUpdate,
+                                       MessageRejected, OpenEval, OpenRound, RejectUpdate,
                                        RoundPolicy, Start, Tick, UpdateReceived, WorkerSeen, close_row)
-from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import TensorSpec, spec_of
 
 # Folded (worker, ticket) pairs of committed versions remembered, to tell a redelivery after
@@ -113,13 +112,14 @@ class _Pending:
     announce: list
 
 
-class VersionStateMachine:
+class VersionStateMachine(MachineBase):
     """Drives one asynchronous job from the initial model to version ``rounds``."""
 
     def __init__(self, policy: AsyncPolicy, initial_state: State, *, rule: AggregationRule | None = None,
                  optimizer: ServerOptimizer | None = None, num_workers_total: int | None = None):
         self.policy = policy
         self.base = policy.base
+        self.limits = policy.base
         self.state = initial_state
         self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
         self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
@@ -140,7 +140,7 @@ class VersionStateMachine:
         self.history: dict[int, State] = {0: initial_state}
         self.outstanding: dict[str, Assignment] = {}
         self._late_tickets: OrderedDict[tuple[str, int], int] = OrderedDict()  # expired: (w, t) -> version
-        self._declared: dict[str, int] = {}  # sample counts of workers with assignments, committed with them
+        self._declared_counts: dict[str, int] = {}  # sample counts of workers with assignments, committed with them
         self._last_assigned: dict[str, int] = {}
         self._buffer: list[_Buffered] = []
         self._accumulator = self.rule.begin(self.state, self.model_version)
@@ -194,36 +194,12 @@ class VersionStateMachine:
     def _held(self) -> list[_Buffered]:
         return [*self._in_flight, *self._buffer, *(b for _, b in self._waiting)]
 
-    def strategy_state(self) -> dict:
-        out = {}
-        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
-            state_dict = getattr(part, "state_dict", None)
-            if callable(state_dict):
-                out[name] = state_dict()
-        return out
+    def _declared(self, worker: str) -> int | None:
+        return self._declared_counts.get(worker, self.registry.declared(worker))
 
-    def sample_cap(self, worker: str) -> int | None:
-        caps = [c for c in (self._declared.get(worker, self.registry.declared(worker)), self.base.max_samples,
-                            self.base.max_samples_by_worker.get(worker)) if c is not None]
-        return min(caps) if caps else None
+    # ---- the single entry point (MachineBase.handle) ------------------------------------
 
-    def steps_cap(self, sample_cap: int) -> int | None:
-        if self.base.epochs is None or self.base.batch_size is None:
-            return None
-        return self.base.epochs * -(-sample_cap // self.base.batch_size)
-
-    # ---- the single entry point --------------------------------------------------------
-
-    def handle(self, event) -> list:
-        out: list = []
-        try:
-            self._dispatch_event(event, out)
-        except Exception as exc:  # a bug must not swallow decided actions (e.g. a commit)
-            self.last_error = repr(exc)
-            out.append(InternalError(type(event).__name__, repr(exc)))
-        return out
-
-    def _dispatch_event(self, event, out: list) -> None:
+    def _dispatch(self, event, out: list) -> None:
         match event:
             case Start(now_ms=now):
                 self._on_start(now, out)
@@ -273,12 +249,10 @@ class VersionStateMachine:
         self.history = dict(history or {})  # (the store keeps max_staleness versions)
         self.history[self.model_version] = state
         if strategy_state:
-            for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
-                if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
-                    part.load_state_dict(strategy_state[name])
+            self._load_strategy_state(strategy_state)
         self._accumulator = self.rule.begin(self.state, self.model_version)
         a = record.async_state or {}
-        self._declared = {str(k): int(v) for k, v in record.declared.items()}
+        self._declared_counts = {str(k): int(v) for k, v in record.declared.items()}
         for w, ticket, version in a.get("outstanding", ()):
             if int(version) in self.history:
                 self._reannounce.append(Assignment(str(w), int(ticket), int(version), 0))
@@ -318,7 +292,7 @@ class VersionStateMachine:
             self.phase = Phase.RUNNING
             # Workers with committed assignments are presumed alive until their heartbeats lapse.
             for a in self._reannounce:
-                self.registry.seen(a.worker, self._declared.get(a.worker, 0), now)
+                self.registry.seen(a.worker, self._declared_counts.get(a.worker, 0), now)
             by_ticket: dict[tuple[int, int], list[str]] = {}
             self._expect_until_ms = now + self.base.reopened_min_ms
             for a in self._reannounce:
@@ -431,27 +405,9 @@ class VersionStateMachine:
             self._reject(w, ticket, "too_stale", f"trained from version {version}, {tau} versions behind "
                                                  f"(max_staleness {self.policy.max_staleness})", out)
             return
-        cap = self.sample_cap(w)
-        if cap is None or ev.update.num_samples > cap:
-            self._reject(w, ticket, "excessive_samples",
-                         f"claims {ev.update.num_samples} samples, at most {cap} allowed", out)
-            return
-        steps_cap = self.steps_cap(cap)
-        if steps_cap is not None and ev.update.num_steps > steps_cap:
-            self._reject(w, ticket, "invalid_update",
-                         f"claims {ev.update.num_steps} local steps, at most {steps_cap} for {cap} samples", out)
-            return
-        try:
-            check_tensors(ev.update.state, self.model_spec)
-            groups = {k for k, v in ev.update.extra.items() if isinstance(v, dict)}
-            if groups != set(self.update_groups):
-                raise Rejection("tensor_mismatch", f"tensor groups {sorted(groups)}, expected {list(self.update_groups)}")
-            validate_update(self.state, ev.update)
-        except Rejection as rej:
-            self._reject(w, ticket, rej.reason, rej.detail, out)
-            return
-        except InvalidUpdate as exc:
-            self._reject(w, ticket, "invalid_update", str(exc), out)
+        reason, detail, _ = self.update_problem(ev, self.state)
+        if reason:
+            self._reject(w, ticket, reason, detail, out)
             return
         entry = _Buffered(w, ticket, version, ev.digest, int(ev.update.num_samples), excused=excused)
         self._expected_back.pop(key, None)
@@ -570,8 +526,8 @@ class VersionStateMachine:
             self._last_assigned[w] = ticket
             declared = self.registry.declared(w)
             if declared is not None:
-                self._declared[w] = declared
-        self._declared = {w: n for w, n in self._declared.items()
+                self._declared_counts[w] = declared
+        self._declared_counts = {w: n for w, n in self._declared_counts.items()
                           if w in self.outstanding or any(b.worker == w for b in self._held())}
         self._propose("dispatch", self._record("async", version=self.model_version),
                       [("open", ticket, self.model_version, tuple(chosen))], None, out)
@@ -588,7 +544,7 @@ class VersionStateMachine:
                 cohort: tuple[str, ...] = ()) -> JobRecord:
         completed = self.rounds_completed + (1 if closing is not None else 0)
         return JobRecord(round=self.round, phase=phase, model_version=version, rounds_completed=completed,
-                         cohort=cohort, declared=dict(self._declared), accepted_total=self.accepted_total,
+                         cohort=cohort, declared=dict(self._declared_counts), accepted_total=self.accepted_total,
                          reason=reason, last_close=close_row(closing) if closing else None,
                          started_ms=self.started_ms or 0, async_state=self._async_state())
 
@@ -695,18 +651,10 @@ class VersionStateMachine:
         if self.phase is not Phase.EVALUATING or ev.round != self.round:
             self._reject(ev.worker_id, ev.round, "wrong_round", "", out)
             return
-        if ev.worker_id not in self.cohort:
-            self._reject(ev.worker_id, ev.round, "not_in_cohort", "", out)
-            return
-        if ev.worker_id in self._eval_reported:
-            self._reject(ev.worker_id, ev.round, "duplicate_update", "", out)
-            return
-        self._eval_reported.add(ev.worker_id)
-        cap = self.sample_cap(ev.worker_id)
-        weight = ev.num_samples if cap is None else min(ev.num_samples, cap)
-        if weight > 0:
-            self._eval_metrics.append((float(weight), ev.metrics))
-        if self._eval_reported >= set(self.cohort) and self._pending is None:
+        reason, detail = self._take_eval_report(ev)
+        if reason:
+            self._reject(ev.worker_id, ev.round, reason, detail, out)
+        elif self.eval_complete and self._pending is None:
             self._plan_finish(ev.now_ms, out, "completed")
 
 
