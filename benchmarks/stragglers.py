@@ -54,9 +54,9 @@ SLOWDOWN = 10.0
 SYNC_ROUNDS = 40  # bounds: sync FedAvg reaches 0.93 in ~5 rounds on this task
 ASYNC_VERSIONS = 150
 # The simulator runs every version it is given (no stop at the target): smaller bounds.
-SIM_ROUNDS = 15
-SIM_VERSIONS = 50
-SIM_FEDASYNC_VERSIONS = 500
+SIM_ROUNDS = 60
+SIM_VERSIONS = 200
+SIM_FEDASYNC_VERSIONS = 3000
 SIM_COHORT = 100
 MODES = ("sync-full", "quorum", "next-round", "fedbuff", "fedasync")
 BASELINE = "sync-full"
@@ -182,7 +182,7 @@ def sim_run(mode: str, seed: int, workers: int, sigma: float, target: float, syn
 
     job = job_for(mode, seed, workers, partition="iid", sync_rounds=sync_rounds, async_versions=async_versions)
     spec = job.model_dump(mode="json", by_alias=True)
-    # Every simulated update is trained for real (~50 ms each on this machine): sync rounds
+    # Every simulated update is trained for real (a few ms each on 1-2 images): sync rounds
     # sample SIM_COHORT of the workers (quorum 70 % of it) and async keeps as many training
     # at once (FedBuff's buffer 30 % of it), so each mode trains a bounded number of updates.
     cohort = min(SIM_COHORT, workers)
@@ -191,6 +191,8 @@ def sim_run(mode: str, seed: int, workers: int, sigma: float, target: float, syn
         spec["cohort"]["min_updates"] = cohort
     elif mode in ("quorum", "next-round"):
         spec["cohort"]["min_updates"] = max(1, round(0.7 * cohort))
+    else:
+        spec["cohort"]["min_updates"] = 1  # (async: no rounds, no quorum)
     spec["async"]["concurrency"] = cohort
     if mode == "fedbuff":
         spec["async"]["buffer_size"] = max(1, round(0.3 * cohort))
