@@ -89,6 +89,8 @@ def test_async_fedbuff_survives_a_coordinator_kill_with_a_half_full_buffer(nats_
     assert not [k for k, n in folded.items() if n > 1], context  # nothing folded twice
     assert held and all(folded[k] == 1 for k in held), (held, context)  # nothing held at the kill was lost
     assert all(r["folded"] == BUFFER and len(r["staleness"]) == BUFFER for r in summary["rounds"]), context
+    # Counted once each, across both incarnations: what the committed versions folded.
+    assert summary["updates_accepted"] == BUFFER * job.rounds, context
     # Within max_staleness, except an update held at the kill: it keeps its place however
     # many versions were made while it came back.
     assert all(0 <= s <= 2 for r in summary["rounds"] for w, t, s in zip(r["accepted_workers"], r["tickets"],

@@ -135,7 +135,7 @@ class VersionStateMachine(MachineBase):
         self.rounds_completed = 0  # versions committed by this job
         self.round = 0  # the last ticket issued (the sync machine's round, for the service)
         self.rejections: Counter[str] = Counter()
-        self.accepted_total = 0
+        self._accepted = 0  # accepted since the start, folded or still held (see accepted_total)
         self.started_ms: int | None = None
         self.history: dict[int, State] = {0: initial_state}
         self.outstanding: dict[str, Assignment] = {}
@@ -191,6 +191,12 @@ class VersionStateMachine(MachineBase):
         key = (worker, ticket)
         return key in self._recent or any((b.worker, b.ticket) == key for b in self._held())
 
+    @property
+    def accepted_total(self) -> int:
+        """Updates folded into committed versions. Held ones (buffered, waiting, being
+        committed) are not counted yet: after a crash they come back and are accepted again."""
+        return self._accepted - len(self._held())
+
     def _held(self) -> list[_Buffered]:
         return [*self._in_flight, *self._buffer, *(b for _, b in self._waiting)]
 
@@ -242,7 +248,7 @@ class VersionStateMachine(MachineBase):
             raise ValueError("the committed model does not match the task's model")
         self.model_version = record.model_version
         self.rounds_completed = record.rounds_completed
-        self.accepted_total = record.accepted_total
+        self._accepted = record.accepted_total
         self.round = record.round
         self.state = state
         self.started_ms = record.started_ms or None
@@ -418,7 +424,7 @@ class VersionStateMachine(MachineBase):
         elif not self._fold(ev.update, entry, out):
             return
         self._free(w, ticket)
-        self.accepted_total += 1
+        self._accepted += 1
         self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
 
     def _free(self, worker: str, ticket: int) -> None:
@@ -484,7 +490,7 @@ class VersionStateMachine(MachineBase):
         self._aggregating = None
         self.last_error = ev.error
         for b in self._in_flight:
-            self.accepted_total -= 1
+            self._accepted -= 1
             self._reject(b.worker, b.ticket, "aggregation_failed", ev.error, out)
         out.append(AckUpdates(tuple((b.worker, b.ticket) for b in self._in_flight)))
         self._in_flight = []
@@ -544,7 +550,7 @@ class VersionStateMachine(MachineBase):
                 cohort: tuple[str, ...] = ()) -> JobRecord:
         completed = self.rounds_completed + (1 if closing is not None else 0)
         return JobRecord(round=self.round, phase=phase, model_version=version, rounds_completed=completed,
-                         cohort=cohort, declared=dict(self._declared_counts), accepted_total=self.accepted_total,
+                         cohort=cohort, declared=dict(self._declared_counts), accepted_total=self.accepted_total + (len(self._in_flight) if closing else 0),
                          reason=reason, last_close=close_row(closing) if closing else None,
                          started_ms=self.started_ms or 0, async_state=self._async_state())
 
@@ -613,12 +619,12 @@ class VersionStateMachine(MachineBase):
             ev, entry = self._waiting.pop(0)
             tau = self.model_version - entry.base_version
             if (tau > self.policy.max_staleness and not entry.excused) or entry.base_version not in self.history:
-                self.accepted_total -= 1
+                self._accepted -= 1
                 self._reject(entry.worker, entry.ticket, "too_stale",
                              f"trained from version {entry.base_version}, {tau} versions behind", out)
                 refused.append((entry.worker, entry.ticket))
             elif not self._fold(ev.update, entry, out):
-                self.accepted_total -= 1
+                self._accepted -= 1
                 refused.append((entry.worker, entry.ticket))
         if refused:
             out.append(AckUpdates(tuple(refused)))
