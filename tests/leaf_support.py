@@ -1,6 +1,73 @@
 """A hub nats-server plus N regional leaf nodes, started from deploy/nats/*.conf.
 
-(Notes on nats-py and JetStream domains: see DOMAIN_NOTES below.)
+    with leaf_topology(("eu", "us")) as topo:
+        topo.hub_url, topo.region_url("eu"), topo.hub_monitor_url, topo.region_monitor_url("eu")
+        topo.hub_domain == "hub"; topo.region_domain("eu") == "eu"; topo.leaf_name("eu")  # /leafz key
+
+hub.conf and leaf-<region>.conf (leaf-eu.conf as the template for other regions) are
+started as they are, with only server_name, listen/http ports, store_dir, the
+JetStream domain, the hub's leafnodes port and the leaf remote's host:port rewritten
+(each of those lines must occur exactly once, or this raises). 127.0.0.1, free ports,
+temporary store dirs; only the PIDs started here are stopped. Yields once the hub's
+/leafz lists every leaf and every leaf's /leafz lists the hub.
+
+JetStream domains with nats-py 2.16 / nats-server 2.15 -- what tests/test_leafnodes.py shows
+----------------------------------------------------------------------------------------
+One account (FEDBUS) on every server, joined by the leaf connections; the hub has
+`jetstream { domain: hub }`, each leaf `jetstream { domain: <region> }`.
+
+API and prefixes
+- `nc.jetstream(domain="hub")` sets the API prefix to `$JS.hub.API`; the servers answer
+  `$JS.<domain>.API.>` anywhere in the topology. `nc.jetstream()` without a domain uses
+  `$JS.API`, which each server keeps LOCAL (it is not forwarded over the leaf link):
+  a client on the eu leaf then manages the eu domain, a client on the hub the hub.
+  `account_info().domain` tells which JetStream answered.
+- `nc.jsm(domain=...)` does NOT exist (TypeError): use `nc.jetstream(domain=...)` (a
+  JetStreamManager subclass: add_stream, stream_info, add_consumer, ... all go to that
+  domain) or `nc.jsm(prefix="$JS.hub.API")`.
+- Stream (and consumer) creation in a domain: `await nc.jetstream(domain="eu").add_stream(...)`
+  from any server, or plain `nc.jetstream().add_stream(...)` from a client on the eu leaf.
+  Durable consumers live in the stream's domain (the coordinator can inspect them there).
+- Stream lookups by subject (`js.subscribe(subject)` without `stream=`,
+  `find_stream_name_by_subject`) only search the context's domain: on a leaf, a plain
+  `nc.jetstream().subscribe("fedbus.J.ctl.>")` raises NotFoundError for the hub's CTL.
+
+Publishing is routed by SUBJECT INTEREST, not by domain
+- `js.publish()` is a plain request on the subject; the domain of the context plays no
+  part. Whichever streams (in any domain) capture the subject store the message and ack.
+  Check `ack.domain` / `ack.stream`, and pass `stream=` (Nats-Expected-Stream) to refuse
+  a wrong capture.
+- Stream subjects are only checked for overlap within ONE domain. A hub stream on
+  `fedbus.J.upd.>` next to an eu stream on `fedbus.J.upd.eu.>` is accepted; then every
+  eu update is stored twice, crosses the link, and the publisher gets two acks
+  (nats-py keeps the first; with `stream=` the other one answers with an error first
+  and the publish fails). So no two domains may hold streams with overlapping subjects.
+- New stream interest reached the leaves within ~5 ms here; a publish before that gets
+  NoStreamResponseError (no responders), as it does while the hub is down (instantly,
+  no timeout). After a hub restart the leaf reconnected and hub streams took publishes
+  again after ~1 s.
+
+KV and Object Store across domains
+- KV reads work from a leaf through the domain (`(await nc.jetstream(domain="hub")
+  .key_value(b)).get/watch`). KV PUTS from a leaf do not: nats-py publishes on
+  `$KV.<b>.<k>` and `$KV` interest does not cross a leaf link between domains
+  (NoStreamResponseError). nats.go publishes on `$JS.<domain>.API.$KV.<b>.<k>` instead,
+  which the hub maps back to `$KV.<b>.<k>`; from nats-py:
+  `await js_hub.publish(f"$JS.hub.API.$KV.{b}.{k}", value)` (revision checks then need the
+  Nats-Expected-Last-Subject-Sequence header by hand). Simplest: only hub clients write KV.
+- Object Store: reads from a leaf through the domain work (fedbus BlobStore with
+  `nc.jetstream(domain="hub")`). `$O` interest DOES cross: a bucket with the same name in
+  two domains stores every put from a leaf in both (the bytes cross the link). Regional
+  blobs need a region-specific bucket name (e.g. `fedbus-blobs-eu`), and the hub must not
+  hold a bucket of that name.
+- `js.create_object_store(config=ObjectStoreConfig(bucket=...))` overwrites the bucket
+  with the (None) `bucket` argument: pass `bucket=` explicitly.
+
+Mirrors
+- A region can mirror a hub stream: `StreamConfig(name=..., mirror=StreamSource(name="<hub
+  stream>", external=ExternalStream(api="$JS.hub.API")))` created in the region's domain.
+  It caught up in ~0.2 s; N workers reading the mirror pull each message across the link
+  once, N workers reading the hub stream through the domain pull it N times.
 """
 
 from __future__ import annotations
