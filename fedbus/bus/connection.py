@@ -70,6 +70,9 @@ async def connect(
 ) -> Client:
     """Connect with fedbus defaults: reconnect forever, log every state change.
 
+    `servers` is one URL, a comma-separated list of URLs (the nodes of a cluster), or
+    a list of URLs.
+
     `overrides` go straight to `nats.connect` and win over the defaults, except the
     four lifecycle callbacks: a caller's callback runs after the logging one, so the
     structured events are never lost.
@@ -79,7 +82,12 @@ async def connect(
     which is what a worker started before its server wants.
     """
     nc = Client()
-    server_list = [servers] if isinstance(servers, str) else list(servers)
+    # "nats://a:4222,nats://b:4222" (what one --nats flag or FEDBUS_NATS_URL can carry)
+    # is a list of cluster nodes: a client that knows them all fails over between them.
+    server_list = ([s.strip() for s in servers.split(",") if s.strip()] if isinstance(servers, str)
+                   else list(servers))
+    if not server_list:
+        raise ValueError("no NATS server URL given")
     bound = log.bind(client=name)
     user_error_cb = overrides.pop("error_cb", None)
 
