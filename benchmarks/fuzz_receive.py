@@ -58,6 +58,9 @@ from fedbus.protocol.envelope import MAGIC as ENVELOPE_MAGIC  # noqa: E402
 from fedbus.protocol.messages import MESSAGE_TYPES, body_limit  # noqa: E402
 from fedbus.protocol.runs import new_run_id  # noqa: E402
 from fedbus.protocol.tensor_groups import join_groups, split_groups  # noqa: E402
+from fedbus.aggregation.base import InvalidUpdate  # noqa: E402
+from fedbus.aggregation.partial import WIRE_FORMAT as PARTIAL_WIRE_FORMAT  # noqa: E402
+from fedbus.aggregation.partial import PartialAggregate, check_partial_tensors  # noqa: E402
 
 JOB = "fuzzjob"
 NOW = 1_700_000_000_000  # deadlines in bodies; header timestamps use the real clock (the verifier does)
@@ -73,10 +76,11 @@ RUN = new_run_id(NOW - 60_000)
 
 COORD = Identity.generate("coord", "coordinator")
 WORKERS = [Identity.generate(f"w{i}", "worker", "eu") for i in range(3)]
+AGGREGATOR = Identity.generate("agg-eu", "aggregator", "eu")
 OUTSIDER = Identity.generate("mallory", "worker")
-IDENTITIES = {i.id: i for i in (COORD, *WORKERS, OUTSIDER)}
+IDENTITIES = {i.id: i for i in (COORD, *WORKERS, AGGREGATOR, OUTSIDER)}
 FEDERATION = Federation(FederationFile.model_validate(
-    {"participants": [p.participant_entry() for p in (COORD, *WORKERS)]}))
+    {"participants": [p.participant_entry() for p in (COORD, *WORKERS, AGGREGATOR)]}))
 
 _g = torch.Generator().manual_seed(0)
 MODEL = {
@@ -134,6 +138,7 @@ def parse_section(sec: bytes) -> tuple[list, bytes]:
 
 MODEL_SECTION = encode_tensors(MODEL)
 UPDATE_SECTION = encode_tensors(join_groups(MODEL, {"scaffold": FLOATS}))
+PARTIAL_SECTION = encode_tensors({f"sums/{k}": v.double() for k, v in FLOATS.items()})
 
 
 def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dict, bytes | None, Identity]:
@@ -162,6 +167,11 @@ def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dic
         case "job.done":
             return ({"rounds_completed": 3, "model_version": 3, "metrics": {"accuracy": 0.95},
                      "reason": "completed"}, None, COORD)
+        case "partial":
+            return ({"round": round_, "region": "eu", "base_version": round_ - 1, "rule": "fedavg",
+                     "total_weight": 50.0, "workers": [worker.id], "digests": ["ab" * 32], "weights": [50.0],
+                     "base_versions": [round_ - 1], "proofs": ["cd" * 100], "scalars": {}, "groups": [],
+                     "train_metrics": {"loss": 0.5}, "metrics_weight": 50.0}, PARTIAL_SECTION, AGGREGATOR)
     raise AssertionError(msg_type)
 
 
@@ -616,6 +626,23 @@ def new_receiver() -> tuple[Messenger, EnvelopeVerifier, FakeFetch]:
     return messenger, verifier, fetch
 
 
+PARTIAL_LIKE = {k: v.double() for k, v in FLOATS.items()}
+
+
+def check_partial(got) -> None:
+    """A partial's statistics parse and fit the model (float64 sums of its float tensors)."""
+    f = got.fields
+    meta = {"format": PARTIAL_WIRE_FORMAT, "rule": f.rule, "base_version": f.base_version,
+            "total_weight": f.total_weight, "count": len(f.workers),
+            "contributors": [[w, x, v] for w, x, v in zip(f.workers, f.weights, f.base_versions)],
+            "scalars": dict(f.scalars), "groups": list(f.groups)}
+    try:
+        partial = PartialAggregate.from_message(dict(got.tensors or {}), meta)
+        check_partial_tensors("sums", partial.sums, PARTIAL_LIKE)
+    except InvalidUpdate as exc:
+        raise Rejection("invalid_update", str(exc), got.header) from None
+
+
 def round_ok(header) -> bool:
     return 1 <= header.round <= 3
 
@@ -625,7 +652,9 @@ async def drive(messenger: Messenger, verifier: EnvelopeVerifier, inp: Input) ->
     try:
         got = await messenger.receive(verifier, inp.wire, round_ok=round_ok, sender_token=inp.sender_token,
                                       stored_ms=inp.stored_ms)
-        if got.tensors is not None:
+        if got.header.type == "partial":
+            check_partial(got)  # the coordinator's next step: the statistics against the model
+        elif got.tensors is not None:
             model, groups = split_groups(got.tensors)
             check_tensors(model, SPEC, got.header)
             for extras in groups.values():

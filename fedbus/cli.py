@@ -154,6 +154,28 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                         span_file=args.span_file or str(run_dir / "spans.jsonl"))
 
 
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    federation = load_federation(args.federation)
+    identity = load_identity(args.key)
+    if args.id and args.id != identity.id:
+        raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
+    if job.topology != "regional":
+        raise CliError(f"job {job.job} has topology: {job.topology}; aggregators serve topology: regional")
+
+    import torch
+
+    from fedbus.aggregator.service import AggregatorService
+
+    torch.set_num_threads(args.threads)
+    try:
+        service = AggregatorService(job, federation, identity, args.region, args.nats)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return _run_service(service.run, process=f"aggregator:{args.region}", service="fedbus-aggregator",
+                        instance=identity.id, span_file=args.span_file)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     federation = load_federation(args.federation)
@@ -317,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue the job from its last committed round (KV job state) instead of starting over")
     c.set_defaults(func=cmd_coordinator)
+
+    a = sub.add_parser("aggregator", help="run a region's aggregator (topology: regional)")
+    a.add_argument("--job", required=True)
+    a.add_argument("--federation", required=True)
+    a.add_argument("--key", required=True, help="this aggregator's " + KEY_HELP)
+    a.add_argument("--id", help="aggregator id (must match the key file)")
+    a.add_argument("--region", required=True, help="the region it serves (must match its federation entry)")
+    a.add_argument("--nats", default=_env_nats())
+    a.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
+    a.add_argument("--threads", type=int, default=1)
+    a.set_defaults(func=cmd_aggregator)
 
     w = sub.add_parser("worker", help="run a worker (data holder)")
     w.add_argument("--job", required=True)

@@ -51,15 +51,19 @@ TARGET_ACCURACY = 0.93
 
 # ---- setting up a local federation (also used by the end-to-end tests) ----------------
 
-def write_federation(run_dir: Path, num_workers: int, regions: int = 1) -> Federation:
-    """Generate a coordinator key and worker keys w01..wNN, and the federation file."""
+def write_federation(run_dir: Path, num_workers: int, regions: int = 1, aggregators: bool = False) -> Federation:
+    """Generate a coordinator key and worker keys w01..wNN (regions r0, r1, ... round-robin
+    when ``regions`` > 1), an aggregator key agg-<region> per region if asked, and the
+    federation file."""
     keys = run_dir / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     identities = [Identity.generate("coordinator", "coordinator")]
     width = max(2, len(str(num_workers)))
+    names = ["default"] if regions == 1 else [f"r{i}" for i in range(regions)]
     for i in range(num_workers):
-        region = "default" if regions == 1 else f"r{i % regions}"
-        identities.append(Identity.generate(f"w{i + 1:0{width}d}", "worker", region))
+        identities.append(Identity.generate(f"w{i + 1:0{width}d}", "worker", names[i % len(names)]))
+    if aggregators:
+        identities += [Identity.generate(f"agg-{region}", "aggregator", region) for region in names]
     for ident in identities:
         ident.save(keys / f"{ident.id}.key")
     federation = Federation(FederationFile(

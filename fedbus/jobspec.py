@@ -212,6 +212,10 @@ class JobSpec(BaseModel):
     round_deadline_s: float = Field(30.0, gt=0, le=DAY_S,
                                     description="seconds a round stays open (at most a day); in async mode, how "
                                                 "long a worker's assignment holds its slot")
+    topology: Literal["flat", "regional"] = Field(
+        "flat", description="flat: the coordinator consumes every worker's update; regional: each region's "
+                            "`fedbus aggregator` folds its workers' updates into a signed partial aggregate and the "
+                            "coordinator merges partials (agg.<region>) and never sees a raw update")
     late_updates: Literal["drop", "next_round"] = Field(
         "drop", description="a sync round's update that arrives after the round closed: drop it (rejected as "
                             "wrong_round) or fold it into the next round, weighted by async.staleness")
@@ -248,6 +252,8 @@ class JobSpec(BaseModel):
             validate_strategy(self.strategy, least)
         except StrategyConfigError as exc:
             raise ValueError(f"strategy {self.strategy.name}: {exc}") from None
+        if self.topology == "regional":
+            self._check_regional()
         if self.late_updates == "next_round" and self.strategy.name in ASYNC_UNSUPPORTED:
             raise ValueError(f"strategy {self.strategy.name} cannot fold a late update trained from an older model: "
                              f"use late_updates: drop")
@@ -259,6 +265,19 @@ class JobSpec(BaseModel):
             raise ValueError(f"cohort.min_updates ({self.cohort.min_updates}) exceeds cohort.min_workers "
                              f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
         return self
+
+    def _check_regional(self) -> None:
+        """What regional aggregation supports today, said at job load rather than mid-run."""
+        from fedbus.aggregation.specs import build_rule
+
+        if self.mode != "sync":
+            raise ValueError("topology: regional runs sync rounds; async through regional aggregators "
+                             "(region_buffer_size) is not built yet")
+        if not getattr(build_rule(self.strategy), "mergeable", False):
+            raise ValueError(f"topology: regional merges partial sums, and strategy {self.strategy.name} needs every "
+                             f"update in plaintext (a robust rule): use topology: flat")
+        if self.late_updates != "drop" or self.deterministic:
+            raise ValueError("topology: regional supports late_updates: drop and deterministic: false only")
 
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:

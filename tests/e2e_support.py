@@ -24,12 +24,13 @@ def small_job(job_id: str, *, rounds: int, min_workers: int, min_updates: int, d
 class LocalFederation:
     """Keys, federation file and job spec in a directory, and the CLI processes run from it."""
 
-    def __init__(self, run_dir: Path, nats_url: str, job: JobSpec, num_workers: int):
+    def __init__(self, run_dir: Path, nats_url: str, job: JobSpec, num_workers: int, *, regions: int = 1,
+                 aggregators: bool = False):
         self.run_dir = run_dir
         self.nats_url = nats_url
         self.job = job
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.federation: Federation = write_federation(run_dir, num_workers)
+        self.federation: Federation = write_federation(run_dir, num_workers, regions, aggregators)
         job.dump(run_dir / "job.yaml")
         self.spans = run_dir / "spans.jsonl"
         env = dict(os.environ, FEDBUS_LOG_JSON="1", FEDBUS_SPAN_FILE=str(self.spans))
@@ -54,6 +55,11 @@ class LocalFederation:
         state = () if "--state-dir" in extra else ("--state-dir", str(self.state_dir(worker_id)))
         return self.group.start(worker_id, cli_command(
             "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id, *state, *extra))
+
+    def start_aggregator(self, region: str, *extra: str, name: str | None = None) -> subprocess.Popen:
+        agg = f"agg-{region}"
+        return self.group.start(name or agg, cli_command(
+            "aggregator", *self._common(), "--key", str(self.key(agg)), "--id", agg, "--region", region, *extra))
 
     def wait_coordinator(self, timeout: float) -> int:
         proc = self.group.procs["coordinator"]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from fedbus.aggregation.base import (AggregationRule, ClientUpdate, Contribution, InvalidUpdate, RoundAggregator,
                                      ServerOptimizer, State, StrategyConfigError, is_averageable)
 from fedbus.aggregation.fedavg import FedAvg
+from fedbus.aggregation.partial import PartialAggregate
 from fedbus.aggregation.staleness import discounted
 from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
@@ -133,6 +134,23 @@ class UpdateReceived:
     eval_samples: int = 0
     digest: bytes = b""
     base_version: int | None = None  # the model version it was trained from (None: the round's)
+    proof: bytes = b""  # the worker's signed header (a regional aggregator forwards it in its partial)
+
+
+@dataclass(frozen=True)
+class PartialReceived:
+    """A regional aggregator's partial aggregate whose envelope and contributor proofs
+    verified (topology: regional): ``contributors`` are (worker, update digest, weight)."""
+
+    sender: str
+    region: str
+    round: int
+    partial: PartialAggregate
+    contributors: tuple[tuple[str, bytes, float], ...]
+    now_ms: int
+    digest: bytes = b""
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    metrics_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +232,7 @@ class CloseRound:
     staleness: tuple[int, ...] = ()
     elapsed_s: float | None = None  # seconds since the job started (first incarnation) at the close
     tickets: tuple[int, ...] = ()  # async: the assignment each folded update answered (one per accepted)
+    via: dict[str, str] = field(default_factory=dict)  # regional: worker -> the region whose partial held it
 
 
 @dataclass(frozen=True)
@@ -330,6 +349,8 @@ def close_row(close: CloseRound) -> dict:
         row["elapsed_s"] = round(close.elapsed_s, 3)
     if close.tickets:
         row["tickets"] = list(close.tickets)
+    if close.via:
+        row["via_region"] = dict(sorted(close.via.items()))
     return row
 
 
@@ -359,7 +380,7 @@ class InternalError:
     error: str
 
 
-Event = (Start | WorkerSeen | Tick | UpdateReceived | EvalReceived | MessageRejected | Aggregated
+Event = (Start | WorkerSeen | Tick | UpdateReceived | PartialReceived | EvalReceived | MessageRejected | Aggregated
          | AggregationFailed | Committed | CommitFailed)
 Action = (OpenRound | CloseRound | RejectUpdate | DuplicateIgnored | Deferred | OpenEval | FinishJob | Aggregate
           | Commit | AckThrough | InternalError)
@@ -432,6 +453,8 @@ class RoundStateMachine(MachineBase):
         self._opened_ms = 0
         self._accumulator: RoundAggregator | None = None
         self._reported: dict[str, bytes] = {}  # worker -> digest of its accepted update
+        self._partials: dict[str, bytes] = {}  # region -> digest of its merged partial (regional topology)
+        self._via: dict[str, str] = {}  # worker -> region whose partial held its update
         self._held: dict[str, ClientUpdate] = {}  # deterministic mode: folded at close, in id order
         self._aggregating: Aggregate | None = None
         self._folded_late: list[tuple[str, int]] = []  # (worker, staleness) of late updates in this aggregate
@@ -443,7 +466,7 @@ class RoundStateMachine(MachineBase):
     # ---- queries the service uses while verifying envelopes ---------------------------
 
     def accepts_round(self, msg_type: str, round_: int) -> bool:
-        if msg_type == "update":
+        if msg_type in ("update", "partial"):
             return self.phase is Phase.ROUND_OPEN and round_ == self.round
         if msg_type == "eval.report":
             return self.phase is Phase.EVALUATING and round_ == self.round
@@ -475,6 +498,9 @@ class RoundStateMachine(MachineBase):
             case UpdateReceived():
                 self._deadline_passed(event.now_ms, out)
                 self._on_update(event, out)
+            case PartialReceived():
+                self._deadline_passed(event.now_ms, out)
+                self._on_partial(event, out)
             case EvalReceived():
                 self._deadline_passed(event.now_ms, out)
                 self._on_eval(event, out)
@@ -688,6 +714,50 @@ class RoundStateMachine(MachineBase):
                 self.policy.close_at_quorum and len(self._reported) >= self.policy.quorum(len(self.cohort))):
             self._begin_aggregation(ev.now_ms, out)
 
+    def _on_partial(self, ev: PartialReceived, out: list[Action]) -> None:
+        """Merge a region's partial: every contributor a cohort member not yet reported,
+        within its sample cap, trained from this round's base; all or nothing."""
+        def reject(reason: str, detail: str) -> None:
+            self._reject(ev.sender, ev.round, reason, detail, out)
+
+        if not self.accepts_round("update", ev.round):
+            return reject("wrong_round", f"round {self.round} is {self.phase.value}")
+        if ev.region in self._partials:
+            if ev.digest and self._partials[ev.region] == ev.digest:
+                out.append(DuplicateIgnored(ev.sender, ev.round))
+                return None
+            return reject("duplicate_update", f"region {ev.region} already sent its partial of round {ev.round}")
+        seen: set[str] = set()
+        for worker, _, weight in ev.contributors:
+            if worker not in self.cohort:
+                return reject("not_in_cohort", f"{worker} is not in round {ev.round}'s cohort")
+            if worker in self._reported or worker in seen:
+                return reject("duplicate_update", f"{worker}'s update is already in this round")
+            seen.add(worker)
+            cap = self.sample_cap(worker)
+            if cap is None or weight > cap:
+                return reject("excessive_samples", f"{worker} weighs {weight}, at most {cap} allowed")
+        if any(c.base_version != self.model_version for c in ev.partial.contributors) or \
+                ev.partial.base_version != self.model_version:
+            return reject("wrong_round", f"partial of base version {ev.partial.base_version}, the round's base is "
+                                         f"{self.model_version}")
+        assert self._accumulator is not None
+        try:
+            self._accumulator.merge(ev.partial)  # InvalidUpdate leaves it unchanged
+        except InvalidUpdate as exc:
+            return reject("invalid_update", str(exc))
+        self._partials[ev.region] = ev.digest
+        for worker, digest, _ in ev.contributors:
+            self._reported[worker] = digest
+            self._via[worker] = ev.region
+        self.accepted_total += len(ev.contributors)
+        if ev.metrics_weight > 0:
+            self._train_metrics.append((float(ev.metrics_weight), ev.train_metrics))
+        if set(self._reported) >= set(self.cohort) or (
+                self.policy.close_at_quorum and len(self._reported) >= self.policy.quorum(len(self.cohort))):
+            self._begin_aggregation(ev.now_ms, out)
+        return None
+
     def _round_metrics(self) -> dict[str, float]:
         metrics = weighted_means(self._train_metrics, "train_")
         # Workers evaluated the round's base model (version model_version - 1 after close).
@@ -750,7 +820,7 @@ class RoundStateMachine(MachineBase):
                            dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
                            self.state, {**self._round_metrics(), **ev.metrics}, late=tuple(w for w, _ in late),
                            staleness=(0,) * len(self._reported) + tuple(t for _, t in late),
-                           elapsed_s=self._elapsed(ev.now_ms))
+                           elapsed_s=self._elapsed(ev.now_ms), via=dict(self._via))
         self._plan_next(ev.now_ms, out, closing=close)
 
     def _remember_accepted(self, round_: int, workers) -> None:

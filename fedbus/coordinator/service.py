@@ -53,6 +53,7 @@ from fedbus.coordinator.rounds import (
     MessageRejected,
     OpenEval,
     OpenRound,
+    PartialReceived,
     RejectUpdate,
     Start,
     Tick,
@@ -67,7 +68,8 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
-from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, RoundClose, Update, finite_metrics
+from fedbus.coordinator.partials import verified_partial
+from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
 from fedbus.transforms import build_worker_pipeline, decode_update
@@ -190,10 +192,16 @@ class CoordinatorService:
             await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
             await self._subscribe_heartbeats()
             workers = self.federation.workers()
-            updates = self.subjects.upd_listed((w.region, w.id) for w in workers)
             reports = sorted(self.subjects.metrics(w.id) for w in workers)
-            tasks = [asyncio.create_task(self._consume(updates, self.subjects.upd_stream,
-                                                      "coordinator-updates", self._on_update)),
+            if self.job.topology == "regional":
+                # Partials of the regions that have an aggregator; raw updates are never read.
+                regions = sorted({p.region for p in self.federation.aggregators()})
+                intake = self._consume([self.subjects.agg(r) for r in regions], self.subjects.agg_stream,
+                                       "coordinator-partials", self._on_partial)
+            else:
+                intake = self._consume(self.subjects.upd_listed((w.region, w.id) for w in workers),
+                                       self.subjects.upd_stream, "coordinator-updates", self._on_update)
+            tasks = [asyncio.create_task(intake),
                      asyncio.create_task(self._consume(reports, self.subjects.metrics_stream,
                                                       "coordinator-metrics", self._on_eval_report)),
                      asyncio.create_task(self._tick()),
@@ -526,6 +534,42 @@ class CoordinatorService:
             log.debug("update.copy_after_close", sender=header.sender, round=header.round, delivered=delivered)
             return True
         return False
+
+    async def _on_partial(self, msg) -> bool:
+        """Verify a regional partial aggregate and its contributors' proofs; True to hold it
+        unacknowledged until its round commits."""
+        region = msg.subject.rsplit(".", 1)[-1]
+        delivered, stored_ms = self._delivery(msg)
+        if delivered == 1 and not self.upd_buckets.allow(f"agg:{region}", now_ms()):
+            self._rejected("partial", "rate_limited", "partial budget spent", region, msg.subject, None)
+            return False
+        try:
+            got = await self.messenger.receive(
+                self.verifier, msg.data, stored_ms=stored_ms, offload=True,
+                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
+            h = got.header
+            if h.type != Partial.TYPE:
+                raise Rejection("unknown_type", f"{h.type} on a partial subject", h)
+            if h.run != self.run_id:
+                raise Rejection("wrong_run", f"run {h.run}", h)
+            body: Partial = got.fields  # type: ignore[assignment]
+            partial, contributors = await asyncio.to_thread(verified_partial, self.federation, self.job.job,
+                                                            self.run_id, got, region)
+        except Rejection as rej:
+            h = rej.header or (got.header if "got" in locals() else None)
+            if h is not None and rej.reason == "replayed_nonce" and delivered > 1:
+                return False  # a redelivery of a partial this process saw: its round's commit acks it
+            self._rejected("partial", rej.reason, rej.detail, h.sender if h else None, msg.subject,
+                           h.round if h else None)
+            return False
+        event = PartialReceived(h.sender, region, h.round, partial, contributors, now_ms(), digest=h.digest,
+                                train_metrics=dict(body.train_metrics), metrics_weight=body.metrics_weight)
+        actions = self._feed(event)
+        if any(isinstance(a, (RejectUpdate, DuplicateIgnored)) and a.worker_id == h.sender for a in actions):
+            return False
+        self._unacked.setdefault((h.round, h.sender), []).append(msg)
+        log.debug("partial.accepted", region=region, round=h.round, contributors=len(contributors))
+        return True
 
     async def _on_eval_report(self, msg) -> bool:
         delivered, stored_ms = self._delivery(msg)

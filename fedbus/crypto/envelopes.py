@@ -72,6 +72,7 @@ REASONS = (
     "excessive_samples",    # num_samples above what the worker declared or the caps allow
     "invalid_metrics",      # non-finite, too many, or too long metric names
     "too_stale",            # (async) an update whose base version is too old
+    "wrong_region",         # an aggregator's partial for another region, or with a worker of another region
 )
 
 

@@ -116,6 +116,10 @@ class Federation:
         """Workers in file order; a worker's position is its default data partition."""
         return [p for p in self.spec.participants if p.role == "worker"]
 
+    def aggregators(self) -> list[Participant]:
+        """Regional aggregators (unrevoked), each tied to its region."""
+        return [p for p in self.spec.participants if p.role == "aggregator" and not p.revoked]
+
     def coordinator(self) -> Participant:
         coords = [p for p in self.spec.participants if p.role == "coordinator" and not p.revoked]
         if len(coords) != 1:

@@ -200,8 +200,45 @@ class JobDone(Body):
     reason: Annotated[str, StringConstraints(max_length=256)] = "completed"
 
 
+MAX_CONTRIBUTORS = 10_000  # updates one partial aggregate may stand for
+MAX_PROOF_BYTES = 2 * KIB  # a worker's signed update header (msgpack header + 64-byte signature)
+
+
+class Partial(Body):
+    """A regional aggregator's partial aggregate of one round: the mergeable statistics
+    (tensors: ``sums/<key>``, ``carry/<key>``, ``groups/<group>/<key>``, see
+    ``aggregation.partial``) and who is inside it. Each contributor comes with its update's
+    digest, weight and base version, and the worker's own signed update header (``proofs``:
+    header bytes followed by the 64-byte signature), so the coordinator and an auditor can
+    check that every listed update was really sent, for this round, with this digest."""
+
+    TYPE: ClassVar[str] = "partial"
+    SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"aggregator"})
+    HAS_TENSORS: ClassVar[bool] = True
+    MAX_BODY_BYTES: ClassVar[int | None] = None  # model-sized sums
+    MAX_FIELDS_BYTES: ClassVar[int] = 32 * 1024 * KIB  # MAX_CONTRIBUTORS proofs
+    METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"scalars", "train_metrics"})
+    round: int = Field(ge=1, le=MAX_COUNT)
+    region: ShortStr
+    base_version: Count
+    rule: Annotated[str, StringConstraints(max_length=256)]
+    total_weight: float = Field(ge=0, allow_inf_nan=False)
+    workers: Annotated[list[WorkerId], Field(max_length=MAX_CONTRIBUTORS)]
+    # hex strings: message fields travel as JSON-able values
+    digests: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]],
+                       Field(max_length=MAX_CONTRIBUTORS)]
+    weights: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(max_length=MAX_CONTRIBUTORS)]
+    base_versions: Annotated[list[Count], Field(max_length=MAX_CONTRIBUTORS)]
+    proofs: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]*$", max_length=2 * MAX_PROOF_BYTES)]],
+                      Field(max_length=MAX_CONTRIBUTORS)]
+    scalars: Metrics = Field(default_factory=dict)
+    groups: Annotated[list[ShortStr], Field(max_length=16)] = Field(default_factory=list)
+    train_metrics: Metrics = Field(default_factory=dict, description="the region's sample-weighted training metrics")
+    metrics_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
 MESSAGE_TYPES: dict[str, type[Body]] = {
-    cls.TYPE: cls for cls in (Heartbeat, RoundOpen, Update, RoundClose, EvalOpen, EvalReport, JobDone)
+    cls.TYPE: cls for cls in (Heartbeat, RoundOpen, Update, RoundClose, EvalOpen, EvalReport, JobDone, Partial)
 }
 
 

@@ -1,0 +1,296 @@
+"""AggregatorService: a region's `fedbus aggregator`, a thin adapter around AggregatorCore.
+
+It follows the control stream (the coordinator's round.open gives the round, its cohort,
+deadline and base model; job.done ends it), listens to its region's workers' heartbeats
+(their declared sample counts bound their claims, as at the coordinator), pulls its
+region's updates (``upd.<region>.<worker>``, a durable consumer the server filters to the
+region's listed workers), verifies each exactly as the coordinator does, and publishes
+the region's signed partial aggregate on ``agg.<region>`` with every contributor's own
+signed update header as proof. Updates are acknowledged only once JetStream acknowledged
+the partial that holds them; until then they are kept alive (``in_progress``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+import torch
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import trace as otel_trace
+
+from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.coordinator.factory import policy_from, rule_for
+from fedbus.coordinator.ratelimit import TokenBuckets
+from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
+from fedbus.crypto.envelopes import Rejection, now_ms
+from fedbus.crypto.federation import Federation
+from fedbus.crypto.keys import Identity
+from fedbus.crypto.proofs import proof_of
+from fedbus.jobspec import JobSpec
+from fedbus.messaging import Messenger, verifier_for
+from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
+from fedbus.protocol.tensor_groups import split_groups
+from fedbus.rejections import RejectionLedger
+from fedbus.tasks import load_task
+from fedbus.telemetry import get_tracer, trace_context_from_traceparent
+from fedbus.transforms import build_worker_pipeline, decode_update
+from fedbus.worker.service import ControlFollower
+
+log = structlog.get_logger("fedbus.aggregator")
+
+TICK_S = 0.05
+ACK_WAIT_S = 10.0
+CONNECT_TIMEOUT_S = 60.0
+FETCH_BATCH = 64
+
+
+class AggregatorService:
+    def __init__(self, job: JobSpec, federation: Federation, identity: Identity, region: str, nats_url: str):
+        me = federation.listed_as(identity, "aggregator")
+        if me.region != region:
+            raise ValueError(f"aggregator {identity.id} is listed for region {me.region!r}, not {region!r}")
+        self.job, self.federation, self.identity, self.region, self.nats_url = job, federation, identity, region, nats_url
+        self.subjects = Subjects(job.job, prefix=job.transport.prefix)
+        self.members = [w.id for w in federation.workers() if w.region == region]
+        task = load_task(job.task)
+        torch.manual_seed(job.seed)
+        initial = {k: v.detach().clone() for k, v in task.build_model(job.task_params).state_dict().items()}
+        # The last 20% of a round (at most 2 s) is left for the partial to reach the coordinator.
+        margin = int(min(2.0, 0.2 * job.round_deadline_s) * 1000)
+        self.core = AggregatorCore(region, self.members, policy_from(job, federation), rule_for(job), initial,
+                                   close_margin_ms=margin)
+        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
+        self.pipeline = build_worker_pipeline(job)
+        sec = job.security
+        self.ledger = RejectionLedger(int(sec.audit_interval_s * 1000), lambda s: federation.get(s) is not None)
+        self.hb_buckets = TokenBuckets(sec.rate.heartbeats_per_s, sec.rate.heartbeat_burst)
+        self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
+        self.tracer = get_tracer("fedbus.aggregator")
+        self.run_id: str | None = None
+        self._unacked: dict[int, list] = {}
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._actions: asyncio.Queue = asyncio.Queue()
+        self._done = asyncio.Event()
+
+    async def run(self) -> int:
+        self.nc = await connect(self.nats_url, name=f"fedbus-aggregator-{self.identity.id}",
+                                first_connect_timeout=CONNECT_TIMEOUT_S)
+        self.js = self.nc.jetstream()
+        try:
+            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
+                                       inline_max_bytes=self.job.transport.inline_max_bytes)
+            await self._learn_last_partial()
+            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put)
+            await follower.start()
+            subs = [await self.nc.subscribe(self.subjects.hb(w), cb=self._on_heartbeat) for w in self.members]
+            tasks = [asyncio.create_task(self._follow_control()), asyncio.create_task(self._consume()),
+                     asyncio.create_task(self._tick()), asyncio.create_task(self._act()),
+                     asyncio.create_task(self._keep_alive())]
+            log.info("aggregator.started", aggregator=self.identity.id, region=self.region, workers=len(self.members),
+                     nats=self.nats_url)
+            await self._done.wait()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            await follower.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        log.info("aggregator.stopped", region=self.region, partials=self.core.partials_published,
+                 rejected=dict(self.ledger.totals))
+        return 0
+
+    async def _learn_last_partial(self) -> None:
+        """A restarted aggregator must not publish a second partial for a round it already
+        published (its updates may not have been acknowledged before it died)."""
+        try:
+            last = await self.js.get_last_msg(self.subjects.agg_stream, self.subjects.agg(self.region))
+            from fedbus.protocol.envelope import decode_header, split_frame
+            header = decode_header(split_frame(last.data)[0])
+        except Exception:
+            return
+        if header.sender == self.identity.id and header.run:
+            self.core.note_published(header.run, header.round)
+            log.info("aggregator.found_published", round=header.round, run=header.run)
+
+    # ---- inputs ------------------------------------------------------------------------
+
+    def _feed(self, event) -> list:
+        actions = self.core.handle(event)
+        for a in actions:
+            self._actions.put_nowait(a)
+        return actions
+
+    def _rejected(self, kind: str, reason: str, detail: str, sender: str | None, subject: str) -> None:
+        if self.ledger.record(kind, sender, reason, detail, now_ms()):
+            log.warning(f"{kind}.rejected", reason=reason, detail=detail[:200], subject=subject[:200],
+                        sender=(sender or "")[:64], note="further ones this interval are aggregated")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._feed(Tick(now_ms()))
+            if self.ledger.due(now_ms()):
+                for rep in self.ledger.flush(now_ms()):
+                    if rep.count > 1:
+                        log.warning(f"{rep.kind}.rejected.summary", reason=rep.reason, sender=rep.sender,
+                                    count=rep.count)
+
+    async def _on_heartbeat(self, msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        if not self.hb_buckets.allow(token, now_ms()):
+            return self._rejected("heartbeat", "rate_limited", "heartbeat budget spent", token, msg.subject)
+        try:
+            got = await self.messenger.receive(self.verifier, msg.data, sender_token=token)
+        except Rejection as rej:
+            return self._rejected("heartbeat", rej.reason, rej.detail, rej.header.sender if rej.header else None,
+                                  msg.subject)
+        hb: Heartbeat = got.fields  # type: ignore[assignment]
+        self._feed(WorkerSeen(got.header.sender, hb.num_samples, now_ms()))
+        return None
+
+    async def _follow_control(self) -> None:
+        while True:
+            msg = await self._inbox.get()
+            try:
+                got = await self.messenger.receive(self.verifier, msg.data)
+            except Rejection as rej:
+                self._rejected("control", rej.reason, rej.detail, rej.header.sender if rej.header else None,
+                               msg.subject)
+                continue
+            fields, h = got.fields, got.header
+            if isinstance(fields, RoundOpen) and h.run:
+                self.run_id = h.run
+                model, _ = split_groups(got.tensors or {})
+                self._feed(RoundOpened(h.run, fields.round, fields.model_version, tuple(fields.cohort),
+                                       fields.deadline_ms, model, now_ms(), h.trace))
+            elif isinstance(fields, JobDone) and h.run and h.run == self.run_id:
+                log.info("job.done", reason=fields.reason)
+                self._done.set()
+
+    async def _consume(self) -> None:
+        durable = f"aggregator-{self.region}"
+        subjects = self.subjects.upd_listed((self.region, w) for w in self.members)
+        config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
+                                ack_wait=ACK_WAIT_S, max_ack_pending=10_000, filter_subjects=subjects)
+        try:
+            await self.js.add_consumer(self.subjects.upd_stream, config)
+        except Exception as exc:
+            log.warning("consumer.recreated", durable=durable, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(self.subjects.upd_stream, durable)
+            await self.js.add_consumer(self.subjects.upd_stream, config)
+        psub = await self.js.pull_subscribe_bind(durable, self.subjects.upd_stream)
+        while True:
+            try:
+                msgs = await psub.fetch(batch=FETCH_BATCH, timeout=0.5)
+            except (TimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as exc:
+                if self.nc.is_closed:
+                    return
+                log.warning("consumer.fetch_failed", error=repr(exc))
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                hold = False
+                try:
+                    hold = await self._on_update(msg)
+                except Exception as exc:  # one message's bug must not stop the region
+                    log.exception("message.handler_failed", error=repr(exc))
+                if not hold:
+                    with contextlib.suppress(Exception):
+                        await msg.ack()
+
+    async def _on_update(self, msg) -> bool:
+        parts = msg.subject.split(".")
+        token = parts[-1]
+        try:
+            md = msg.metadata
+            delivered, stored_ms = int(md.num_delivered), int(md.timestamp.timestamp() * 1000)
+        except Exception:
+            delivered, stored_ms = 1, None
+        if delivered == 1 and not self.upd_buckets.allow(token, now_ms()):
+            self._rejected("update", "rate_limited", "update budget spent", token, msg.subject)
+            return False
+        try:
+            got = await self.messenger.receive(self.verifier, msg.data, sender_token=token, stored_ms=stored_ms,
+                                               offload=True,
+                                               round_ok=lambda h: self.core.accepts(h.run, h.round))
+            if got.header.type != Update.TYPE:
+                raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
+            sender = self.federation.get(got.header.sender)
+            if sender is None or sender.region != self.region or parts[-2] != self.region:
+                raise Rejection("wrong_region", f"{got.header.sender} is not a worker of region {self.region}",
+                                got.header)
+        except Rejection as rej:
+            h = rej.header
+            if not (delivered > 1 and rej.reason == "replayed_nonce"):
+                self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject)
+            return False
+        upd: Update = got.fields  # type: ignore[assignment]
+        h = got.header
+        event = UpdateReceived(worker_id=h.sender, round=h.round, now_ms=now_ms(), digest=h.digest,
+                               base_version=upd.base_version,
+                               update=decode_update(self.pipeline, h.sender, upd, got.tensors),
+                               train_metrics=upd.train_metrics, proof=proof_of(msg.data))
+        actions = self._feed(event)
+        if any(isinstance(a, (RejectUpdate, DuplicateIgnored)) and a.worker_id == h.sender for a in actions):
+            for a in actions:
+                if isinstance(a, RejectUpdate):
+                    self._rejected("update", a.reason, a.detail, a.worker_id, msg.subject)
+            return False
+        self._unacked.setdefault(h.round, []).append(msg)
+        return True
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(ACK_WAIT_S / 4)
+            for msgs in list(self._unacked.values()):
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    # ---- outputs -----------------------------------------------------------------------
+
+    async def _act(self) -> None:
+        while True:
+            action = await self._actions.get()
+            try:
+                if isinstance(action, PublishPartial):
+                    await self._publish(action)
+                elif isinstance(action, AckThrough):
+                    for r in sorted(k for k in self._unacked if k <= action.round):
+                        for msg in self._unacked.pop(r):
+                            with contextlib.suppress(Exception):
+                                await msg.ack()
+            except Exception as exc:  # the updates stay unacknowledged: a restart publishes them again
+                log.exception("action.failed", action=type(action).__name__, error=repr(exc))
+
+    async def _publish(self, a: PublishPartial) -> None:
+        ctx = trace_context_from_traceparent(a.trace)
+        with self.tracer.start_as_current_span("aggregator.publish", context=ctx, attributes={
+                "fedbus.round": a.round, "fedbus.region": self.region, "fedbus.contributors": len(a.contributors)}):
+            tensors, meta = await asyncio.to_thread(a.partial.to_message)
+            body = Partial(round=a.round, region=self.region, base_version=meta["base_version"], rule=meta["rule"],
+                           total_weight=meta["total_weight"], workers=[c[0] for c in a.contributors],
+                           digests=[c[1].hex() for c in a.contributors], weights=[c[2] for c in a.contributors],
+                           base_versions=[c[3] for c in a.contributors], proofs=[c[4].hex() for c in a.contributors],
+                           scalars=meta["scalars"], groups=meta["groups"],
+                           train_metrics=finite_metrics(a.train_metrics), metrics_weight=a.metrics_weight)
+            traceparent = None
+            span = otel_trace.get_current_span()
+            if span.get_span_context().is_valid:
+                from fedbus.telemetry import current_traceparent
+                traceparent = current_traceparent()
+            await self.messenger.publish(self.subjects.agg(self.region), body, tensors, round=a.round, run=a.run,
+                                         trace=traceparent)
+        log.info("partial.published", round=a.round, region=self.region, contributors=len(a.contributors))
+        self._feed(PartialPublished(a.run, a.round, now_ms()))
