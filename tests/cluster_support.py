@@ -278,7 +278,16 @@ class FailoverResult:
     coordinator_events: list[dict]  # the coordinator's JSON log lines
     leaders_after: dict[str, str]
     killed_address: str  # its client host:port
-    led_by_victim: list[str]  # every stream (KV and object stores included) the victim led at the kill
+    led_by_victim: list[str]  # every stream (KV and object stores included) and consumer the victim led
+
+    def victim_consumers(self) -> dict[str, int]:
+        """How many consumers of each stream the victim led (ordered consumers are R1: lost with it)."""
+        out: dict[str, int] = {}
+        for x in self.led_by_victim:
+            if "/" in x:
+                stream = x.split("/", 1)[0]
+                out[stream] = out.get(stream, 0) + 1
+        return out
 
     def coordinator_reconnects(self) -> list[str]:
         """Servers (host:port) the coordinator's connections reconnected to."""
@@ -344,7 +353,8 @@ class FailoverResult:
                 f"coordinator: {self.count('commit.failed')} commit.failed, "
                 f"{self.count('consumer.fetch_failed')} consumer.fetch_failed, "
                 f"{self.count('nats.reconnected')} nats.reconnected; "
-                f"the victim led {self.led_by_victim}; leaders after {self.leaders_after}")
+                f"the victim led streams {[x for x in self.led_by_victim if '/' not in x]} and "
+                f"{self.victim_consumers()} consumers; leaders after {self.leaders_after}")
 
 
 def _parse_ts(text: str) -> float:
@@ -439,7 +449,14 @@ async def _all_leaders(urls: str) -> dict[str, str]:
     nc = await nats.connect(servers=urls.split(","), connect_timeout=2, max_reconnect_attempts=3,
                             allow_reconnect=True, error_cb=quiet)
     try:
-        infos = await asyncio.wait_for(nc.jetstream().streams_info(), 10.0)
-        return {i.config.name: (i.cluster.leader if i.cluster else None) for i in infos}
+        jsm = nc.jsm()
+        infos = await asyncio.wait_for(jsm.streams_info(), 10.0)
+        out = {i.config.name: (i.cluster.leader if i.cluster else None) for i in infos}
+        # Consumers have Raft groups (durable: the stream's replicas) or one home (ephemeral
+        # and ordered consumers: R1) of their own: "stream/consumer" -> leader.
+        for i in infos:
+            for c in await asyncio.wait_for(jsm.consumers_info(i.config.name), 10.0):
+                out[f"{i.config.name}/{c.name}"] = c.cluster.leader if c.cluster else None
+        return out
     finally:
         await nc.close()
