@@ -89,10 +89,19 @@ def _check_no_update_lost(r) -> None:
     assert sum(1 for _, t in r.close_times if t > r.kill_time) == ROUNDS - r.killed_after_round
 
 
-@pytest.mark.e2e
-def test_sigkill_update_stream_leader_mid_job(tmp_path):
-    r = run_failover(tmp_path, "stream_leader", rounds=ROUNDS, num_workers=WORKERS, kill_after_round=3)
+def _report(r, record_property) -> None:
+    """The stall goes to stdout (pytest -s), the junit properties and, on failure, the report."""
     print("\n" + r.describe())
+    record_property("stall_s", round(r.stall_s, 3))
+    record_property("kill_to_next_close_s", round(r.kill_to_next_close_s, 3))
+    record_property("lost", len(r.lost))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+def test_sigkill_update_stream_leader_mid_job(tmp_path, record_property):
+    r = run_failover(tmp_path, "stream_leader", rounds=ROUNDS, num_workers=WORKERS, kill_after_round=3)
+    _report(r, record_property)
     _check_no_update_lost(r)
     assert r.killed == r.leaders_before["upd"]
     assert "FEDBUS_cluster-failover_UPD" in r.led_by_victim
@@ -101,9 +110,10 @@ def test_sigkill_update_stream_leader_mid_job(tmp_path):
 
 
 @pytest.mark.e2e
-def test_sigkill_coordinators_node_mid_job(tmp_path):
+@pytest.mark.timeout(150)
+def test_sigkill_coordinators_node_mid_job(tmp_path, record_property):
     r = run_failover(tmp_path, "coordinator_node", rounds=ROUNDS, num_workers=WORKERS, kill_after_round=3)
-    print("\n" + r.describe())
+    _report(r, record_property)
     _check_no_update_lost(r)
     assert r.killed == r.coordinator_node
     # the coordinator's connections moved to surviving nodes
