@@ -61,6 +61,7 @@ from fedbus.protocol.tensor_groups import join_groups, split_groups  # noqa: E40
 from fedbus.aggregation.base import InvalidUpdate  # noqa: E402
 from fedbus.aggregation.partial import WIRE_FORMAT as PARTIAL_WIRE_FORMAT  # noqa: E402
 from fedbus.aggregation.partial import PartialAggregate, check_partial_tensors  # noqa: E402
+from fedbus.aggregator.wire import widened_partial  # noqa: E402
 
 JOB = "fuzzjob"
 NOW = 1_700_000_000_000  # deadlines in bodies; header timestamps use the real clock (the verifier does)
@@ -138,7 +139,7 @@ def parse_section(sec: bytes) -> tuple[list, bytes]:
 
 MODEL_SECTION = encode_tensors(MODEL)
 UPDATE_SECTION = encode_tensors(join_groups(MODEL, {"scaffold": FLOATS}))
-PARTIAL_SECTION = encode_tensors({f"sums/{k}": v.double() for k, v in FLOATS.items()})
+PARTIAL_SECTION = encode_tensors({f"sums/{k}": v for k, v in FLOATS.items()})  # float32 on the wire
 
 
 def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dict, bytes | None, Identity]:
@@ -169,8 +170,8 @@ def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dic
                      "reason": "completed"}, None, COORD)
         case "partial":
             return ({"round": round_, "region": "eu", "base_version": round_ - 1, "rule": "fedavg",
-                     "total_weight": 50.0, "workers": [worker.id], "digests": ["ab" * 32], "weights": [50.0],
-                     "base_versions": [round_ - 1], "proofs": ["cd" * 100], "scalars": {}, "groups": [],
+                     "total_weight": 50.0, "workers": [worker.id], "digests": ["q83vq83vq83vq83vq83vq83vq83vq83vq83vq83vq80="],
+                     "weights": [50.0], "base_versions": [round_ - 1], "proofs": ["zc3Nzc3N" * 20], "scalars": {}, "groups": [],
                      "train_metrics": {"loss": 0.5}, "metrics_weight": 50.0}, PARTIAL_SECTION, AGGREGATOR)
     raise AssertionError(msg_type)
 
@@ -637,7 +638,7 @@ def check_partial(got) -> None:
             "contributors": [[w, x, v] for w, x, v in zip(f.workers, f.weights, f.base_versions)],
             "scalars": dict(f.scalars), "groups": list(f.groups)}
     try:
-        partial = PartialAggregate.from_message(dict(got.tensors or {}), meta)
+        partial = PartialAggregate.from_message(widened_partial(got.tensors or {}), meta)
         check_partial_tensors("sums", partial.sums, PARTIAL_LIKE)
     except InvalidUpdate as exc:
         raise Rejection("invalid_update", str(exc), got.header) from None

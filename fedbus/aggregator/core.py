@@ -38,6 +38,7 @@ class RoundOpened:
     state: State
     now_ms: int
     trace: str | None = None
+    declared: tuple[int, ...] = ()  # the coordinator's committed sample counts, in cohort order
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class _Round:
     base: State
     accumulator: object
     trace: str | None
+    declared: dict[str, int] = field(default_factory=dict)
     reported: dict[str, tuple[bytes, float, int, bytes]] = field(default_factory=dict)  # fold order
     metrics: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     closed: bool = False
@@ -100,6 +102,10 @@ class AggregatorCore(MachineBase):
         self._eval_metrics: list = []
 
     def _declared(self, worker: str) -> int | None:
+        # What the coordinator committed with the round (as it caps claims), else the heartbeat.
+        r = self.current
+        if r is not None and worker in r.declared:
+            return r.declared[worker]
         return self.registry.declared(worker)
 
     def note_published(self, run: str, round_: int) -> None:
@@ -140,8 +146,10 @@ class AggregatorCore(MachineBase):
             # The coordinator moved on before this region closed: its updates missed the round.
             out.append(AckThrough(r.round))
         members = frozenset(ev.cohort) & self.members
+        declared = dict(zip(ev.cohort, ev.declared)) if len(ev.declared) == len(ev.cohort) else {}
         self.current = _Round(ev.run, ev.round, ev.model_version, members, ev.deadline_ms, ev.state,
                               self.rule.begin(ev.state, ev.model_version), ev.trace,
+                              declared={w: n for w, n in declared.items() if n > 0},
                               closed=(ev.run, ev.round) in self.published or not members)
 
     def _reject(self, ev: UpdateReceived, reason: str, detail: str, out: list) -> None:

@@ -21,13 +21,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
+from fedbus.aggregator.wire import wire_partial
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.coordinator.factory import policy_from, rule_for
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
-from fedbus.crypto.keys import Identity
+from fedbus.crypto.keys import Identity, b64
 from fedbus.crypto.proofs import proof_of
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
@@ -170,7 +171,7 @@ class AggregatorService:
                 self.run_id = h.run
                 model, _ = split_groups(got.tensors or {})
                 self._feed(RoundOpened(h.run, fields.round, fields.model_version, tuple(fields.cohort),
-                                       fields.deadline_ms, model, now_ms(), h.trace))
+                                       fields.deadline_ms, model, now_ms(), h.trace, tuple(fields.declared)))
             elif isinstance(fields, JobDone) and h.run and h.run == self.run_id:
                 log.info("job.done", reason=fields.reason)
                 self._done.set()
@@ -278,11 +279,11 @@ class AggregatorService:
         ctx = trace_context_from_traceparent(a.trace)
         with self.tracer.start_as_current_span("aggregator.publish", context=ctx, attributes={
                 "fedbus.round": a.round, "fedbus.region": self.region, "fedbus.contributors": len(a.contributors)}):
-            tensors, meta = await asyncio.to_thread(a.partial.to_message)
+            tensors, meta = await asyncio.to_thread(lambda: wire_partial(a.partial))
             body = Partial(round=a.round, region=self.region, base_version=meta["base_version"], rule=meta["rule"],
                            total_weight=meta["total_weight"], workers=[c[0] for c in a.contributors],
-                           digests=[c[1].hex() for c in a.contributors], weights=[c[2] for c in a.contributors],
-                           base_versions=[c[3] for c in a.contributors], proofs=[c[4].hex() for c in a.contributors],
+                           digests=[b64(c[1]) for c in a.contributors], weights=[c[2] for c in a.contributors],
+                           base_versions=[c[3] for c in a.contributors], proofs=[b64(c[4]) for c in a.contributors],
                            scalars=meta["scalars"], groups=meta["groups"],
                            train_metrics=finite_metrics(a.train_metrics), metrics_weight=a.metrics_weight)
             traceparent = None

@@ -13,7 +13,7 @@ from fedbus.protocol.tensor_groups import join_groups
 def round_open_message(job: JobSpec, a: OpenRound) -> tuple[RoundOpen, dict[str, Tensor]]:
     """The round.open body and tensors (the model and the strategy's groups) for ``a``."""
     body = RoundOpen(round=a.round, model_version=a.model_version, cohort=list(a.cohort), deadline_ms=a.deadline_ms,
-                     train=job.train.model_dump(), evaluate=job.evaluation.federated)
+                     train=job.train.model_dump(), evaluate=job.evaluation.federated, declared=list(a.declared))
     return body, join_groups(a.state, a.broadcast)
 
 

@@ -19,6 +19,8 @@ from fedbus.aggregation.base import InvalidUpdate
 from fedbus.aggregation.partial import WIRE_FORMAT, PartialAggregate
 from fedbus.crypto.envelopes import Rejection
 from fedbus.crypto.federation import Federation
+from fedbus.aggregator.wire import widened_partial
+from fedbus.crypto.keys import unb64
 from fedbus.crypto.proofs import verify_proof
 
 Contributors = tuple[tuple[str, bytes, float], ...]  # (worker, update digest, weight)
@@ -39,15 +41,18 @@ def verified_partial(federation: Federation, job: str, run: str | None, got, sub
     if len(set(body.workers)) != n:
         raise Rejection("duplicate_update", "a worker is listed twice", h)
     contributors = []
-    for worker, digest_hex, weight, proof in zip(body.workers, body.digests, body.weights, body.proofs):
+    for worker, digest_b64, weight, proof in zip(body.workers, body.digests, body.weights, body.proofs):
         try:
-            signed = verify_proof(federation, bytes.fromhex(proof), job=job, run=run, round_=h.round, worker=worker,
+            raw_proof, digest = unb64(proof), unb64(digest_b64)
+        except ValueError:
+            raise Rejection("malformed_body", f"contributor {worker[:64]}: not base64", h) from None
+        try:
+            signed = verify_proof(federation, raw_proof, job=job, run=run, round_=h.round, worker=worker,
                                   region=body.region)
         except Rejection as rej:
             raise Rejection(rej.reason, rej.detail, h) from None
-        digest = bytes.fromhex(digest_hex)
         if signed.digest != digest:
-            raise Rejection("digest_mismatch", f"partial lists {digest_hex[:16]} for {worker}, its signed update has "
+            raise Rejection("digest_mismatch", f"partial lists {digest.hex()[:16]} for {worker}, its signed update has "
                                                f"{signed.digest.hex()[:16]}", h)
         contributors.append((worker, digest, float(weight)))
     meta = {"format": WIRE_FORMAT, "rule": body.rule, "base_version": body.base_version,
@@ -55,7 +60,7 @@ def verified_partial(federation: Federation, job: str, run: str | None, got, sub
             "contributors": [[w, float(x), int(v)] for w, x, v in zip(body.workers, body.weights, body.base_versions)],
             "scalars": dict(body.scalars), "groups": list(body.groups)}
     try:
-        partial = PartialAggregate.from_message(dict(got.tensors or {}), meta)
+        partial = PartialAggregate.from_message(widened_partial(got.tensors or {}), meta)
     except InvalidUpdate as exc:
         raise Rejection("invalid_update", str(exc), h) from None
     return partial, tuple(contributors)

@@ -214,6 +214,7 @@ class OpenRound:
     deadline_ms: int
     state: State
     broadcast: dict[str, State] = field(default_factory=dict)  # strategy extras, by group name
+    declared: tuple[int, ...] = ()  # the cohort's committed sample counts, in cohort order (caps downstream)
 
 
 @dataclass(frozen=True)
@@ -939,7 +940,8 @@ class RoundStateMachine(MachineBase):
         # What every worker is told (the strategy's first half): its tensor groups travel with the model.
         told = self.rule.configure(None, self.model_version)
         groups = {k: v for k, v in told.items() if isinstance(v, dict) and v}
-        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state, groups)
+        declared = tuple(self.declared.get(w, 0) for w in self.cohort) if self.declared else ()
+        return OpenRound(self.round, self.model_version, self.cohort, self.deadline_ms, self.state, groups, declared)
 
     def _enter_eval(self, now: int, cohort) -> None:
         self._reset_round_state()

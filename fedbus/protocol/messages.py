@@ -124,6 +124,9 @@ class RoundOpen(Body):
     train: Annotated[dict[ShortStr, FiniteFloat | int | Annotated[str, StringConstraints(max_length=256)] | bool],
                      Field(max_length=MAX_METRICS)] = Field(default_factory=dict, description="local training settings")
     evaluate: bool = Field(True, description="workers evaluate the received model on their held-out split")
+    declared: Annotated[list[Count], Field(max_length=MAX_LIST_LEN)] = Field(
+        default_factory=list, description="each cohort member's committed sample count, in cohort order: the cap on "
+                                          "its update's claim (regional aggregators apply it); empty when unknown")
 
 
 class Update(Body):
@@ -224,12 +227,13 @@ class Partial(Body):
     rule: Annotated[str, StringConstraints(max_length=256)]
     total_weight: float = Field(ge=0, allow_inf_nan=False)
     workers: Annotated[list[WorkerId], Field(max_length=MAX_CONTRIBUTORS)]
-    # hex strings: message fields travel as JSON-able values
-    digests: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]],
+    # Base64 strings (message fields travel as JSON-able values; base64 costs 4/3, hex 2x).
+    digests: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]],
                        Field(max_length=MAX_CONTRIBUTORS)]
     weights: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(max_length=MAX_CONTRIBUTORS)]
     base_versions: Annotated[list[Count], Field(max_length=MAX_CONTRIBUTORS)]
-    proofs: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]*$", max_length=2 * MAX_PROOF_BYTES)]],
+    proofs: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$",
+                                                            max_length=4 * MAX_PROOF_BYTES // 3 + 4)]],
                       Field(max_length=MAX_CONTRIBUTORS)]
     scalars: Metrics = Field(default_factory=dict)
     groups: Annotated[list[ShortStr], Field(max_length=16)] = Field(default_factory=list)
