@@ -102,6 +102,7 @@ class JobStateStore:
         self.identity = identity
         self.models = BlobStore(nc, js, MODELS_BUCKET)
         self.revision: int | None = None
+        self._attempted: bytes | None = None  # the value of a commit attempt that raised
         self._model_ref: dict | None = None
         self._kinds: dict[str, str] = {}
         self._model_version: int | None = None
@@ -139,11 +140,35 @@ class JobStateStore:
                "history": [[v, r] for v, r in self._history]}
         value = self._signed(doc)
         kv = await self._kv()
-        if self.revision is None:
-            self.revision = await kv.create(self.job_id, value)
-        else:
-            # Compare-and-set: fails if anyone else wrote the key since our last commit.
-            self.revision = await kv.update(self.job_id, value, last=self.revision)
+        try:
+            if self.revision is None:
+                self.revision = await kv.create(self.job_id, value)
+            else:
+                # Compare-and-set: fails if anyone else wrote the key since our last commit.
+                self.revision = await kv.update(self.job_id, value, last=self.revision)
+        except Exception as exc:
+            if await self._earlier_attempt_landed(kv, exc):
+                return
+            self._attempted = value
+            raise
+        self._attempted = None
+
+    async def _earlier_attempt_landed(self, kv, exc: Exception) -> bool:
+        """After a timed-out attempt (a stream leader died mid-request), a retry may find the
+        key moved on: if what is stored is exactly that earlier attempt, it was ours and it
+        landed (only its ack was lost); take its revision instead of failing the job."""
+        if self._attempted is None or "wrong last sequence" not in repr(exc).lower():
+            return False
+        try:
+            entry = await kv.get(self.job_id)
+        except Exception:
+            return False
+        if entry is None or entry.value != self._attempted:
+            return False
+        self.revision = entry.revision
+        self._attempted = None
+        log.warning("commit.ack_lost_but_stored", revision=entry.revision)
+        return True
 
     async def load(self) -> CommittedJob | None:
         kv = await self._kv()
