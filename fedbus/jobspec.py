@@ -193,6 +193,11 @@ class TransportSpec(BaseModel):
                                   description="bodies larger than this go to the Object Store "
                                               "(at most 64 MiB, the largest NATS max_payload)")
     heartbeat_s: float = Field(1.0, gt=0, le=60.0, description="seconds between a worker's heartbeats (at most 60)")
+    hub_domain: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,32}$",
+                                   description="the hub's JetStream domain, when regions run their own leaf nodes "
+                                               "(each region's domain is its name): participants on a leaf reach the "
+                                               "job's hub streams through it, and each region's updates stay in a "
+                                               "stream of its own domain")
 
 
 class JobSpec(BaseModel):

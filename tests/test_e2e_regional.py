@@ -65,7 +65,9 @@ def test_regional_aggregators_carry_every_update_and_the_model_equals_flat_fedav
 
     subjects = Subjects(job.job)
     opens = asyncio.run(read_stream(fed, subjects.ctl("round.open")))
-    updates = asyncio.run(read_stream(fed, subjects.upd_all))
+    # Each region's updates live in that region's own stream (no stream holds them all).
+    updates = [u for r in ("r0", "r1") for u in asyncio.run(read_stream(fed, subjects.upd_region(r)))]
+    assert len(updates) == 4 * job.rounds
     partials = asyncio.run(read_stream(fed, subjects.agg_all))
     assert len(partials) == 2 * job.rounds and {p.header.sender for p in partials} == {"agg-r0", "agg-r1"}
     bases = {o.fields.round: o.tensors for o in opens}

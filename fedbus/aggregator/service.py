@@ -22,7 +22,7 @@ from opentelemetry import trace as otel_trace
 
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
-from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
 from fedbus.coordinator.factory import policy_from, rule_for
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
@@ -79,9 +79,19 @@ class AggregatorService:
     async def run(self) -> int:
         self.nc = await connect(self.nats_url, name=f"fedbus-aggregator-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S)
-        self.js = self.nc.jetstream()
+        # The job's streams (control, partials, KV, models) are the hub's; this region's
+        # updates are in a stream of the local JetStream (the region's leaf, if it has one).
+        hub_domain = self.job.transport.hub_domain
+        self.js = self.nc.jetstream(domain=hub_domain) if hub_domain else self.nc.jetstream()
+        self.local_js = self.nc.jetstream()
         try:
-            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            if hub_domain:
+                await wait_for_stream(self.js, self.subjects.ctl_stream, CONNECT_TIMEOUT_S)
+            else:
+                await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
+                                                regional=True)
+            self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
+                                                          replicas=self.job.transport.replicas)
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             await self._learn_last_partial()
@@ -181,24 +191,35 @@ class AggregatorService:
         subjects = self.subjects.upd_listed((self.region, w) for w in self.members)
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
                                 ack_wait=ACK_WAIT_S, max_ack_pending=10_000, filter_subjects=subjects)
-        try:
-            await self.js.add_consumer(self.subjects.upd_stream, config)
-        except Exception as exc:
-            log.warning("consumer.recreated", durable=durable, error=repr(exc))
-            with contextlib.suppress(Exception):
-                await self.js.delete_consumer(self.subjects.upd_stream, durable)
-            await self.js.add_consumer(self.subjects.upd_stream, config)
-        psub = await self.js.pull_subscribe_bind(durable, self.subjects.upd_stream)
+        js, stream = self.local_js, self.upd_stream
+
+        async def bind():
+            try:
+                await js.add_consumer(stream, config)
+            except Exception as exc:
+                log.warning("consumer.recreated", durable=durable, error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(stream, durable)
+                await js.add_consumer(stream, config)
+            return await js.pull_subscribe_bind(durable, stream)
+
+        psub = await bind()
+        failures = 0
         while True:
             try:
                 msgs = await psub.fetch(batch=FETCH_BATCH, timeout=0.5)
+                failures = 0
             except (TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:
                 if self.nc.is_closed:
                     return
+                failures += 1
                 log.warning("consumer.fetch_failed", error=repr(exc))
                 await asyncio.sleep(0.2)
+                if failures % 10 == 0:  # the consumer may be gone (deleted, or a server lost it): bind again
+                    with contextlib.suppress(Exception):
+                        psub = await bind()
                 continue
             for msg in msgs:
                 hold = False

@@ -10,6 +10,8 @@ from .layout import (
     StreamLimits,
     Subjects,
     ensure_job_infrastructure,
+    ensure_region_updates,
+    wait_for_stream,
     stream_limits,
 )
 from .server import (
@@ -37,6 +39,8 @@ __all__ = [
     "Subjects",
     "connect",
     "ensure_job_infrastructure",
+    "ensure_region_updates",
+    "wait_for_stream",
     "find_nats_server_binary",
     "free_port",
     "publish_with_retry",

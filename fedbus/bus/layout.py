@@ -243,6 +243,11 @@ class Subjects:
     def agg_stream(self) -> str:
         return self._stream("AGG")
 
+    def region_upd_stream(self, region: str) -> str:
+        """topology: regional: the stream of one region's updates (in that region's JetStream
+        domain when the region runs its own leaf node)."""
+        return self._stream(f"UPD_{_check_token(region, 'region')}")
+
     @property
     def metrics_stream(self) -> str:
         return self._stream("METRICS")
@@ -258,19 +263,29 @@ class Subjects:
         storage: str = "file",
         duplicate_window: float = DUPLICATE_WINDOW_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        regional: bool = False,
+        region: str | None = None,
     ) -> list[StreamConfig]:
         """The job's streams, with the limits of `stream_limits`. All use limits
         retention: several readers (coordinator, aggregators, a restarted coordinator,
-        an auditor) replay the same messages."""
+        an auditor) replay the same messages.
+
+        ``regional``: no stream over every update subject (updates stay in their region's
+        stream: two streams capturing one subject, even in different JetStream domains,
+        would store each update twice and carry it across the leaf link). ``region``: only
+        that region's update stream."""
         storage_type = StorageType(storage)
         limits = stream_limits(max_message_bytes)
-        families = [
-            ("CTL", self.ctl_stream, self.ctl_all, "control events"),
-            ("UPD", self.upd_stream, self.upd_all, "worker updates"),
-            ("AGG", self.agg_stream, self.agg_all, "regional partial aggregates"),
-            ("METRICS", self.metrics_stream, self.metrics_all, "worker metrics"),
-            ("AUDIT", self.audit_stream, self.audit, "audit records"),
-        ]
+        if region is not None:
+            families = [("UPD", self.region_upd_stream(region), self.upd_region(region), f"updates of region {region}")]
+        else:
+            families = [
+                ("CTL", self.ctl_stream, self.ctl_all, "control events"),
+                *([] if regional else [("UPD", self.upd_stream, self.upd_all, "worker updates")]),
+                ("AGG", self.agg_stream, self.agg_all, "regional partial aggregates"),
+                ("METRICS", self.metrics_stream, self.metrics_all, "worker metrics"),
+                ("AUDIT", self.audit_stream, self.audit, "audit records"),
+            ]
         return [
             StreamConfig(
                 name=name,
@@ -400,6 +415,34 @@ async def _ensure_bucket(create: Any, bind: Any, what: str) -> None:
         log.warning("bus.bucket.config_differs", bucket=what)
 
 
+async def wait_for_stream(js: Any, name: str, timeout_s: float) -> None:
+    """Wait (bounded) until ``name`` exists in ``js``'s domain: a participant on a leaf node
+    does not create the hub's streams (it would create them in its own domain), it waits
+    for the coordinator to."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while True:
+        try:
+            await js.stream_info(name)
+            return
+        except Exception as exc:
+            if loop.time() > give_up:
+                raise TimeoutError(f"stream {name} did not appear within {timeout_s:.0f} s: {exc!r}") from None
+            await asyncio.sleep(0.25)
+
+
+async def ensure_region_updates(js: Any, subjects: Subjects, region: str, *, replicas: int = 1,
+                                storage: str = "file", max_message_bytes: int | None = None) -> str:
+    """Create one region's update stream in ``js``'s JetStream domain (its leaf node's, or
+    the only one); returns its name."""
+    if max_message_bytes is None:
+        max_message_bytes = _server_max_payload(js)
+    (config,) = subjects.stream_configs(replicas=replicas, storage=storage, max_message_bytes=max_message_bytes,
+                                        region=region)
+    await _ensure_stream(js, config)
+    return config.name
+
+
 async def ensure_job_infrastructure(
     js: Any,
     subjects: Subjects,
@@ -408,8 +451,10 @@ async def ensure_job_infrastructure(
     storage: str = "file",
     duplicate_window: float = DUPLICATE_WINDOW_S,
     max_message_bytes: int | None = None,
+    regional: bool = False,
 ) -> None:
-    """Create the job's streams, the jobs KV bucket and the object stores if missing.
+    """Create the job's streams, the jobs KV bucket and the object stores if missing
+    (``regional``: without the all-updates stream, see ``Subjects.stream_configs``).
 
     `max_message_bytes` is the largest message published inline (the job's
     `transport.inline_max_bytes`); it sets the streams' max_msg_size, so every
@@ -424,7 +469,7 @@ async def ensure_job_infrastructure(
     if max_message_bytes is None:
         max_message_bytes = _server_max_payload(js)
     configs = subjects.stream_configs(replicas=replicas, storage=storage, duplicate_window=duplicate_window,
-                                      max_message_bytes=max_message_bytes)
+                                      max_message_bytes=max_message_bytes, regional=regional)
     for config in configs:
         await _ensure_stream(js, config)
 

@@ -169,7 +169,8 @@ class CoordinatorService:
         self.js = self.nc.jetstream()
         write_summary = True
         try:
-            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
+                                            regional=self.job.topology == "regional")
             self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity,
                                           keep_versions=history_versions(self.job))
             if self.resume:
@@ -267,13 +268,21 @@ class CoordinatorService:
     async def _fresh_start(self) -> None:
         """A new coordinator run of a job starts from scratch: old control events and
         updates of the same job id must not leak into it."""
-        for stream in (self.subjects.ctl_stream, self.subjects.upd_stream, self.subjects.metrics_stream):
+        for stream in (self.subjects.ctl_stream, self.subjects.upd_stream, self.subjects.metrics_stream,
+                       self.subjects.agg_stream):
             with contextlib.suppress(Exception):
                 await self.js.purge_stream(stream)
         for stream, durable in ((self.subjects.upd_stream, "coordinator-updates"),
-                                (self.subjects.metrics_stream, "coordinator-metrics")):
+                                (self.subjects.metrics_stream, "coordinator-metrics"),
+                                (self.subjects.agg_stream, "coordinator-partials")):
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(stream, durable)
+        for region in sorted({a.region for a in self.federation.aggregators()}):
+            # Each region's updates (in its leaf's domain, named after the region, if it has one).
+            js = self.nc.jetstream(domain=region) if self.job.transport.hub_domain else self.js
+            # (Its aggregator's consumer is left alone: the aggregator may already be running.)
+            with contextlib.suppress(Exception):
+                await js.purge_stream(self.subjects.region_upd_stream(region))
         await self.jobstate.reset()
         self.run_id = new_run_id(now_ms())
         self.summary.run = self.run_id

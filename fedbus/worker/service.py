@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
@@ -215,9 +215,21 @@ class WorkerService:
 
         self.nc = await connect(self.nats_url, name=f"fedbus-worker-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S, reconnected_cb=on_reconnected)
-        self.js = self.nc.jetstream()
+        # The job's streams are the hub's: on a regional leaf node they are reached through the
+        # hub's JetStream domain, and a worker there creates nothing (it would create them in
+        # its own domain). Its updates go to its region's stream when the job is regional.
+        hub_domain = self.job.transport.hub_domain
+        self.js = self.nc.jetstream(domain=hub_domain) if hub_domain else self.nc.jetstream()
+        regional = self.job.topology == "regional"
         try:
-            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            if hub_domain:
+                await wait_for_stream(self.js, self.subjects.ctl_stream, CONNECT_TIMEOUT_S)
+            else:
+                await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
+                                                regional=regional)
+            if regional:
+                await ensure_region_updates(self.nc.jetstream(), self.subjects, self.region,
+                                            replicas=self.job.transport.replicas)
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put)
