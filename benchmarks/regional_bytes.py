@@ -1,7 +1,7 @@
 """What crosses the hub<->leaf links: regional aggregators vs a flat topology.
 
 A hub and two regional leaf nodes (deploy/nats/hub.conf, leaf-*.conf, started by
-tests/leaf_support.py on free ports), the coordinator on the hub, W workers per leaf
+fedbus/bus/leafnodes.py on free ports), the coordinator on the hub, W workers per leaf
 (and an aggregator per leaf in the regional run), digits, R rounds, run once regional and
 once flat on the same servers. Reported from the servers' own counters:
 
@@ -35,7 +35,7 @@ from fedbus.bus import Subjects, connect  # noqa: E402
 from fedbus.bus.monitor import delta, leaf_link_bytes  # noqa: E402
 from fedbus.telemetry import configure_logging  # noqa: E402
 from tests.e2e_support import LocalFederation, small_job  # noqa: E402
-from tests.leaf_support import leaf_topology  # noqa: E402
+from fedbus.bus.leafnodes import leaf_topology  # noqa: E402
 
 REGIONS = ("r0", "r1")
 

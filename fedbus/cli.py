@@ -319,6 +319,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.topology == "regional":
+        if args.mode != "sync" or args.stragglers:
+            raise CliError("--topology regional runs sync rounds without stragglers")
+        from fedbus.demo_regional import run_regional_demo
+        from fedbus.telemetry import configure_logging
+
+        configure_logging(process="demo", level=os.environ.get("FEDBUS_LOG_LEVEL", "warning"))
+        return run_regional_demo(args)
     from fedbus.demo import run_demo
 
     return run_demo(args)
@@ -378,12 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     d.add_argument("--mode", choices=["sync", "async"], default="sync",
-                   help="sync: lock-step FedAvg rounds (default 20); async: FedBuff, buffer 3, "
-                        "a model version per 3 updates (default 60 versions)")
+                   help="sync: lock-step FedAvg rounds (default 20); async: FedBuff, buffer 5, "
+                        "a model version per 5 updates (default 60 versions)")
     d.add_argument("--stragglers", type=int, default=0, metavar="N",
                    help="start the last N workers with --simulate-slowdown (testing only)")
     d.add_argument("--slowdown", type=float, default=10.0, metavar="F",
                    help="how much slower the stragglers train (default 10)")
+    d.add_argument("--topology", choices=["flat", "regional"], default="flat",
+                   help="regional: a hub and one leaf nats-server per region, an aggregator per region; the job runs "
+                        "regional then flat on the same servers and the hub<->leaf bytes are compared")
+    d.add_argument("--regions", type=int, default=2, help="regions of --topology regional (default 2)")
     d.set_defaults(func=cmd_demo)
 
     sm = sub.add_parser("sim", help="simulate a job in one process on a virtual clock (same round core and "

@@ -92,3 +92,15 @@ def test_small_demo_with_a_straggler_end_to_end(tmp_path):
     # The newcomer's summary line: time to 0.93, or how far it got.
     assert ("reached 0.93 test accuracy after" in result.stdout) or ("did not reach 0.93" in result.stdout)
     assert "stragglers w03 (4x slower) sent 3 updates" in result.stdout
+
+
+def test_regional_demo_refuses_what_it_cannot_show_before_starting_anything(tmp_path):
+    import subprocess
+    import sys
+
+    for extra in (["--mode", "async"], ["--stragglers", "2"], ["--regions", "0"]):
+        out = subprocess.run([sys.executable, "-m", "fedbus.cli", "demo", "--topology", "regional", "--run-dir",
+                              str(tmp_path / "d"), *extra], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (extra, out.stdout, out.stderr)
+        assert "regions" in out.stderr or "sync rounds" in out.stderr, out.stderr
+    assert not (tmp_path / "d" / "nats").exists()  # no server was started

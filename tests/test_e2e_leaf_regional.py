@@ -18,7 +18,7 @@ import pytest
 from fedbus.bus import Subjects, connect
 from fedbus.bus.monitor import delta, leaf_link_bytes
 from tests.e2e_support import LocalFederation, small_job
-from tests.leaf_support import leaf_topology
+from fedbus.bus.leafnodes import leaf_topology
 
 pytestmark = pytest.mark.e2e
 
