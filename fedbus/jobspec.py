@@ -221,6 +221,11 @@ class JobSpec(BaseModel):
         "flat", description="flat: the coordinator consumes every worker's update; regional: each region's "
                             "`fedbus aggregator` folds its workers' updates into a signed partial aggregate and the "
                             "coordinator merges partials (agg.<region>) and never sees a raw update")
+    region_strategy: StrategySpec | None = Field(
+        None, description="topology: regional: the rule each region's aggregator applies to its own updates (e.g. "
+                          "{name: median, f: 1}); a robust one forwards the region's result as one contribution "
+                          "weighted by the region's samples, which the job's strategy (fedavg or fedprox) averages "
+                          "across regions. Unset: the job's strategy, merged exactly")
     late_updates: Literal["drop", "next_round"] = Field(
         "drop", description="a sync round's update that arrives after the round closed: drop it (rejected as "
                             "wrong_round) or fold it into the next round, weighted by async.staleness")
@@ -259,6 +264,8 @@ class JobSpec(BaseModel):
             raise ValueError(f"strategy {self.strategy.name}: {exc}") from None
         if self.topology == "regional":
             self._check_regional()
+        elif self.region_strategy is not None:
+            raise ValueError("region_strategy needs topology: regional")
         if self.late_updates == "next_round" and self.strategy.name in ASYNC_UNSUPPORTED:
             raise ValueError(f"strategy {self.strategy.name} cannot fold a late update trained from an older model: "
                              f"use late_updates: drop")
@@ -281,8 +288,11 @@ class JobSpec(BaseModel):
         if not getattr(build_rule(self.strategy), "mergeable", False):
             raise ValueError(f"topology: regional merges partial sums, and strategy {self.strategy.name} needs every "
                              f"update in plaintext (a robust rule): use topology: flat")
-        if self.late_updates != "drop" or self.deterministic:
-            raise ValueError("topology: regional supports late_updates: drop and deterministic: false only")
+        if self.late_updates != "drop":
+            raise ValueError("topology: regional supports late_updates: drop only")
+        if self.region_strategy is not None and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"region_strategy forwards each region's result as one weighted contribution: the job's "
+                             f"strategy must average them (fedavg or fedprox), not {self.strategy.name}")
 
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:

@@ -79,3 +79,29 @@ def test_regional_aggregators_carry_every_update_and_the_model_equals_flat_fedav
         got = tg.split_groups(bases[r + 1])[0] if r + 1 in bases else final
         for k, v in expected.items():
             assert torch.allclose(got[k], v, rtol=1e-5, atol=1e-6), (r, k, (got[k] - v).abs().max())
+
+
+def test_a_robust_rule_inside_each_region_withstands_an_attacker_per_region(nats_server, tmp_path):
+    """region_strategy median (f=1) in each region of three workers, one of them a validly
+    signed attacker (sign flip x10); the coordinator averages the regions' results."""
+    job = small_job("e2e-regional-robust", rounds=3, min_workers=6, min_updates=6, deadline_s=30.0,
+                    evaluation={"final_round": False})
+    job = type(job).model_validate({**job.model_dump(by_alias=True), "topology": "regional",
+                                    "region_strategy": {"name": "median", "f": 1}})
+    fed = LocalFederation(tmp_path, nats_server.url, job, 6, regions=2, aggregators=True)
+    attackers = ("w01", "w02")  # one in r0, one in r1
+    try:
+        fed.start_coordinator()
+        for region in ("r0", "r1"):
+            fed.start_aggregator(region)
+        for w in (p.id for p in fed.federation.workers()):
+            fed.start_worker(w, *(("--simulate-attack", "sign_flip:10") if w in attackers else ()))
+        assert fed.wait_coordinator(timeout=180) == 0, fed.tail_logs()
+        fed.wait_all(timeout=30)
+    finally:
+        fed.stop()
+    summary = fed.summary()
+    assert summary["reason"] == "completed", fed.tail_logs()
+    assert all(r["accepted"] == 6 and set(r["via_region"].values()) == {"r0", "r1"} for r in summary["rounds"])
+    # The attackers' updates are inside the partials (the median outvoted them), and the model learned.
+    assert summary["final_accuracy"] > 0.85, summary["rounds"]

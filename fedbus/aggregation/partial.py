@@ -144,6 +144,28 @@ class PartialAggregate:
                    contributors, {k: float(v) for k, v in scalars.items()}, groups)
 
 
+def as_one_contribution(rule: str, base_version: int, base: State, result: State, contributors: list[Contributor]
+                        ) -> PartialAggregate:
+    """A region's result of any rule (e.g. a robust one) as the partial of one contribution:
+    its delta ``result − base`` weighted by the region's total weight W = Σ w_i, so that
+    averaging partials (FedAvg's merge) weighs regions by their samples. The contributor
+    list still names every update inside (their weights sum to W)."""
+    weight = float(sum(c.weight for c in contributors))
+    if not contributors or not (weight > 0 and math.isfinite(weight)):
+        raise InvalidUpdate("a region's result needs contributors with a positive total weight")
+    sums: State = {}
+    carry: State = {}
+    for k, x in base.items():
+        if x.dtype == torch.bool:
+            continue
+        if x.is_floating_point() or x.is_complex():
+            dt = torch.complex128 if x.is_complex() else torch.float64
+            sums[k] = (result[k].to(dt) - x.to(dt)) * weight
+        else:
+            carry[k] = (result[k].to(torch.int64) - x.to(torch.int64)).to(torch.float64) * weight
+    return PartialAggregate(rule, int(base_version), sums, carry, weight, len(contributors), list(contributors))
+
+
 def check_partial_tensors(what: str, got: State, like: State) -> None:
     """``got`` has exactly ``like``'s keys, shapes and dtypes, and only finite values (InvalidUpdate)."""
     if set(got) != set(like):
@@ -157,4 +179,4 @@ def check_partial_tensors(what: str, got: State, like: State) -> None:
             raise InvalidUpdate(f"partial aggregate: {what}[{k!r}] has non-finite values")
 
 
-__all__ = ["Contributor", "PartialAggregate", "check_partial_tensors"]
+__all__ = ["Contributor", "PartialAggregate", "as_one_contribution", "check_partial_tensors"]

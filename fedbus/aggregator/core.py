@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from fedbus.aggregation.base import AggregationRule, InvalidUpdate, State, is_averageable
-from fedbus.aggregation.partial import PartialAggregate
+from fedbus.aggregation.base import AggregationRule, InvalidUpdate, State, StrategyConfigError, is_averageable
+from fedbus.aggregation.partial import Contributor, PartialAggregate, as_one_contribution
 from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.registry import WorkerRegistry
@@ -81,11 +81,13 @@ class _Round:
 
 class AggregatorCore(MachineBase):
     def __init__(self, region: str, members: list[str], limits: RoundPolicy, rule: AggregationRule,
-                 initial_state: State, *, close_margin_ms: int):
+                 initial_state: State, *, close_margin_ms: int, job_rule: str | None = None):
         self.region = region
         self.members = frozenset(members)
         self.limits = limits
-        self.rule = rule
+        self.rule = rule  # the rule applied to this region's updates
+        # The coordinator's rule (what its partials must be): None when it is ``rule`` itself.
+        self.job_rule = job_rule
         self.optimizer = None
         self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
         self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
@@ -153,8 +155,11 @@ class AggregatorCore(MachineBase):
                               closed=(ev.run, ev.round) in self.published or not members)
 
     def _reject(self, ev: UpdateReceived, reason: str, detail: str, out: list) -> None:
+        self._reject_worker(ev.worker_id, ev.round, reason, detail, out)
+
+    def _reject_worker(self, worker: str, round_: int, reason: str, detail: str, out: list) -> None:
         self.rejections[reason] += 1
-        out.append(RejectUpdate(ev.worker_id, ev.round, reason, detail))
+        out.append(RejectUpdate(worker, round_, reason, detail))
 
     def _on_update(self, ev: UpdateReceived, out: list) -> None:
         r = self.current
@@ -197,7 +202,19 @@ class AggregatorCore(MachineBase):
         r = self.current
         assert r is not None
         r.closed = True
-        partial = r.accumulator.partial()
+        if self.job_rule is None:
+            partial = r.accumulator.partial()
+        else:
+            # A region rule of its own (e.g. robust): its result travels as one contribution.
+            try:
+                result = r.accumulator.finalize()
+            except (ValueError, InvalidUpdate, StrategyConfigError) as exc:  # e.g. too few updates for the rule
+                for w in r.reported:
+                    self._reject_worker(w, r.round, "aggregation_failed", str(exc), out)
+                out.append(AckThrough(r.round))
+                return
+            partial = as_one_contribution(self.job_rule, r.version, r.base, result,
+                                          [Contributor(w, r.reported[w][1], r.version) for w in r.reported])
         contributors = tuple((w, *r.reported[w]) for w in (c.worker_id for c in partial.contributors))
         out.append(PublishPartial(r.run, r.round, partial, contributors, weighted_means(r.metrics, "train_"),
                                   sum(w for w, _ in r.metrics), r.trace))

@@ -23,6 +23,7 @@ from opentelemetry import trace as otel_trace
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
+from fedbus.aggregation.specs import build_rule
 from fedbus.coordinator.factory import policy_from, rule_for
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
@@ -61,8 +62,12 @@ class AggregatorService:
         initial = {k: v.detach().clone() for k, v in task.build_model(job.task_params).state_dict().items()}
         # The last 20% of a round (at most 2 s) is left for the partial to reach the coordinator.
         margin = int(min(2.0, 0.2 * job.round_deadline_s) * 1000)
-        self.core = AggregatorCore(region, self.members, policy_from(job, federation), rule_for(job), initial,
-                                   close_margin_ms=margin)
+        if job.region_strategy is not None:
+            region_rule, job_rule = build_rule(job.region_strategy), rule_for(job).describe()
+        else:
+            region_rule, job_rule = rule_for(job), None
+        self.core = AggregatorCore(region, self.members, policy_from(job, federation), region_rule, initial,
+                                   close_margin_ms=margin, job_rule=job_rule)
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
         self.pipeline = build_worker_pipeline(job)
         sec = job.security
