@@ -24,6 +24,7 @@ from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.coordinator.rounds import (AckThrough, DuplicateIgnored, RejectUpdate, RoundPolicy, Tick, UpdateReceived,
                                        WorkerSeen, fold_update)
 from fedbus.protocol.codec import TensorSpec, spec_of
+from fedbus.protocol.runs import run_started_ms
 
 PUBLISHED_REMEMBERED = 64  # rounds whose partial went out (a restarted aggregator learns the last one)
 
@@ -115,6 +116,19 @@ class AggregatorCore(MachineBase):
         self.published[(run, round_)] = None
         while len(self.published) > PUBLISHED_REMEMBERED:
             self.published.popitem(last=False)
+
+    def opens_soon(self, run: str | None, round_: int) -> bool:
+        """Whether an update for (run, round) may belong to a round this aggregator has not
+        seen open yet: none seen, or the next round of the run it follows, or a newer run.
+        (Bounded to the next round: a claim about round 10^9 is refused, not kept waiting.)"""
+        r = self.current
+        if run is None:
+            return False
+        if r is None:
+            return True
+        if run == r.run:
+            return round_ == r.round + 1
+        return run_started_ms(run) > run_started_ms(r.run)
 
     def accepts(self, run: str | None, round_: int) -> bool:
         r = self.current

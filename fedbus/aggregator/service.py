@@ -47,6 +47,7 @@ TICK_S = 0.05
 ACK_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 60.0
 FETCH_BATCH = 64
+NOT_YET_OPEN_DELAY_S = 0.5  # redelivery delay of an update whose round this aggregator has not seen open yet
 
 
 class AggregatorService:
@@ -259,6 +260,13 @@ class AggregatorService:
                                 got.header)
         except Rejection as rej:
             h = rej.header
+            if rej.reason == "wrong_round" and h is not None and self.core.opens_soon(h.run, h.round):
+                # The round.open of this update has not been handled yet (a restart catching up
+                # on the control stream, or a large model still being fetched): ask for it again
+                # shortly instead of acknowledging it away.
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=NOT_YET_OPEN_DELAY_S)
+                return True
             if not (delivered > 1 and rej.reason == "replayed_nonce"):
                 self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject)
             return False
