@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--job", required=True, help="job spec YAML")
     c.add_argument("--federation", required=True, help="federation YAML (participants and public keys)")
     c.add_argument("--key", required=True, help="this coordinator's " + KEY_HELP)
-    c.add_argument("--nats", default=_env_nats(), help="NATS URL, comma-separated for a cluster (env FEDBUS_NATS_URL)")
+    c.add_argument("--nats", default=_env_nats(),
+                   help="NATS URL, comma-separated for a cluster (env FEDBUS_NATS_URL)")
     c.add_argument("--run-dir", help="where summary.json, spans and the final model go (default runs/<job>)")
     c.add_argument("--span-file", help="JSONL span file (default <run-dir>/spans.jsonl)")
     c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
