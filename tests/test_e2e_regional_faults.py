@@ -40,6 +40,7 @@ from fedbus.protocol.envelope import decode_header, split_frame
 from fedbus.protocol.tensor_groups import split_groups
 from fedbus.transforms import build_worker_pipeline, decode_update
 from tests.e2e_support import LocalFederation, small_job, wait_for_round
+from tests.test_e2e_regional import flat_fedavg
 from tests.test_e2e_strategies import read_stream
 from tests.test_regional_rejections import SignedUpdate, sign_partial
 
@@ -52,20 +53,6 @@ def regional_job(job_id: str, *, rounds: int, deadline_s: float, min_updates: in
     job = small_job(job_id, rounds=rounds, min_workers=4, min_updates=min_updates, deadline_s=deadline_s,
                     evaluation={"final_round": False})
     return type(job).model_validate({**job.model_dump(by_alias=True), "topology": "regional"})
-
-
-def flat_fedavg(base: dict, updates: list) -> dict:
-    """base + Σ n_i (y_i − base) / Σ n_i, in float64 (as in test_e2e_regional)."""
-    total = sum(u.fields.num_samples for u in updates)
-    out = {}
-    for k, x in base.items():
-        if not x.is_floating_point():
-            continue
-        acc = torch.zeros_like(x, dtype=torch.float64)
-        for u in updates:
-            acc += u.fields.num_samples * (u.tensors[k].double() - x.double())
-        out[k] = (x.double() + acc / total).to(x.dtype)
-    return out
 
 
 def log_events(fed: LocalFederation, name: str) -> list[dict]:
