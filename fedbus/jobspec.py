@@ -125,6 +125,10 @@ class AsyncSpec(BaseModel):
                                description="updates staler than this are rejected as too_stale; the coordinator "
                                            "keeps this many past models to compute their deltas")
     server_lr: float = Field(1.0, gt=0, le=100.0, description="FedBuff's server learning rate η_g")
+    region_buffer_size: int = Field(1, ge=1, le=100_000,
+                                    description="topology: regional: a region's aggregator forwards its updates every "
+                                                "this many (one partial per base version, so the coordinator weighs "
+                                                "each by its staleness)")
     alpha: float = Field(0.6, gt=0, le=1.0, description="FedAsync's mixing weight α")
 
     @model_validator(mode="after")
@@ -282,9 +286,9 @@ class JobSpec(BaseModel):
         """What regional aggregation supports today, said at job load rather than mid-run."""
         from fedbus.aggregation.specs import build_rule
 
-        if self.mode != "sync":
-            raise ValueError("topology: regional runs sync rounds; async through regional aggregators "
-                             "(region_buffer_size) is not built yet")
+        if self.mode == "async" and (self.async_.algorithm != "fedbuff" or self.region_strategy is not None):
+            raise ValueError("topology: regional in async mode runs FedBuff with the job's strategy in every region "
+                             "(FedAsync mixes single updates; a region rule would hide their staleness)")
         if not getattr(build_rule(self.strategy), "mergeable", False):
             raise ValueError(f"topology: regional merges partial sums, and strategy {self.strategy.name} needs every "
                              f"update in plaintext (a robust rule): use topology: flat")

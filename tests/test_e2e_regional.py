@@ -105,3 +105,35 @@ def test_a_robust_rule_inside_each_region_withstands_an_attacker_per_region(nats
     assert all(r["accepted"] == 6 and set(r["via_region"].values()) == {"r0", "r1"} for r in summary["rounds"])
     # The attackers' updates are inside the partials (the median outvoted them), and the model learned.
     assert summary["final_accuracy"] > 0.85, summary["rounds"]
+
+
+def test_async_fedbuff_through_regional_aggregators(nats_server, tmp_path):
+    """mode: async, topology: regional: each region forwards its updates every
+    region_buffer_size, one partial per base version; the coordinator weighs each by its
+    staleness, commits every version once and sees every update through its region."""
+    job = small_job("e2e-regional-async", rounds=8, min_workers=4, min_updates=1, deadline_s=30.0,
+                    evaluation={"final_round": False})
+    job = type(job).model_validate({**job.model_dump(by_alias=True), "topology": "regional", "mode": "async",
+                                    "async": {"buffer_size": 2, "region_buffer_size": 1, "max_staleness": 4}})
+    fed = LocalFederation(tmp_path, nats_server.url, job, 4, regions=2, aggregators=True)
+    try:
+        fed.start_coordinator()
+        for region in ("r0", "r1"):
+            fed.start_aggregator(region)
+        for w in ("w01", "w02", "w03", "w04"):
+            fed.start_worker(w)
+        assert fed.wait_coordinator(timeout=180) == 0, fed.tail_logs()
+        fed.wait_all(timeout=30)
+    finally:
+        fed.stop()
+    summary = fed.summary()
+    assert summary["reason"] == "completed", fed.tail_logs()
+    rows = summary["rounds"]
+    assert [r["model_version"] for r in rows] == list(range(1, job.rounds + 1))
+    regions = {w.id: w.region for w in fed.federation.workers()}
+    pairs = [(w, t) for r in rows for w, t in zip(r["accepted_workers"], r["tickets"])]
+    assert len(pairs) == len(set(pairs)) == summary["updates_accepted"]  # nothing folded twice
+    for r in rows:
+        assert r["folded"] >= 2 and len(r["staleness"]) == r["folded"]
+        assert r["via_region"] == {w: regions[w] for w in r["accepted_workers"]}, r
+    assert summary["final_accuracy"] > 0.8, rows

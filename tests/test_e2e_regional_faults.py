@@ -367,7 +367,7 @@ def test_aggregator_sigkilled_mid_round_and_restarted_loses_and_double_counts_no
         region = p.fields.region
         assert p.header.sender == f"agg-{region}"
         # The coordinator's own check of the partial and its proofs, again.
-        _, contributors = verified_partial(fed.federation, job.job, summary["run"], p, region)
+        _, contributors, _ = verified_partial(fed.federation, job.job, summary["run"], p, region)
         assert sorted(w for w, _, _ in contributors) == sorted(
             w for w in WORKERS if fed.federation.get(w).region == region)
         assert all(d == digest_of[(w, p.header.round)] for w, d, _ in contributors), p.header.round

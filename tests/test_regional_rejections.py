@@ -155,7 +155,7 @@ def receive(wire: bytes, subject_region: str, *, run: str | None = RUN):
     (Messenger.receive), then the partial's own checks. Returns (got, partial, contributors)."""
     messenger = Messenger(None, None, COORD, Subjects(JOB), inline_max_bytes=1 << 20)
     got = asyncio.run(messenger.receive(verifier(), wire))
-    partial, contributors = verified_partial(FED, JOB, run, got, subject_region)
+    partial, contributors, _ = verified_partial(FED, JOB, run, got, subject_region)
     return got, partial, contributors
 
 

@@ -166,6 +166,18 @@ def as_one_contribution(rule: str, base_version: int, base: State, result: State
     return PartialAggregate(rule, int(base_version), sums, carry, weight, len(contributors), list(contributors))
 
 
+def discounted_partial(partial: PartialAggregate, factor: float, base_version: int) -> PartialAggregate:
+    """``partial`` with its delta sums (and tensor groups) scaled by a staleness discount
+    s(τ), relabelled onto the accumulator's ``base_version``: each update inside enters as
+    s(τ)·w_i·Δ_i, as FedBuff folds a single stale update; weights are not scaled."""
+    if not (math.isfinite(factor) and factor >= 0):
+        raise InvalidUpdate(f"partial aggregate: discount {factor!r} is not finite and >= 0")
+    return PartialAggregate(partial.rule, int(base_version), {k: v * factor for k, v in partial.sums.items()},
+                            dict(partial.carry), partial.total_weight, partial.count, list(partial.contributors),
+                            dict(partial.scalars),
+                            {g: {k: v * factor for k, v in s.items()} for g, s in partial.groups.items()})
+
+
 def check_partial_tensors(what: str, got: State, like: State) -> None:
     """``got`` has exactly ``like``'s keys, shapes and dtypes, and only finite values (InvalidUpdate)."""
     if set(got) != set(like):
@@ -179,4 +191,4 @@ def check_partial_tensors(what: str, got: State, like: State) -> None:
             raise InvalidUpdate(f"partial aggregate: {what}[{k!r}] has non-finite values")
 
 
-__all__ = ["Contributor", "PartialAggregate", "as_one_contribution", "check_partial_tensors"]
+__all__ = ["Contributor", "PartialAggregate", "as_one_contribution", "check_partial_tensors", "discounted_partial"]

@@ -20,6 +20,7 @@ import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
+from fedbus.aggregator.buffered import AckKeys, AsyncAggregatorCore
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
@@ -63,12 +64,18 @@ class AggregatorService:
         initial = {k: v.detach().clone() for k, v in task.build_model(job.task_params).state_dict().items()}
         # The last 20% of a round (at most 2 s) is left for the partial to reach the coordinator.
         margin = int(min(2.0, 0.2 * job.round_deadline_s) * 1000)
-        if job.region_strategy is not None:
-            region_rule, job_rule = build_rule(job.region_strategy), rule_for(job).describe()
+        if job.mode == "async":
+            # FedBuff through regions: one partial per base version every region_buffer_size updates.
+            self.core = AsyncAggregatorCore(region, self.members, policy_from(job, federation), rule_for(job),
+                                            initial, buffer_size=job.async_.region_buffer_size,
+                                            max_staleness=job.async_.max_staleness)
+        elif job.region_strategy is not None:
+            self.core = AggregatorCore(region, self.members, policy_from(job, federation),
+                                       build_rule(job.region_strategy), initial, close_margin_ms=margin,
+                                       job_rule=rule_for(job).describe())
         else:
-            region_rule, job_rule = rule_for(job), None
-        self.core = AggregatorCore(region, self.members, policy_from(job, federation), region_rule, initial,
-                                   close_margin_ms=margin, job_rule=job_rule)
+            self.core = AggregatorCore(region, self.members, policy_from(job, federation), rule_for(job), initial,
+                                       close_margin_ms=margin)
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
         self.pipeline = build_worker_pipeline(job)
         sec = job.security
@@ -77,7 +84,7 @@ class AggregatorService:
         self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
         self.tracer = get_tracer("fedbus.aggregator")
         self.run_id: str | None = None
-        self._unacked: dict[int, list] = {}
+        self._unacked: dict[tuple[int, str], list] = {}  # (round or ticket, worker) -> held messages
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._actions: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
@@ -282,7 +289,7 @@ class AggregatorService:
                 if isinstance(a, RejectUpdate):
                     self._rejected("update", a.reason, a.detail, a.worker_id, msg.subject)
             return False
-        self._unacked.setdefault(h.round, []).append(msg)
+        self._unacked.setdefault((h.round, h.sender), []).append(msg)
         return True
 
     async def _keep_alive(self) -> None:
@@ -302,12 +309,17 @@ class AggregatorService:
                 if isinstance(action, PublishPartial):
                     await self._publish(action)
                 elif isinstance(action, AckThrough):
-                    for r in sorted(k for k in self._unacked if k <= action.round):
-                        for msg in self._unacked.pop(r):
-                            with contextlib.suppress(Exception):
-                                await msg.ack()
+                    await self._ack([k for k in self._unacked if k[0] <= action.round])
+                elif isinstance(action, AckKeys):
+                    await self._ack(action.keys)
             except Exception as exc:  # the updates stay unacknowledged: a restart publishes them again
                 log.exception("action.failed", action=type(action).__name__, error=repr(exc))
+
+    async def _ack(self, keys) -> None:
+        for key in sorted(keys):
+            for msg in self._unacked.pop(key, ()):
+                with contextlib.suppress(Exception):
+                    await msg.ack()
 
     async def _publish(self, a: PublishPartial) -> None:
         ctx = trace_context_from_traceparent(a.trace)

@@ -26,10 +26,12 @@ from fedbus.crypto.proofs import verify_proof
 Contributors = tuple[tuple[str, bytes, float], ...]  # (worker, update digest, weight)
 
 
-def verified_partial(federation: Federation, job: str, run: str | None, got, subject_region: str
-                     ) -> tuple[PartialAggregate, Contributors]:
-    """The partial aggregate and its contributors from a verified ``partial`` message
-    received on agg.<subject_region>; Rejection with a named reason otherwise."""
+def verified_partial(federation: Federation, job: str, run: str | None, got, subject_region: str, *,
+                     same_round: bool = True) -> tuple[PartialAggregate, Contributors, tuple[int, ...]]:
+    """The partial aggregate, its contributors and the round (async: ticket) each of their
+    updates answered, from a verified ``partial`` message received on agg.<subject_region>;
+    Rejection with a named reason otherwise. ``same_round``: every update must answer the
+    partial's round (sync); in async mode each answers its own ticket."""
     h, body = got.header, got.fields
     sender = federation.get(h.sender)
     if sender is None or sender.region != subject_region or body.region != subject_region:
@@ -41,20 +43,22 @@ def verified_partial(federation: Federation, job: str, run: str | None, got, sub
     if len(set(body.workers)) != n:
         raise Rejection("duplicate_update", "a worker is listed twice", h)
     contributors = []
+    tickets = []
     for worker, digest_b64, weight, proof in zip(body.workers, body.digests, body.weights, body.proofs):
         try:
             raw_proof, digest = unb64(proof), unb64(digest_b64)
         except ValueError:
             raise Rejection("malformed_body", f"contributor {worker[:64]}: not base64", h) from None
         try:
-            signed = verify_proof(federation, raw_proof, job=job, run=run, round_=h.round, worker=worker,
-                                  region=body.region)
+            signed = verify_proof(federation, raw_proof, job=job, run=run, round_=h.round if same_round else None,
+                                  worker=worker, region=body.region)
         except Rejection as rej:
             raise Rejection(rej.reason, rej.detail, h) from None
         if signed.digest != digest:
             raise Rejection("digest_mismatch", f"partial lists {digest.hex()[:16]} for {worker}, its signed update has "
                                                f"{signed.digest.hex()[:16]}", h)
         contributors.append((worker, digest, float(weight)))
+        tickets.append(signed.round)
     meta = {"format": WIRE_FORMAT, "rule": body.rule, "base_version": body.base_version,
             "total_weight": body.total_weight, "count": n,
             "contributors": [[w, float(x), int(v)] for w, x, v in zip(body.workers, body.weights, body.base_versions)],
@@ -63,7 +67,7 @@ def verified_partial(federation: Federation, job: str, run: str | None, got, sub
         partial = PartialAggregate.from_message(widened_partial(got.tensors or {}), meta)
     except InvalidUpdate as exc:
         raise Rejection("invalid_update", str(exc), h) from None
-    return partial, tuple(contributors)
+    return partial, tuple(contributors), tuple(tickets)
 
 
 __all__ = ["verified_partial", "Contributors"]

@@ -151,6 +151,7 @@ class PartialReceived:
     digest: bytes = b""
     train_metrics: dict[str, float] = field(default_factory=dict)
     metrics_weight: float = 0.0
+    tickets: tuple[int, ...] = ()  # async: the ticket each contributor's update answered (from its proof)
 
 
 @dataclass(frozen=True)

@@ -564,8 +564,9 @@ class CoordinatorService:
             if h.run != self.run_id:
                 raise Rejection("wrong_run", f"run {h.run}", h)
             body: Partial = got.fields  # type: ignore[assignment]
-            partial, contributors = await asyncio.to_thread(verified_partial, self.federation, self.job.job,
-                                                            self.run_id, got, region)
+            partial, contributors, tickets = await asyncio.to_thread(
+                verified_partial, self.federation, self.job.job, self.run_id, got, region,
+                same_round=self.job.mode == "sync")
         except Rejection as rej:
             h = rej.header or (got.header if "got" in locals() else None)
             if h is not None and rej.reason == "replayed_nonce" and delivered > 1:
@@ -574,11 +575,17 @@ class CoordinatorService:
                            h.round if h else None)
             return False
         event = PartialReceived(h.sender, region, h.round, partial, contributors, now_ms(), digest=h.digest,
-                                train_metrics=dict(body.train_metrics), metrics_weight=body.metrics_weight)
+                                train_metrics=dict(body.train_metrics), metrics_weight=body.metrics_weight,
+                                tickets=tickets)
         actions = self._feed(event)
         if any(isinstance(a, (RejectUpdate, DuplicateIgnored)) and a.worker_id == h.sender for a in actions):
             return False
-        self._unacked.setdefault((h.round, h.sender), []).append(msg)
+        if self.job.mode == "async":
+            # Acknowledged when the version folding its updates commits (AckUpdates by worker and ticket).
+            for (worker, _, _), ticket in zip(contributors, tickets):
+                self._unacked.setdefault((ticket, worker), []).append(msg)
+        else:
+            self._unacked.setdefault((h.round, h.sender), []).append(msg)
         log.debug("partial.accepted", region=region, round=h.round, contributors=len(contributors))
         return True
 

@@ -42,9 +42,10 @@ from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.records import JobRecord
 from fedbus.coordinator.registry import WorkerRegistry
+from fedbus.aggregation.partial import discounted_partial
 from fedbus.coordinator.rounds import (AckThrough, Aggregate, Aggregated, AggregationFailed, CloseRound, Commit,
                                        CommitFailed, Committed, Deferred, DuplicateIgnored, EvalReceived, FinishJob,
-                                       MessageRejected, OpenEval, OpenRound, RejectUpdate,
+                                       MessageRejected, OpenEval, PartialReceived, OpenRound, RejectUpdate,
                                        RoundPolicy, Start, Tick, UpdateReceived, WorkerSeen, close_row)
 from fedbus.protocol.codec import TensorSpec, spec_of
 
@@ -95,6 +96,7 @@ class _Buffered:
     samples: int
     staleness: int = 0
     excused: bool = False  # accepted by a dead predecessor: not refused for staleness
+    region: str = ""  # topology: regional: whose partial carried it
 
 
 class Phase(enum.Enum):
@@ -145,6 +147,8 @@ class VersionStateMachine(MachineBase):
         self._buffer: list[_Buffered] = []
         self._accumulator = self.rule.begin(self.state, self.model_version)
         self._waiting: list[tuple[UpdateReceived, _Buffered]] = []  # arrived while a version was in flight
+        # Regional partials (each one base version's sums) that arrived while a version was in flight.
+        self._waiting_partials: list[tuple[PartialReceived, list[_Buffered]]] = []
         self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # folded into committed versions
         self._aggregating: Aggregate | None = None
         self._in_flight: list[_Buffered] = []  # the buffer being aggregated and committed
@@ -198,7 +202,8 @@ class VersionStateMachine(MachineBase):
         return self._accepted - len(self._held())
 
     def _held(self) -> list[_Buffered]:
-        return [*self._in_flight, *self._buffer, *(b for _, b in self._waiting)]
+        return [*self._in_flight, *self._buffer, *(b for _, b in self._waiting),
+                *(b for _, entries in self._waiting_partials for b in entries)]
 
     def _declared(self, worker: str) -> int | None:
         return self._declared_counts.get(worker, self.registry.declared(worker))
@@ -216,6 +221,9 @@ class VersionStateMachine(MachineBase):
                 self._on_tick(now, out)
             case UpdateReceived():
                 self._on_update(event, out)
+                self._progress(event.now_ms, out)
+            case PartialReceived():
+                self._on_partial(event, out)
                 self._progress(event.now_ms, out)
             case EvalReceived():
                 self._on_eval(event, out)
@@ -427,6 +435,65 @@ class VersionStateMachine(MachineBase):
         self._accepted += 1
         self._train_metrics.append((float(ev.update.num_samples), ev.train_metrics))
 
+    def _on_partial(self, ev: PartialReceived, out: list) -> None:
+        """A region's partial of updates trained from one base version (topology: regional):
+        every contributor must answer a ticket assigned to it on that version; the sums are
+        scaled by s(τ) when folded, as each update would be. All or nothing."""
+        def reject(reason: str, detail: str) -> None:
+            self.rejections[reason] += 1
+            self._version_rejections[reason] += 1
+            out.append(RejectUpdate(ev.sender, ev.round, reason, detail))
+
+        if self.phase is not Phase.RUNNING:
+            return reject("wrong_round", f"the job is {self.phase.value}")
+        version = ev.partial.base_version
+        if len(ev.tickets) != len(ev.contributors):
+            return reject("malformed_body", "a ticket per contributor is needed")
+        entries = []
+        for (w, digest, weight), ticket in zip(ev.contributors, ev.tickets):
+            key = (w, ticket)
+            if key in self._recent or any((b.worker, b.ticket) == key for b in self._held()):
+                return reject("duplicate_update", f"{w}'s update of ticket {ticket} is already in")
+            assigned = self._assignment_of(w, ticket)
+            if assigned is None:
+                return reject("not_in_cohort", f"ticket {ticket} is not assigned to {w}")
+            if assigned != version:
+                return reject("wrong_round", f"{w}'s ticket {ticket} is on version {assigned}, not {version}")
+            cap = self.sample_cap(w)
+            if cap is None or weight > cap:
+                return reject("excessive_samples", f"{w} weighs {weight}, at most {cap} allowed")
+            entries.append(_Buffered(w, ticket, version, digest, int(weight), region=ev.region))
+        tau = self.model_version - version
+        if tau > self.policy.max_staleness or version not in self.history:
+            for b in entries:
+                self._free(b.worker, b.ticket)
+                self._remember_late((b.worker, b.ticket), version)
+            return reject("too_stale", f"partial of version {version}, {tau} versions behind")
+        if self._in_flight or len(self._buffer) >= self.policy.buffer_size:
+            self._waiting_partials.append((ev, entries))
+        elif not self._fold_partial(ev, entries, out):
+            return None
+        for b in entries:
+            self._free(b.worker, b.ticket)
+        self._accepted += len(entries)
+        if ev.metrics_weight > 0:
+            self._train_metrics.append((float(ev.metrics_weight), ev.train_metrics))
+        return None
+
+    def _fold_partial(self, ev: PartialReceived, entries: list[_Buffered], out: list) -> bool:
+        tau = self.model_version - ev.partial.base_version
+        scaled = discounted_partial(ev.partial, self.policy.staleness(tau), self.model_version)
+        try:
+            self._accumulator.merge(scaled)
+        except InvalidUpdate as exc:
+            self.rejections["invalid_update"] += 1
+            out.append(RejectUpdate(ev.sender, ev.round, "invalid_update", str(exc)))
+            return False
+        for b in entries:
+            b.staleness = tau
+        self._buffer.extend(entries)
+        return True
+
     def _free(self, worker: str, ticket: int) -> None:
         a = self.outstanding.get(worker)
         if a is not None and a.ticket == ticket:
@@ -471,6 +538,7 @@ class VersionStateMachine(MachineBase):
                            dict(self._version_rejections), (self._closing_ms - self._version_started_ms) / 1000.0,
                            ev.state, {**weighted_means(self._train_metrics, "train_"), **ev.metrics},
                            staleness=tuple(b.staleness for b in folded), tickets=tuple(b.ticket for b in folded),
+                           via={b.worker: b.region for b in folded if b.region},
                            elapsed_s=None if self.started_ms is None else (ev.now_ms - self.started_ms) / 1000.0)
         self._next_state = ev.state
         if self.rounds_completed + 1 < self.base.rounds:
@@ -541,8 +609,10 @@ class VersionStateMachine(MachineBase):
     def _open(self, ticket: int, version: int, workers, now: int) -> OpenRound:
         told = self.rule.configure(None, version)
         groups = {k: v for k, v in told.items() if isinstance(v, dict) and v}
-        return OpenRound(ticket, version, tuple(sorted(workers)), now + self.base.round_deadline_ms,
-                         self.history[version], groups)
+        cohort = tuple(sorted(workers))
+        declared = tuple(self._declared_counts.get(w, 0) for w in cohort)  # caps downstream (aggregators)
+        return OpenRound(ticket, version, cohort, now + self.base.round_deadline_ms, self.history[version], groups,
+                         declared)
 
     # ---- commits -----------------------------------------------------------------------
 
@@ -615,6 +685,16 @@ class VersionStateMachine(MachineBase):
         """Fold updates that waited for the new model, oldest first, up to a full buffer
         (FedBuff aggregates exactly buffer_size updates; the rest wait for the next)."""
         refused = []
+        while self._waiting_partials and len(self._buffer) < self.policy.buffer_size:
+            ev, entries = self._waiting_partials.pop(0)
+            tau = self.model_version - ev.partial.base_version
+            if tau > self.policy.max_staleness or ev.partial.base_version not in self.history \
+                    or not self._fold_partial(ev, entries, out):
+                self._accepted -= len(entries)
+                if tau > self.policy.max_staleness:
+                    self._reject(entries[0].worker, entries[0].ticket, "too_stale",
+                                 f"partial of version {ev.partial.base_version}, {tau} versions behind", out)
+                refused.extend((b.worker, b.ticket) for b in entries)
         while self._waiting and len(self._buffer) < self.policy.buffer_size:
             ev, entry = self._waiting.pop(0)
             tau = self.model_version - entry.base_version

@@ -23,8 +23,8 @@ def proof_of(wire: bytes | bytearray | memoryview) -> bytes:
     return bytes(header_bytes) + signature
 
 
-def verify_proof(federation: Federation, proof: bytes, *, job: str, run: str | None, round_: int, worker: str,
-                 region: str) -> EnvelopeHeader:
+def verify_proof(federation: Federation, proof: bytes, *, job: str, run: str | None, round_: int | None,
+                 worker: str, region: str) -> EnvelopeHeader:
     """The verified update header ``proof`` carries; Rejection with a named reason if it is
     not ``worker``'s signed update of this job, run and round, or ``worker`` is not a
     worker of ``region``."""
@@ -48,7 +48,8 @@ def verify_proof(federation: Federation, proof: bytes, *, job: str, run: str | N
         federation.verify_key(worker).verify(header_bytes, signature)
     except BadSignatureError:
         raise Rejection("bad_signature", f"proof of {worker}") from None
-    if header.job != job or header.run != run or header.round != round_:
+    # (round_ None: async, where each update answers its own ticket; the caller checks it)
+    if header.job != job or header.run != run or (round_ is not None and header.round != round_):
         raise Rejection("header_mismatch", f"proof of {worker} is for {header.job}/{header.run}/round {header.round}")
     return header
 
