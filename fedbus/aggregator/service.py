@@ -30,10 +30,11 @@ from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
-from fedbus.crypto.keys import Identity, b64
+from fedbus.crypto.keys import Identity, b64, unb64
 from fedbus.crypto.proofs import proof_of
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
+from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header, split_frame
 from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
 from fedbus.protocol.tensor_groups import split_groups
 from fedbus.rejections import RejectionLedger
@@ -48,6 +49,7 @@ TICK_S = 0.05
 ACK_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 60.0
 FETCH_BATCH = 64
+RECENT_SCAN = 512  # partials looked back through on the stream by a restarted async aggregator
 NOT_YET_OPEN_DELAY_S = 0.5  # redelivery delay of an update whose round this aggregator has not seen open yet
 
 
@@ -136,13 +138,43 @@ class AggregatorService:
         published (its updates may not have been acknowledged before it died)."""
         try:
             last = await self.js.get_last_msg(self.subjects.agg_stream, self.subjects.agg(self.region))
-            from fedbus.protocol.envelope import decode_header, split_frame
             header = decode_header(split_frame(last.data)[0])
         except Exception:
             return
         if header.sender == self.identity.id and header.run:
             self.core.note_published(header.run, header.round)
             log.info("aggregator.found_published", round=header.round, run=header.run)
+        if isinstance(self.core, AsyncAggregatorCore):
+            await self._learn_recent_forwards()
+
+    async def _learn_recent_forwards(self) -> None:
+        """Async: which (worker, ticket) updates this aggregator already forwarded, from its
+        last partials on the stream (bounded), so their redeliveries after a restart are
+        duplicates, not news to forward again."""
+        stream, subject = self.subjects.agg_stream, self.subjects.agg(self.region)
+        try:
+            last_seq = (await self.js.stream_info(stream)).state.last_seq
+        except Exception:
+            return
+        found = 0
+        for seq in range(last_seq, max(0, last_seq - RECENT_SCAN), -1):
+            try:
+                msg = await self.js.get_msg(stream, seq=seq)
+                if msg.subject != subject:
+                    continue
+                stored = int(msg.time.timestamp() * 1000) if getattr(msg, "time", None) else None
+                got = await self.messenger.receive(self.verifier, msg.data, stored_ms=stored)
+            except Exception:  # deleted, foreign or junk: not ours to learn from
+                continue
+            if got.header.sender != self.identity.id or not isinstance(got.fields, Partial):
+                continue
+            for worker, digest_b64, proof_b64 in zip(got.fields.workers, got.fields.digests, got.fields.proofs):
+                with contextlib.suppress(Exception):
+                    ticket = decode_header(unb64(proof_b64)[:-SIGNATURE_LEN]).round
+                    self.core.recent[(worker, ticket)] = unb64(digest_b64)
+                    found += 1
+        if found:
+            log.info("aggregator.found_forwarded", updates=found)
 
     # ---- inputs ------------------------------------------------------------------------
 
