@@ -101,7 +101,7 @@ def run_one(run: Run) -> tuple[float, int | None]:
     """(final accuracy, rounds to 0.90) of one run."""
     torch.set_num_threads(1)
     attacks = {i: Attack("sign_flip", 5.0, run.seed) for i in range(run.attackers)}
-    result = simulate(job(run), run.workers, attacks=attacks, stragglers=set(range(run.silent)))
+    result = simulate(job(run), run.workers, attacks=attacks, silent=set(range(run.silent)))
     return result.final.get("test_accuracy", 0.0), result.rounds_to(0.90)
 
 

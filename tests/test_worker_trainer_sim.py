@@ -127,9 +127,9 @@ def test_simulated_attack_breaks_fedavg_but_not_the_median():
 
 def test_stragglers_are_selected_but_rounds_close_at_the_deadline_without_them():
     j = job(rounds=2, cohort={"min_workers": 4, "min_updates": 3})
-    result = simulate(j, 4, stragglers={0})
+    result = simulate(j, 4, silent={0})
     assert result.reason == "completed" and [r["status"] for r in result.rounds] == ["aggregated", "aggregated"]
     assert [r["accepted"] for r in result.rounds] == [3, 3]
     # Without enough updates for the quorum, the rounds fail at their deadlines.
-    failed = simulate(j, 4, stragglers={0, 1})
+    failed = simulate(j, 4, silent={0, 1})
     assert {r["status"] for r in failed.rounds} == {"failed"} and failed.reason == "quorum_not_reached"

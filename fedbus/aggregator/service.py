@@ -40,6 +40,7 @@ from fedbus.protocol.tensor_groups import split_groups
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
+from fedbus.telemetry.stacks import stop_tasks
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.worker.service import ControlFollower
 
@@ -119,9 +120,7 @@ class AggregatorService:
             log.info("aggregator.started", aggregator=self.identity.id, region=self.region, workers=len(self.members),
                      nats=self.nats_url)
             await self._done.wait()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -250,7 +249,7 @@ class AggregatorService:
 
         psub = await bind()
         failures = 0
-        while True:
+        while not self._done.is_set():  # (see the coordinator's _consume: fetch may swallow a cancel)
             try:
                 msgs = await psub.fetch(batch=FETCH_BATCH, timeout=0.5)
                 failures = 0

@@ -74,6 +74,7 @@ from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.telemetry import get_tracer, inject_trace_headers
+from fedbus.telemetry.stacks import stop_tasks
 
 log = structlog.get_logger("fedbus.coordinator")
 
@@ -218,9 +219,7 @@ class CoordinatorService:
             self._feed(Start(now_ms()))
             await self._done.wait()
             await self._flush_rejections(final=True)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             with contextlib.suppress(Exception):
                 await self.hb_nc.close()
         finally:
@@ -411,7 +410,9 @@ class CoordinatorService:
                 await self.js.delete_consumer(stream, durable)
             await self.js.add_consumer(stream, config)
         psub = await self.js.pull_subscribe_bind(durable, stream)
-        while True:
+        # (nats-py's fetch can swallow a cancellation and time out instead: the loop also
+        # ends on its own once the job is done, so shutdown never waits on it.)
+        while not self._done.is_set():
             try:
                 msgs = await psub.fetch(batch=FETCH_BATCH, timeout=0.5)
             except (TimeoutError, asyncio.TimeoutError):

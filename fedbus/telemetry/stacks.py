@@ -55,3 +55,17 @@ def waiting_on() -> list[str]:
         if ident != me:
             lines.append(f"thread {names.get(ident, ident)}: {_where(_innermost(frame, FRAMES))}")
     return lines[:MAX_ENTRIES]
+
+
+async def stop_tasks(tasks, timeout_s: float = 5.0) -> None:
+    """Cancel a service's tasks and wait for them, bounded: a task inside a client library
+    that swallows the cancellation (nats-py's fetch can) must not keep the process from
+    exiting; what is still running after ``timeout_s`` is named in the log."""
+    for t in tasks:
+        t.cancel()
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    if pending:
+        import structlog
+
+        structlog.get_logger("fedbus.shutdown").warning(
+            "shutdown.tasks_still_running", tasks=[t.get_name() for t in pending][:20])

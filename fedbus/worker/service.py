@@ -31,6 +31,7 @@ from fedbus.protocol.messages import Heartbeat, RoundClose
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
+from fedbus.telemetry.stacks import stop_tasks
 from fedbus.worker.attacks import Attack
 from fedbus.worker.slowdown import Slowdown
 from fedbus.worker.core import (
@@ -243,9 +244,7 @@ class WorkerService:
                      samples=self.num_samples, nats=self.nats_url, state_dir=str(self.store.root),
                      stored_updates=len(self.core.sent))
             await self._done.wait()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             await self.follower.stop()
         finally:
             with contextlib.suppress(Exception):
