@@ -88,3 +88,34 @@ def test_regional_over_leaf_nodes_completes_and_keeps_updates_in_the_regions(tmp
     # Less crosses the link in the regional job (all leaf->hub traffic is counted here:
     # heartbeats, reports and JetStream API requests too; the benchmark isolates updates).
     assert all(regional_bytes[r] < flat_bytes[r] for r in flat_bytes), (flat_bytes, regional_bytes)
+
+
+def test_async_fedbuff_through_aggregators_over_leaf_nodes(tmp_path):
+    """mode: async over the same hub and leaves: every committed version's updates came
+    through their region's partials, each (worker, ticket) once."""
+    job = job_for("regional", "leaf-async")
+    spec = job.model_dump(by_alias=True)
+    spec.update(mode="async", rounds=6)
+    spec["async"].update(buffer_size=2, region_buffer_size=1, max_staleness=4)
+    job = type(job).model_validate(spec)
+    with leaf_topology(("r0", "r1")) as topo:
+        fed = LocalFederation(tmp_path / "async", topo.hub_url, job, WORKERS, regions=2, aggregators=True)
+        regions = {w.id: w.region for w in fed.federation.workers()}
+        try:
+            fed.start_coordinator()
+            for region in ("r0", "r1"):
+                fed.start_aggregator(region, "--nats", topo.region_url(region))
+            for worker, region in regions.items():
+                fed.start_worker(worker, "--nats", topo.region_url(region))
+            assert fed.wait_coordinator(timeout=150) == 0, fed.tail_logs()
+            fed.wait_all(timeout=30)
+        finally:
+            fed.stop()
+    summary = fed.summary()
+    assert summary["reason"] == "completed", fed.tail_logs()
+    rows = summary["rounds"]
+    assert [r["model_version"] for r in rows] == list(range(1, 7))
+    pairs = [(w, t) for r in rows for w, t in zip(r["accepted_workers"], r["tickets"])]
+    assert len(pairs) == len(set(pairs)) == summary["updates_accepted"]
+    for r in rows:
+        assert r["via_region"] == {w: regions[w] for w in r["accepted_workers"]}, r
