@@ -13,17 +13,15 @@ intact). Updates are acknowledged once every partial of their flush was acknowle
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from fedbus.aggregation.base import AggregationRule, InvalidUpdate, State, is_averageable
+from fedbus.aggregation.base import AggregationRule, InvalidUpdate, State
 from fedbus.aggregator.core import PartialPublished, PublishPartial, RoundOpened
 from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
-from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.coordinator.rounds import DuplicateIgnored, RejectUpdate, RoundPolicy, Tick, UpdateReceived, WorkerSeen, \
     fold_update
-from fedbus.protocol.codec import TensorSpec, spec_of
 from fedbus.protocol.runs import run_started_ms
 
 RECENT = 4096  # forwarded (worker, ticket) pairs remembered: a redelivery of one is a duplicate
@@ -48,14 +46,7 @@ class AsyncAggregatorCore(MachineBase):
                  initial_state: State, *, buffer_size: int, max_staleness: int, flush_after_ms: int = 1000):
         self.region = region
         self.members = frozenset(members)
-        self.limits = limits
-        self.rule = rule
-        self.optimizer = None
-        self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
-        self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
-        self.update_groups: tuple[str, ...] = tuple(getattr(rule, "update_groups", ()))
-        self.registry = WorkerRegistry(limits.liveness_ms)
-        self.rejections: Counter[str] = Counter()
+        self._init_checks(limits, rule, initial_state)
         self.buffer_size = buffer_size
         self.max_staleness = max_staleness
         self.flush_after_ms = flush_after_ms

@@ -13,17 +13,15 @@ aggregator killed before that loses nothing, its updates come back.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from fedbus.aggregation.base import AggregationRule, InvalidUpdate, State, StrategyConfigError, is_averageable
+from fedbus.aggregation.base import AggregationRule, InvalidUpdate, State, StrategyConfigError
 from fedbus.aggregation.partial import Contributor, PartialAggregate, as_one_contribution
 from fedbus.coordinator.machine import MachineBase
 from fedbus.coordinator.metrics import weighted_means
-from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.coordinator.rounds import (AckThrough, DuplicateIgnored, RejectUpdate, RoundPolicy, Tick, UpdateReceived,
                                        WorkerSeen, fold_update)
-from fedbus.protocol.codec import TensorSpec, spec_of
 from fedbus.protocol.runs import run_started_ms
 
 PUBLISHED_REMEMBERED = 64  # rounds whose partial went out (a restarted aggregator learns the last one)
@@ -85,16 +83,9 @@ class AggregatorCore(MachineBase):
                  initial_state: State, *, close_margin_ms: int, job_rule: str | None = None):
         self.region = region
         self.members = frozenset(members)
-        self.limits = limits
-        self.rule = rule  # the rule applied to this region's updates
+        self._init_checks(limits, rule, initial_state)  # ``rule``: the one applied to this region's updates
         # The coordinator's rule (what its partials must be): None when it is ``rule`` itself.
         self.job_rule = job_rule
-        self.optimizer = None
-        self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
-        self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
-        self.update_groups: tuple[str, ...] = tuple(getattr(rule, "update_groups", ()))
-        self.registry = WorkerRegistry(limits.liveness_ms)
-        self.rejections: Counter[str] = Counter()
         self.close_margin_ms = close_margin_ms
         self.current: _Round | None = None
         self.published: OrderedDict[tuple[str, int], None] = OrderedDict()

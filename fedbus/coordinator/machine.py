@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fedbus.aggregation.base import InvalidUpdate, State, validate_update
+from fedbus.aggregation.base import InvalidUpdate, State, is_averageable, validate_update
+from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.crypto.envelopes import Rejection, check_tensors
+from fedbus.protocol.codec import spec_of
 
 
 class MachineBase:
@@ -22,6 +24,18 @@ class MachineBase:
 
     last_error: str | None = None
     rejections: Counter
+
+    def _init_checks(self, limits, rule, initial_state: State) -> None:
+        """What update_problem needs: the caps, the rule, the model's tensor specs, and the
+        registry of heartbeats (a regional aggregator's, which has no optimizer)."""
+        self.limits = limits
+        self.rule = rule
+        self.optimizer = None
+        self.model_spec = spec_of(initial_state)
+        self.float_spec = {k: v for k, v in self.model_spec.items() if is_averageable(initial_state[k])}
+        self.update_groups = tuple(getattr(rule, "update_groups", ()))
+        self.registry = WorkerRegistry(limits.liveness_ms)
+        self.rejections = Counter()
 
     # ---- the single entry point --------------------------------------------------------
 
