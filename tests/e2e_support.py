@@ -61,6 +61,25 @@ class LocalFederation:
         return self.group.start(name or agg, cli_command(
             "aggregator", *self._common(), "--key", str(self.key(agg)), "--id", agg, "--region", region, *extra))
 
+    def run_job(self, *, url_of=None, worker_args=None, timeout: float = 180) -> dict:
+        """Coordinator, one aggregator per listed aggregator region, every worker; wait for the
+        job (bounded), stop everything, return summary.json. ``url_of(region)``: the NATS URL
+        of that region's processes (a leaf node); ``worker_args(worker)``: extra worker options."""
+        def where(region: str) -> tuple[str, ...]:
+            return ("--nats", url_of(region)) if url_of else ()
+
+        try:
+            self.start_coordinator()
+            for agg in self.federation.aggregators():
+                self.start_aggregator(agg.region, *where(agg.region))
+            for w in self.federation.workers():
+                self.start_worker(w.id, *where(w.region), *(worker_args(w.id) if worker_args else ()))
+            assert self.wait_coordinator(timeout=timeout) == 0, self.tail_logs()
+            self.wait_all(timeout=30)
+        finally:
+            self.stop()
+        return self.summary()
+
     def wait_coordinator(self, timeout: float) -> int:
         proc = self.group.procs["coordinator"]
         try:

@@ -42,19 +42,8 @@ def run(topo, tmp_path, topology: str) -> tuple[dict, dict[str, int]]:
                           aggregators=topology == "regional")
     regions = {w.id: w.region for w in fed.federation.workers()}
     before = leaf_link_bytes(topo.hub_monitor_url)
-    try:
-        fed.start_coordinator()
-        if topology == "regional":
-            for region in ("r0", "r1"):
-                fed.start_aggregator(region, "--nats", topo.region_url(region))
-        for worker, region in regions.items():
-            fed.start_worker(worker, "--nats", topo.region_url(region))
-        assert fed.wait_coordinator(timeout=150) == 0, fed.tail_logs()
-        fed.wait_all(timeout=30)
-    finally:
-        fed.stop()
+    summary = fed.run_job(url_of=topo.region_url, timeout=150)
     moved = delta(before, leaf_link_bytes(topo.hub_monitor_url))
-    summary = fed.summary()
     summary["_stored_bytes"] = asyncio.run(hub_stream_bytes(topo.hub_url, Subjects(job.job), topology))
     return summary, {r: moved[topo.leaf_name(r)].in_bytes for r in ("r0", "r1")}, regions
 
@@ -101,17 +90,7 @@ def test_async_fedbuff_through_aggregators_over_leaf_nodes(tmp_path):
     with leaf_topology(("r0", "r1")) as topo:
         fed = LocalFederation(tmp_path / "async", topo.hub_url, job, WORKERS, regions=2, aggregators=True)
         regions = {w.id: w.region for w in fed.federation.workers()}
-        try:
-            fed.start_coordinator()
-            for region in ("r0", "r1"):
-                fed.start_aggregator(region, "--nats", topo.region_url(region))
-            for worker, region in regions.items():
-                fed.start_worker(worker, "--nats", topo.region_url(region))
-            assert fed.wait_coordinator(timeout=150) == 0, fed.tail_logs()
-            fed.wait_all(timeout=30)
-        finally:
-            fed.stop()
-    summary = fed.summary()
+        summary = fed.run_job(url_of=topo.region_url, timeout=150)
     assert summary["reason"] == "completed", fed.tail_logs()
     rows = summary["rounds"]
     assert [r["model_version"] for r in rows] == list(range(1, 7))

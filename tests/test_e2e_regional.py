@@ -44,17 +44,7 @@ def flat_fedavg(base: dict, updates: list) -> dict:
 def test_regional_aggregators_carry_every_update_and_the_model_equals_flat_fedavg(nats_server, tmp_path):
     job = regional_job()
     fed = LocalFederation(tmp_path, nats_server.url, job, 4, regions=2, aggregators=True)
-    try:
-        fed.start_coordinator()
-        for region in ("r0", "r1"):
-            fed.start_aggregator(region)
-        for w in ("w01", "w02", "w03", "w04"):
-            fed.start_worker(w)
-        assert fed.wait_coordinator(timeout=180) == 0, fed.tail_logs()
-        fed.wait_all(timeout=30)
-    finally:
-        fed.stop()
-    summary = fed.summary()
+    summary = fed.run_job()
     assert summary["reason"] == "completed" and summary["rounds_completed"] == job.rounds, fed.tail_logs()
     regions = {w.id: w.region for w in fed.federation.workers()}
     for row in summary["rounds"]:
@@ -90,17 +80,7 @@ def test_a_robust_rule_inside_each_region_withstands_an_attacker_per_region(nats
                                     "region_strategy": {"name": "median", "f": 1}})
     fed = LocalFederation(tmp_path, nats_server.url, job, 6, regions=2, aggregators=True)
     attackers = ("w01", "w02")  # one in r0, one in r1
-    try:
-        fed.start_coordinator()
-        for region in ("r0", "r1"):
-            fed.start_aggregator(region)
-        for w in (p.id for p in fed.federation.workers()):
-            fed.start_worker(w, *(("--simulate-attack", "sign_flip:10") if w in attackers else ()))
-        assert fed.wait_coordinator(timeout=180) == 0, fed.tail_logs()
-        fed.wait_all(timeout=30)
-    finally:
-        fed.stop()
-    summary = fed.summary()
+    summary = fed.run_job(worker_args=lambda w: ("--simulate-attack", "sign_flip:10") if w in attackers else ())
     assert summary["reason"] == "completed", fed.tail_logs()
     assert all(r["accepted"] == 6 and set(r["via_region"].values()) == {"r0", "r1"} for r in summary["rounds"])
     # The attackers' updates are inside the partials (the median outvoted them), and the model learned.
@@ -116,17 +96,7 @@ def test_async_fedbuff_through_regional_aggregators(nats_server, tmp_path):
     job = type(job).model_validate({**job.model_dump(by_alias=True), "topology": "regional", "mode": "async",
                                     "async": {"buffer_size": 2, "region_buffer_size": 1, "max_staleness": 4}})
     fed = LocalFederation(tmp_path, nats_server.url, job, 4, regions=2, aggregators=True)
-    try:
-        fed.start_coordinator()
-        for region in ("r0", "r1"):
-            fed.start_aggregator(region)
-        for w in ("w01", "w02", "w03", "w04"):
-            fed.start_worker(w)
-        assert fed.wait_coordinator(timeout=180) == 0, fed.tail_logs()
-        fed.wait_all(timeout=30)
-    finally:
-        fed.stop()
-    summary = fed.summary()
+    summary = fed.run_job()
     assert summary["reason"] == "completed", fed.tail_logs()
     rows = summary["rounds"]
     assert [r["model_version"] for r in rows] == list(range(1, job.rounds + 1))
