@@ -210,6 +210,15 @@ def test_partial_of_r0_listing_a_worker_of_r1_is_wrong_region():
     assert rej.reason == "wrong_region" and "w02" in rej.detail and rej.header.sender == "agg-r0", rej
 
 
+
+def test_a_partial_listing_more_updates_than_the_federation_has_workers_is_refused_before_any_proof_is_checked():
+    # Five workers are listed: six contributors cannot be honest, whatever the proofs say.
+    updates = [signed_update(w) for w in ("w01", "w03", "w05")] + [signed_update("w01", value=v) for v in (2., 3.)]
+    updates.append(signed_update("w03", value=4.0))
+    rej = rejected(partial_wire("agg-r0", updates), "r0")
+    assert rej.reason == "malformed_body" and "6 contributors" in rej.detail, rej
+
+
 # ---- (c) a tampered partial --------------------------------------------------------------
 
 def test_tampered_partial_body_is_digest_mismatch_at_the_envelope():

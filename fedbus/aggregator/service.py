@@ -52,6 +52,7 @@ CONNECT_TIMEOUT_S = 60.0
 FETCH_BATCH = 64
 RECENT_SCAN = 512  # partials looked back through on the stream by a restarted async aggregator
 NOT_YET_OPEN_DELAY_S = 0.5  # redelivery delay of an update whose round this aggregator has not seen open yet
+NOT_YET_OPEN_TRIES = 40  # ~20 s of waiting, then it is refused (an update for a round that never opens)
 
 
 class AggregatorService:
@@ -298,7 +299,8 @@ class AggregatorService:
                                 got.header)
         except Rejection as rej:
             h = rej.header
-            if rej.reason == "wrong_round" and h is not None and self.core.opens_soon(h.run, h.round):
+            if (rej.reason == "wrong_round" and h is not None and delivered <= NOT_YET_OPEN_TRIES
+                    and self.core.opens_soon(h.run, h.round)):
                 # The round.open of this update has not been handled yet (a restart catching up
                 # on the control stream, or a large model still being fetched): ask for it again
                 # shortly instead of acknowledging it away.

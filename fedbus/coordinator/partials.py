@@ -38,6 +38,11 @@ def verified_partial(federation: Federation, job: str, run: str | None, got, sub
         raise Rejection("wrong_region", f"aggregator of region {sender.region if sender else '?'} published on "
                                         f"agg.{subject_region} for region {body.region}", h)
     n = len(body.workers)
+    # Bounded before any signature is checked: no partial can list more updates than the
+    # federation has workers (a foreign worker inside is then named: wrong_region, below).
+    listed = len(federation.workers())
+    if n > listed:
+        raise Rejection("malformed_body", f"{n} contributors, the federation has {listed} workers", h)
     if n == 0 or not (len(body.digests) == len(body.weights) == len(body.base_versions) == len(body.proofs) == n):
         raise Rejection("malformed_body", "contributor lists of different lengths, or none", h)
     if len(set(body.workers)) != n:
