@@ -24,7 +24,44 @@ class CliError(Exception):
 
 
 def _env_nats() -> str:
-    return os.environ.get("FEDBUS_NATS_URL", DEFAULT_NATS)
+    return os.environ.get("FEDBUS_NATS_URL") or os.environ.get("NATS_URL") or DEFAULT_NATS
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """The server URL and the credentials, the same on every command that connects to NATS.
+
+    Option names and environment variables are the NATS CLI's (`nats --tlsca ... --creds
+    ...`), so one shell environment serves both tools. Only paths are taken: secrets stay
+    in their files and never reach argv, logs or summary.json."""
+    from fedbus.bus.credentials import ENV_CA, ENV_CERT, ENV_CREDS, ENV_KEY, ENV_NKEY
+
+    parser.add_argument("--nats", default=_env_nats(),
+                        help="NATS URL, comma-separated for a cluster (env FEDBUS_NATS_URL, then NATS_URL)")
+    g = parser.add_argument_group("NATS credentials (file paths)")
+    g.add_argument("--tlsca", "--tls-ca", dest="tls_ca", default=os.environ.get(ENV_CA) or None, metavar="FILE",
+                   help=f"CA certificate that signed the server's certificate: connect with TLS (env {ENV_CA})")
+    g.add_argument("--tlscert", "--tls-cert", dest="tls_cert", default=os.environ.get(ENV_CERT) or None,
+                   metavar="FILE", help=f"client certificate for mutual TLS (env {ENV_CERT}); needs --tlskey")
+    g.add_argument("--tlskey", "--tls-key", dest="tls_key", default=os.environ.get(ENV_KEY) or None, metavar="FILE",
+                   help=f"private key of --tlscert (env {ENV_KEY})")
+    g.add_argument("--creds", default=os.environ.get(ENV_CREDS) or None, metavar="FILE",
+                   help=f"NATS .creds file: user JWT and nkey seed (env {ENV_CREDS})")
+    g.add_argument("--nkey", default=os.environ.get(ENV_NKEY) or None, metavar="FILE",
+                   help=f"file holding a user nkey seed (SU...) (env {ENV_NKEY}); `fedbus nats nkey` writes one")
+
+
+def credentials_from(args: argparse.Namespace):
+    """The NatsCredentials the options (or their environment variables) name; CliError if
+    they are inconsistent or a file is missing."""
+    from fedbus.bus.credentials import NatsCredentials
+
+    try:
+        credentials = NatsCredentials(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, creds=args.creds,
+                                      nkey=args.nkey)
+        credentials.check_files()
+    except ValueError as exc:
+        raise CliError(f"NATS credentials: {_describe(exc)}") from None
+    return credentials
 
 
 def _one_line(text: str) -> str:
@@ -132,6 +169,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     federation = load_federation(args.federation)
     identity = load_identity(args.key)
+    credentials = credentials_from(args)
 
     import torch
 
@@ -140,7 +178,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume)
+    service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
+                                 credentials=credentials)
 
     async def go() -> int:
         summary = await service.run()
@@ -162,6 +201,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
     if job.topology != "regional":
         raise CliError(f"job {job.job} has topology: {job.topology}; aggregators serve topology: regional")
+    credentials = credentials_from(args)
 
     import torch
 
@@ -169,7 +209,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        service = AggregatorService(job, federation, identity, args.region, args.nats)
+        service = AggregatorService(job, federation, identity, args.region, args.nats, credentials=credentials)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return _run_service(service.run, process=f"aggregator:{args.region}", service="fedbus-aggregator",
@@ -182,6 +222,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     identity = load_identity(args.key)
     if args.id and args.id != identity.id:
         raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
+    credentials = credentials_from(args)
     slowdown = None
     if args.simulate_slowdown is not None:
         from fedbus.worker.slowdown import Slowdown
@@ -208,7 +249,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"WARNING: worker {identity.id} simulates a straggler: training stretched {slowdown.factor:g}x "
               f"(testing only)", file=sys.stderr)
     service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
-                            state_dir=args.state_dir, slowdown=slowdown)
+                            state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -340,8 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--job", required=True, help="job spec YAML")
     c.add_argument("--federation", required=True, help="federation YAML (participants and public keys)")
     c.add_argument("--key", required=True, help="this coordinator's " + KEY_HELP)
-    c.add_argument("--nats", default=_env_nats(),
-                   help="NATS URL, comma-separated for a cluster (env FEDBUS_NATS_URL)")
+    add_connection_options(c)
     c.add_argument("--run-dir", help="where summary.json, spans and the final model go (default runs/<job>)")
     c.add_argument("--span-file", help="JSONL span file (default <run-dir>/spans.jsonl)")
     c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -355,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--key", required=True, help="this aggregator's " + KEY_HELP)
     a.add_argument("--id", help="aggregator id (must match the key file)")
     a.add_argument("--region", required=True, help="the region it serves (must match its federation entry)")
-    a.add_argument("--nats", default=_env_nats())
+    add_connection_options(a)
     a.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     a.add_argument("--threads", type=int, default=1)
     a.set_defaults(func=cmd_aggregator)
@@ -365,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--federation", required=True)
     w.add_argument("--key", required=True, help="this worker's " + KEY_HELP)
     w.add_argument("--id", help="worker id (must match the key file)")
-    w.add_argument("--nats", default=_env_nats())
+    add_connection_options(w)
     w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
     w.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     w.add_argument("--threads", type=int, default=1)
