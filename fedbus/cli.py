@@ -296,6 +296,57 @@ def cmd_nats_up(args: argparse.Namespace) -> int:
     return run_foreground(Path(args.store_dir) if args.store_dir else None, args.port)
 
 
+def cmd_nats_config(args: argparse.Namespace) -> int:
+    from fedbus.bus.natsconfig import TlsFiles, read_nkeys, render
+    from fedbus.bus.permissions import JobScope
+
+    federation = load_federation(args.federation)
+    jobs = [load_job(path) for path in args.job]
+    scopes = [JobScope(j.job, j.transport.prefix, regional=j.topology == "regional") for j in jobs]
+    if any(j.transport.hub_domain for j in jobs):
+        raise CliError("jobs with transport.hub_domain (leaf nodes) are not covered: their JetStream API subjects "
+                       "carry the domain; write those permissions by hand")
+    if bool(args.server_cert) != bool(args.server_key):
+        raise CliError("--server-cert and --server-key go together")
+    if args.auth == "nkey" and not args.nkeys:
+        raise CliError("--auth nkey needs --nkeys DIR (the participants' <id>.pub files)")
+    tls = TlsFiles(args.server_cert, args.server_key, args.ca) if args.server_cert else None
+    try:
+        nkeys = read_nkeys(Path(args.nkeys)) if args.auth == "nkey" else None
+        text = render(federation, scopes, auth=args.auth, tls=tls, listen=args.listen, store_dir=args.store_dir,
+                      nkeys=nkeys)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"nats config: {_describe(exc)}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / args.name
+    from fedbus.atomicfile import atomic_write_text
+
+    atomic_write_text(path, text)
+    users = sum(1 for p in federation.spec.participants if not p.revoked)
+    print(f"wrote {path}: {users} users ({args.auth}), jobs {', '.join(j.job for j in jobs)}")
+    return 0
+
+
+def cmd_nats_nkey(args: argparse.Namespace) -> int:
+    import nkeys
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_path, pub_path = out / f"{args.id}.nk", out / f"{args.id}.pub"
+    if seed_path.exists() and not args.force:
+        raise CliError(f"{seed_path} exists (use --force to overwrite)")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    # Created owner-only before the seed is written, so it is never readable by others.
+    fd = os.open(seed_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(seed + b"\n")
+    pub_path.write_text(public + "\n")
+    print(f"wrote {seed_path} (secret: --nkey / NATS_NKEY) and {pub_path}: {public}")
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from fedbus.protocol import schemas
 
@@ -466,6 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=4222)
     up.add_argument("--store-dir", help="JetStream store directory (default: a temporary one)")
     up.set_defaults(func=cmd_nats_up)
+    ncfg = nsub.add_parser("config", help="generate a nats-server configuration: a user per participant with "
+                                        "least-privilege permissions derived from its role")
+    ncfg.add_argument("--federation", required=True, help="federation YAML")
+    ncfg.add_argument("--job", required=True, action="append", help="job spec YAML (repeatable: one per job served)")
+    ncfg.add_argument("--out", required=True, help="directory for the configuration file")
+    ncfg.add_argument("--name", default="nats-server.conf", help="file name (default nats-server.conf)")
+    ncfg.add_argument("--auth", choices=["mtls", "nkey"], default="mtls",
+                    help="mtls: client certificates with subject CN=<participant id> map to users (verify_and_map); "
+                         "nkey: users are the nkey public keys in --nkeys")
+    ncfg.add_argument("--nkeys", help="--auth nkey: directory of <id>.pub files (`fedbus nats nkey` writes them)")
+    ncfg.add_argument("--server-cert", help="server certificate (path as the server sees it); required for mtls")
+    ncfg.add_argument("--server-key", help="server certificate's key")
+    ncfg.add_argument("--ca", help="CA that signs the participants' client certificates (mtls)")
+    ncfg.add_argument("--listen", default="127.0.0.1:4222", help="client listen address (default 127.0.0.1:4222)")
+    ncfg.add_argument("--store-dir", default="./nats-store", help="JetStream store directory")
+    ncfg.set_defaults(func=cmd_nats_config)
+    nk = nsub.add_parser("nkey", help="generate a participant's NATS user nkey: <id>.nk (seed, mode 600) and <id>.pub")
+    nk.add_argument("--id", required=True)
+    nk.add_argument("--out", required=True)
+    nk.add_argument("--force", action="store_true")
+    nk.set_defaults(func=cmd_nats_nkey)
 
     k = sub.add_parser("keys", help="identities")
     ksub = k.add_subparsers(dest="keys_command", required=True)
