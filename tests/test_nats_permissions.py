@@ -11,7 +11,7 @@ import nkeys
 import pytest
 import yaml
 
-from fedbus.bus import EmbeddedNatsServer, NatsCredentials, Subjects, connect, ensure_job_infrastructure
+from fedbus.bus import BlobStore, EmbeddedNatsServer, NatsCredentials, Subjects, connect, ensure_job_infrastructure
 from fedbus.bus.natsconfig import TlsFiles, render, security_section
 from fedbus.bus.permissions import JobScope, permissions_for
 from fedbus.bus.server import find_nats_server_binary
@@ -119,6 +119,12 @@ def test_nkey_users_connect_and_the_server_enforces_their_permissions(tmp_path):
         await js.publish(s.upd("default", "w01"), b"mine")  # its own subject: acknowledged
         with pytest.raises(Exception):
             await js.publish(s.upd("default", "w02"), b"forged")
+        # A large body goes to the blob bucket without the worker reading anything there.
+        body = bytes(range(256)) * 9000  # > 2 chunks of 1 MiB
+        ref = await BlobStore(w, js).put_new("nk/w01/update/1/abc", body)
+        assert await BlobStore(co, co.jetstream()).get(ref.name, expected_digest=ref.digest) == body
+        with pytest.raises(Exception):
+            await BlobStore(w, js).get(ref.name, timeout=2)
         await w.flush()
         await asyncio.sleep(0.3)
         stored = (await co.jetstream().stream_info(s.upd_stream)).state.messages
