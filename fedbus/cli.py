@@ -24,7 +24,44 @@ class CliError(Exception):
 
 
 def _env_nats() -> str:
-    return os.environ.get("FEDBUS_NATS_URL", DEFAULT_NATS)
+    return os.environ.get("FEDBUS_NATS_URL") or os.environ.get("NATS_URL") or DEFAULT_NATS
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """The server URL and the credentials, the same on every command that connects to NATS.
+
+    Option names and environment variables are the NATS CLI's (`nats --tlsca ... --creds
+    ...`), so one shell environment serves both tools. Only paths are taken: secrets stay
+    in their files and never reach argv, logs or summary.json."""
+    from fedbus.bus.credentials import ENV_CA, ENV_CERT, ENV_CREDS, ENV_KEY, ENV_NKEY
+
+    parser.add_argument("--nats", default=_env_nats(),
+                        help="NATS URL, comma-separated for a cluster (env FEDBUS_NATS_URL, then NATS_URL)")
+    g = parser.add_argument_group("NATS credentials (file paths)")
+    g.add_argument("--tlsca", "--tls-ca", dest="tls_ca", default=os.environ.get(ENV_CA) or None, metavar="FILE",
+                   help=f"CA certificate that signed the server's certificate: connect with TLS (env {ENV_CA})")
+    g.add_argument("--tlscert", "--tls-cert", dest="tls_cert", default=os.environ.get(ENV_CERT) or None,
+                   metavar="FILE", help=f"client certificate for mutual TLS (env {ENV_CERT}); needs --tlskey")
+    g.add_argument("--tlskey", "--tls-key", dest="tls_key", default=os.environ.get(ENV_KEY) or None, metavar="FILE",
+                   help=f"private key of --tlscert (env {ENV_KEY})")
+    g.add_argument("--creds", default=os.environ.get(ENV_CREDS) or None, metavar="FILE",
+                   help=f"NATS .creds file: user JWT and nkey seed (env {ENV_CREDS})")
+    g.add_argument("--nkey", default=os.environ.get(ENV_NKEY) or None, metavar="FILE",
+                   help=f"file holding a user nkey seed (SU...) (env {ENV_NKEY}); `fedbus nats nkey` writes one")
+
+
+def credentials_from(args: argparse.Namespace):
+    """The NatsCredentials the options (or their environment variables) name; CliError if
+    they are inconsistent or a file is missing."""
+    from fedbus.bus.credentials import NatsCredentials
+
+    try:
+        credentials = NatsCredentials(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, creds=args.creds,
+                                      nkey=args.nkey)
+        credentials.check_files()
+    except ValueError as exc:
+        raise CliError(f"NATS credentials: {_describe(exc)}") from None
+    return credentials
 
 
 def _one_line(text: str) -> str:
@@ -132,6 +169,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     federation = load_federation(args.federation)
     identity = load_identity(args.key)
+    credentials = credentials_from(args)
 
     import torch
 
@@ -140,7 +178,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume)
+    service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
+                                 credentials=credentials)
 
     async def go() -> int:
         summary = await service.run()
@@ -162,6 +201,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
     if job.topology != "regional":
         raise CliError(f"job {job.job} has topology: {job.topology}; aggregators serve topology: regional")
+    credentials = credentials_from(args)
 
     import torch
 
@@ -169,7 +209,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        service = AggregatorService(job, federation, identity, args.region, args.nats)
+        service = AggregatorService(job, federation, identity, args.region, args.nats, credentials=credentials)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return _run_service(service.run, process=f"aggregator:{args.region}", service="fedbus-aggregator",
@@ -182,6 +222,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     identity = load_identity(args.key)
     if args.id and args.id != identity.id:
         raise CliError(f"--id {args.id} does not match the key file's id {identity.id}")
+    credentials = credentials_from(args)
     slowdown = None
     if args.simulate_slowdown is not None:
         from fedbus.worker.slowdown import Slowdown
@@ -208,7 +249,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"WARNING: worker {identity.id} simulates a straggler: training stretched {slowdown.factor:g}x "
               f"(testing only)", file=sys.stderr)
     service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
-                            state_dir=args.state_dir, slowdown=slowdown)
+                            state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -253,6 +294,57 @@ def cmd_nats_up(args: argparse.Namespace) -> int:
     from fedbus.bus import run_foreground
 
     return run_foreground(Path(args.store_dir) if args.store_dir else None, args.port)
+
+
+def cmd_nats_config(args: argparse.Namespace) -> int:
+    from fedbus.bus.natsconfig import TlsFiles, read_nkeys, render
+    from fedbus.bus.permissions import JobScope
+
+    federation = load_federation(args.federation)
+    jobs = [load_job(path) for path in args.job]
+    scopes = [JobScope(j.job, j.transport.prefix, regional=j.topology == "regional") for j in jobs]
+    if any(j.transport.hub_domain for j in jobs):
+        raise CliError("jobs with transport.hub_domain (leaf nodes) are not covered: their JetStream API subjects "
+                       "carry the domain; write those permissions by hand")
+    if bool(args.server_cert) != bool(args.server_key):
+        raise CliError("--server-cert and --server-key go together")
+    if args.auth == "nkey" and not args.nkeys:
+        raise CliError("--auth nkey needs --nkeys DIR (the participants' <id>.pub files)")
+    tls = TlsFiles(args.server_cert, args.server_key, args.ca) if args.server_cert else None
+    try:
+        nkeys = read_nkeys(Path(args.nkeys)) if args.auth == "nkey" else None
+        text = render(federation, scopes, auth=args.auth, tls=tls, listen=args.listen, store_dir=args.store_dir,
+                      nkeys=nkeys)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"nats config: {_describe(exc)}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / args.name
+    from fedbus.atomicfile import atomic_write_text
+
+    atomic_write_text(path, text)
+    users = sum(1 for p in federation.spec.participants if not p.revoked)
+    print(f"wrote {path}: {users} users ({args.auth}), jobs {', '.join(j.job for j in jobs)}")
+    return 0
+
+
+def cmd_nats_nkey(args: argparse.Namespace) -> int:
+    import nkeys
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_path, pub_path = out / f"{args.id}.nk", out / f"{args.id}.pub"
+    if seed_path.exists() and not args.force:
+        raise CliError(f"{seed_path} exists (use --force to overwrite)")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    # Created owner-only before the seed is written, so it is never readable by others.
+    fd = os.open(seed_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(seed + b"\n")
+    pub_path.write_text(public + "\n")
+    print(f"wrote {seed_path} (secret: --nkey / NATS_NKEY) and {pub_path}: {public}")
+    return 0
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
@@ -340,8 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--job", required=True, help="job spec YAML")
     c.add_argument("--federation", required=True, help="federation YAML (participants and public keys)")
     c.add_argument("--key", required=True, help="this coordinator's " + KEY_HELP)
-    c.add_argument("--nats", default=_env_nats(),
-                   help="NATS URL, comma-separated for a cluster (env FEDBUS_NATS_URL)")
+    add_connection_options(c)
     c.add_argument("--run-dir", help="where summary.json, spans and the final model go (default runs/<job>)")
     c.add_argument("--span-file", help="JSONL span file (default <run-dir>/spans.jsonl)")
     c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -355,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--key", required=True, help="this aggregator's " + KEY_HELP)
     a.add_argument("--id", help="aggregator id (must match the key file)")
     a.add_argument("--region", required=True, help="the region it serves (must match its federation entry)")
-    a.add_argument("--nats", default=_env_nats())
+    add_connection_options(a)
     a.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     a.add_argument("--threads", type=int, default=1)
     a.set_defaults(func=cmd_aggregator)
@@ -365,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--federation", required=True)
     w.add_argument("--key", required=True, help="this worker's " + KEY_HELP)
     w.add_argument("--id", help="worker id (must match the key file)")
-    w.add_argument("--nats", default=_env_nats())
+    add_connection_options(w)
     w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
     w.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     w.add_argument("--threads", type=int, default=1)
@@ -426,6 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=4222)
     up.add_argument("--store-dir", help="JetStream store directory (default: a temporary one)")
     up.set_defaults(func=cmd_nats_up)
+    ncfg = nsub.add_parser("config", help="generate a nats-server configuration: a user per participant with "
+                                        "least-privilege permissions derived from its role")
+    ncfg.add_argument("--federation", required=True, help="federation YAML")
+    ncfg.add_argument("--job", required=True, action="append", help="job spec YAML (repeatable: one per job served)")
+    ncfg.add_argument("--out", required=True, help="directory for the configuration file")
+    ncfg.add_argument("--name", default="nats-server.conf", help="file name (default nats-server.conf)")
+    ncfg.add_argument("--auth", choices=["mtls", "nkey"], default="mtls",
+                    help="mtls: client certificates with subject CN=<participant id> map to users (verify_and_map); "
+                         "nkey: users are the nkey public keys in --nkeys")
+    ncfg.add_argument("--nkeys", help="--auth nkey: directory of <id>.pub files (`fedbus nats nkey` writes them)")
+    ncfg.add_argument("--server-cert", help="server certificate (path as the server sees it); required for mtls")
+    ncfg.add_argument("--server-key", help="server certificate's key")
+    ncfg.add_argument("--ca", help="CA that signs the participants' client certificates (mtls)")
+    ncfg.add_argument("--listen", default="127.0.0.1:4222", help="client listen address (default 127.0.0.1:4222)")
+    ncfg.add_argument("--store-dir", default="./nats-store", help="JetStream store directory")
+    ncfg.set_defaults(func=cmd_nats_config)
+    nk = nsub.add_parser("nkey", help="generate a participant's NATS user nkey: <id>.nk (seed, mode 600) and <id>.pub")
+    nk.add_argument("--id", required=True)
+    nk.add_argument("--out", required=True)
+    nk.add_argument("--force", action="store_true")
+    nk.set_defaults(func=cmd_nats_nkey)
 
     k = sub.add_parser("keys", help="identities")
     ksub = k.add_subparsers(dest="keys_command", required=True)

@@ -288,7 +288,7 @@ class ChaosRun:
     def _start_coordinator(self, resume: bool) -> subprocess.Popen:
         assert self.fed is not None
         n = self.outcome.coordinator_starts
-        argv = ["coordinator", *self.fed._common(), "--key", str(self.fed.key("coordinator")),
+        argv = ["coordinator", *self.fed._common("coordinator"), "--key", str(self.fed.key("coordinator")),
                 "--run-dir", str(self.run_dir)]
         if resume:
             argv.append("--resume")

@@ -25,9 +25,11 @@ class LocalFederation:
     """Keys, federation file and job spec in a directory, and the CLI processes run from it."""
 
     def __init__(self, run_dir: Path, nats_url: str, job: JobSpec, num_workers: int, *, regions: int = 1,
-                 aggregators: bool = False):
+                 aggregators: bool = False, credentials_of=None):
         self.run_dir = run_dir
         self.nats_url = nats_url
+        # participant id -> its connection options (--tlsca/--tlscert/... ), for a secured server
+        self.credentials_of = credentials_of or (lambda participant_id: [])
         self.job = job
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.federation: Federation = write_federation(run_dir, num_workers, regions, aggregators)
@@ -39,13 +41,13 @@ class LocalFederation:
     def key(self, participant_id: str) -> Path:
         return self.run_dir / "keys" / f"{participant_id}.key"
 
-    def _common(self) -> list[str]:
+    def _common(self, participant_id: str) -> list[str]:
         return ["--job", str(self.run_dir / "job.yaml"), "--federation", str(self.run_dir / "federation.yaml"),
-                "--nats", self.nats_url]
+                "--nats", self.nats_url, *self.credentials_of(participant_id)]
 
     def start_coordinator(self) -> subprocess.Popen:
         return self.group.start("coordinator", cli_command(
-            "coordinator", *self._common(), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir)))
+            "coordinator", *self._common("coordinator"), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir)))
 
     def state_dir(self, worker_id: str) -> Path:
         return self.run_dir / "worker-state" / worker_id
@@ -54,12 +56,12 @@ class LocalFederation:
         # Each worker's state stays in the test's directory (the default is under the cwd).
         state = () if "--state-dir" in extra else ("--state-dir", str(self.state_dir(worker_id)))
         return self.group.start(worker_id, cli_command(
-            "worker", *self._common(), "--key", str(self.key(worker_id)), "--id", worker_id, *state, *extra))
+            "worker", *self._common(worker_id), "--key", str(self.key(worker_id)), "--id", worker_id, *state, *extra))
 
     def start_aggregator(self, region: str, *extra: str, name: str | None = None) -> subprocess.Popen:
         agg = f"agg-{region}"
         return self.group.start(name or agg, cli_command(
-            "aggregator", *self._common(), "--key", str(self.key(agg)), "--id", agg, "--region", region, *extra))
+            "aggregator", *self._common(agg), "--key", str(self.key(agg)), "--id", agg, "--region", region, *extra))
 
     def run_job(self, *, url_of=None, worker_args=None, timeout: float = 180) -> dict:
         """Coordinator, one aggregator per listed aggregator region, every worker; wait for the

@@ -23,7 +23,7 @@ from opentelemetry import trace as otel_trace
 from fedbus.aggregator.buffered import AckKeys, AsyncAggregatorCore
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
-from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
+from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, ensure_region_updates, wait_for_stream
 from fedbus.aggregation.specs import build_rule
 from fedbus.coordinator.factory import policy_from, rule_for
 from fedbus.coordinator.ratelimit import TokenBuckets
@@ -56,11 +56,13 @@ NOT_YET_OPEN_TRIES = 40  # ~20 s of waiting, then it is refused (an update for a
 
 
 class AggregatorService:
-    def __init__(self, job: JobSpec, federation: Federation, identity: Identity, region: str, nats_url: str):
+    def __init__(self, job: JobSpec, federation: Federation, identity: Identity, region: str, nats_url: str,
+                 *, credentials: NatsCredentials | None = None):
         me = federation.listed_as(identity, "aggregator")
         if me.region != region:
             raise ValueError(f"aggregator {identity.id} is listed for region {me.region!r}, not {region!r}")
         self.job, self.federation, self.identity, self.region, self.nats_url = job, federation, identity, region, nats_url
+        self.credentials = credentials
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.members = [w.id for w in federation.workers() if w.region == region]
         task = load_task(job.task)
@@ -95,24 +97,23 @@ class AggregatorService:
 
     async def run(self) -> int:
         self.nc = await connect(self.nats_url, name=f"fedbus-aggregator-{self.identity.id}",
-                                first_connect_timeout=CONNECT_TIMEOUT_S)
+                                first_connect_timeout=CONNECT_TIMEOUT_S, credentials=self.credentials,
+                                participant=self.identity.id)
         # The job's streams (control, partials, KV, models) are the hub's; this region's
         # updates are in a stream of the local JetStream (the region's leaf, if it has one).
         hub_domain = self.job.transport.hub_domain
         self.js = self.nc.jetstream(domain=hub_domain) if hub_domain else self.nc.jetstream()
         self.local_js = self.nc.jetstream()
         try:
-            if hub_domain:
-                await wait_for_stream(self.js, self.subjects.ctl_stream, CONNECT_TIMEOUT_S)
-            else:
-                await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
-                                                regional=True)
+            # The coordinator creates the job's streams; an aggregator creates only what it owns,
+            # its region's update stream (a secured server allows it nothing more).
+            await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
             self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
                                                           replicas=self.job.transport.replicas)
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             await self._learn_last_partial()
-            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put)
+            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put, stream=self.subjects.ctl_stream)
             await follower.start()
             subs = [await self.nc.subscribe(self.subjects.hb(w), cb=self._on_heartbeat) for w in self.members]
             tasks = [asyncio.create_task(self._follow_control()), asyncio.create_task(self._consume()),

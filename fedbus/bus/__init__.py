@@ -2,9 +2,11 @@
 
 from .blobs import BlobIntegrityError, BlobNotFound, BlobRef, BlobStore
 from .connection import connect, publish_with_retry
+from .credentials import NO_CREDENTIALS, NatsCredentials, inbox_prefix
 from .layout import (
     BLOBS_BUCKET,
     JOB_ID_PATTERN,
+    JOB_STREAMS_WAIT_S,
     KV_BUCKET,
     MODELS_BUCKET,
     StreamLimits,
@@ -26,8 +28,12 @@ from .server import (
 __all__ = [
     "BLOBS_BUCKET",
     "JOB_ID_PATTERN",
+    "JOB_STREAMS_WAIT_S",
     "KV_BUCKET",
     "MODELS_BUCKET",
+    "NO_CREDENTIALS",
+    "NatsCredentials",
+    "inbox_prefix",
     "BlobIntegrityError",
     "BlobNotFound",
     "BlobRef",

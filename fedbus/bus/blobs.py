@@ -14,13 +14,15 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import nats.js.errors
 import structlog
-from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions
-from nats.js.object_store import ObjectStore
+from nats.js.api import Header, ObjectInfo, ObjectMeta, ObjectMetaOptions
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
 
 from .layout import BLOBS_BUCKET
 
@@ -156,6 +158,35 @@ class BlobStore:
         ref = BlobRef(bucket=self.bucket, name=info.name, size=info.size or 0, digest=info.digest or "")
         log.debug("bus.blob.put", bucket=self.bucket, name=name, size=ref.size, chunks=info.chunks)
         return ref
+
+    async def put_new(self, name: str, data: bytes | bytearray | memoryview) -> BlobRef:
+        """Write an object under a name that is new (claim checks carry a random suffix), in
+        the standard layout, without first looking up what is stored under that name.
+
+        nats-py's ``put`` reads the existing entry (STREAM.MSG.GET on the bucket's stream) to
+        clean up after a replaced object; granting a worker that API would let it read every
+        object in the bucket, other workers' updates included. This needs nothing but
+        publishing the chunks and the meta entry (see fedbus/bus/permissions.py)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("blob name must be a non-empty string")
+        view = memoryview(data).cast("B")
+        nuid = self._nc._nuid.next().decode()
+        chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
+        size, step, hasher, chunks = len(view), self.chunk_size, hashlib.sha256(), 0
+        for offset in range(0, size, step):
+            piece = bytes(view[offset : offset + step])
+            hasher.update(piece)
+            await self._js.publish(chunk_subject, piece)
+            chunks += 1
+        digest = format_digest(hasher.digest())
+        info = ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks, digest=digest,
+                          mtime=datetime.now(timezone.utc).isoformat(),
+                          options=ObjectMetaOptions(max_chunk_size=step))
+        meta_subject = OBJ_META_PRE_TEMPLATE.format(bucket=self.bucket,
+                                                    obj=base64.urlsafe_b64encode(name.encode()).decode())
+        await self._js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers={Header.ROLLUP: "sub"})
+        log.debug("bus.blob.put", bucket=self.bucket, name=name, size=size, chunks=chunks)
+        return BlobRef(bucket=self.bucket, name=name, size=size, digest=digest)
 
     async def info(self, name: str) -> ObjectInfo:
         store = await self._object_store()

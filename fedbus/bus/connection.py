@@ -14,6 +14,8 @@ import structlog
 from nats.aio.client import Client
 from nats.js.api import PubAck
 
+from .credentials import NatsCredentials, inbox_prefix
+
 log = structlog.get_logger(__name__)
 
 # Participants come and go and servers restart (leader elections, rolling upgrades):
@@ -66,6 +68,8 @@ async def connect(
     name: str,
     *,
     first_connect_timeout: float | None = None,
+    credentials: NatsCredentials | None = None,
+    participant: str | None = None,
     **overrides: Any,
 ) -> Client:
     """Connect with fedbus defaults: reconnect forever, log every state change.
@@ -80,6 +84,11 @@ async def connect(
     With `max_reconnect_attempts=-1` nats-py also retries the *first* connection
     forever. `first_connect_timeout` bounds that (raises TimeoutError); None waits,
     which is what a worker started before its server wants.
+
+    `credentials`: TLS CA, client certificate, nkey seed or .creds file (paths; see
+    `NatsCredentials`). Only which mechanisms and files are logged, never their contents.
+    `participant`: the federation id this connection acts for; its replies then arrive
+    under `inbox_prefix(participant)`, the only inbox a secured server lets it read.
     """
     nc = Client()
     # "nats://a:4222,nats://b:4222" (what one --nats flag or FEDBUS_NATS_URL can carry)
@@ -119,6 +128,10 @@ async def connect(
         "ping_interval": PING_INTERVAL,
         "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
     }
+    if credentials is not None:
+        options.update(credentials.connect_options())
+    if participant is not None:
+        options["inbox_prefix"] = inbox_prefix(participant)
     options.update(overrides)
     options["error_cb"] = on_error
     options["disconnected_cb"] = _chain(on_disconnected, overrides.get("disconnected_cb"))
@@ -130,7 +143,8 @@ async def connect(
     except asyncio.TimeoutError:
         await nc.close()
         raise TimeoutError(f"could not connect to {server_list} within {first_connect_timeout}s") from None
-    bound.info("nats.connected", server=_server(nc), max_payload=nc.max_payload)
+    bound.info("nats.connected", server=_server(nc), max_payload=nc.max_payload,
+               auth=credentials.describe() if credentials is not None else {})
     return nc
 
 

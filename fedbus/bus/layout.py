@@ -415,12 +415,19 @@ async def _ensure_bucket(create: Any, bind: Any, what: str) -> None:
         log.warning("bus.bucket.config_differs", bucket=what)
 
 
+# How long a worker or aggregator waits for the streams others create (the coordinator the
+# job's, an aggregator its region's): sites may start well before the analyst does.
+JOB_STREAMS_WAIT_S = 600.0
+_WAIT_POLL_S = (0.25, 1.0)  # first and longest pause between two looks
+
+
 async def wait_for_stream(js: Any, name: str, timeout_s: float) -> None:
-    """Wait (bounded) until ``name`` exists in ``js``'s domain: a participant on a leaf node
-    does not create the hub's streams (it would create them in its own domain), it waits
-    for the coordinator to."""
+    """Wait (bounded) until ``name`` exists in ``js``'s domain. Only the coordinator creates
+    the job's streams (and an aggregator its region's): a worker may not on a secured
+    server, and a participant on a leaf node would create them in the wrong domain."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout_s
+    pause, logged = _WAIT_POLL_S[0], False
     while True:
         try:
             await js.stream_info(name)
@@ -428,7 +435,11 @@ async def wait_for_stream(js: Any, name: str, timeout_s: float) -> None:
         except Exception as exc:
             if loop.time() > give_up:
                 raise TimeoutError(f"stream {name} did not appear within {timeout_s:.0f} s: {exc!r}") from None
-            await asyncio.sleep(0.25)
+            if not logged:
+                log.info("bus.stream.waiting", stream=name, timeout_s=timeout_s, error=type(exc).__name__)
+                logged = True
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, _WAIT_POLL_S[1])
 
 
 async def ensure_region_updates(js: Any, subjects: Subjects, region: str, *, replicas: int = 1,

@@ -125,6 +125,7 @@ class EmbeddedNatsServer:
         max_file_store: int | None = None,
         log_file: Path | None = None,
         server_name: str = "fedbus-embedded",
+        extra_config: str | None = None,
     ) -> None:
         self.host = host
         # Only ports we picked ourselves may be re-picked after a bind race.
@@ -135,6 +136,8 @@ class EmbeddedNatsServer:
         # JetStream file storage limit in bytes; streams' max_bytes are reserved against it.
         self.max_file_store = max_file_store
         self.server_name = server_name
+        # Appended verbatim: tls and authorization blocks (fedbus.bus.natsconfig.security_section).
+        self.extra_config = extra_config
         self._given_store_dir = Path(store_dir) if store_dir is not None else None
         self._given_log_file = Path(log_file) if log_file is not None else None
         self.store_dir: Path | None = self._given_store_dir
@@ -190,6 +193,8 @@ class EmbeddedNatsServer:
         ]
         if self.max_payload is not None:
             lines.append(f"max_payload: {int(self.max_payload)}")
+        if self.extra_config:
+            lines.append(self.extra_config)
         path = Path(self._runtime_dir.name) / "nats-server.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -29,7 +29,7 @@ from opentelemetry import trace as otel_trace
 
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
-from fedbus.bus import Subjects, connect, ensure_job_infrastructure
+from fedbus.bus import NatsCredentials, Subjects, connect, ensure_job_infrastructure
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import history_versions, machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
@@ -108,12 +108,13 @@ def _seq(msg) -> int | None:
 
 class CoordinatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path,
-                 *, resume: bool = False):
+                 *, resume: bool = False, credentials: NatsCredentials | None = None):
         federation.listed_as(identity, "coordinator")
         self.job = job
         self.federation = federation
         self.identity = identity
         self.nats_url = nats_url
+        self.credentials = credentials
         self.run_dir = Path(run_dir)
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.task = load_task(job.task)
@@ -166,7 +167,8 @@ class CoordinatorService:
     async def run(self) -> RunSummary:
         started = time.perf_counter()
         self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}",
-                                first_connect_timeout=CONNECT_TIMEOUT_S)
+                                first_connect_timeout=CONNECT_TIMEOUT_S, credentials=self.credentials,
+                                participant=self.identity.id)
         self.js = self.nc.jetstream()
         write_summary = True
         try:
@@ -344,7 +346,8 @@ class CoordinatorService:
         acks never queue behind it. A worker that overspends its budget by far is
         unsubscribed for a cool-down shorter than the liveness window."""
         self.hb_nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}-heartbeats",
-                                   first_connect_timeout=CONNECT_TIMEOUT_S)
+                                   first_connect_timeout=CONNECT_TIMEOUT_S, credentials=self.credentials,
+                                   participant=self.identity.id)
         self._hb_subs: dict[str, object] = {}
         self._hb_refused: Counter[str] = Counter()
         for worker in self.federation.workers():

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
+from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, wait_for_stream
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
@@ -80,9 +80,12 @@ class ControlFollower:
     delivered, so nothing is skipped and nothing waits for a timer.
     """
 
-    def __init__(self, js, subject: str, deliver):
+    def __init__(self, js, subject: str, deliver, *, stream: str | None = None):
         self.js = js
         self.subject = subject
+        # Naming the stream spares a lookup by subject (STREAM.NAMES), an API a secured
+        # server need not grant.
+        self.stream = stream
         self.deliver = deliver  # async callable(msg)
         self.last_seq: int | None = None
         self.sub = None
@@ -103,8 +106,8 @@ class ControlFollower:
         else:
             kwargs = {"config": ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                                opt_start_seq=self.last_seq + 1)}
-        return await self.js.subscribe(self.subject, ordered_consumer=True, idle_heartbeat=CONTROL_IDLE_HEARTBEAT_S,
-                                       cb=self._on_msg, **kwargs)
+        return await self.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
+                                       idle_heartbeat=CONTROL_IDLE_HEARTBEAT_S, cb=self._on_msg, **kwargs)
 
     async def start(self) -> None:
         self.sub = await self._subscribe()
@@ -150,13 +153,15 @@ class ControlFollower:
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None,
-                 state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None):
+                 state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None,
+                 credentials: NatsCredentials | None = None):
         listed = federation.listed_as(identity, "worker")
         self.job = job
         self.federation = federation
         self.identity = identity
         self.region = listed.region
         self.nats_url = nats_url
+        self.credentials = credentials
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.partition = federation.partition_of(identity.id) if partition is None else partition
         self.num_partitions = len(federation.workers())
@@ -215,25 +220,25 @@ class WorkerService:
                 self.follower.on_reconnected()
 
         self.nc = await connect(self.nats_url, name=f"fedbus-worker-{self.identity.id}",
-                                first_connect_timeout=CONNECT_TIMEOUT_S, reconnected_cb=on_reconnected)
-        # The job's streams are the hub's: on a regional leaf node they are reached through the
-        # hub's JetStream domain, and a worker there creates nothing (it would create them in
-        # its own domain). Its updates go to its region's stream when the job is regional.
+                                first_connect_timeout=CONNECT_TIMEOUT_S, reconnected_cb=on_reconnected,
+                                credentials=self.credentials, participant=self.identity.id)
+        # A worker creates nothing: a secured server (`fedbus nats config`) lets it publish its
+        # own subjects and read what it needs, not manage streams. It waits, bounded, for the
+        # coordinator's control stream and (regional) for its aggregator's update stream of
+        # its region. On a regional leaf node the job's streams are the hub's, reached through
+        # the hub's JetStream domain; its region's update stream is in the leaf's own.
         hub_domain = self.job.transport.hub_domain
         self.js = self.nc.jetstream(domain=hub_domain) if hub_domain else self.nc.jetstream()
-        regional = self.job.topology == "regional"
         try:
-            if hub_domain:
-                await wait_for_stream(self.js, self.subjects.ctl_stream, CONNECT_TIMEOUT_S)
+            await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
+            if self.job.topology == "regional":
+                await wait_for_stream(self.nc.jetstream(), self.subjects.region_upd_stream(self.region),
+                                      JOB_STREAMS_WAIT_S)
             else:
-                await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
-                                                regional=regional)
-            if regional:
-                await ensure_region_updates(self.nc.jetstream(), self.subjects, self.region,
-                                            replicas=self.job.transport.replicas)
+                await wait_for_stream(self.js, self.subjects.upd_stream, JOB_STREAMS_WAIT_S)
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
-            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put)
+            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put, stream=self.subjects.ctl_stream)
             await self.follower.start()
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control())]
             if self.attack is not None:
