@@ -32,7 +32,9 @@ from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity, b64, unb64
 from fedbus.crypto.proofs import proof_of
+from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
+from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost, own_key_problem, stop_line
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header, split_frame
 from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
@@ -42,7 +44,7 @@ from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
 from fedbus.telemetry.stacks import stop_tasks
 from fedbus.transforms import build_worker_pipeline, decode_update
-from fedbus.worker.service import ControlFollower
+from fedbus.bus.follower import ControlFollower
 
 log = structlog.get_logger("fedbus.aggregator")
 
@@ -57,7 +59,8 @@ NOT_YET_OPEN_TRIES = 40  # ~20 s of waiting, then it is refused (an update for a
 
 class AggregatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, region: str, nats_url: str):
-        me = federation.listed_as(identity, "aggregator")
+        # The key itself is checked once the job's key events are replayed (it may be a rotated one).
+        me = federation.listed_as(identity, "aggregator", check_key=False)
         if me.region != region:
             raise ValueError(f"aggregator {identity.id} is listed for region {me.region!r}, not {region!r}")
         self.job, self.federation, self.identity, self.region, self.nats_url = job, federation, identity, region, nats_url
@@ -92,10 +95,16 @@ class AggregatorService:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._actions: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
+        self.exit_code = 0
+        self.keys: KeyWatch | None = None
 
     async def run(self) -> int:
+        async def on_reconnected() -> None:
+            if self.keys is not None:
+                self.keys.on_reconnected()
+
         self.nc = await connect(self.nats_url, name=f"fedbus-aggregator-{self.identity.id}",
-                                first_connect_timeout=CONNECT_TIMEOUT_S)
+                                first_connect_timeout=CONNECT_TIMEOUT_S, reconnected_cb=on_reconnected)
         # The job's streams (control, partials, KV, models) are the hub's; this region's
         # updates are in a stream of the local JetStream (the region's leaf, if it has one).
         hub_domain = self.job.transport.hub_domain
@@ -109,10 +118,19 @@ class AggregatorService:
                                                 regional=True)
             self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
                                                           replicas=self.job.transport.replicas)
+            # Every past key event is applied before anything is trusted or sent.
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security, on_change=self._on_key_change)
+            await self.keys.start()
+            problem = own_key_problem(self.federation, self.identity)
+            if problem is not None:
+                stop_line(self.identity, problem)
+                await self.keys.stop()
+                return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             await self._learn_last_partial()
-            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put)
+            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put,
+                                       skip=frozenset({self.keys.subject}))
             await follower.start()
             subs = [await self.nc.subscribe(self.subjects.hb(w), cb=self._on_heartbeat) for w in self.members]
             tasks = [asyncio.create_task(self._follow_control()), asyncio.create_task(self._consume()),
@@ -126,12 +144,19 @@ class AggregatorService:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             await follower.stop()
+            await self.keys.stop()
         finally:
             with contextlib.suppress(Exception):
                 await self.nc.close()
         log.info("aggregator.stopped", region=self.region, partials=self.core.partials_published,
                  rejected=dict(self.ledger.totals))
-        return 0
+        return self.exit_code
+
+    def _on_key_change(self, change: KeyChange) -> None:
+        """A key event was applied: if it revoked this aggregator or rotated its key away, stop."""
+        if own_key_lost(self.federation, self.identity, change):
+            self.exit_code = REVOKED_EXIT_CODE
+            self._done.set()
 
     async def _learn_last_partial(self) -> None:
         """A restarted aggregator must not publish a second partial for a round it already
