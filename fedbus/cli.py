@@ -260,8 +260,8 @@ def cmd_keys_event(args: argparse.Namespace) -> int:
         subjects, security = job_subjects(args.job, args.prefix, load_job)
         seq, event = asyncio.run(send_key_event(args.nats, subjects, security, federation, signer, args.participant,
                                                 new_key=new_key, reason=args.reason))
-    except KeyToolError as exc:
-        raise CliError(str(exc)) from None
+    except (KeyToolError, ValueError) as exc:
+        raise CliError(_describe(exc)) from None
     print(f"{event.action}: {event.participant} in job {subjects.job} (key event #{seq}, signed by {signer.id})")
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from fedbus.bus import Subjects, connect
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keyevents import KeyEventRefused
-from fedbus.crypto.keys import Identity, b64
+from fedbus.crypto.keys import Identity, b64, unb64
 from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.keywatch import KeyWatch, own_key_problem, publish_key_event
 from fedbus.protocol.messages import KeyEvent
@@ -42,7 +42,8 @@ def job_subjects(job_arg: str, prefix: str, load_job: Callable[[str], JobSpec]) 
 
 def build_event(federation: Federation, signer: Identity, participant: str, *, new_key: Identity | None,
                 reason: str) -> KeyEvent:
-    """The event, checked against the federation as amended so far (raises KeyToolError)."""
+    """The event, checked against the federation as amended so far (raises KeyToolError, or
+    pydantic's ValidationError for a bad --reason)."""
     if signer.role not in KeyEvent.SENDER_ROLES:
         raise KeyToolError(f"{signer.id} is a {signer.role}: key events are signed by the coordinator or an operator")
     problem = own_key_problem(federation, signer)
@@ -58,12 +59,14 @@ def build_event(federation: Federation, signer: Identity, participant: str, *, n
             if new_key.id != participant or new_key.role != target.role:
                 raise KeyToolError(f"the new key file is for {new_key.id} ({new_key.role}), "
                                    f"not {participant} ({target.role})")
+            if bytes(new_key.public_key) == unb64(target.public_key):
+                raise KeyToolError(f"the new key is already {participant}'s current key")
             event = KeyEvent(action="rotate", participant=participant, old_key=target.public_key,
                              new_key=b64(bytes(new_key.public_key)), reason=reason)
         # Dry run on a copy: what every process would refuse is refused here, before publishing.
         if copy.deepcopy(federation.overlay).apply(event, signer.id) is None:
             raise KeyToolError(f"{participant} is already revoked")
-    except (KeyEventRefused, ValueError) as exc:
+    except KeyEventRefused as exc:
         raise KeyToolError(str(exc)) from None
     return event
 

@@ -203,3 +203,24 @@ def test_keywatch_judges_freshness_by_stored_time(ids, federation):
     assert rej.value.reason == "stale_timestamp" and not federation.get("w1").revoked
     watch(federation, []).handle(old, stored_ms=then + 5, seq=1)
     assert federation.get("w1").revoked
+
+
+def test_the_key_tool_refuses_locally_what_every_process_would_refuse(ids, federation):
+    from fedbus.keytool import KeyToolError, build_event
+
+    second = Identity.generate("w1", "worker")
+    event = build_event(federation, ids["ops"], "w1", new_key=second, reason="yearly")
+    assert (event.old_key, event.new_key) == (pub(ids["w1"]), pub(second))
+    federation.apply_key_event(event, "ops")
+    for signer, target, new_key, message in (
+            (ids["ops"], "w1", second, "already w1's current key"),
+            (ids["w2"], "w1", None, "coordinator or an operator"),
+            (ids["ops"], "coord", None, "federation file"),
+            (ids["ops"], "w2", Identity.generate("w3", "worker"), "for w3"),
+            (ids["ops"], "nobody", None, "not listed"),
+            (ids["ops"], "w2", Identity("w2", "worker", "default", ids["w1"].signing_key), "retired")):
+        with pytest.raises(KeyToolError, match=message):
+            build_event(federation, signer, target, new_key=new_key, reason="")
+    federation.apply_key_event(revoke("w2"), "ops")
+    with pytest.raises(KeyToolError, match="already revoked"):
+        build_event(federation, ids["coord"], "w2", new_key=None, reason="")
