@@ -224,3 +224,22 @@ def test_the_key_tool_refuses_locally_what_every_process_would_refuse(ids, feder
     federation.apply_key_event(revoke("w2"), "ops")
     with pytest.raises(KeyToolError, match="already revoked"):
         build_event(federation, ids["coord"], "w2", new_key=None, reason="")
+
+
+def test_a_revoked_worker_leaves_the_coordinators_registry_at_once():
+    import torch
+
+    from fedbus.coordinator.machine import WorkerRevoked
+    from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine, Start, WorkerSeen
+
+    machine = RoundStateMachine(RoundPolicy(rounds=2, min_workers=3, min_updates=2, round_deadline_ms=1_000,
+                                            wait_for_workers_ms=10_000, liveness_ms=5_000, max_failed_rounds=2,
+                                            final_eval=False, final_eval_deadline_ms=500, seed=7),
+                                {"w": torch.zeros(2)})
+    machine.handle(Start(0))
+    for worker in ("w1", "w2"):
+        machine.handle(WorkerSeen(worker, 10, 0))
+    assert machine.handle(WorkerRevoked("w1")) == []
+    assert machine.alive_workers(1) == ["w2"]  # not after its liveness window: now
+    # Two live workers of three: round 1 does not open until a third one beats.
+    assert machine.handle(WorkerSeen("w3", 10, 2)) == []

@@ -34,6 +34,7 @@ from fedbus.bus.layout import purge_stream_except
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import history_versions, machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
+from fedbus.coordinator.machine import WorkerRevoked
 from fedbus.rejections import RejectionLedger
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import (
@@ -341,6 +342,10 @@ class CoordinatorService:
                 self._audit("rejections", **record)
 
     def _on_key_change(self, change: KeyChange) -> None:
+        participant = self.federation.get(change.participant)
+        if participant is not None and participant.role == "worker":
+            # Revoked, or rotated to a key it has yet to restart with: no longer alive to us.
+            self.machine.handle(WorkerRevoked(change.participant))
         # Audited when it happens; a resumed coordinator's replay of old events is not news.
         # (The coordinator's own key is never a key event's target: see fedbus.crypto.keyevents.)
         if self.keys is None or not self.keys.synced:
