@@ -101,6 +101,17 @@ class KeyWatch:
         self.synced = True
         log.info("keys.synced", events=self.applied, through_seq=target)
 
+    async def start_as(self, identity: Identity, timeout_s: float = CATCH_UP_TIMEOUT_S) -> bool:
+        """``start``, then whether ``identity`` is still listed with its key; if not, says so
+        (the stop line), stops following and returns False: the process must not run."""
+        await self.start(timeout_s)
+        problem = own_key_problem(self.federation, identity)
+        if problem is None:
+            return True
+        stop_line(identity, problem)
+        await self.stop()
+        return False
+
     async def stop(self) -> None:
         await self.follower.stop()
 

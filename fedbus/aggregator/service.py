@@ -34,7 +34,7 @@ from fedbus.crypto.keys import Identity, b64, unb64
 from fedbus.crypto.proofs import proof_of
 from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
-from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost, own_key_problem, stop_line
+from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header, split_frame
 from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
@@ -120,11 +120,7 @@ class AggregatorService:
                                                           replicas=self.job.transport.replicas)
             # Every past key event is applied before anything is trusted or sent.
             self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security, on_change=self._on_key_change)
-            await self.keys.start()
-            problem = own_key_problem(self.federation, self.identity)
-            if problem is not None:
-                stop_line(self.identity, problem)
-                await self.keys.stop()
+            if not await self.keys.start_as(self.identity):
                 return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)

@@ -26,7 +26,7 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
-from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost, own_key_problem, stop_line
+from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost
 from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
 from fedbus.protocol.messages import Heartbeat, RoundClose
@@ -155,11 +155,7 @@ class WorkerService:
                                             replicas=self.job.transport.replicas)
             # Every past key event is applied before anything is trusted or sent.
             self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security, on_change=self._on_key_change)
-            await self.keys.start()
-            problem = own_key_problem(self.federation, self.identity)
-            if problem is not None:
-                stop_line(self.identity, problem)
-                await self.keys.stop()
+            if not await self.keys.start_as(self.identity):
                 return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
