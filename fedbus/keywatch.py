@@ -142,13 +142,14 @@ class KeyWatch:
         opened = self.verifier.open(wire, stored_ms=stored_ms)
         if opened.header.type != KeyEvent.TYPE:
             raise Rejection("unknown_type", f"{opened.header.type} on the key-event subject", opened.header)
-        event, _ = self.verifier.accept_body(opened, opened.inline_body)
+        fields, _ = self.verifier.accept_body(opened, opened.inline_body)
+        event: KeyEvent = fields  # type: ignore[assignment]
         try:
-            change = self.federation.apply_key_event(event, opened.header.sender, seq=seq)  # type: ignore[arg-type]
+            change = self.federation.apply_key_event(event, opened.header.sender, seq=seq)
         except KeyEventRefused as exc:
             raise Rejection("invalid_key_event", str(exc), opened.header) from None
         if change is None:
-            log.info("keys.unchanged", participant=event.participant, action=event.action, seq=seq)  # type: ignore[attr-defined]
+            log.info("keys.unchanged", participant=event.participant, action=event.action, seq=seq)
             return None
         self.applied += 1
         # A live event is news; a replayed one (at start) is history.
@@ -193,7 +194,7 @@ def own_key_lost(federation: Federation, identity: Identity, change: KeyChange) 
 def stop_line(identity: Identity, problem: str, change: KeyChange | None = None) -> None:
     """The one clear log line of a process that stops because its key was revoked or rotated away."""
     rotated = change is not None and change.action == "rotate"
-    log.error(f"{identity.role}.key_rotated" if rotated else f"{identity.role}.revoked", participant=identity.id, detail=problem,
-              signer=change.signer if change else None, seq=change.seq if change else None,
+    log.error(f"{identity.role}.key_rotated" if rotated else f"{identity.role}.revoked", participant=identity.id,
+              detail=problem, signer=change.signer if change else None, seq=change.seq if change else None,
               reason=(change.reason if change else "")[:200],
               note="stopping: a rotated participant restarts with its new key file; a revoked one is out for good")

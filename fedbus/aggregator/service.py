@@ -26,6 +26,7 @@ from fedbus.aggregator.wire import wire_partial
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure, ensure_region_updates, wait_for_stream
 from fedbus.aggregation.specs import build_rule
 from fedbus.coordinator.factory import policy_from, rule_for
+from fedbus.coordinator.machine import WorkerRevoked
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -119,7 +120,8 @@ class AggregatorService:
             self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
                                                           replicas=self.job.transport.replicas)
             # Every past key event is applied before anything is trusted or sent.
-            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security, on_change=self._on_key_change)
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
+                                 on_change=self._on_key_change)
             if not await self.keys.start_as(self.identity):
                 return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
@@ -149,7 +151,10 @@ class AggregatorService:
         return self.exit_code
 
     def _on_key_change(self, change: KeyChange) -> None:
-        """A key event was applied: if it revoked this aggregator or rotated its key away, stop."""
+        """A key event was applied: a revoked (or rotated) worker of the region leaves later
+        cohorts at once; if it revoked this aggregator or rotated its key away, stop."""
+        if change.participant in self.members:
+            self.core.handle(WorkerRevoked(change.participant))
         if own_key_lost(self.federation, self.identity, change):
             self.exit_code = REVOKED_EXIT_CODE
             self._done.set()

@@ -170,6 +170,7 @@ class CoordinatorService:
 
     async def run(self) -> RunSummary:
         started = time.perf_counter()
+
         async def on_reconnected() -> None:
             if self.keys is not None:
                 self.keys.on_reconnected()
@@ -182,8 +183,8 @@ class CoordinatorService:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
                                             regional=self.job.topology == "regional")
             # Every past key event is applied before any message is verified.
-            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security, on_change=self._on_key_change,
-                                 on_reject=self._key_event_rejected)
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
+                                 on_change=self._on_key_change, on_reject=self._key_event_rejected)
             await self.keys.start()
             self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity,
                                           keep_versions=history_versions(self.job))

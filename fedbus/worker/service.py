@@ -154,7 +154,8 @@ class WorkerService:
                 await ensure_region_updates(self.nc.jetstream(), self.subjects, self.region,
                                             replicas=self.job.transport.replicas)
             # Every past key event is applied before anything is trusted or sent.
-            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security, on_change=self._on_key_change)
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
+                                 on_change=self._on_key_change)
             if not await self.keys.start_as(self.identity):
                 return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
