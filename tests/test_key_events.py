@@ -243,3 +243,16 @@ def test_a_revoked_worker_leaves_the_coordinators_registry_at_once():
     assert machine.alive_workers(1) == ["w2"]  # not after its liveness window: now
     # Two live workers of three: round 1 does not open until a third one beats.
     assert machine.handle(WorkerSeen("w3", 10, 2)) == []
+
+
+def test_keys_gen_writes_operators_into_the_federation_file(tmp_path, capsys):
+    from fedbus import cli
+
+    for id_, role in (("coord", "coordinator"), ("w1", "worker"), ("desk", "operator")):
+        assert cli.main(["keys", "gen", "--id", id_, "--role", role, "--out", str(tmp_path / "keys")]) == 0
+    assert cli.main(["keys", "federation", "--keys", str(tmp_path / "keys"), "--out", str(tmp_path / "fed.yaml")]) == 0
+    federation = Federation.load(tmp_path / "fed.yaml")
+    assert [(p.id, p.role) for p in federation.spec.participants] == [
+        ("coord", "coordinator"), ("desk", "operator"), ("w1", "worker")]
+    desk = Identity.load(tmp_path / "keys" / "desk.key")
+    assert federation.listed_as(desk, "operator").role == "operator"
