@@ -173,6 +173,9 @@ def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dic
                      "total_weight": 50.0, "workers": [worker.id], "digests": ["q83vq83vq83vq83vq83vq83vq83vq83vq83vq83vq80="],
                      "weights": [50.0], "base_versions": [round_ - 1], "proofs": ["zc3Nzc3N" * 20], "scalars": {}, "groups": [],
                      "train_metrics": {"loss": 0.5}, "metrics_weight": 50.0}, PARTIAL_SECTION, AGGREGATOR)
+        case "keys":
+            return ({"action": "rotate", "participant": worker.id, "old_key": worker.participant_entry()["public_key"],
+                     "new_key": OUTSIDER.participant_entry()["public_key"], "reason": "yearly rotation"}, None, COORD)
     raise AssertionError(msg_type)
 
 

@@ -279,7 +279,7 @@ def cmd_keys_federation(args: argparse.Namespace) -> int:
     if not keys:
         print(f"error: no *.key files in {args.keys}", file=sys.stderr)
         return 2
-    order = {"coordinator": 0, "aggregator": 1, "worker": 2}
+    order = {"coordinator": 0, "operator": 1, "aggregator": 2, "worker": 3}
     entries = sorted((load_identity(k).participant_entry() for k in keys), key=lambda e: (order[e["role"]], e["id"]))
     try:
         spec = FederationFile(federation=args.name, participants=[Participant(**e) for e in entries])
@@ -287,6 +287,24 @@ def cmd_keys_federation(args: argparse.Namespace) -> int:
         raise CliError(f"keys in {args.keys}: {_describe(exc)}") from None
     Federation(spec).dump(args.out)
     print(f"wrote {args.out} with {len(entries)} participants (public keys only)")
+    return 0
+
+
+def cmd_keys_event(args: argparse.Namespace) -> int:
+    """fedbus keys revoke|rotate: publish a signed key event and wait for JetStream's ack."""
+    from fedbus.keytool import KeyToolError, job_subjects, send_key_event
+
+    federation = load_federation(args.federation)
+    signer = load_identity(args.key)
+    new_key = load_identity(args.new_key) if getattr(args, "new_key", None) else None
+    try:
+        subjects, security = job_subjects(args.job, args.prefix, load_job)
+        seq, event = asyncio.run(send_key_event(args.nats, subjects, security, federation, signer, args.participant,
+                                                new_key=new_key, reason=args.reason,
+                                                credentials=credentials_from(args)))
+    except (KeyToolError, ValueError) as exc:
+        raise CliError(_describe(exc)) from None
+    print(f"{event.action}: {event.participant} in job {subjects.job} (key event #{seq}, signed by {signer.id})")
     return 0
 
 
@@ -543,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="keys_command", required=True)
     gen = ksub.add_parser("gen", help="generate an Ed25519 key pair (the key file is created with mode 600)")
     gen.add_argument("--id", required=True)
-    gen.add_argument("--role", required=True, choices=["coordinator", "aggregator", "worker"])
+    gen.add_argument("--role", required=True, choices=["coordinator", "aggregator", "worker", "operator"],
+                     help="operator: may sign key events (fedbus keys revoke|rotate) and nothing else")
     gen.add_argument("--region", default="default")
     gen.add_argument("--out", required=True, help="directory for <id>.key")
     gen.add_argument("--force", action="store_true")
@@ -553,6 +572,21 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--out", required=True)
     fed.add_argument("--name", default="fedbus")
     fed.set_defaults(func=cmd_keys_federation)
+
+    for name, what in (("revoke", "revoke a participant's key in a running job, at once and for good"),
+                       ("rotate", "move a participant to a new signing key in a running job")):
+        ev = ksub.add_parser(name, help=what + " (a signed key event on the job's control stream)")
+        ev.add_argument("--federation", required=True)
+        ev.add_argument("--key", required=True, help="the signer's (coordinator or operator) " + KEY_HELP)
+        ev.add_argument("--job", required=True, help="job spec YAML, or a job id (with --prefix)")
+        ev.add_argument("--prefix", default="fedbus", help="subject prefix when --job is a job id")
+        ev.add_argument("--participant", required=True, help="the participant id whose key changes")
+        add_connection_options(ev)
+        ev.add_argument("--reason", default="", help="recorded in the event and the audit trail (at most 256 chars)")
+        if name == "rotate":
+            ev.add_argument("--new-key", required=True,
+                            help="the participant's new key file (fedbus keys gen with the same id and role)")
+        ev.set_defaults(func=cmd_keys_event)
 
     s = sub.add_parser("schemas", help="write or check the JSON Schemas generated from the models")
     s.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"))

@@ -23,7 +23,7 @@ from fedbus.bus import BLOBS_BUCKET, BlobStore, Subjects, publish_with_retry
 from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, check_pointer, seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
-from fedbus.jobspec import JobSpec
+from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
 from fedbus.protocol.messages import Body, body_limit, encode_body
@@ -55,8 +55,13 @@ def verifier_for(job: JobSpec, federation: Federation, *, max_tensors: int = DEF
     ``max_tensors``: the most tensors one body may carry; pass the model's count plus its
     extras (e.g. 2 * len(model) + 16) once the model is known.
     """
-    sec = job.security
-    return EnvelopeVerifier(federation, job.job, max_age_ms=int(sec.max_age_s * 1000),
+    return security_verifier(job.job, job.security, federation, max_tensors=max_tensors)
+
+
+def security_verifier(job_id: str, sec: SecuritySpec, federation: Federation, *,
+                      max_tensors: int = DEFAULT_MAX_TENSORS) -> EnvelopeVerifier:
+    """``verifier_for`` from a job id and its security settings alone (tools that know no more)."""
+    return EnvelopeVerifier(federation, job_id, max_age_ms=int(sec.max_age_s * 1000),
                             max_future_ms=int(sec.max_future_s * 1000), max_body_bytes=sec.max_message_bytes,
                             blob_bucket=BLOBS_BUCKET, max_tensors=max_tensors)
 

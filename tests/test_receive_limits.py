@@ -25,6 +25,7 @@ from fedbus.protocol.messages import (
     MESSAGE_TYPES,
     EvalOpen,
     EvalReport,
+    KeyEvent,
     Heartbeat,
     JobDone,
     Partial,
@@ -91,12 +92,13 @@ def section(entries: list, data: bytes) -> bytes:
 
 def test_every_type_declares_its_body_limit():
     assert Heartbeat.MAX_BODY_BYTES == 4 * 1024
+    assert KeyEvent.MAX_BODY_BYTES == 4 * 1024
     for cls in (EvalReport, JobDone, RoundClose):
         assert cls.MAX_BODY_BYTES == 256 * 1024
     for cls in (Update, RoundOpen, EvalOpen, Partial):
         assert cls.MAX_BODY_BYTES is None  # the job's max_message_bytes
     assert set(MESSAGE_TYPES.values()) == {Heartbeat, EvalReport, JobDone, RoundClose, Update, RoundOpen, EvalOpen,
-                                           Partial}
+                                           Partial, KeyEvent}
 
 
 def test_heartbeat_over_4kib_is_oversize():

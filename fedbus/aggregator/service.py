@@ -26,13 +26,16 @@ from fedbus.aggregator.wire import wire_partial
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, ensure_region_updates, wait_for_stream
 from fedbus.aggregation.specs import build_rule
 from fedbus.coordinator.factory import policy_from, rule_for
+from fedbus.coordinator.machine import WorkerRevoked
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate, Tick, UpdateReceived, WorkerSeen
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity, b64, unb64
 from fedbus.crypto.proofs import proof_of
+from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
+from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header, split_frame
 from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
@@ -42,7 +45,7 @@ from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
 from fedbus.telemetry.stacks import stop_tasks
 from fedbus.transforms import build_worker_pipeline, decode_update
-from fedbus.worker.service import ControlFollower
+from fedbus.bus.follower import ControlFollower
 
 log = structlog.get_logger("fedbus.aggregator")
 
@@ -58,7 +61,8 @@ NOT_YET_OPEN_TRIES = 40  # ~20 s of waiting, then it is refused (an update for a
 class AggregatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, region: str, nats_url: str,
                  *, credentials: NatsCredentials | None = None):
-        me = federation.listed_as(identity, "aggregator")
+        # The key itself is checked once the job's key events are replayed (it may be a rotated one).
+        me = federation.listed_as(identity, "aggregator", check_key=False)
         if me.region != region:
             raise ValueError(f"aggregator {identity.id} is listed for region {me.region!r}, not {region!r}")
         self.job, self.federation, self.identity, self.region, self.nats_url = job, federation, identity, region, nats_url
@@ -94,11 +98,17 @@ class AggregatorService:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._actions: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
+        self.exit_code = 0
+        self.keys: KeyWatch | None = None
 
     async def run(self) -> int:
+        async def on_reconnected() -> None:
+            if self.keys is not None:
+                self.keys.on_reconnected()
+
         self.nc = await connect(self.nats_url, name=f"fedbus-aggregator-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S, credentials=self.credentials,
-                                participant=self.identity.id)
+                                participant=self.identity.id, reconnected_cb=on_reconnected)
         # The job's streams (control, partials, KV, models) are the hub's; this region's
         # updates are in a stream of the local JetStream (the region's leaf, if it has one).
         hub_domain = self.job.transport.hub_domain
@@ -110,10 +120,16 @@ class AggregatorService:
             await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
             self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
                                                           replicas=self.job.transport.replicas)
+            # Every past key event is applied before anything is trusted or sent.
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
+                                 on_change=self._on_key_change)
+            if not await self.keys.start_as(self.identity):
+                return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             await self._learn_last_partial()
-            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put, stream=self.subjects.ctl_stream)
+            follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put, stream=self.subjects.ctl_stream,
+                                       skip=frozenset({self.keys.subject}))
             await follower.start()
             subs = [await self.nc.subscribe(self.subjects.hb(w), cb=self._on_heartbeat) for w in self.members]
             tasks = [asyncio.create_task(self._follow_control()), asyncio.create_task(self._consume()),
@@ -127,12 +143,22 @@ class AggregatorService:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             await follower.stop()
+            await self.keys.stop()
         finally:
             with contextlib.suppress(Exception):
                 await self.nc.close()
         log.info("aggregator.stopped", region=self.region, partials=self.core.partials_published,
                  rejected=dict(self.ledger.totals))
-        return 0
+        return self.exit_code
+
+    def _on_key_change(self, change: KeyChange) -> None:
+        """A key event was applied: a revoked (or rotated) worker of the region leaves later
+        cohorts at once; if it revoked this aggregator or rotated its key away, stop."""
+        if change.participant in self.members:
+            self.core.handle(WorkerRevoked(change.participant))
+        if own_key_lost(self.federation, self.identity, change):
+            self.exit_code = REVOKED_EXIT_CODE
+            self._done.set()
 
     async def _learn_last_partial(self) -> None:
         """A restarted aggregator must not publish a second partial for a round it already

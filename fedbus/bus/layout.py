@@ -442,6 +442,14 @@ async def wait_for_stream(js: Any, name: str, timeout_s: float) -> None:
             pause = min(pause * 1.5, _WAIT_POLL_S[1])
 
 
+async def purge_stream_except(js: Any, stream: str, *, keep: str) -> None:
+    """Purge every subject of ``stream`` but ``keep`` (a subject, not a wildcard)."""
+    info = await _with_retry(lambda: js.stream_info(stream, subjects_filter=">"), f"stream info {stream}")
+    for subject in sorted((info.state.subjects or {}).keys()):
+        if subject != keep:
+            await _with_retry(lambda subject=subject: js.purge_stream(stream, subject=subject), f"purge {subject}")
+
+
 async def ensure_region_updates(js: Any, subjects: Subjects, region: str, *, replicas: int = 1,
                                 storage: str = "file", max_message_bytes: int | None = None) -> str:
     """Create one region's update stream in ``js``'s JetStream domain (its leaf node's, or

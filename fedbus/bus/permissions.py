@@ -60,16 +60,17 @@ class Permissions:
 
 
 def _read_stream(stream: str) -> list[str]:
-    """Look a stream up and follow it with nats-py's ordered push consumers (created without
-    a name: a consumer nats-py recreates after a gap keeps no name the server could check)."""
-    return [f"{API}.STREAM.INFO.{stream}", f"{API}.CONSUMER.CREATE.{stream}"]
+    """Look a stream up, read its last message on a subject (MSG.GET: the key watch's
+    starting point, a bucket's meta) and follow it with nats-py's ordered push consumers
+    (created without a name: a consumer nats-py recreates after a gap keeps no name the
+    server could check)."""
+    return [f"{API}.STREAM.INFO.{stream}", f"{API}.STREAM.MSG.GET.{stream}", f"{API}.CONSUMER.CREATE.{stream}"]
 
 
 def _read_bucket(bucket: str) -> list[str]:
     """Read objects of a bucket the way fedbus.bus.BlobStore.get does: bind, meta by
     subject (MSG.GET), chunk count (STREAM.INFO), chunks by an ordered consumer."""
-    stream = f"OBJ_{bucket}"
-    return [*_read_stream(stream), f"{API}.STREAM.MSG.GET.{stream}"]
+    return _read_stream(f"OBJ_{bucket}")
 
 
 def _write_bucket_once(bucket: str) -> list[str]:

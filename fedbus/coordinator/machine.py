@@ -9,11 +9,21 @@ before it is folded, and what a report may weigh, is the same and lives here.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from fedbus.aggregation.base import InvalidUpdate, State, is_averageable, validate_update
 from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import spec_of
+
+
+@dataclass(frozen=True)
+class WorkerRevoked:
+    """A key event revoked this worker (or rotated it to a key it has yet to restart with):
+    it is left out of every later cohort. (A cohort it is already in closes at the deadline
+    with the quorum, as for a worker that died.)"""
+
+    worker_id: str
 
 
 class MachineBase:
@@ -45,6 +55,9 @@ class MachineBase:
         from fedbus.coordinator.rounds import InternalError  # (rounds imports this module)
 
         out: list = []
+        if isinstance(event, WorkerRevoked):  # the same for every machine: only the registry knows it
+            self.registry.forget(event.worker_id)
+            return out
         try:
             self._dispatch(event, out)
         except Exception as exc:  # a bug must not swallow decided actions (e.g. a commit)

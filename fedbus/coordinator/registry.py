@@ -15,6 +15,10 @@ class WorkerRegistry:
     def seen(self, worker: str, num_samples: int, now_ms: int) -> None:
         self._seen[worker] = (num_samples, now_ms)
 
+    def forget(self, worker: str) -> None:
+        """A revoked worker: out of every later cohort at once, not when its heartbeats lapse."""
+        self._seen.pop(worker, None)
+
     def alive(self, now_ms: int) -> list[str]:
         return sorted(w for w, (_, seen) in self._seen.items() if now_ms - seen <= self.liveness_ms)
 

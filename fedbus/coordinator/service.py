@@ -30,9 +30,11 @@ from opentelemetry import trace as otel_trace
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
 from fedbus.bus import NatsCredentials, Subjects, connect, ensure_job_infrastructure
+from fedbus.bus.layout import purge_stream_except
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import history_versions, machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
+from fedbus.coordinator.machine import WorkerRevoked
 from fedbus.rejections import RejectionLedger
 from fedbus.coordinator.ratelimit import TokenBuckets
 from fedbus.coordinator.rounds import (
@@ -66,7 +68,9 @@ from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
+from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
+from fedbus.keywatch import KeyWatch
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
@@ -161,19 +165,29 @@ class CoordinatorService:
         self.exit_code = 0
         self.already_done = False
         self._recovered_close: dict | None = None
+        self.keys: KeyWatch | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> RunSummary:
         started = time.perf_counter()
+
+        async def on_reconnected() -> None:
+            if self.keys is not None:
+                self.keys.on_reconnected()
+
         self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S, credentials=self.credentials,
-                                participant=self.identity.id)
+                                participant=self.identity.id, reconnected_cb=on_reconnected)
         self.js = self.nc.jetstream()
         write_summary = True
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
                                             regional=self.job.topology == "regional")
+            # Every past key event is applied before any message is verified.
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
+                                 on_change=self._on_key_change, on_reject=self._key_event_rejected)
+            await self.keys.start()
             self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity,
                                           keep_versions=history_versions(self.job))
             if self.resume:
@@ -222,6 +236,7 @@ class CoordinatorService:
             await self._done.wait()
             await self._flush_rejections(final=True)
             await stop_tasks(tasks)
+            await self.keys.stop()
             with contextlib.suppress(Exception):
                 await self.hb_nc.close()
         finally:
@@ -269,8 +284,10 @@ class CoordinatorService:
     async def _fresh_start(self) -> None:
         """A new coordinator run of a job starts from scratch: old control events and
         updates of the same job id must not leak into it."""
-        for stream in (self.subjects.ctl_stream, self.subjects.upd_stream, self.subjects.metrics_stream,
-                       self.subjects.agg_stream):
+        # Key events are the job's, not a run's: a revoked key stays revoked in the next run.
+        with contextlib.suppress(Exception):
+            await purge_stream_except(self.js, self.subjects.ctl_stream, keep=self.keys.subject)
+        for stream in (self.subjects.upd_stream, self.subjects.metrics_stream, self.subjects.agg_stream):
             with contextlib.suppress(Exception):
                 await self.js.purge_stream(stream)
         for stream, durable in ((self.subjects.upd_stream, "coordinator-updates"),
@@ -326,6 +343,22 @@ class CoordinatorService:
                 await self.audit.publish("rejections", **record)
             else:
                 self._audit("rejections", **record)
+
+    def _on_key_change(self, change: KeyChange) -> None:
+        participant = self.federation.get(change.participant)
+        if participant is not None and participant.role == "worker":
+            # Revoked, or rotated to a key it has yet to restart with: no longer alive to us.
+            self.machine.handle(WorkerRevoked(change.participant))
+        # Audited when it happens; a resumed coordinator's replay of old events is not news.
+        # (The coordinator's own key is never a key event's target: see fedbus.crypto.keyevents.)
+        if self.keys is None or not self.keys.synced:
+            return
+        self._audit("keys.applied", participant=change.participant, action=change.action, signer=change.signer,
+                    seq=change.seq, public_key=change.public_key, reason=change.reason)
+
+    def _key_event_rejected(self, rej: Rejection, subject: str) -> None:
+        h = rej.header
+        self._rejected("keys", rej.reason, rej.detail, h.sender if h else None, subject, None)
 
     def _audit(self, event: str, **fields) -> None:
         try:

@@ -73,6 +73,7 @@ REASONS = (
     "invalid_metrics",      # non-finite, too many, or too long metric names
     "too_stale",            # (async) an update whose base version is too old
     "wrong_region",         # an aggregator's partial for another region, or with a worker of another region
+    "invalid_key_event",    # a verified key event that the key rules refuse (fedbus.crypto.keyevents)
 )
 
 

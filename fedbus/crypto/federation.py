@@ -7,7 +7,7 @@ old messages can be explained in the audit trail) but everything it sends is rej
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from nacl.signing import VerifyKey
@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedbus.atomicfile import atomic_write_text
 from fedbus.crypto.keys import Identity, unb64
 
+if TYPE_CHECKING:
+    from fedbus.crypto.keyevents import KeyChange
+    from fedbus.protocol.messages import KeyEvent
+
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ids become NATS subject tokens
 MAX_SAMPLES_LIMIT = 2**53  # sample counts become float weights; above this they are no longer exact
 
@@ -23,7 +27,8 @@ MAX_SAMPLES_LIMIT = 2**53  # sample counts become float weights; above this they
 class Participant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(pattern=ID_PATTERN)
-    role: Literal["coordinator", "aggregator", "worker"]
+    role: Literal["coordinator", "aggregator", "worker", "operator"] = Field(
+        description="operator: may sign key events (live revocation and rotation) and nothing else")
     region: str = Field("default", pattern=ID_PATTERN)
     public_key: str = Field(description="base64 Ed25519 public key (32 bytes)")
     revoked: bool = Field(False, description="listed for the audit trail, but everything it sends is rejected")
@@ -81,11 +86,14 @@ class FederationFile(BaseModel):
 
 
 class Federation:
-    """Lookup of participants and their verify keys."""
+    """Lookup of participants and their verify keys: the file as amended by the job's live
+    key events (``apply_key_event``; see ``fedbus.crypto.keyevents`` for the rules)."""
 
     def __init__(self, spec: FederationFile):
+        from fedbus.crypto.keyevents import KeyOverlay
+
         self.spec = spec
-        self._by_id = {p.id: p for p in spec.participants}
+        self.overlay = KeyOverlay(spec.participants)
         self._keys = {p.id: VerifyKey(unb64(p.public_key)) for p in spec.participants}
 
     @classmethod
@@ -97,31 +105,47 @@ class Federation:
         text = yaml.safe_dump(self.spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
         atomic_write_text(path, text)
 
-    def listed_as(self, identity: Identity, role: str) -> Participant:
-        """This process's own entry: its key must be listed, unrevoked, with ``role``."""
+    def listed_as(self, identity: Identity, role: str, *, check_key: bool = True) -> Participant:
+        """This process's own entry: its key must be listed, unrevoked, with ``role``.
+
+        ``check_key=False``: only the id, role and revocation: a participant rotated to a new
+        key by a key event is not listed with it in the file, so its key can be checked only
+        once the job's key events have been replayed (``KeyWatch.start``)."""
         if identity.role != role:
             raise ValueError(f"key {identity.id} has role {identity.role}, not {role}")
         listed = self.get(identity.id)
-        if listed is None or listed.revoked or listed.public_key != identity.participant_entry()["public_key"]:
-            raise ValueError(f"key {identity.id} is not listed (unrevoked, with this public key) in the federation file")
+        if listed is None or listed.role != role or listed.revoked or (
+                check_key and unb64(listed.public_key) != bytes(identity.public_key)):
+            raise ValueError(f"key {identity.id} is not listed (unrevoked, with this public key) in the federation file"
+                             + (" as amended by the job's key events" if self.overlay.changes else ""))
         return listed
 
     def get(self, participant_id: str) -> Participant | None:
-        return self._by_id.get(participant_id)
+        return self.overlay.get(participant_id)
 
     def verify_key(self, participant_id: str) -> VerifyKey:
         return self._keys[participant_id]
 
+    def apply_key_event(self, event: KeyEvent, signer_id: str, *, seq: int | None = None) -> KeyChange | None:
+        """Apply one verified key event (raises KeyEventRefused); every later lookup sees it."""
+        change = self.overlay.apply(event, signer_id, seq=seq)
+        if change is not None and change.action == "rotate":
+            self._keys[change.participant] = VerifyKey(unb64(change.public_key))
+        return change
+
+    def _current(self, role: str) -> list[Participant]:
+        return [self.overlay.get(p.id) for p in self.spec.participants if p.role == role]  # type: ignore[misc]
+
     def workers(self) -> list[Participant]:
-        """Workers in file order; a worker's position is its default data partition."""
-        return [p for p in self.spec.participants if p.role == "worker"]
+        """Workers in file order (revoked ones too); a worker's position is its default data partition."""
+        return self._current("worker")
 
     def aggregators(self) -> list[Participant]:
         """Regional aggregators (unrevoked), each tied to its region."""
-        return [p for p in self.spec.participants if p.role == "aggregator" and not p.revoked]
+        return [p for p in self._current("aggregator") if not p.revoked]
 
     def coordinator(self) -> Participant:
-        coords = [p for p in self.spec.participants if p.role == "coordinator" and not p.revoked]
+        coords = [p for p in self._current("coordinator") if not p.revoked]
         if len(coords) != 1:
             raise ValueError(f"a federation needs exactly one active coordinator, found {len(coords)}")
         return coords[0]

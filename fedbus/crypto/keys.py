@@ -14,7 +14,8 @@ from nacl.signing import SigningKey, VerifyKey
 
 from fedbus.atomicfile import atomic_write_text
 
-ROLES = ("coordinator", "aggregator", "worker")
+# operator: may sign key events (revocation, rotation) and nothing else.
+ROLES = ("coordinator", "aggregator", "worker", "operator")
 
 # Set to 1 to load key files that group or others can read (with a warning instead of an error).
 ALLOW_INSECURE_KEYS_ENV = "FEDBUS_ALLOW_INSECURE_KEYS"

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Annotated, ClassVar, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from fedbus.protocol.codec import (
     DEFAULT_MAX_TENSORS,
@@ -33,7 +33,7 @@ from fedbus.protocol.codec import (
 
 _LEN = struct.Struct("<I")
 
-Role = Literal["coordinator", "aggregator", "worker"]
+Role = Literal["coordinator", "aggregator", "worker", "operator"]
 
 KIB = 1024
 # Bounds on what any body may contain. A cohort of 100k ids is the largest list; no
@@ -241,8 +241,48 @@ class Partial(Body):
     metrics_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
+# A 32-byte public key (Ed25519 or X25519) in standard base64, as in the federation file.
+PublicKeyB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+ParticipantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # federation.ID_PATTERN
+
+
+class KeyEvent(Body):
+    """Revoke a participant's key, or rotate the participant to a new signing key (and,
+    optionally, a new encryption key). Published on ``ctl.keys`` in the control stream by
+    the coordinator or an operator; every process replays all of them from the start of
+    the stream and applies them in stream order (rules: ``fedbus.crypto.keyevents``).
+
+    A rotation names the key it replaces (``old_key``): it applies only while that key is
+    current, so a stale or replayed rotation cannot undo a later one. Key events belong to
+    the job, not to a coordinator run: the header carries no run."""
+
+    TYPE: ClassVar[str] = "keys"
+    SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"coordinator", "operator"})
+    MAX_BODY_BYTES: ClassVar[int | None] = 4 * KIB
+    MAX_FIELDS_BYTES: ClassVar[int] = 4 * KIB
+    action: Literal["revoke", "rotate"]
+    participant: ParticipantId
+    old_key: PublicKeyB64 | None = Field(None, description="rotate: the Ed25519 public key being replaced")
+    new_key: PublicKeyB64 | None = Field(None, description="rotate: the new Ed25519 public key")
+    new_encryption_key: PublicKeyB64 | None = Field(
+        None, description="rotate: the participant's new X25519 encryption public key (optional)")
+    reason: Annotated[str, StringConstraints(max_length=256)] = ""
+
+    @model_validator(mode="after")
+    def _keys_match_action(self) -> KeyEvent:
+        if self.action == "rotate":
+            if self.old_key is None or self.new_key is None:
+                raise ValueError("a rotation names old_key and new_key")
+            if self.old_key == self.new_key:
+                raise ValueError("a rotation needs a new key different from the old one")
+        elif self.old_key is not None or self.new_key is not None or self.new_encryption_key is not None:
+            raise ValueError("a revocation carries no keys")
+        return self
+
+
 MESSAGE_TYPES: dict[str, type[Body]] = {
-    cls.TYPE: cls for cls in (Heartbeat, RoundOpen, Update, RoundClose, EvalOpen, EvalReport, JobDone, Partial)
+    cls.TYPE: cls for cls in (Heartbeat, RoundOpen, Update, RoundClose, EvalOpen, EvalReport, JobDone, Partial,
+                              KeyEvent)
 }
 
 

@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import structlog
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, wait_for_stream
+from fedbus.bus.follower import ControlFollower  # (re-exported: it lived here)
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
+from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
+from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost
 from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
 from fedbus.protocol.messages import Heartbeat, RoundClose
@@ -53,13 +55,6 @@ from fedbus.worker.trainer import LocalTrainer
 log = structlog.get_logger("fedbus.worker")
 
 CONNECT_TIMEOUT_S = 60.0
-# Idle heartbeat of the control consumer: a consumer lost without a reconnect (the
-# server dropped it) is noticed by nats-py after two missed heartbeats.
-CONTROL_IDLE_HEARTBEAT_S = 2.0
-# How long to keep trying to recreate the control consumer after a reconnect (JetStream
-# may still be recovering its streams when the connection is back).
-RESUBSCRIBE_RETRY_S = 0.25
-RESUBSCRIBE_GIVE_UP_S = 120.0
 # Control messages verified together before any is acted on (bounded: each may carry a model).
 CONTROL_BATCH = 64
 
@@ -69,93 +64,13 @@ def control_event(got: Received, now: int) -> ControlVerified:
     return ControlVerified(got.fields, got.tensors, h.run, h.round, h.nonce, h.ts, now, h.trace)
 
 
-class ControlFollower:
-    """Follows ``ctl.>`` with an ordered push consumer, and recreates it at once after a reconnect.
-
-    nats-py's ordered consumer notices a lost consumer (a restarted nats-server keeps no
-    in-memory ephemeral consumers) only after two missed idle heartbeats, checked on a
-    fixed ``2 x idle_heartbeat`` timer: with the default 5 s heartbeat that is 10-20 s
-    after the restart, and the worker sees the next round.open that late. Here the
-    reconnect itself triggers a new consumer starting after the last stream sequence
-    delivered, so nothing is skipped and nothing waits for a timer.
-    """
-
-    def __init__(self, js, subject: str, deliver, *, stream: str | None = None):
-        self.js = js
-        self.subject = subject
-        # Naming the stream spares a lookup by subject (STREAM.NAMES), an API a secured
-        # server need not grant.
-        self.stream = stream
-        self.deliver = deliver  # async callable(msg)
-        self.last_seq: int | None = None
-        self.sub = None
-        self.resubscribes = 0
-        self._task: asyncio.Task | None = None
-
-    async def _on_msg(self, msg) -> None:
-        with contextlib.suppress(Exception):
-            seq = msg.metadata.sequence.stream
-            if self.last_seq is not None and seq <= self.last_seq:
-                return  # already delivered by the consumer this one replaced
-            self.last_seq = seq
-        await self.deliver(msg)
-
-    async def _subscribe(self):
-        if self.last_seq is None:
-            kwargs = {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}
-        else:
-            kwargs = {"config": ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                               opt_start_seq=self.last_seq + 1)}
-        return await self.js.subscribe(self.subject, stream=self.stream, ordered_consumer=True,
-                                       idle_heartbeat=CONTROL_IDLE_HEARTBEAT_S, cb=self._on_msg, **kwargs)
-
-    async def start(self) -> None:
-        self.sub = await self._subscribe()
-
-    def on_reconnected(self) -> None:
-        """Called from the connection's reconnected callback: replace the consumer in the background."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self._task = asyncio.create_task(self._resubscribe())
-
-    async def _resubscribe(self) -> None:
-        old, self.sub = self.sub, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.unsubscribe()
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + RESUBSCRIBE_GIVE_UP_S
-        while True:
-            try:
-                self.sub = await self._subscribe()
-                self.resubscribes += 1
-                log.info("control.resubscribed", after_seq=self.last_seq)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # JetStream not ready yet, or the link dropped again
-                if loop.time() > give_up:
-                    log.error("control.resubscribe_failed", error=repr(exc))
-                    return
-                log.debug("control.resubscribe_retry", error=repr(exc))
-                await asyncio.sleep(RESUBSCRIBE_RETRY_S)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        if self.sub is not None:
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
-
-
 class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None,
                  state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None,
                  credentials: NatsCredentials | None = None):
-        listed = federation.listed_as(identity, "worker")
+        # The key itself is checked once the job's key events are replayed (it may be a rotated one).
+        listed = federation.listed_as(identity, "worker", check_key=False)
         self.job = job
         self.federation = federation
         self.identity = identity
@@ -185,6 +100,8 @@ class WorkerService:
         self.follower: ControlFollower | None = None
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
+        self.exit_code = 0
+        self.keys: KeyWatch | None = None
 
     @property
     def status(self) -> str:
@@ -218,6 +135,8 @@ class WorkerService:
         async def on_reconnected() -> None:
             if self.follower is not None:
                 self.follower.on_reconnected()
+            if self.keys is not None:
+                self.keys.on_reconnected()
 
         self.nc = await connect(self.nats_url, name=f"fedbus-worker-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S, reconnected_cb=on_reconnected,
@@ -236,9 +155,15 @@ class WorkerService:
                                       JOB_STREAMS_WAIT_S)
             else:
                 await wait_for_stream(self.js, self.subjects.upd_stream, JOB_STREAMS_WAIT_S)
+            # Every past key event is applied before anything is trusted or sent.
+            self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
+                                 on_change=self._on_key_change)
+            if not await self.keys.start_as(self.identity):
+                return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
-            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put, stream=self.subjects.ctl_stream)
+            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put,
+                                            stream=self.subjects.ctl_stream, skip=frozenset({self.keys.subject}))
             await self.follower.start()
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control())]
             if self.attack is not None:
@@ -251,11 +176,19 @@ class WorkerService:
             await self._done.wait()
             await stop_tasks(tasks)
             await self.follower.stop()
+            await self.keys.stop()
         finally:
             with contextlib.suppress(Exception):
                 await self.nc.close()
         log.info("worker.stopped", worker=self.identity.id, rounds_trained=self.rounds_trained)
-        return 0
+        return self.exit_code
+
+    def _on_key_change(self, change: KeyChange) -> None:
+        """A key event was applied: if it revoked this worker or rotated its key away, stop
+        (whatever it sent from now on would be refused)."""
+        if own_key_lost(self.federation, self.identity, change):
+            self.exit_code = REVOKED_EXIT_CODE
+            self._done.set()
 
     async def _heartbeat(self) -> None:
         subject = self.subjects.hb(self.identity.id)
