@@ -249,6 +249,37 @@ def cmd_keys_federation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from fedbus.audit.reader import describe_verdict, verify_audit
+    from fedbus.bus import Subjects, connect
+
+    job_id, prefix = args.job, args.prefix
+    if Path(args.job).is_file():  # a job spec: its id and subject prefix
+        job = load_job(args.job)
+        job_id, prefix = job.job, job.transport.prefix
+    try:
+        subjects = Subjects(job_id, prefix=prefix)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    federation = load_federation(args.federation) if args.federation else None
+
+    async def go():
+        nc = await connect(args.nats, name="fedbus-audit-verify", first_connect_timeout=10)
+        try:
+            return await verify_audit(nc.jetstream(), subjects, federation)
+        finally:
+            await nc.close()
+
+    try:
+        verdict = asyncio.run(go())
+    except Exception as exc:  # no server, no such stream: nothing was verified
+        print(f"audit NOT VERIFIED: cannot read {subjects.audit_stream} at {args.nats}: {_describe(exc)}",
+              file=sys.stderr)
+        return 3
+    print(describe_verdict(verdict))
+    return 0 if verdict.ok else 1
+
+
 def cmd_nats_up(args: argparse.Namespace) -> int:
     from fedbus.bus import run_foreground
 
@@ -441,6 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--out", required=True)
     fed.add_argument("--name", default="fedbus")
     fed.set_defaults(func=cmd_keys_federation)
+
+    au = sub.add_parser("audit", help="the audit trail")
+    ausub = au.add_subparsers(dest="audit_command", required=True)
+    ver = ausub.add_parser("verify", help="check every signature and link of every writer's audit chain; exit 1 "
+                                          "and name the first broken record if any")
+    ver.add_argument("--job", required=True, help="job id, or the job spec file (for its id and subject prefix)")
+    ver.add_argument("--nats", default=_env_nats())
+    ver.add_argument("--prefix", default="fedbus", help="subject prefix, when --job is an id")
+    ver.add_argument("--federation", help="federation file: the writers' public keys (without it signatures are "
+                                          "not checked)")
+    ver.set_defaults(func=cmd_audit_verify)
 
     s = sub.add_parser("schemas", help="write or check the JSON Schemas generated from the models")
     s.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"))
