@@ -252,7 +252,9 @@ def cmd_keys_federation(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from fedbus.audit.reader import describe_verdict, verify_audit
     from fedbus.bus import Subjects, connect
+    from fedbus.telemetry.logging import configure_logging
 
+    configure_logging(process="audit-verify", level=os.environ.get("FEDBUS_LOG_LEVEL", "error"))  # stderr
     job_id, prefix = args.job, args.prefix
     if Path(args.job).is_file():  # a job spec: its id and subject prefix
         job = load_job(args.job)

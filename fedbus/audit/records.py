@@ -28,7 +28,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from pydantic import ValidationError
 
-from fedbus.crypto.envelopes import seal
+from fedbus.crypto.signing import seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.protocol.audit import AUDIT_TYPE, AuditRecord
