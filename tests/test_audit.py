@@ -61,6 +61,10 @@ async def scenario(url: str) -> dict:
         out["recent"] = await resumed.recent("round.closed", round=2)
         out["chain"] = await read_chain(js, SUBJECTS, "coordinator", FED)
         out["verdict"] = await verify_audit(js, SUBJECTS, FED)
+        # A writer's last record removed: no successor's link can show it, the stream's hole does.
+        last = (await js.stream_info(SUBJECTS.audit_stream)).state.last_seq
+        await js.delete_msg(SUBJECTS.audit_stream, last)
+        out["truncated"] = (last, await verify_audit(js, SUBJECTS, FED))
         return out
     finally:
         await nc.close()
@@ -80,6 +84,8 @@ def test_chain_advances_on_acks_only_resists_forks_and_continues_from_the_stream
     assert [(p.reason, p.writer) for p in verdict.problems] == [("wrong_signer", "coordinator"),
                                                                 ("fork", "coordinator")]
     assert verdict.writers == {"coordinator": 4, "w01": 1}
+    last, truncated = out["truncated"]
+    assert [(p.reason, p.stream_seq) for p in truncated.problems][-1] == ("removed", last)
 
 
 def test_chain_verifier_needs_no_server_to_name_holes():

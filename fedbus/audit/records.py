@@ -208,11 +208,12 @@ class ChainVerifier:
             span = f"{first}" if first == last else f"{first}-{last}"
             self._problem(first, None, None, "removed", f"stream sequence {span} is missing: a record was deleted")
 
-    def _key_of(self, writer: str) -> tuple[VerifyKey | None, list[tuple[str, VerifyKey]]]:
+    def _key_of(self, writer: str) -> tuple[VerifyKey | None, Iterable[tuple[str, VerifyKey]]]:
         fed = self.federation
         if fed is None:
-            return None, []
-        others = [(p.id, fed.verify_key(p.id)) for p in fed.spec.participants if p.id != writer]
+            return None, ()
+        # Lazy: the other keys are tried only when a signature fails, to name who signed.
+        others = ((p.id, fed.verify_key(p.id)) for p in fed.spec.participants if p.id != writer)
         return fed.verify_key(writer), others
 
     def feed(self, stream_seq: int, subject: str, wire: bytes | bytearray | memoryview) -> None:
