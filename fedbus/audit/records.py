@@ -58,7 +58,7 @@ class SealedRecord:
     wire: bytes
     hash: str
     record: dict  # the body as a dict, plus "hash"
-    msg_id: str  # Nats-Msg-Id: a retry of these exact bytes is dropped by the server
+    msg_id: str  # Nats-Msg-Id, one per record (the expected-sequence header is what stops a second copy)
 
 
 def seal_record(identity: Identity, job: str, *, seq: int, prev: str, event: str, fields: dict,
