@@ -188,3 +188,5 @@ def check_audit_and_tampering(fed: LocalFederation) -> None:
         out = audit_support.verify_cli(url, job, fed_file)
         assert out.returncode == 1, (case, out.stdout, out.stderr)
         assert f"first broken record: {named}" in out.stdout, (case, out.stdout)
+        # The coordinator's next record shows the same break from inside its chain.
+        assert f"writer coordinator, record {record['seq'] + 1}: sequence_gap" in out.stdout, (case, out.stdout)
