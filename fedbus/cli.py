@@ -308,6 +308,40 @@ def cmd_keys_event(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from fedbus.audit.reader import describe_verdict, verify_audit
+    from fedbus.bus import Subjects, connect
+    from fedbus.telemetry.logging import configure_logging
+
+    configure_logging(process="audit-verify", level=os.environ.get("FEDBUS_LOG_LEVEL", "error"))  # stderr
+    job_id, prefix = args.job, args.prefix
+    if Path(args.job).is_file():  # a job spec: its id and subject prefix
+        job = load_job(args.job)
+        job_id, prefix = job.job, job.transport.prefix
+    try:
+        subjects = Subjects(job_id, prefix=prefix)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    federation = load_federation(args.federation) if args.federation else None
+
+    async def go():
+        nc = await connect(args.nats, name="fedbus-audit-verify", first_connect_timeout=10,
+                           credentials=credentials_from(args))
+        try:
+            return await verify_audit(nc.jetstream(), subjects, federation)
+        finally:
+            await nc.close()
+
+    try:
+        verdict = asyncio.run(go())
+    except Exception as exc:  # no server, no such stream: nothing was verified
+        print(f"audit NOT VERIFIED: cannot read {subjects.audit_stream} at {args.nats}: {_describe(exc)}",
+              file=sys.stderr)
+        return 3
+    print(describe_verdict(verdict))
+    return 0 if verdict.ok else 1
+
+
 def cmd_nats_up(args: argparse.Namespace) -> int:
     from fedbus.bus import run_foreground
 
@@ -587,6 +621,17 @@ def build_parser() -> argparse.ArgumentParser:
             ev.add_argument("--new-key", required=True,
                             help="the participant's new key file (fedbus keys gen with the same id and role)")
         ev.set_defaults(func=cmd_keys_event)
+
+    au = sub.add_parser("audit", help="the audit trail")
+    ausub = au.add_subparsers(dest="audit_command", required=True)
+    ver = ausub.add_parser("verify", help="check every signature and link of every writer's audit chain; exit 1 "
+                                          "and name the first broken record if any")
+    ver.add_argument("--job", required=True, help="job id, or the job spec file (for its id and subject prefix)")
+    add_connection_options(ver)
+    ver.add_argument("--prefix", default="fedbus", help="subject prefix, when --job is an id")
+    ver.add_argument("--federation", help="federation file: the writers' public keys (without it signatures are "
+                                          "not checked)")
+    ver.set_defaults(func=cmd_audit_verify)
 
     s = sub.add_parser("schemas", help="write or check the JSON Schemas generated from the models")
     s.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"))

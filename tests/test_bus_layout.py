@@ -36,7 +36,8 @@ def test_subject_names() -> None:
     assert s.hb_all == "fedbus.job-1.hb.*"
     assert s.metrics("w_7") == "fedbus.job-1.metrics.w_7"
     assert s.metrics_all == "fedbus.job-1.metrics.*"
-    assert s.audit == "fedbus.job-1.audit"
+    assert s.audit_of("w_7") == "fedbus.job-1.audit.w_7"
+    assert s.audit_all == "fedbus.job-1.audit.>"
 
 
 def test_stream_names_have_no_dots_and_keep_job_case() -> None:
@@ -111,7 +112,7 @@ def test_ensure_job_infrastructure_is_idempotent(nats_server: EmbeddedNatsServer
             await publish_with_retry(js, s.upd("eu", "w1"), b"u")
             await publish_with_retry(js, s.agg("eu"), b"a")
             await publish_with_retry(js, s.metrics("w1"), b"m")
-            await publish_with_retry(js, s.audit, b"r")
+            await publish_with_retry(js, s.audit_of("coordinator"), b"r")
             for name in (s.upd_stream, s.agg_stream, s.metrics_stream, s.audit_stream):
                 assert (await js.stream_info(name)).state.messages == 1
             kv = await js.key_value(KV_BUCKET)

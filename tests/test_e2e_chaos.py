@@ -36,7 +36,9 @@ from pathlib import Path
 
 import pytest
 
-from fedbus.audit import AuditTrail
+from fedbus.audit import GENESIS, ChainVerifier, seal_record
+from fedbus.crypto.federation import Federation, FederationFile, Participant
+from fedbus.crypto.keys import Identity
 from tests.chaos_support import (ChaosError, ChaosOutcome, ChaosPlan, ChaosRun, analyse, chaos_job, env_seed,
                                  tail)
 
@@ -122,8 +124,10 @@ def _tiny_run(tmp_path: Path, *, accepted_r2=("w01", "w02"), w02_sent_r2: float 
         "incarnations": incarnations,
         "updates_accepted": 2 + len(accepted_r2) if updates_accepted is None else updates_accepted,
         "updates_rejected": {}, "rounds": rows}))
-    trail = AuditTrail(None, "audit", "coordinator")
-    audit = []
+    coordinator = Identity.generate("coordinator", "coordinator")
+    federation = Federation(FederationFile(federation="t", participants=[Participant(**coordinator.participant_entry())]))
+    verifier = ChainVerifier(job.job, "fedbus", federation)
+    audit, prev = [], GENESIS
     for event, fields in (("job.started", {"run": RUN}),
                           ("round.closed", {"round": 1, "status": "aggregated", "model_version": 1,
                                             "accepted": ["w01", "w02"]}),
@@ -131,12 +135,16 @@ def _tiny_run(tmp_path: Path, *, accepted_r2=("w01", "w02"), w02_sent_r2: float 
                           *([("round.closed", {"round": 2, "status": "aggregated", "model_version": 2,
                                                "accepted": list(accepted_r2)})] if audit_r2 else []),
                           ("job.done", {"run": RUN})):
-        rec = trail.chain(event, **fields)
-        trail.advance(rec)
-        audit.append(rec)
-    if tamper:
-        audit[1]["accepted"] = ["w01"]
-    outcome = ChaosOutcome(coordinator_starts=2, coordinator_kills=1, resumes=1, final_exit_code=0, audit=audit)
+        sealed = seal_record(coordinator, job.job, seq=len(audit) + 1, prev=prev, event=event, fields=fields,
+                             ts_ms=1_700_000_000_000)
+        prev, wire = sealed.hash, sealed.wire
+        if tamper and len(audit) == 1:  # the stored round 1 close claims only w01 was accepted
+            wire = wire.replace(b'"accepted":["w01","w02"]', b'"accepted":["w01"]')
+        verifier.feed(len(audit) + 1, f"fedbus.{job.job}.audit.coordinator", wire)
+        audit.append(sealed.record)
+    problems = [p.describe() for p in verifier.finish(len(audit)).problems]
+    outcome = ChaosOutcome(coordinator_starts=2, coordinator_kills=1, resumes=1, final_exit_code=0, audit=audit,
+                           audit_problems=problems)
     return analyse(tmp_path, job, outcome)
 
 
@@ -161,7 +169,7 @@ def test_analysis_excuses_an_update_sent_at_the_deadline(tmp_path):
 def test_analysis_finds_a_broken_chain_a_missing_incarnation_and_a_round_closed_twice(tmp_path):
     report = _tiny_run(tmp_path, incarnations=1, tamper=True, close_twice=True)
     text = "\n".join(report.problems)
-    assert "verify_chain is false" in text
+    assert "audit: chain broken (stream sequence 2, writer coordinator: altered" in text
     assert "incarnations 1 != coordinator starts 2" in text
     assert "rounds closed more than once (across incarnations): [2]" in text
 

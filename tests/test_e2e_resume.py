@@ -1,6 +1,7 @@
 """A coordinator killed mid-round loses nothing: `fedbus coordinator --resume` continues
 from the last committed round, and the updates that were waiting in the stream are
-aggregated into the round they were sent for.
+aggregated into the round they were sent for. Then `fedbus audit verify` passes on the
+run, and names the record after one is altered, re-signed or removed.
 
 The test process plays w04, a listed worker: it reports in round 1 and withholds the
 first time round 2 opens, so round 2 stays open holding three honest updates,
@@ -13,8 +14,11 @@ held in the stream and redelivered, or resent by the workers that see round 2 re
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -23,7 +27,9 @@ from fedbus.crypto.envelopes import Rejection
 from fedbus.crypto.keys import Identity
 from fedbus.demo import cli_command
 from fedbus.messaging import Messenger, verifier_for
+from fedbus.protocol.envelope import frame, split_frame
 from fedbus.protocol.messages import Heartbeat, RoundOpen, Update
+from tests import audit_support
 from tests.e2e_support import LocalFederation, small_job
 
 pytestmark = pytest.mark.e2e
@@ -141,3 +147,46 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
     assert again.returncode == 0, again.stderr[-2000:]
     assert "coordinator.already_done" in again.stdout + again.stderr
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+    check_audit_and_tampering(fed)
+
+
+def check_audit_and_tampering(fed: LocalFederation) -> None:
+    """`fedbus audit verify` passes on the whole run, crash and resume included (one
+    coordinator chain over both incarnations, one chain per worker), and names the record
+    after any one record is altered, re-signed with another participant's key or removed."""
+    url, job, fed_file = fed.nats_url, fed.job.job, fed.run_dir / "federation.yaml"
+    subjects = Subjects(job)
+    clean = audit_support.verify_cli(url, job, fed_file)
+    assert clean.returncode == 0 and clean.stdout.startswith("audit OK"), clean.stdout + clean.stderr
+    chains = dict(re.findall(r"[(,] ?([\w-]+) (\d+)", clean.stdout))
+    assert set(chains) == {"coordinator", "w01", "w02", "w03"}, clean.stdout
+    messages = audit_support.read(url, subjects)
+    assert [m.seq for m in messages] == list(range(1, len(messages) + 1))
+    mine = [(m, audit_support.record_of(m)) for m in messages if m.subject == subjects.audit_of("coordinator")]
+    assert [r["seq"] for _, r in mine] == list(range(1, len(mine) + 1))
+    events = [r["event"] for _, r in mine]
+    assert events.count("job.started") == 1 and events.count("job.resumed") == 1 and events[-1] == "job.done"
+    # The close of round 2, audited by the resumed coordinator, followed by more of its records.
+    target, record = next((m, r) for m, r in mine if r["event"] == "round.closed" and r["round"] == 2)
+    at = messages.index(target)
+
+    audit_support.rebuild(url, subjects, messages)  # the control: rebuilt unchanged, it still verifies
+    assert audit_support.verify_cli(url, job, fed_file).returncode == 0
+
+    header, signature, _ = split_frame(target.data)
+    altered = json.dumps({**record, "accepted": record["accepted"][:-1]}, sort_keys=True,
+                         separators=(",", ":")).encode()
+    resigned = frame(bytes(header), Identity.load(fed.key("w01")).sign(bytes(header)), split_frame(target.data)[2])
+    cases = {"altered": ([*messages[:at], replace(target, data=frame(bytes(header), signature, altered)),
+                          *messages[at + 1:]], None, f"stream sequence {target.seq}, writer coordinator: altered"),
+             "re-signed": ([*messages[:at], replace(target, data=resigned), *messages[at + 1:]], None,
+                           f"stream sequence {target.seq}, writer coordinator: wrong_signer: signed by 'w01'"),
+             "removed": (messages, target.seq, f"stream sequence {target.seq}: removed")}
+    for case, (content, delete_seq, named) in cases.items():
+        audit_support.rebuild(url, subjects, content, delete_seq=delete_seq)
+        out = audit_support.verify_cli(url, job, fed_file)
+        assert out.returncode == 1, (case, out.stdout, out.stderr)
+        assert f"first broken record: {named}" in out.stdout, (case, out.stdout)
+        # The coordinator's next record shows the same break from inside its chain.
+        assert f"writer coordinator, record {record['seq'] + 1}: sequence_gap" in out.stdout, (case, out.stdout)

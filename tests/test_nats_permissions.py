@@ -58,7 +58,7 @@ def test_aggregator_reads_only_its_region_and_operator_only_publishes_key_events
     assert sorted(agg.subscribe) == sorted(["_INBOX.agg-eu.>", s.hb("w1"), s.hb("w2")])
     assert not any(s.region_upd_stream("us") in p for p in agg.publish)
     op = permissions_for("ops", "operator", [JobScope("j")], REGION)
-    assert [p for p in op.publish if p.startswith("fedbus.")] == [s.ctl("keys"), f"{s.audit}.ops"]
+    assert [p for p in op.publish if p.startswith("fedbus.")] == [s.ctl("keys"), s.audit_of("ops")]
     with pytest.raises(ValueError, match="no permissions defined"):
         permissions_for("x", "intruder", [JobScope("j")], REGION)
 

@@ -30,7 +30,8 @@ def test_default_dir_is_project_schemas():
 
 def test_every_model_has_a_schema_with_id_and_title():
     generated = schemas.generate()
-    expected = {"envelope-header.schema.json", "job-spec.schema.json", "federation.schema.json"}
+    expected = {"envelope-header.schema.json", "job-spec.schema.json", "federation.schema.json",
+                "audit-record.schema.json"}
     expected |= {f"message.{t}.schema.json" for t in MESSAGE_TYPES}
     assert set(generated) == expected
     ids = set()

@@ -23,6 +23,8 @@ from opentelemetry import trace as otel_trace
 from fedbus.aggregator.buffered import AckKeys, AsyncAggregatorCore
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
+from fedbus.audit import AuditTrail
+from fedbus.audit.queue import AuditQueue, report_rejections
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, ensure_region_updates, wait_for_stream
 from fedbus.aggregation.specs import build_rule
 from fedbus.coordinator.factory import policy_from, rule_for
@@ -94,6 +96,7 @@ class AggregatorService:
         self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
         self.tracer = get_tracer("fedbus.aggregator")
         self.run_id: str | None = None
+        self.audit: AuditQueue | None = None
         self._unacked: dict[tuple[int, str], list] = {}  # (round or ticket, worker) -> held messages
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._actions: asyncio.Queue = asyncio.Queue()
@@ -128,17 +131,22 @@ class AggregatorService:
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
             await self._learn_last_partial()
+            # Its own audit chain: what it refused (in aggregate), on <prefix>.<job>.audit.<id>.
+            self.audit = AuditQueue(AuditTrail(self.js, self.subjects, self.identity))
+            self.audit.submit("aggregator.started", region=self.region)
             follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put, stream=self.subjects.ctl_stream,
                                        skip=frozenset({self.keys.subject}))
             await follower.start()
             subs = [await self.nc.subscribe(self.subjects.hb(w), cb=self._on_heartbeat) for w in self.members]
             tasks = [asyncio.create_task(self._follow_control()), asyncio.create_task(self._consume()),
                      asyncio.create_task(self._tick()), asyncio.create_task(self._act()),
-                     asyncio.create_task(self._keep_alive())]
+                     asyncio.create_task(self._keep_alive()), asyncio.create_task(self.audit.run())]
             log.info("aggregator.started", aggregator=self.identity.id, region=self.region, workers=len(self.members),
                      nats=self.nats_url)
             await self._done.wait()
             await stop_tasks(tasks)
+            report_rejections(self.ledger.flush(now_ms()), self.audit)
+            await self.audit.drain()
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -221,10 +229,7 @@ class AggregatorService:
             await asyncio.sleep(TICK_S)
             self._feed(Tick(now_ms()))
             if self.ledger.due(now_ms()):
-                for rep in self.ledger.flush(now_ms()):
-                    if rep.count > 1:
-                        log.warning(f"{rep.kind}.rejected.summary", reason=rep.reason, sender=rep.sender,
-                                    count=rep.count)
+                report_rejections(self.ledger.flush(now_ms()), self.audit)
 
     async def _on_heartbeat(self, msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]

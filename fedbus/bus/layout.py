@@ -51,7 +51,7 @@ KV_HISTORY = 8
 # | UPD     | 64          | 1,000,000| 512 MiB   | 1 day   | M + 16 KiB   | old     |
 # | AGG     | 64          | 100,000  | 256 MiB   | 1 day   | M + 16 KiB   | old     |
 # | METRICS | 64          | 1,000,000| 64 MiB    | 1 day   | 64 KiB       | old     |
-# | AUDIT   | (1 subject) | 1,000,000| 256 MiB   | 90 days | 64 KiB       | new     |
+# | AUDIT   | (unlimited) | 1,000,000| 256 MiB   | 90 days | 64 KiB       | new     |
 #
 # All: limits retention, duplicate_window 120 s.
 #
@@ -224,9 +224,13 @@ class Subjects:
     def metrics_all(self) -> str:
         return f"{self._base}.metrics.*"
 
+    # audit records: each writer (coordinator, aggregator, worker) keeps its own chain
+    def audit_of(self, writer: str) -> str:
+        return f"{self._base}.audit.{_check_token(writer, 'writer id')}"
+
     @property
-    def audit(self) -> str:
-        return f"{self._base}.audit"
+    def audit_all(self) -> str:
+        return f"{self._base}.audit.>"
 
     def _stream(self, family: str) -> str:
         return f"{self.prefix.upper()}_{self.job}_{family}"
@@ -284,7 +288,7 @@ class Subjects:
                 *([] if regional else [("UPD", self.upd_stream, self.upd_all, "worker updates")]),
                 ("AGG", self.agg_stream, self.agg_all, "regional partial aggregates"),
                 ("METRICS", self.metrics_stream, self.metrics_all, "worker metrics"),
-                ("AUDIT", self.audit_stream, self.audit, "audit records"),
+                ("AUDIT", self.audit_stream, self.audit_all, "audit records"),
             ]
         return [
             StreamConfig(

@@ -67,6 +67,12 @@ def _read_stream(stream: str) -> list[str]:
     return [f"{API}.STREAM.INFO.{stream}", f"{API}.STREAM.MSG.GET.{stream}", f"{API}.CONSUMER.CREATE.{stream}"]
 
 
+def _own_audit(s, me: str) -> list[str]:
+    """Append to its own audit chain, and read back the chain's last record on restart
+    (MSG.GET by subject: it may read other writers' records too; they hold no update)."""
+    return [s.audit_of(me), f"{API}.STREAM.MSG.GET.{s.audit_stream}"]
+
+
 def _read_bucket(bucket: str) -> list[str]:
     """Read objects of a bucket the way fedbus.bus.BlobStore.get does: bind, meta by
     subject (MSG.GET), chunk count (STREAM.INFO), chunks by an ordered consumer."""
@@ -86,7 +92,7 @@ def _coordinator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permiss
     s = scope.subjects
     return Permissions(
         publish=[
-            s.ctl_all, s.audit, f"{s.audit}.>",
+            s.ctl_all, s.audit_all,
             f"{API}.>",  # streams, consumers, KV, object stores: it is the job's administrator
             f"$KV.{KV_BUCKET}.>", f"$O.{MODELS_BUCKET}.>", f"$O.{BLOBS_BUCKET}.>",
             "$JS.ACK.>", FLOW_CONTROL,
@@ -101,7 +107,7 @@ def _worker(scope: JobScope, me: str, region_of: dict[str, str]) -> Permissions:
     upd_stream = s.region_upd_stream(region) if scope.regional else s.upd_stream
     return Permissions(
         publish=[
-            s.upd(region, me), s.hb(me), s.metrics(me), f"{s.audit}.{me}",
+            s.upd(region, me), s.hb(me), s.metrics(me), *_own_audit(s, me),
             *_read_stream(s.ctl_stream),
             f"{API}.STREAM.INFO.{upd_stream}",  # waits for it to exist; INFO shows counts, not messages
             *_read_bucket(MODELS_BUCKET),
@@ -119,7 +125,7 @@ def _aggregator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permissi
     durable = f"aggregator-{region}"
     return Permissions(
         publish=[
-            s.agg(region), f"{s.audit}.{me}",
+            s.agg(region), *_own_audit(s, me),
             *_read_stream(s.ctl_stream),
             # Its region's update stream: it creates it and consumes it with its own durable.
             *(f"{API}.STREAM.{verb}.{upd_stream}" for verb in ("CREATE", "UPDATE", "INFO")),
@@ -137,7 +143,7 @@ def _aggregator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permissi
 
 def _operator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permissions:
     s = scope.subjects
-    return Permissions(publish=[s.ctl("keys"), f"{s.audit}.{me}", *_read_stream(s.ctl_stream), FLOW_CONTROL])
+    return Permissions(publish=[s.ctl("keys"), *_own_audit(s, me), *_read_stream(s.ctl_stream), FLOW_CONTROL])
 
 
 ROLES = {"coordinator": _coordinator, "worker": _worker, "aggregator": _aggregator, "operator": _operator}

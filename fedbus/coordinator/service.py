@@ -29,6 +29,7 @@ from opentelemetry import trace as otel_trace
 
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
+from fedbus.audit.queue import AuditQueue, rejection_fields, report_rejections
 from fedbus.bus import NatsCredentials, Subjects, connect, ensure_job_infrastructure
 from fedbus.bus.layout import purge_stream_except
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
@@ -92,7 +93,6 @@ FETCH_BATCH = 64
 # SIGKILLed cluster node (5-12 s measured, each attempt waiting up to nats-py's 5 s).
 COMMIT_BUDGET_S = 30.0
 ACCEPTED_NONCES = 100_000  # nonces of accepted updates remembered, to tell copies from attacks
-AUDIT_QUEUE_MAX = 1_000
 # Heartbeat gaps longer than this mean the worker was away (dead, restarted, partitioned),
 # not that the coordinator was slow to listen: they are left out of max_heartbeat_gap_s.
 HEARTBEAT_GAP_ALIVE_S = 30.0
@@ -153,7 +153,6 @@ class CoordinatorService:
         self._accepted_nonces: OrderedDict[bytes, int | None] = OrderedDict()
         self._unfed_rejections: Counter[str] = Counter()
         self._actions: asyncio.Queue = asyncio.Queue()
-        self._audit_queue: asyncio.Queue = asyncio.Queue(maxsize=AUDIT_QUEUE_MAX)
         self._done = asyncio.Event()
         # When this process last handled a verified heartbeat of each worker (monotonic s):
         # the gaps between them show whether the event loop kept listening (summary.json).
@@ -198,7 +197,8 @@ class CoordinatorService:
                 await self._fresh_start()
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
-            self.audit = AuditTrail(self.js, self.subjects.audit, self.identity.id, stream=self.subjects.audit_stream)
+            self.audit = AuditTrail(self.js, self.subjects, self.identity)
+            self.audit_queue = AuditQueue(self.audit)
             await self.audit.resume()
             await self.audit.publish("job.resumed" if self.resume else "job.started", job=self.job.job,
                                      run=self.run_id, rounds=self.job.rounds)
@@ -226,7 +226,7 @@ class CoordinatorService:
                                                       "coordinator-metrics", self._on_eval_report)),
                      asyncio.create_task(self._tick()),
                      asyncio.create_task(self._keep_unacked_alive()),
-                     asyncio.create_task(self._write_audit()),
+                     asyncio.create_task(self.audit_queue.run()),
                      asyncio.create_task(self._act())]
             log.info("coordinator.started", job=self.job.job, run=self.run_id, nats=self.nats_url,
                      rounds=self.job.rounds, min_workers=self.job.cohort.min_workers,
@@ -334,15 +334,12 @@ class CoordinatorService:
                         sender=(sender or "")[:64], round=round_, note="further ones this interval are aggregated")
 
     async def _flush_rejections(self, final: bool = False) -> None:
-        for rep in self.ledger.flush(now_ms()):
-            if rep.count > 1:
-                log.warning(f"{rep.kind}.rejected.summary", reason=rep.reason, sender=rep.sender, count=rep.count)
-            record = {"kind": rep.kind, "sender": rep.sender, "reason": rep.reason, "count": rep.count,
-                      "detail": rep.first_detail, "since_ms": rep.since_ms, "until_ms": rep.until_ms}
-            if final:
-                await self.audit.publish("rejections", **record)
-            else:
-                self._audit("rejections", **record)
+        reports = self.ledger.flush(now_ms())
+        if not final:
+            return report_rejections(reports, self.audit_queue)
+        report_rejections(reports, None)
+        for rep in reports:  # the job is over: written now, not queued
+            await self.audit.publish("rejections", **rejection_fields(rep))
 
     def _on_key_change(self, change: KeyChange) -> None:
         participant = self.federation.get(change.participant)
@@ -351,25 +348,15 @@ class CoordinatorService:
             self.machine.handle(WorkerRevoked(change.participant))
         # Audited when it happens; a resumed coordinator's replay of old events is not news.
         # (The coordinator's own key is never a key event's target: see fedbus.crypto.keyevents.)
-        if self.keys is None or not self.keys.synced:
+        queue = getattr(self, "audit_queue", None)
+        if self.keys is None or not self.keys.synced or queue is None:
             return
-        self._audit("keys.applied", participant=change.participant, action=change.action, signer=change.signer,
-                    seq=change.seq, public_key=change.public_key, reason=change.reason)
+        queue.submit("keys.applied", participant=change.participant, action=change.action, signer=change.signer,
+                     seq=change.seq, public_key=change.public_key, reason=change.reason)
 
     def _key_event_rejected(self, rej: Rejection, subject: str) -> None:
         h = rej.header
         self._rejected("keys", rej.reason, rej.detail, h.sender if h else None, subject, None)
-
-    def _audit(self, event: str, **fields) -> None:
-        try:
-            self._audit_queue.put_nowait((event, fields))
-        except asyncio.QueueFull:
-            log.error("audit.queue_full", audit_event=event)
-
-    async def _write_audit(self) -> None:
-        while True:
-            event, fields = await self._audit_queue.get()
-            await self.audit.publish(event, **fields)
 
     async def _subscribe_heartbeats(self) -> None:
         """One subscription per listed worker, on a connection of its own.

@@ -14,8 +14,6 @@ the event loop's thread touches).
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,19 +22,15 @@ import torch
 from nacl.exceptions import BadSignatureError
 
 from fedbus.crypto.federation import Federation, Participant
-from fedbus.crypto.keys import Identity
 from fedbus.crypto.replay import ReplayGuard
+from fedbus.crypto.signing import now_ms, seal  # noqa: F401  (re-exported: the send side of this module)
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, CodecError, Tensor, TensorSpec, spec_of
 from fedbus.protocol.envelope import (
-    NONCE_LEN,
     PROTOCOL_VERSION,
-    BlobPointer,
     EnvelopeError,
     EnvelopeHeader,
     body_digest,
     decode_header,
-    encode_header,
-    frame,
     split_frame,
 )
 from fedbus.protocol.messages import MESSAGE_TYPES, Body, BodyError, body_limit, decode_body
@@ -86,24 +80,6 @@ class Rejection(Exception):
         self.reason = reason
         self.detail = detail
         self.header = header
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def seal(identity: Identity, msg_type: str, *, job: str, round: int, body: bytes,
-         trace: str | None = None, blob: BlobPointer | None = None, run: str | None = None,
-         ts_ms: int | None = None, nonce: bytes | None = None) -> tuple[bytes, EnvelopeHeader]:
-    """Sign a body into wire bytes. With ``blob``, the body travels out of line."""
-    header = EnvelopeHeader(
-        type=msg_type, job=job, round=round, sender=identity.id,
-        nonce=nonce if nonce is not None else os.urandom(NONCE_LEN),
-        ts=ts_ms if ts_ms is not None else now_ms(),
-        digest=body_digest(body), length=len(body), blob=blob, trace=trace, run=run,
-    )
-    header_bytes = encode_header(header)
-    return frame(header_bytes, identity.sign(header_bytes), b"" if blob else body), header
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from fedbus.crypto.federation import FederationFile
+from fedbus.protocol.audit import AUDIT_TYPE, AuditRecord
 from fedbus.protocol.envelope import PROTOCOL_VERSION, EnvelopeHeader
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.messages import MESSAGE_TYPES
@@ -35,8 +36,8 @@ ID_PREFIX = f"urn:fedbus:v{PROTOCOL_VERSION}:schema:"
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 # Names this module may write; anything matching is ours to delete when stale.
-_FIXED_FILES = ("envelope-header", "job-spec", "federation")
-_OWNED_NAME = re.compile(r"^(?:envelope-header|job-spec|federation|message\.[A-Za-z0-9_.-]+)\.schema\.json$")
+_FIXED_FILES = ("envelope-header", "job-spec", "federation", "audit-record")
+_OWNED_NAME = re.compile(r"^(?:envelope-header|job-spec|federation|audit-record|message\.[A-Za-z0-9_.-]+)\.schema\.json$")
 
 
 def _schema(model: type[BaseModel], stem: str, title: str, **extra: Any) -> dict:
@@ -68,6 +69,8 @@ def generate() -> dict[str, dict]:
         )
     out["job-spec" + SUFFIX] = _schema(JobSpec, "job-spec", "fedbus job spec")
     out["federation" + SUFFIX] = _schema(FederationFile, "federation", "fedbus federation file")
+    out["audit-record" + SUFFIX] = _schema(AuditRecord, "audit-record", "fedbus audit record",
+                                           **{"x-fedbus-type": AUDIT_TYPE})
     return out
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from fedbus.audit import AuditTrail
+from fedbus.audit.queue import AuditQueue, report_rejections
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, wait_for_stream
 from fedbus.bus.follower import ControlFollower  # (re-exported: it lived here)
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -97,6 +99,7 @@ class WorkerService:
                                           lambda sender: federation.get(sender) is not None)
         self.tracer = get_tracer("fedbus.worker")
         self.messenger: Messenger | None = None
+        self.audit: AuditQueue | None = None
         self.follower: ControlFollower | None = None
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
@@ -162,10 +165,14 @@ class WorkerService:
                 return REVOKED_EXIT_CODE
             self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
                                        inline_max_bytes=self.job.transport.inline_max_bytes)
+            # Its own audit chain: what it refused (in aggregate), on <prefix>.<job>.audit.<id>.
+            self.audit = AuditQueue(AuditTrail(self.js, self.subjects, self.identity))
+            self.audit.submit("worker.started", region=self.region, partition=self.partition)
             self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put,
                                             stream=self.subjects.ctl_stream, skip=frozenset({self.keys.subject}))
             await self.follower.start()
-            tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control())]
+            tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control()),
+                     asyncio.create_task(self.audit.run()), asyncio.create_task(self._audit_rejections())]
             if self.attack is not None:
                 log.warning("attack.simulation_enabled", kind=self.attack.kind, param=self.attack.param)
             if self.slowdown is not None:
@@ -176,6 +183,8 @@ class WorkerService:
             await self._done.wait()
             await stop_tasks(tasks)
             await self.follower.stop()
+            report_rejections(self.rejections.flush(now_ms()), self.audit)
+            await self.audit.drain()
             await self.keys.stop()
         finally:
             with contextlib.suppress(Exception):
@@ -221,17 +230,21 @@ class WorkerService:
                 await self.on_control(got)
 
     def _control_rejected(self, rej: Rejection, subject: str) -> None:
-        """Junk on the control stream costs one log line per sender and reason per interval,
-        not one per message (anyone who may publish there could flood every worker's log)."""
-        now = now_ms()
+        """Junk on the control stream costs one log line and one audit record per sender and
+        reason per interval, not one per message (anyone who may publish there could flood
+        every worker's log and audit chain)."""
         sender = rej.header.sender if rej.header else None
-        if self.rejections.due(now):
-            for rep in self.rejections.flush(now):
-                if rep.count > 1:
-                    log.warning("control.rejected.summary", reason=rep.reason, sender=rep.sender, count=rep.count)
-        if self.rejections.record("control", sender, rej.reason, rej.detail, now) and rej.reason != "replayed_nonce":
+        if self.rejections.record("control", sender, rej.reason, rej.detail, now_ms()) \
+                and rej.reason != "replayed_nonce":
             log.warning("control.rejected", reason=rej.reason, detail=rej.detail[:200], subject=subject[:200],
                         note="further ones this interval are aggregated")
+
+    async def _audit_rejections(self) -> None:
+        interval_s = self.job.security.audit_interval_s
+        while True:
+            await asyncio.sleep(min(interval_s, 1.0))
+            if self.rejections.due(now_ms()):
+                report_rejections(self.rejections.flush(now_ms()), self.audit)
 
     async def on_control(self, got: Received) -> None:
         """One verified control message: the core decides, this runs what it decided."""
