@@ -87,8 +87,8 @@ class SecAggClient:
             raise SecAggAbort("below_threshold", f"{len(holders)} live holders, threshold {t}")
         self._directory = entries
         xs = [self.topology.x[h] for h in holders]
-        pair = shamir.split(self._mask_sk, xs, t, self._random)
-        own = shamir.split(self._self_seed, xs, t, self._random)
+        pair = self._split(self._mask_sk, xs, t)
+        own = self._split(self._self_seed, xs, t)
         out = []
         for h in holders:
             x = self.topology.x[h]
@@ -98,6 +98,9 @@ class SecAggClient:
                                       ciphertext=seal(self.params, self.me, h, held, self._enc_sk, entries[h].enc_pk)))
         self.phase = "shares"
         return ShareKeys(shares=out)
+
+    def _split(self, secret: bytes, xs: list[int], t: int) -> dict[int, int]:
+        return shamir.split(secret, xs, t, self._random)
 
     def on_shares(self, bundle: ShareBundle) -> list[SecAggRejection]:
         """Keep my shares of each dealer's secrets; the dealers delivered are the ones I mask with."""

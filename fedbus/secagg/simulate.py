@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from fedbus.secagg.client import SecAggClient
+from fedbus.secagg.errors import SecAggRejection
 from fedbus.secagg.server import SecAggResult, SecAggServer
 from fedbus.secagg.spec import RoundParams
 
@@ -31,11 +32,14 @@ class Dropouts:
 
 
 @dataclass
-class Traffic:
+class RoundLog:
+    """What a round cost and which messages were refused (the service would count them)."""
+
     up: int = 0  # bytes workers sent to the server
     down: int = 0  # bytes the server sent (a broadcast counted once per recipient)
     messages: int = 0
     by_phase: dict[str, int] = field(default_factory=dict)
+    rejections: list[SecAggRejection] = field(default_factory=list)
 
     def add(self, phase: str, nbytes: int, up: bool) -> None:
         if up:
@@ -54,11 +58,19 @@ def wire_size(msg: BaseModel | np.ndarray) -> int:
 
 def run_round(params: RoundParams, quantized: Mapping[str, np.ndarray], dropouts: Dropouts = Dropouts(),
               random_bytes: Callable[[int], bytes] = os.urandom,
-              traffic: Traffic | None = None) -> SecAggResult:
-    """Run the four phases; raises SecAggFailed/SecAggAbort as the machines do."""
-    traffic = traffic if traffic is not None else Traffic()
+              log: RoundLog | None = None, make_client: Callable[..., SecAggClient] = SecAggClient) -> SecAggResult:
+    """Run the four phases. A refused message is logged and the round goes on, as a service
+    would; SecAggFailed and SecAggAbort propagate."""
+    log = log if log is not None else RoundLog()
     server = SecAggServer(params)
-    clients = {w: SecAggClient(w, params, random_bytes) for w in params.roster}
+    clients = {w: make_client(w, params, random_bytes) for w in params.roster}
+
+    def deliver(handler, sender, msg):
+        try:
+            log.rejections.extend(handler(sender, msg) or ())
+        except SecAggRejection as r:
+            log.rejections.append(r)
+
     gone: set[str] = set()
 
     def alive(before: frozenset[str], among) -> list[str]:
@@ -67,25 +79,27 @@ def run_round(params: RoundParams, quantized: Mapping[str, np.ndarray], dropouts
 
     for w in alive(dropouts.before_advertise, clients):
         msg = clients[w].advertise()
-        traffic.add("advertise", wire_size(msg), True)
-        server.on_advertise(w, msg)
+        log.add("advertise", wire_size(msg), True)
+        deliver(server.on_advertise, w, msg)
     directory = server.close_advertise()
     for w in alive(dropouts.before_shares, server.u1):
-        traffic.add("advertise", wire_size(directory), False)
+        log.add("advertise", wire_size(directory), False)
         msg = clients[w].on_keys(directory)
-        traffic.add("share", wire_size(msg), True)
-        server.on_share_keys(w, msg)
+        log.add("share", wire_size(msg), True)
+        deliver(server.on_share_keys, w, msg)
     bundles = server.close_share_keys()
     for w in alive(dropouts.before_input, bundles):
-        traffic.add("share", wire_size(bundles[w]), False)
-        clients[w].on_shares(bundles[w])
+        log.add("share", wire_size(bundles[w]), False)
+        log.rejections.extend(clients[w].on_shares(bundles[w]))
         y = clients[w].masked_input(quantized[w])
-        traffic.add("input", wire_size(y), True)
-        server.on_masked_input(w, y)
+        log.add("input", wire_size(y), True)
+        deliver(server.on_masked_input, w, y)
     request = server.close_masked_input()
     for w in alive(dropouts.before_unmask, request.survivors):
-        traffic.add("unmask", wire_size(request), False)
+        log.add("unmask", wire_size(request), False)
         msg = clients[w].on_unmask(request)
-        traffic.add("unmask", wire_size(msg), True)
-        server.on_unmask(w, msg)
-    return server.finish()
+        log.add("unmask", wire_size(msg), True)
+        deliver(server.on_unmask, w, msg)
+    result = server.finish()
+    log.rejections.extend(result.flagged)
+    return result
