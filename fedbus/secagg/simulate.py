@@ -8,6 +8,7 @@ would take as msgpack (masked inputs: their raw residues).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ class RoundLog:
     messages: int = 0
     by_phase: dict[str, int] = field(default_factory=dict)
     rejections: list[SecAggRejection] = field(default_factory=list)
+    client_seconds: dict[str, float] = field(default_factory=dict)  # per worker, over the round
+    server_seconds: float = 0.0
 
     def add(self, phase: str, nbytes: int, up: bool) -> None:
         if up:
@@ -58,16 +61,32 @@ def wire_size(msg: BaseModel | np.ndarray) -> int:
 
 def run_round(params: RoundParams, quantized: Mapping[str, np.ndarray], dropouts: Dropouts = Dropouts(),
               random_bytes: Callable[[int], bytes] = os.urandom,
-              log: RoundLog | None = None, make_client: Callable[..., SecAggClient] = SecAggClient) -> SecAggResult:
+              log: RoundLog | None = None, make_client: Callable[..., SecAggClient] = SecAggClient,
+              clock: Callable[[], float] = time.perf_counter) -> SecAggResult:
     """Run the four phases. A refused message is logged and the round goes on, as a service
     would; SecAggFailed and SecAggAbort propagate."""
     log = log if log is not None else RoundLog()
-    server = SecAggServer(params)
-    clients = {w: make_client(w, params, random_bytes) for w in params.roster}
+
+    def on_client(w, call, *args):
+        start = clock()
+        try:
+            return call(*args)
+        finally:
+            log.client_seconds[w] = log.client_seconds.get(w, 0.0) + clock() - start
+
+    def on_server(call, *args):
+        start = clock()
+        try:
+            return call(*args)
+        finally:
+            log.server_seconds += clock() - start
+
+    server = on_server(SecAggServer, params)
+    clients = {w: on_client(w, make_client, w, params, random_bytes) for w in params.roster}
 
     def deliver(handler, sender, msg):
         try:
-            log.rejections.extend(handler(sender, msg) or ())
+            log.rejections.extend(on_server(handler, sender, msg) or ())
         except SecAggRejection as r:
             log.rejections.append(r)
 
@@ -78,28 +97,28 @@ def run_round(params: RoundParams, quantized: Mapping[str, np.ndarray], dropouts
         return [w for w in sorted(among) if w not in gone]
 
     for w in alive(dropouts.before_advertise, clients):
-        msg = clients[w].advertise()
+        msg = on_client(w, clients[w].advertise)
         log.add("advertise", wire_size(msg), True)
         deliver(server.on_advertise, w, msg)
-    directory = server.close_advertise()
+    directory = on_server(server.close_advertise)
     for w in alive(dropouts.before_shares, server.u1):
         log.add("advertise", wire_size(directory), False)
-        msg = clients[w].on_keys(directory)
+        msg = on_client(w, clients[w].on_keys, directory)
         log.add("share", wire_size(msg), True)
         deliver(server.on_share_keys, w, msg)
-    bundles = server.close_share_keys()
+    bundles = on_server(server.close_share_keys)
     for w in alive(dropouts.before_input, bundles):
         log.add("share", wire_size(bundles[w]), False)
-        log.rejections.extend(clients[w].on_shares(bundles[w]))
-        y = clients[w].masked_input(quantized[w])
+        log.rejections.extend(on_client(w, clients[w].on_shares, bundles[w]))
+        y = on_client(w, clients[w].masked_input, quantized[w])
         log.add("input", wire_size(y), True)
         deliver(server.on_masked_input, w, y)
-    request = server.close_masked_input()
+    request = on_server(server.close_masked_input)
     for w in alive(dropouts.before_unmask, request.survivors):
         log.add("unmask", wire_size(request), False)
-        msg = clients[w].on_unmask(request)
+        msg = on_client(w, clients[w].on_unmask, request)
         log.add("unmask", wire_size(msg), True)
         deliver(server.on_unmask, w, msg)
-    result = server.finish()
+    result = on_server(server.finish)
     log.rejections.extend(result.flagged)
     return result
