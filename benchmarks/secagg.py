@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedbus.secagg.simulate import Dropouts, RoundLog, run_round  # noqa: E402
-from fedbus.secagg.spec import SecureAggregationSpec  # noqa: E402
+from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of  # noqa: E402
 
 
 def plain_round(updates: dict[str, np.ndarray]) -> tuple[float, float, int]:
@@ -54,7 +54,7 @@ def secagg_round(updates: dict[str, np.ndarray], dropout: float, seed: bytes) ->
                                                   bound=1.0)
     log = RoundLog()
     start = time.perf_counter()
-    quantized = {w: params.quantizer.quantize(u) for w, u in updates.items()}
+    quantized = {w: quantizer_of(params).quantize(u) for w, u in updates.items()}
     quantize_s = (time.perf_counter() - start) / len(updates)
     dropped = frozenset(roster[:int(dropout * len(roster))])
     result = run_round(params, quantized, Dropouts(before_input=dropped), log=log)

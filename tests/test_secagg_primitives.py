@@ -12,7 +12,8 @@ from fedbus.secagg import shamir
 from fedbus.secagg.graph import default_degree, neighbours
 from fedbus.secagg.prg import expand, pair_seed
 from fedbus.secagg.quantize import Quantizer, QuantizationError
-from fedbus.secagg.spec import RoundParams, SecureAggregationSpec
+from fedbus.secagg import SecAggAbort, SecAggClient, SecAggServer
+from fedbus.secagg.spec import RoundParams, SecureAggregationSpec, quantizer_of
 
 
 def fixed_bytes(value: int):
@@ -107,9 +108,18 @@ def test_spec_threshold_is_a_strict_majority_and_params_check_themselves():
     with pytest.raises(ValueError):
         SecureAggregationSpec(degree=7)
     p = spec.round_params(job="j", round=1, roster=[f"w{i}" for i in range(5)], seed=bytes(32), length=10, bound=1.0)
+    assert quantizer_of(p).bits == p.bits
     with pytest.raises(ValueError):
         RoundParams(**{**p.model_dump(), "threshold": 2})  # not a majority of 5 holders
     with pytest.raises(ValueError):
-        RoundParams(**{**p.model_dump(), "bits": 12})  # the sum could wrap
-    with pytest.raises(ValueError):
         RoundParams(**{**p.model_dump(), "roster": ["b", "a", "c"]})
+    with pytest.raises(ValueError):
+        RoundParams(**{**p.model_dump(), "degree": 3})  # odd, below n - 1
+    too_few_bits = RoundParams(**{**p.model_dump(), "bits": 12})  # valid on its own, but the sum could wrap:
+    with pytest.raises(ValueError):
+        quantizer_of(too_few_bits)
+    with pytest.raises(SecAggAbort) as e:  # workers refuse such a round
+        SecAggClient("w0", too_few_bits)
+    assert e.value.reason == "malformed_setup"
+    with pytest.raises(ValueError):
+        SecAggServer(too_few_bits)

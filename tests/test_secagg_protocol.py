@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fedbus.secagg import SecAggAbort, SecAggClient, SecAggFailed, SecAggRejection, SecAggServer, shamir
-from fedbus.secagg.messages import RevealedShare, ShareKeys, UnmaskRequest, UnmaskResponse
+from fedbus.protocol.secagg import SecAggBundle, SecAggReveal, SecAggShares, SecAggUnmask
 from fedbus.secagg.simulate import Dropouts, RoundLog, run_round
-from fedbus.secagg.spec import SecureAggregationSpec
+from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
 
 
 def make_round(n: int, length: int = 256, seed: int = 0, **spec):
@@ -21,7 +21,7 @@ def make_round(n: int, length: int = 256, seed: int = 0, **spec):
                                                          seed=random.Random(seed).randbytes(32), length=length, bound=1.0)
     rng = np.random.default_rng(seed)
     floats = {w: rng.uniform(-1, 1, length) for w in roster}
-    quantized = {w: params.quantizer.quantize(x) for w, x in floats.items()}
+    quantized = {w: quantizer_of(params).quantize(x) for w, x in floats.items()}
     return params, floats, quantized
 
 
@@ -35,7 +35,7 @@ def plain_sum(params, quantized, workers):
 def check_sum(result, params, floats, quantized):
     assert (result.total == plain_sum(params, quantized, result.survivors)).all()
     float_sum = sum(floats[w] for w in result.survivors)
-    assert np.abs(params.quantizer.dequantize_sum(result.total) - float_sum).max() <= params.quantizer.sum_error_bound
+    assert np.abs(quantizer_of(params).dequantize_sum(result.total) - float_sum).max() <= quantizer_of(params).sum_error_bound
 
 
 @pytest.mark.parametrize("n", [5, 8, 13, 20])
@@ -129,12 +129,17 @@ def test_share_keys_not_matching_the_holders_are_refused():
         d.server.on_advertise(w, c.advertise())
     directory = d.server.close_advertise()
     msg = d.clients["w00"].on_keys(directory)
-    with pytest.raises(SecAggRejection) as e:
-        d.server.on_share_keys("w00", ShareKeys(shares=msg.shares[:-1]))
+    fields = msg.model_dump()
+    lists = ("peers", "pair_commits", "self_commits", "ciphertexts")
+    for cut in (slice(None, -1), slice(1, None)):  # a holder left out
+        with pytest.raises(SecAggRejection) as e:
+            d.server.on_share_keys("w00", SecAggShares(**{**fields, **{k: fields[k][cut] for k in lists}}))
+        assert e.value.reason == "malformed_shares"
+    with pytest.raises(SecAggRejection) as e:  # a holder twice
+        d.server.on_share_keys("w00", SecAggShares(**{**fields, **{k: fields[k] + fields[k][:1] for k in lists}}))
     assert e.value.reason == "malformed_shares"
-    with pytest.raises(SecAggRejection) as e:
-        d.server.on_share_keys("w00", ShareKeys(shares=msg.shares + msg.shares[:1]))
-    assert e.value.reason == "malformed_shares"
+    with pytest.raises(ValueError):  # lists that do not line up never get past decoding
+        SecAggShares(**{**fields, "peers": fields["peers"][:-1]})
     with pytest.raises(SecAggRejection) as e:
         d.server.on_advertise("w01", d.clients["w01"].keys)
     assert e.value.reason == "unexpected_message"  # the advertise phase is closed
@@ -192,9 +197,7 @@ def test_a_holder_revealing_a_substituted_share_is_refused_and_the_sum_stays_cor
     class LyingHolder(SecAggClient):
         def on_unmask(self, request):
             r = super().on_unmask(request)
-            first = r.shares[0]
-            forged = RevealedShare(dealer=first.dealer, kind=first.kind, y=bytes(shamir.Y_BYTES), salt=first.salt)
-            return UnmaskResponse(request_digest=r.request_digest, shares=[forged] + r.shares[1:])
+            return SecAggReveal(**{**r.model_dump(), "ys": [bytes(shamir.Y_BYTES)] + r.ys[1:]})
 
     params, floats, quantized = make_round(8, seed=8)
     log = RoundLog()
@@ -212,22 +215,22 @@ def test_clients_never_reveal_both_shares_of_a_worker():
         d.server.on_masked_input(w, d.clients[w].masked_input(quantized[w]))
     c = d.clients["w00"]
     with pytest.raises(SecAggAbort) as e:  # a worker listed as both survivor and dropped
-        c.on_unmask(UnmaskRequest(survivors=params.roster, dropped=["w01"]))
+        c.on_unmask(SecAggUnmask(round=3, survivors=params.roster, dropped=["w01"]))
     assert e.value.reason == "inconsistent_request"
     with pytest.raises(SecAggAbort) as e:  # and no second chance: one answer per round
-        c.on_unmask(UnmaskRequest(survivors=[w for w in params.roster if w != "w01"], dropped=["w01"]))
+        c.on_unmask(SecAggUnmask(round=3, survivors=[w for w in params.roster if w != "w01"], dropped=["w01"]))
     assert e.value.reason == "unexpected_message"
     c2 = d.clients["w02"]
     with pytest.raises(SecAggAbort) as e:  # a request that would leave me below the threshold
-        c2.on_unmask(UnmaskRequest(survivors=["w02", "w03"], dropped=[w for w in params.roster if w not in ("w02", "w03")]))
+        c2.on_unmask(SecAggUnmask(round=3, survivors=["w02", "w03"], dropped=[w for w in params.roster if w not in ("w02", "w03")]))
     assert e.value.reason == "below_threshold"
     # The server's own request: disjoint lists, and it refuses a share of the other kind
     request = d.server.close_masked_input()
     assert not set(request.survivors) & set(request.dropped)
     honest = d.clients["w04"].on_unmask(request)
-    flipped = [s.model_copy(update={"kind": "pair"}) for s in honest.shares]
+    flipped = SecAggReveal(**{**honest.model_dump(), "kinds": ["pair"] * len(honest.kinds)})
     with pytest.raises(SecAggRejection) as e:
-        d.server.on_unmask("w04", UnmaskResponse(request_digest=honest.request_digest, shares=flipped))
+        d.server.on_unmask("w04", flipped)
     assert e.value.reason == "malformed_unmask"
 
 
@@ -241,6 +244,7 @@ def test_a_bad_share_is_rejected_by_its_holder():
         d.server.on_share_keys(w, c.on_keys(directory))
     bundles = d.server.close_share_keys()
     b = bundles["w00"]
-    tampered = b.shares[1].model_copy(update={"ciphertext": bytes(len(b.shares[1].ciphertext))})
-    rejections = d.clients["w00"].on_shares(b.model_copy(update={"shares": [b.shares[0], tampered] + b.shares[2:]}))
-    assert [(r.reason, r.worker) for r in rejections] == [("bad_share", b.shares[1].peer)]
+    tampered = SecAggBundle(**{**b.model_dump(), "ciphertexts": [b.ciphertexts[0], bytes(len(b.ciphertexts[1]))]
+                                                               + b.ciphertexts[2:]})
+    rejections = d.clients["w00"].on_shares(tampered)
+    assert [(r.reason, r.worker) for r in rejections] == [("bad_share", b.peers[1])]

@@ -14,7 +14,7 @@ from scipy.stats import chi2, chisquare
 
 from fedbus.secagg.simulate import Dropouts, run_round
 from fedbus.secagg.client import SecAggClient
-from fedbus.secagg.spec import SecureAggregationSpec
+from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
 
 LENGTH = 1 << 17
 BINS = 16
@@ -30,7 +30,7 @@ def test_one_workers_masked_input_is_indistinguishable_from_uniform():
     roster = [f"w{i}" for i in range(5)]
     params = SecureAggregationSpec().round_params(job="j", round=1, roster=roster, seed=bytes(32),
                                                   length=LENGTH, bound=1.0)
-    q = params.quantizer
+    q = quantizer_of(params)
     # Inputs as far from uniform as they get: constant zero, constant +bound, a narrow bump
     quantized = {"w0": q.quantize(np.zeros(LENGTH)), "w1": q.quantize(np.ones(LENGTH)),
                  "w2": q.quantize(np.random.default_rng(0).normal(0, 0.01, LENGTH))}

@@ -20,6 +20,7 @@ REJECTION_REASONS = (
 )
 ABORT_REASONS = (
     "unexpected_message",
+    "malformed_setup",       # parameters whose modulus could let the sum wrap
     "malformed_directory",   # my own keys missing or changed, unknown or duplicate workers
     "below_threshold",       # too few live holders / survivors around me to be safe
     "excluded",              # the server left me out of the round

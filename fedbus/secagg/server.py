@@ -1,9 +1,10 @@
 """The aggregating side of SecAgg+ (coordinator, or a region's aggregator): no I/O, no clocks.
 
-    on_advertise(w, AdvertiseKeys)*      close_advertise()     -> KeyDirectory        (U1)
-    on_share_keys(w, ShareKeys)*         close_share_keys()    -> {holder: ShareBundle} (U2)
-    on_masked_input(w, residues)*        close_masked_input()  -> UnmaskRequest       (U3, U2 - U3)
-    on_unmask(w, UnmaskResponse)*        finish()              -> SecAggResult
+    SecAggServer(secagg.setup)
+    on_advertise(w, secagg.advertise)*   close_advertise()     -> secagg.keys               (U1)
+    on_share_keys(w, secagg.shares)*     close_share_keys()    -> {holder: secagg.bundle}   (U2)
+    on_masked_input(w, residues)*        close_masked_input()  -> secagg.unmask             (U3, U2 - U3)
+    on_unmask(w, secagg.reveal)*         finish()              -> SecAggResult
 
 The service closes a phase when ``awaiting`` is empty or its deadline passed. ``on_*``
 raise ``SecAggRejection`` (the message is ignored, the round goes on); ``close_*`` and
@@ -28,23 +29,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from nacl.bindings import crypto_scalarmult_base
 
-from fedbus.secagg import shamir
-from fedbus.secagg.client import request_digest
-from fedbus.secagg.errors import SecAggFailed, SecAggRejection
-from fedbus.secagg.messages import (
-    AdvertiseKeys,
-    EncryptedShare,
-    KeyDirectory,
-    KeyEntry,
-    ShareBundle,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
+from fedbus.protocol.secagg import (
+    MIN_ROSTER,
+    SecAggAdvertise,
+    SecAggBundle,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
+    SecAggUnmask,
 )
+from fedbus.secagg import shamir
+from fedbus.secagg.client import Keys, request_digest
+from fedbus.secagg.errors import SecAggFailed, SecAggRejection
 from fedbus.secagg.prg import pair_seed
 from fedbus.secagg.quantize import wire_dtype
-from fedbus.secagg.shares import self_commitment, share_commitment
-from fedbus.secagg.spec import MIN_ROSTER, RoundParams
+from fedbus.secagg.shares import SealedShare, self_commitment, share_commitment
+from fedbus.secagg.spec import RoundParams, quantizer_of
 from fedbus.secagg.topology import Topology, add_mask, pair_sign
 
 
@@ -58,16 +58,17 @@ class SecAggResult:
 
 class SecAggServer:
     def __init__(self, params: RoundParams):
+        quantizer_of(params)  # the server announces these parameters: refuse any that could wrap
         self.params = params
         self.topology = Topology(params)
         self.phase = "advertise"
-        self.keys: dict[str, AdvertiseKeys] = {}
+        self.keys: dict[str, Keys] = {}
         self.u1: frozenset[str] = frozenset()
-        self.sent_shares: dict[str, dict[str, EncryptedShare]] = {}  # dealer -> holder -> share
+        self.sent_shares: dict[str, dict[str, SealedShare]] = {}  # dealer -> holder -> share
         self.u2: frozenset[str] = frozenset()
         self._sum = np.zeros(params.length, dtype=np.uint64)
         self.u3: set[str] = set()
-        self.request: UnmaskRequest | None = None
+        self.request: SecAggUnmask | None = None
         self._responded: set[str] = set()
         self._revealed: dict[tuple[str, str], dict[int, int]] = {}  # (dealer, kind) -> x -> y
 
@@ -105,45 +106,58 @@ class SecAggServer:
 
     # -- phase 1: advertise keys ---------------------------------------------------------
 
-    def on_advertise(self, sender: str, msg: AdvertiseKeys) -> None:
+    def _check_group(self, sender: str, msg) -> None:
+        if msg.round != self.params.round or msg.group != self.params.group:
+            raise SecAggRejection("unexpected_message", f"round {msg.round} group {msg.group[:64]!r}", sender)
+
+    def on_advertise(self, sender: str, msg: SecAggAdvertise) -> None:
         self._accept("advertise", sender, frozenset(self.params.roster), self.keys)
+        self._check_group(sender, msg)
         if msg.enc_pk == msg.mask_pk or any(msg.mask_pk in (k.mask_pk, k.enc_pk) or msg.enc_pk in (k.mask_pk, k.enc_pk)
                                             for k in self.keys.values()):
             raise SecAggRejection("malformed_keys", "a public key used twice", sender)
-        self.keys[sender] = msg
+        self.keys[sender] = Keys.of(msg)
 
-    def close_advertise(self) -> KeyDirectory:
+    def close_advertise(self) -> SecAggKeys:
         if self.phase != "advertise":
             raise SecAggRejection("unexpected_message", f"close_advertise in phase {self.phase}")
         self.u1 = self._prune(set(self.keys))
         if len(self.u1) < MIN_ROSTER:
             raise self._fail("below_threshold", f"{len(self.u1)} workers advertised keys with enough live neighbours")
         self.phase = "shares"
-        return KeyDirectory(entries=[KeyEntry(worker=w, **self.keys[w].model_dump()) for w in sorted(self.u1)])
+        workers = sorted(self.u1)
+        return SecAggKeys(round=self.params.round, group=self.params.group, workers=workers,
+                          enc_pks=[self.keys[w].enc_pk for w in workers], mask_pks=[self.keys[w].mask_pk for w in workers],
+                          self_commits=[self.keys[w].self_commit for w in workers])
 
     # -- phase 2: share keys -------------------------------------------------------------
 
-    def on_share_keys(self, sender: str, msg: ShareKeys) -> None:
+    def on_share_keys(self, sender: str, msg: SecAggShares) -> None:
         self._accept("shares", sender, self.u1, self.sent_shares)
+        self._check_group(sender, msg)
         holders = self.topology.holders(sender, self.u1)
-        by_holder = {s.peer: s for s in msg.shares}
-        if len(by_holder) != len(msg.shares) or by_holder.keys() != holders:
-            raise SecAggRejection("malformed_shares", f"{len(msg.shares)} shares for {len(holders)} holders", sender)
+        by_holder = {h: SealedShare(p, s, c) for h, p, s, c in zip(msg.peers, msg.pair_commits, msg.self_commits,
+                                                                      msg.ciphertexts)}
+        if len(by_holder) != len(msg.peers) or by_holder.keys() != holders:
+            raise SecAggRejection("malformed_shares", f"{len(msg.peers)} shares for {len(holders)} holders", sender)
         self.sent_shares[sender] = by_holder
 
-    def close_share_keys(self) -> dict[str, ShareBundle]:
+    def close_share_keys(self) -> dict[str, SecAggBundle]:
         if self.phase != "shares":
             raise SecAggRejection("unexpected_message", f"close_share_keys in phase {self.phase}")
         self.u2 = self._prune(set(self.sent_shares))
         if len(self.u2) < MIN_ROSTER:
             raise self._fail("below_threshold", f"{len(self.u2)} workers shared keys with enough live holders")
-        bundles: dict[str, list[EncryptedShare]] = {h: [] for h in self.u2}
+        bundles: dict[str, list[tuple[str, SealedShare]]] = {h: [] for h in self.u2}
         for dealer in sorted(self.u2):
             for holder, s in self.sent_shares[dealer].items():
                 if holder in self.u2:
-                    bundles[holder].append(s.model_copy(update={"peer": dealer}))
+                    bundles[holder].append((dealer, s))
         self.phase = "input"
-        return {h: ShareBundle(shares=b) for h, b in bundles.items()}
+        return {h: SecAggBundle(round=self.params.round, group=self.params.group, holder=h, peers=[d for d, _ in b],
+                                pair_commits=[s.pair_commit for _, s in b], self_commits=[s.self_commit for _, s in b],
+                                ciphertexts=[s.ciphertext for _, s in b])
+                for h, b in bundles.items()}
 
     # -- phase 3: masked input -----------------------------------------------------------
 
@@ -158,7 +172,7 @@ class SecAggServer:
         self._sum += values  # uint64 wraps modulo 2^64, a multiple of 2^bits
         self.u3.add(sender)
 
-    def close_masked_input(self) -> UnmaskRequest:
+    def close_masked_input(self) -> SecAggUnmask:
         if self.phase != "input":
             raise SecAggRejection("unexpected_message", f"close_masked_input in phase {self.phase}")
         t, u3 = self.params.threshold, frozenset(self.u3)
@@ -169,35 +183,37 @@ class SecAggServer:
             live = self.topology.holders(w, u3) if w in u3 else self.topology.neighbours[w] & u3
             if len(live) < t:
                 raise self._fail("below_threshold", f"{w[:64]} has {len(live)} surviving holders, threshold {t}", w)
-        self.request = UnmaskRequest(survivors=sorted(u3), dropped=sorted(dropped))
+        self.request = SecAggUnmask(round=self.params.round, group=self.params.group, survivors=sorted(u3),
+                                    dropped=sorted(dropped))
         self.phase = "unmask"
         return self.request
 
     # -- phase 4: unmasking --------------------------------------------------------------
 
-    def on_unmask(self, sender: str, msg: UnmaskResponse) -> list[SecAggRejection]:
+    def on_unmask(self, sender: str, msg: SecAggReveal) -> list[SecAggRejection]:
         """Keep the shares that open their dealer's commitments; the rest are returned as bad_share."""
         self._accept("unmask", sender, self.u3, self._responded)
+        self._check_group(sender, msg)
         assert self.request is not None
         if msg.request_digest != request_digest(self.params, self.request):
             raise SecAggRejection("malformed_unmask", "answers another request", sender)
         wanted = {}
-        for s in msg.shares:
-            kind = "self" if s.dealer in self.u3 else "pair" if s.dealer in self.u2 else None
-            if kind != s.kind or sender not in self.sent_shares[s.dealer] or (s.dealer, kind) in wanted:
-                raise SecAggRejection("malformed_unmask", f"{s.kind} share of {s.dealer[:64]!r}", sender)
-            wanted[(s.dealer, kind)] = s
+        for dealer, claimed, y_raw, salt in zip(msg.dealers, msg.kinds, msg.ys, msg.salts):
+            kind = "self" if dealer in self.u3 else "pair" if dealer in self.u2 else None
+            if kind != claimed or sender not in self.sent_shares[dealer] or (dealer, kind) in wanted:
+                raise SecAggRejection("malformed_unmask", f"{claimed} share of {dealer[:64]!r}", sender)
+            wanted[(dealer, kind)] = (y_raw, salt)
         self._responded.add(sender)
         bad = []
         x = self.topology.x[sender]
-        for (dealer, kind), s in wanted.items():
+        for (dealer, kind), (y_raw, salt) in wanted.items():
             sent = self.sent_shares[dealer][sender]
             commit = sent.pair_commit if kind == "pair" else sent.self_commit
             try:
-                y = shamir.y_from_bytes(s.y)
+                y = shamir.y_from_bytes(y_raw)
             except shamir.ShamirError:
                 y = None
-            if y is None or share_commitment(self.params, dealer, sender, kind, s.y, s.salt) != commit:
+            if y is None or share_commitment(self.params, dealer, sender, kind, y_raw, salt) != commit:
                 bad.append(SecAggRejection("bad_share", f"{kind} share of {dealer[:64]!r}", sender))
                 continue
             self._revealed.setdefault((dealer, kind), {})[x] = y

@@ -21,9 +21,11 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fedbus.protocol.secagg import Y_BYTES
+
 PRIME = (1 << 521) - 1  # Mersenne prime M521
 SECRET_BYTES = 32
-Y_BYTES = 66  # ceil(521 / 8): a field element on the wire
+assert Y_BYTES == (PRIME.bit_length() + 7) // 8  # a field element on the wire
 MAX_SHARES = 1 << 16  # holders per secret; x must stay a small positive int
 # Subsets tried when the first t shares do not verify (a cheating dealer); bounded work.
 MAX_RECONSTRUCT_ATTEMPTS = 64

@@ -5,12 +5,12 @@ share of the dealer's pairwise key and of its self-mask seed. Box (X25519 +
 XSalsa20-Poly1305 between the dealer's and the holder's ``enc`` keys) must give:
 - confidentiality against the server that relays it;
 - integrity and origin to the holder (only the two of them know the Box key, and the
-  dealer's ``enc_pk`` came in the dealer's signed AdvertiseKeys).
+  dealer's ``enc_pk`` came in its signed secagg.advertise).
 It need not give replay protection or non-repudiation: the outer signed envelope has a
 nonce and a timestamp, and the plaintext carries a digest binding job, round, dealer
 and holder, so a ciphertext cannot be moved to another round or holder.
 
-Next to each ciphertext the dealer publishes (in its signed ShareKeys) one commitment
+Next to each ciphertext the dealer publishes (in its signed secagg.shares) one commitment
 per share, BLAKE2b over the binding, the share value and a 128-bit salt. A holder
 checks what it decrypted against them; the server checks every share revealed in the
 unmasking phase against them, so a holder cannot substitute a share, and a share that
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
-from fedbus.secagg.messages import SALT_BYTES, SHARE_PLAINTEXT_BYTES
+from fedbus.protocol.secagg import SALT_BYTES, SHARE_PLAINTEXT_BYTES, Y_BYTES
 from fedbus.secagg.prg import digest
-from fedbus.secagg.shamir import Y_BYTES
 from fedbus.secagg.spec import RoundParams
 
 _X = struct.Struct("<I")
@@ -43,6 +43,14 @@ def share_commitment(params: RoundParams, dealer: str, holder: str, kind: str, y
 
 def _binding(params: RoundParams, dealer: str, holder: str) -> bytes:
     return digest(b"fedbus-sa-bind", params.job, params.round, dealer, holder)
+
+
+class SealedShare(NamedTuple):
+    """One dealer-to-holder share pair as the server relays it."""
+
+    pair_commit: bytes
+    self_commit: bytes
+    ciphertext: bytes
 
 
 @dataclass(frozen=True)

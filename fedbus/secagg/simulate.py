@@ -1,8 +1,8 @@
 """One SecAgg+ round with every party in this process (tests, benchmarks, ``fedbus sim``).
 
 The driver plays the bus: it hands each machine's output to the machines it is for,
-leaves out the workers that drop at each phase, and counts the bytes each message
-would take as msgpack (masked inputs: their raw residues).
+leaves out the workers that drop at each phase, and counts each message's encoded
+body bytes (``encode_body``, as a service would sign it; envelope headers excluded).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import msgpack
 import numpy as np
-from pydantic import BaseModel
+import torch
+
+from fedbus.protocol.messages import Body, encode_body
+from fedbus.protocol.secagg import SecAggInput
 
 from fedbus.secagg.client import SecAggClient
 from fedbus.secagg.errors import SecAggRejection
@@ -53,10 +55,13 @@ class RoundLog:
         self.by_phase[phase] = self.by_phase.get(phase, 0) + nbytes
 
 
-def wire_size(msg: BaseModel | np.ndarray) -> int:
-    if isinstance(msg, np.ndarray):
-        return msg.nbytes
-    return len(msgpack.packb(msg.model_dump(), use_bin_type=True))
+def wire_size(msg: Body) -> int:
+    return len(encode_body(msg))
+
+
+def input_message(params: RoundParams, masked: np.ndarray) -> tuple[SecAggInput, dict[str, torch.Tensor]]:
+    """The secagg.input body and tensor for a worker's masked residues."""
+    return SecAggInput(round=params.round, group=params.group), {SecAggInput.TENSOR: torch.from_numpy(masked)}
 
 
 def run_round(params: RoundParams, quantized: Mapping[str, np.ndarray], dropouts: Dropouts = Dropouts(),
@@ -111,7 +116,7 @@ def run_round(params: RoundParams, quantized: Mapping[str, np.ndarray], dropouts
         log.add("share", wire_size(bundles[w]), False)
         log.rejections.extend(on_client(w, clients[w].on_shares, bundles[w]))
         y = on_client(w, clients[w].masked_input, quantized[w])
-        log.add("input", wire_size(y), True)
+        log.add("input", len(encode_body(*input_message(params, y))), True)
         deliver(server.on_masked_input, w, y)
     request = on_server(server.close_masked_input)
     for w in alive(dropouts.before_unmask, request.survivors):
