@@ -8,6 +8,7 @@
     secagg.input    worker -> server   the masked input: ``length`` residues modulo 2^bits (tensor "masked")
     secagg.unmask   server -> all      who survived (U3) and who dropped (U2 minus U3)
     secagg.reveal   worker -> server   self-seed shares of survivors, key shares of the dropped
+    secagg.failed   server -> all      the round ended without a sum, and why (nothing more is asked)
 
 "server" is the coordinator, or a region's aggregator for its region (``group``). The
 envelope authenticates the sender and binds job and round; these models bound every
@@ -206,8 +207,16 @@ class SecAggReveal(_SecAggBody):
         return self
 
 
+class SecAggFailure(_SecAggBody):
+    TYPE: ClassVar[str] = "secagg.failed"
+    SENDER_ROLES: ClassVar[frozenset[str]] = SERVERS
+    MAX_BODY_BYTES: ClassVar[int | None] = 4 * KIB
+    reason: ShortStr = Field(description="below_threshold | inconsistent_shares (fedbus.secagg.errors)")
+    detail: Annotated[str, StringConstraints(max_length=256)] = ""
+
+
 SECAGG_TYPES = (SecAggSetup, SecAggAdvertise, SecAggKeys, SecAggShares, SecAggBundle, SecAggInput, SecAggUnmask,
-                SecAggReveal)
+                SecAggReveal, SecAggFailure)
 
 # Registered here, not in messages.MESSAGE_TYPES's literal, because these bodies import
 # Body from there; fedbus.protocol's __init__ imports this module, so every user of
