@@ -374,6 +374,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _secure_sum_common(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument("--job", required=True, help="job spec YAML (job id, transport and security limits)")
+    parser.add_argument("--federation", required=True)
+    parser.add_argument("--key", required=True, help=f"{whose} " + KEY_HELP)
+    parser.add_argument("--nats", default=_env_nats())
+    parser.add_argument("--round", type=int, default=1, help="the round number both sides use")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbus", description="Federated learning over NATS JetStream.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -425,11 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "server learns only the sum of the survivors' inputs")
     sssub = ss.add_subparsers(dest="secure_sum_role", required=True)
     sv = sssub.add_parser("server", help="run one round as the aggregating server (the job's coordinator key)")
-    sv.add_argument("--job", required=True)
-    sv.add_argument("--federation", required=True)
-    sv.add_argument("--key", required=True, help="the coordinator's " + KEY_HELP)
-    sv.add_argument("--nats", default=_env_nats())
-    sv.add_argument("--round", type=int, default=1)
+    _secure_sum_common(sv, "the coordinator's")
     sv.add_argument("--length", type=int, required=True, help="values per worker")
     sv.add_argument("--bound", type=float, default=1.0, help="each value is clamped to [-bound, bound]")
     sv.add_argument("--workers", nargs="+", help="the workers summed (default: every worker of the federation)")
@@ -443,11 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--out", required=True, help="directory for result.json and sum.npy")
     sv.set_defaults(func=cmd_secure_sum_server)
     sw = sssub.add_parser("worker", help="contribute one vector to a round")
-    sw.add_argument("--job", required=True)
-    sw.add_argument("--federation", required=True)
-    sw.add_argument("--key", required=True, help="this worker's " + KEY_HELP)
-    sw.add_argument("--nats", default=_env_nats())
-    sw.add_argument("--round", type=int, default=1)
+    _secure_sum_common(sw, "this worker's")
     sw.add_argument("--input", required=True, help=".npy file with this worker's values")
     sw.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     sw.add_argument("--simulate-dropout", choices=("advertise", "shares", "input", "unmask"),

@@ -74,13 +74,16 @@ def _roster_list(item, cap: int = MAX_ROSTER):
 
 
 class _SecAggBody(Body):
+    # Fields that are columns of one table (one entry per worker): they must be equally long.
+    PARALLEL: ClassVar[tuple[str, ...]] = ()
     round: Round
     group: Group = ""
 
-    def _same_lengths(self, *names: str) -> None:
-        lengths = {len(getattr(self, n)) for n in names}
-        if len(lengths) > 1:
-            raise ValueError(f"{', '.join(names)} must have the same length")
+    @model_validator(mode="after")
+    def _parallel(self):
+        if len({len(getattr(self, name)) for name in self.PARALLEL}) > 1:
+            raise ValueError(f"{', '.join(self.PARALLEL)} must have the same length")
+        return self
 
 
 class SecAggSetup(_SecAggBody):
@@ -128,30 +131,22 @@ class SecAggKeys(_SecAggBody):
     SENDER_ROLES: ClassVar[frozenset[str]] = SERVERS
     MAX_BODY_BYTES: ClassVar[int | None] = ROSTER_FIELDS_BYTES + 4
     MAX_FIELDS_BYTES: ClassVar[int] = ROSTER_FIELDS_BYTES
+    PARALLEL: ClassVar[tuple[str, ...]] = ("workers", "enc_pks", "mask_pks", "self_commits")
     workers: _roster_list(WorkerId)
     enc_pks: _roster_list(Key)
     mask_pks: _roster_list(Key)
     self_commits: _roster_list(Digest)
-
-    @model_validator(mode="after")
-    def _parallel(self):
-        self._same_lengths("workers", "enc_pks", "mask_pks", "self_commits")
-        return self
 
 
 class _ShareList(_SecAggBody):
     """Encrypted share pairs, one per peer, with the dealer's commitment to each share."""
 
     MAX_BODY_BYTES: ClassVar[int | None] = 256 * KIB
+    PARALLEL: ClassVar[tuple[str, ...]] = ("peers", "pair_commits", "self_commits", "ciphertexts")
     peers: _roster_list(WorkerId, MAX_DEGREE + 1)
     pair_commits: _roster_list(Digest, MAX_DEGREE + 1)
     self_commits: _roster_list(Digest, MAX_DEGREE + 1)
     ciphertexts: _roster_list(Ciphertext, MAX_DEGREE + 1)
-
-    @model_validator(mode="after")
-    def _parallel(self):
-        self._same_lengths("peers", "pair_commits", "self_commits", "ciphertexts")
-        return self
 
 
 class SecAggShares(_ShareList):
@@ -195,16 +190,12 @@ class SecAggReveal(_SecAggBody):
     TYPE: ClassVar[str] = "secagg.reveal"
     SENDER_ROLES: ClassVar[frozenset[str]] = WORKERS
     MAX_BODY_BYTES: ClassVar[int | None] = 64 * KIB
+    PARALLEL: ClassVar[tuple[str, ...]] = ("dealers", "kinds", "ys", "salts")
     request_digest: Digest = Field(description="the secagg.unmask answered (audits catch an equivocating server)")
     dealers: _roster_list(WorkerId, MAX_DEGREE + 1)
     kinds: _roster_list(Literal["self", "pair"], MAX_DEGREE + 1)
     ys: _roster_list(ShareValue, MAX_DEGREE + 1)
     salts: _roster_list(Salt, MAX_DEGREE + 1)
-
-    @model_validator(mode="after")
-    def _parallel(self):
-        self._same_lengths("dealers", "kinds", "ys", "salts")
-        return self
 
 
 class SecAggFailure(_SecAggBody):
