@@ -43,6 +43,5 @@ def expand(seed: bytes, length: int, bits: int) -> np.ndarray:
     if len(seed) != SEED_BYTES:
         raise ValueError("seed must be 32 bytes")
     stream = crypto_aead_chacha20poly1305_ietf_encrypt(bytes(8 * length), None, _MASK_NONCE, seed)
-    words = np.frombuffer(stream, dtype="<u8", count=length).astype(np.uint64, copy=True)
-    words &= np.uint64((1 << bits) - 1)
-    return words
+    # The AND makes the one writable copy (frombuffer over bytes is read-only).
+    return np.frombuffer(stream, dtype="<u8", count=length) & np.uint64((1 << bits) - 1)

@@ -277,6 +277,7 @@ class SecureSumWorker(_Endpoint):
         await self.open(nats_url, f"secure-sum-{self.identity.id}")
         sub = await self.js.subscribe(self.subjects.ctl_all, ordered_consumer=True, cb=self.queue.put,
                                       deliver_policy=DeliverPolicy.ALL)
+        log.info("secagg.listening", round=self.round, values=self.values.size)
         try:
             return await asyncio.wait_for(self._answer(), self.timeout_s)
         except SecAggAbort as exc:
