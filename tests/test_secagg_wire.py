@@ -100,3 +100,23 @@ def test_hostile_secagg_bodies_get_the_verifiers_named_reasons():
     # A masked input must be a torch tensor section (numpy sections are refused for model types)
     body = encode_body(SecAggInput(round=3), {"masked": np.zeros(4, dtype=np.uint32)})
     assert rejection(w, "secagg.input", body) == "malformed_body"
+
+
+def test_the_server_refuses_a_masked_input_larger_than_the_round_needs_before_fetching_it(tmp_path):
+    from fedbus.protocol.envelope import EnvelopeHeader
+    from fedbus.secagg.service import SecureSumServer
+    from tests.e2e_support import small_job
+
+    server = SecureSumServer(small_job(JOB, rounds=1, min_workers=1, min_updates=1), FED, COORD, round=3,
+                             roster=[w.id for w in WORKERS], length=1000, bound=1.0, spec=SecureAggregationSpec(),
+                             phase_timeout_s=1, out_dir=tmp_path)
+    exact = len(encode_body(*input_message(server.params, np.zeros(1000, dtype=np.uint32))))
+
+    def header(length: int, round_: int = 3) -> EnvelopeHeader:
+        return EnvelopeHeader(type="secagg.input", job=JOB, round=round_, sender="w00", nonce=b"n" * 16, ts=1,
+                              digest=b"d" * 32, length=length)
+
+    assert server._header_ok(header(exact)) and not server._header_ok(header(exact, round_=4))
+    with pytest.raises(Rejection) as e:
+        server._header_ok(header(exact + 1))
+    assert e.value.reason == "oversize"

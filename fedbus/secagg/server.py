@@ -63,6 +63,7 @@ class SecAggServer:
         self.topology = Topology(params)
         self.phase = "advertise"
         self.keys: dict[str, Keys] = {}
+        self._public_keys: set[bytes] = set()
         self.u1: frozenset[str] = frozenset()
         self.sent_shares: dict[str, dict[str, SealedShare]] = {}  # dealer -> holder -> share
         self.u2: frozenset[str] = frozenset()
@@ -113,9 +114,10 @@ class SecAggServer:
     def on_advertise(self, sender: str, msg: SecAggAdvertise) -> None:
         self._accept("advertise", sender, frozenset(self.params.roster), self.keys)
         self._check_group(sender, msg)
-        if msg.enc_pk == msg.mask_pk or any(msg.mask_pk in (k.mask_pk, k.enc_pk) or msg.enc_pk in (k.mask_pk, k.enc_pk)
-                                            for k in self.keys.values()):
+        # A key seen twice is a copied key: its owner's masks would cancel against the copier's.
+        if msg.enc_pk == msg.mask_pk or msg.enc_pk in self._public_keys or msg.mask_pk in self._public_keys:
             raise SecAggRejection("malformed_keys", "a public key used twice", sender)
+        self._public_keys.update((msg.enc_pk, msg.mask_pk))
         self.keys[sender] = Keys.of(msg)
 
     def close_advertise(self) -> SecAggKeys:
@@ -167,7 +169,7 @@ class SecAggServer:
         dtype = wire_dtype(p.bits)
         if not isinstance(values, np.ndarray) or values.dtype != dtype or values.shape != (p.length,):
             raise SecAggRejection("wrong_length", f"expected {p.length} × {dtype}", sender)
-        if (values >> dtype.type(p.bits)).any():
+        if p.bits < 8 * dtype.itemsize and int(values.max()) >= 1 << p.bits:  # (a shift by the full width is undefined)
             raise SecAggRejection("out_of_range", f"a residue >= 2^{p.bits}", sender)
         self._sum += values  # uint64 wraps modulo 2^64, a multiple of 2^bits
         self.u3.add(sender)

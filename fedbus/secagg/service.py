@@ -40,6 +40,7 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, nats_headers, verifier_for
+from fedbus.protocol.messages import encode_body
 from fedbus.protocol.secagg import (
     SecAggAdvertise,
     SecAggBundle,
@@ -55,6 +56,7 @@ from fedbus.rejections import RejectionLedger
 from fedbus.secagg.client import SecAggClient
 from fedbus.secagg.errors import FAILURE_REASONS, SecAggAbort, SecAggFailed, SecAggRejection
 from fedbus.secagg.server import SecAggServer
+from fedbus.secagg.quantize import wire_dtype
 from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
 
 log = structlog.get_logger(__name__)
@@ -131,11 +133,21 @@ class SecureSumServer(_Endpoint):
         self.join_timeout_s = phase_timeout_s if join_timeout_s is None else join_timeout_s
         self.out_dir = out_dir
         self.queue: asyncio.Queue[tuple[str, Received]] = asyncio.Queue()
+        p = self.params
+        self._input_bytes = len(encode_body(SecAggInput(round=p.round, group=p.group), {
+            SecAggInput.TENSOR: torch.from_numpy(np.zeros(p.length, dtype=wire_dtype(p.bits)))}))
         self.phase_seconds: dict[str, float] = {}
         self._handlers = {SecAggAdvertise.TYPE: self.machine.on_advertise,
                           SecAggShares.TYPE: self.machine.on_share_keys,
                           SecAggInput.TYPE: self._on_input,
                           SecAggReveal.TYPE: self.machine.on_unmask}
+
+    def _header_ok(self, header) -> bool:
+        """The signed header's claims, before its body is fetched: this round, and a masked
+        input no larger than the round's length makes it."""
+        if header.type == SecAggInput.TYPE and header.length > self._input_bytes:
+            raise Rejection("oversize", f"masked input of {header.length} bytes, at most {self._input_bytes}", header)
+        return header.round == self.params.round
 
     def _on_input(self, sender: str, got: Received) -> None:
         masked = (got.tensors or {}).get(SecAggInput.TENSOR)
@@ -230,8 +242,7 @@ class SecureSumServer(_Endpoint):
         got = None
         try:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=parts[-1],
-                                               stored_ms=_delivery_ms(msg), offload=True,
-                                               round_ok=lambda h: h.round == self.params.round)
+                                               stored_ms=_delivery_ms(msg), offload=True, round_ok=self._header_ok)
             if got.header.type not in self._handlers:
                 raise Rejection("unknown_type", f"{got.header.type} in a secure-aggregation round", got.header)
             if self.federation.get(got.header.sender).region != parts[-2]:
