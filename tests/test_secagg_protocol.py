@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedbus.secagg import SecAggAbort, SecAggClient, SecAggFailed, SecAggRejection, SecAggServer, shamir
-from fedbus.protocol.secagg import SecAggBundle, SecAggReveal, SecAggShares, SecAggUnmask
+from fedbus.protocol.secagg import SecAggAdvertise, SecAggBundle, SecAggReveal, SecAggShares, SecAggUnmask
 from fedbus.secagg.simulate import Dropouts, RoundLog, run_round
 from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
 
@@ -152,6 +152,10 @@ def test_reused_public_keys_are_refused():
     server.on_advertise("w00", keys)
     with pytest.raises(SecAggRejection) as e:
         server.on_advertise("w01", keys)
+    assert e.value.reason == "malformed_keys"
+    low_order = SecAggAdvertise(round=3, enc_pk=b"\1" + bytes(31), mask_pk=b"\2" * 32, self_commit=bytes(32))
+    with pytest.raises(SecAggRejection) as e:  # agrees on no secret: every pairing with it would fail
+        server.on_advertise("w02", low_order)
     assert e.value.reason == "malformed_keys"
 
 

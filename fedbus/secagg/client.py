@@ -33,7 +33,7 @@ from fedbus.protocol.secagg import (
 )
 from fedbus.secagg import shamir
 from fedbus.secagg.errors import SecAggAbort, SecAggRejection
-from fedbus.secagg.prg import digest, pair_seed
+from fedbus.secagg.prg import digest, pair_seed, usable_public_key
 from fedbus.secagg.quantize import wire_dtype
 from fedbus.secagg.shares import HeldShares, open_sealed, seal, self_commitment
 from fedbus.secagg.spec import RoundParams, quantizer_of
@@ -96,6 +96,8 @@ class SecAggClient:
                                               directory.self_commits):
             if w not in self.topology.x or w in entries:
                 raise SecAggAbort("malformed_directory", f"unknown or repeated worker {w[:64]!r}")
+            if w in self.topology.neighbours[self.me] and not (usable_public_key(enc_pk) and usable_public_key(mask_pk)):
+                raise SecAggAbort("malformed_directory", f"unusable keys of {w[:64]!r}")
             entries[w] = Keys(enc_pk, mask_pk, commit)
         if entries.get(self.me) != Keys.of(self.keys):
             raise SecAggAbort("malformed_directory", "my own keys are missing or changed")

@@ -19,6 +19,7 @@ import hashlib
 import msgpack
 import numpy as np
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt, crypto_scalarmult
+from nacl.exceptions import RuntimeError as NaclRuntimeError
 
 SEED_BYTES = 32
 _MASK_NONCE = b"fedbus-mask\x00"  # 12 bytes: IETF ChaCha20 nonce
@@ -29,6 +30,20 @@ def digest(person: bytes, *parts: object, key: bytes = b"") -> bytes:
     """BLAKE2b-256 of msgpack(parts), personalised (≤ 16 bytes) and optionally keyed."""
     return hashlib.blake2b(msgpack.packb(list(parts), use_bin_type=True), digest_size=32, key=key,
                            person=person).digest()
+
+
+_PROBE = bytes([8]) + bytes(30) + bytes([64])  # a clamped scalar: any low-order point times it is zero
+
+
+def usable_public_key(public: bytes) -> bool:
+    """False for the X25519 points that agree on no secret (low order: the shared value is all
+    zeros, which libsodium refuses). A worker advertising one would make every key agreement
+    with it fail, so it is refused when it advertises."""
+    try:
+        crypto_scalarmult(_PROBE, public)
+    except NaclRuntimeError:
+        return False
+    return True
 
 
 def pair_seed(my_secret: bytes, their_public: bytes, *, job: str, round: int, a: str, b: str) -> bytes:

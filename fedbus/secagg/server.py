@@ -41,7 +41,7 @@ from fedbus.protocol.secagg import (
 from fedbus.secagg import shamir
 from fedbus.secagg.client import Keys, request_digest
 from fedbus.secagg.errors import SecAggFailed, SecAggRejection
-from fedbus.secagg.prg import pair_seed
+from fedbus.secagg.prg import pair_seed, usable_public_key
 from fedbus.secagg.quantize import wire_dtype
 from fedbus.secagg.shares import SealedShare, self_commitment, share_commitment
 from fedbus.secagg.spec import RoundParams, quantizer_of
@@ -95,8 +95,8 @@ class SecAggServer:
         return SecAggFailed(reason, detail, worker)
 
     def _prune(self, alive: set[str]) -> frozenset[str]:
-        """Drop, until none is left, every worker with fewer than t live holders (its secrets
-        could not be rebuilt). Bounded: each pass removes at least one worker or stops."""
+        """Drop every worker with fewer than t live holders (its secrets could not be rebuilt),
+        again until no one is short. Bounded: each pass removes at least one worker or stops."""
         t = self.params.threshold
         for _ in range(len(alive) + 1):
             short = {w for w in alive if len(self.topology.holders(w, alive)) < t}
@@ -117,6 +117,8 @@ class SecAggServer:
         # A key seen twice is a copied key: its owner's masks would cancel against the copier's.
         if msg.enc_pk == msg.mask_pk or msg.enc_pk in self._public_keys or msg.mask_pk in self._public_keys:
             raise SecAggRejection("malformed_keys", "a public key used twice", sender)
+        if not (usable_public_key(msg.enc_pk) and usable_public_key(msg.mask_pk)):
+            raise SecAggRejection("malformed_keys", "a low-order X25519 point", sender)
         self._public_keys.update((msg.enc_pk, msg.mask_pk))
         self.keys[sender] = Keys.of(msg)
 
