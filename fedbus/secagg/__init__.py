@@ -11,11 +11,16 @@ Modules, bottom up:
 - ``prg``       BLAKE2b KDF for pairwise seeds, ChaCha20 keystream for masks
 - ``graph``     the random k-regular graph from public randomness; k's default
 - ``quantize``  fixed point modulo 2^bits, with bits chosen so the sum cannot wrap
-- ``spec``      ``SecureAggregationSpec`` (job spec) and ``RoundParams`` (per round)
-- ``messages``  the phases' messages, every size bounded
+- ``spec``      ``SecureAggregationSpec`` (job spec) and ``RoundParams`` (per round: the
+                ``secagg.setup`` body; every message is in ``fedbus.protocol.secagg``)
+- ``topology``  neighbours, share holders and Shamir points of a round
 - ``shares``    the encrypted dealer-to-holder share envelope and its commitments
 - ``client``    the worker's machine; ``server`` the aggregator's machine
 - ``errors``    the named rejections, aborts and failures
+- ``simulate``  a whole round in one process (tests, benchmarks)
+- ``service``   the machines over NATS (``fedbus secure-sum``)
+
+Which aggregation rules can run over masked sums: ``fedbus.aggregation.secure``.
 """
 
 from fedbus.secagg.client import SecAggClient
