@@ -254,6 +254,48 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         instance=identity.id, span_file=args.span_file)
 
 
+def cmd_secure_sum_server(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    federation = load_federation(args.federation)
+    identity = load_identity(args.key)
+    from fedbus.secagg.service import SecureSumServer
+    from fedbus.secagg.spec import SecureAggregationSpec
+
+    roster = args.workers or [w.id for w in federation.workers() if not w.revoked]
+    try:
+        spec = SecureAggregationSpec(threshold=args.threshold, degree=args.degree, scale=args.scale)
+        server = SecureSumServer(job, federation, identity, round=args.round, roster=roster, length=args.length,
+                                 bound=args.bound, spec=spec, phase_timeout_s=args.phase_timeout,
+                                 join_timeout_s=args.join_timeout, out_dir=Path(args.out))
+    except ValueError as exc:
+        raise CliError(f"secure-sum: {_describe(exc)}") from None
+    return _run_service(lambda: server.run(args.nats, credentials_from(args)), process="secure-sum-server", service="fedbus-secure-sum",
+                        instance=identity.id, span_file=None)
+
+
+def cmd_secure_sum_worker(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    federation = load_federation(args.federation)
+    identity = load_identity(args.key)
+    import numpy as np
+
+    from fedbus.secagg.service import SecureSumWorker
+
+    try:
+        values = np.load(args.input, allow_pickle=False)
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+            raise ValueError("must be a one-dimensional array of finite numbers")
+        worker = SecureSumWorker(job, federation, identity, round=args.round, values=values.astype(np.float64),
+                                 timeout_s=args.timeout, dropout_before=args.simulate_dropout)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"secure-sum worker: {args.input}: {_describe(exc)}") from None
+    if args.simulate_dropout:
+        print(f"WARNING: worker {identity.id} simulates a crash before sending its {args.simulate_dropout} message "
+              f"(testing only)", file=sys.stderr)
+    return _run_service(lambda: worker.run(args.nats, credentials_from(args)), process=f"secure-sum:{identity.id}",
+                        service="fedbus-secure-sum", instance=identity.id, span_file=None)
+
+
 def cmd_keys_gen(args: argparse.Namespace) -> int:
     from fedbus.crypto.keys import Identity
 
@@ -476,6 +518,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _secure_sum_common(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument("--job", required=True, help="job spec YAML (job id, transport and security limits)")
+    parser.add_argument("--federation", required=True)
+    parser.add_argument("--key", required=True, help=f"{whose} " + KEY_HELP)
+    add_connection_options(parser)
+    parser.add_argument("--round", type=int, default=1, help="the round number both sides use")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbus", description="Federated learning over NATS JetStream.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -521,6 +571,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TESTING ONLY: act as a straggler, stretching local training wall time FACTOR x "
                         "(1 <= FACTOR <= 1000)")
     w.set_defaults(func=cmd_worker)
+
+    ss = sub.add_parser("secure-sum", help="sum vectors over the bus with secure aggregation (SecAgg+): the "
+                                           "server learns only the sum of the survivors' inputs")
+    sssub = ss.add_subparsers(dest="secure_sum_role", required=True)
+    sv = sssub.add_parser("server", help="run one round as the aggregating server (the job's coordinator key)")
+    _secure_sum_common(sv, "the coordinator's")
+    sv.add_argument("--length", type=int, required=True, help="values per worker")
+    sv.add_argument("--bound", type=float, default=1.0, help="each value is clamped to [-bound, bound]")
+    sv.add_argument("--workers", nargs="+", help="the workers summed (default: every worker of the federation)")
+    sv.add_argument("--threshold", type=float, default=0.5,
+                    help="fraction (0.5..1) of a worker's k + 1 share holders needed to rebuild its secrets")
+    sv.add_argument("--degree", type=int, help="neighbours per worker (even; default min(n-1, 2*ceil(1.5*log2 n)))")
+    sv.add_argument("--scale", type=float, default=65536.0, help="fixed-point steps per unit")
+    sv.add_argument("--phase-timeout", type=float, default=30.0, help="seconds each phase waits for stragglers")
+    sv.add_argument("--join-timeout", type=float,
+                    help="seconds the first phase waits for workers to come online (default: --phase-timeout)")
+    sv.add_argument("--out", required=True, help="directory for result.json and sum.npy")
+    sv.set_defaults(func=cmd_secure_sum_server)
+    sw = sssub.add_parser("worker", help="contribute one vector to a round")
+    _secure_sum_common(sw, "this worker's")
+    sw.add_argument("--input", required=True, help=".npy file with this worker's values")
+    sw.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    sw.add_argument("--simulate-dropout", choices=("advertise", "shares", "input", "unmask"),
+                    help="TESTING ONLY: crash just before sending this phase's message")
+    sw.set_defaults(func=cmd_secure_sum_worker)
 
     d = sub.add_parser("demo", help="a whole local federation: nats-server, coordinator and workers")
     d.add_argument("--workers", type=int, default=10)

@@ -34,6 +34,7 @@ from fedbus.protocol.messages import (
     Update,
     encode_body,
 )
+from fedbus.protocol.secagg import SECAGG_TYPES
 
 JOB = "job-1"
 NOW = 1_700_000_000_000
@@ -98,7 +99,9 @@ def test_every_type_declares_its_body_limit():
     for cls in (Update, RoundOpen, EvalOpen, Partial):
         assert cls.MAX_BODY_BYTES is None  # the job's max_message_bytes
     assert set(MESSAGE_TYPES.values()) == {Heartbeat, EvalReport, JobDone, RoundClose, Update, RoundOpen, EvalOpen,
-                                           Partial, KeyEvent}
+                                           Partial, KeyEvent, *SECAGG_TYPES}
+    for cls in SECAGG_TYPES:  # secure aggregation: bounded by the group's roster, or model-sized (the masked input)
+        assert cls.MAX_BODY_BYTES is None if cls.HAS_TENSORS else cls.MAX_BODY_BYTES <= 1024 * 1024
 
 
 def test_heartbeat_over_4kib_is_oversize():
