@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 # make_optimizer used to live here; it is still importable from this module.
+from fedbus.tasks.dp_sgd import DpSgdSettings, train_dp_sgd
 from fedbus.tasks.optim import SGD, Adam, make_optimizer
 
 # Evaluation has no backward pass, so large batches only cost memory.
@@ -48,6 +49,9 @@ class TrainSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     # FedProx: (mu/2) * ||w - w_global||^2 is added to the loss when mu > 0.
     proximal_mu: float = Field(default=0.0, ge=0)
+    dp_sgd: DpSgdSettings | None = Field(
+        default=None, description="sample-level DP-SGD through Opacus in the default train loop (fedbus/tasks/dp_sgd.py); "
+                                  "its ε is reported apart, as dp_sgd_epsilon")
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,13 @@ class Task:
         loop needs only `seed` (which is `context.seed` when fedbus calls it).
         """
         num_samples = len(dataset)  # type: ignore[arg-type]
+        if settings.dp_sgd is not None:
+            if settings.proximal_mu > 0 or grad_correction is not None:
+                raise ValueError("dp_sgd does not support FedProx's proximal term or SCAFFOLD's gradient correction")
+            engines = self.__dict__.setdefault("_dp_sgd_engines", {})  # per worker id: ε composes over rounds
+            steps, metrics = train_dp_sgd(model, dataset, settings, seed, engines,
+                                          context.worker_id if context is not None else "", self.loss)
+            return TrainResult(num_samples=num_samples, num_steps=steps, metrics=metrics)
         model.train()
         optimizer = make_optimizer(model, settings)
         anchors = _proximal_anchors(model, global_state) if settings.proximal_mu > 0 else None
