@@ -285,10 +285,11 @@ class JobSpec(BaseModel):
                              f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
         if self.privacy.dp is not None:
             self._check_dp()
-        if self.train.dp_sgd is not None and (self.strategy.name == "scaffold" or self.train.proximal_mu > 0
-                                              or self.strategy.name == "fedprox"):
-            raise ValueError("train.dp_sgd clips per-example gradients of the task's loss alone: FedProx's proximal "
-                             "term and SCAFFOLD's gradient correction are not privatised; use fedavg or fednova")
+        if self.train.dp_sgd_noise_multiplier > 0 and (self.strategy.name in ("scaffold", "fedprox")
+                                                       or self.train.proximal_mu > 0):
+            raise ValueError("train.dp_sgd_noise_multiplier: DP-SGD clips per-example gradients of the task's loss "
+                             "alone; FedProx's proximal term and SCAFFOLD's gradient correction are not privatised: "
+                             "use fedavg or fednova")
         return self
 
     @property

@@ -13,7 +13,6 @@ import json
 
 import pytest
 
-from fedbus.demo import cli_command
 from fedbus.privacy.accountant import RoundEvent, epsilon
 from tests.e2e_support import LocalFederation, small_job, wait_for_round
 
@@ -36,16 +35,10 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_survives_a_coordinator_k
     fed = LocalFederation(tmp_path, nats_server.url, job, WORKERS)
     try:
         fed.start_coordinator()
-        for w in fed.federation.workers():
-            fed.start_worker(w.id)
+        fed.start_workers()
         wait_for_round(fed, 2, timeout=120)
-        first = fed.group.procs["coordinator"]
-        first.kill()  # SIGKILL: nothing is flushed but what was committed
-        first.wait()
-        resumed = fed.group.start("coordinator-resumed", cli_command(
-            "coordinator", "--job", str(tmp_path / "job.yaml"), "--federation", str(tmp_path / "federation.yaml"),
-            "--key", str(fed.key("coordinator")), "--nats", fed.nats_url, "--run-dir", str(tmp_path), "--resume"))
-        assert resumed.wait(timeout=180) == 0, fed.tail_logs()
+        fed.kill("coordinator")  # nothing survives but what was committed
+        assert fed.start_coordinator(resume=True).wait(timeout=180) == 0, fed.tail_logs()
         workers = fed.wait_all(timeout=30)
         assert all(workers[w.id] == 0 for w in fed.federation.workers()), (workers, fed.tail_logs())
     finally:

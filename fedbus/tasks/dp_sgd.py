@@ -1,7 +1,8 @@
 """Sample-level DP-SGD on a worker (Abadi et al. 2016) through Opacus, for the default train loop.
 
-    train: {dp_sgd: {noise_multiplier: 1.0, max_grad_norm: 1.0, target_delta: 1.0e-5}}
+    train: {dp_sgd_noise_multiplier: 1.0, dp_sgd_max_grad_norm: 1.0, dp_sgd_delta: 1.0e-5}
 
+(flat ``TrainSettings`` scalars, because round.open carries the train settings as scalars).
 Each step clips every example's gradient to ``max_grad_norm`` and adds N(0, σ² max_grad_norm²)
 to their sum; batches are Poisson-sampled with rate batch_size / samples (Opacus's
 ``DPDataLoader``), which is what Opacus's RDP accountant assumes.
@@ -27,16 +28,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-
-class DpSgdSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    noise_multiplier: float = Field(gt=0, le=1e4, description="σ: noise std over max_grad_norm, per step")
-    max_grad_norm: float = Field(gt=0, le=1e6, description="every example's gradient is clipped to this L2 norm")
-    target_delta: float = Field(1e-5, gt=0, lt=1, description="δ at which dp_sgd_epsilon is reported")
 
 
 def train_dp_sgd(model: nn.Module, dataset: Dataset, settings, seed: int, engines: dict, worker: str,
@@ -54,7 +47,6 @@ def train_dp_sgd(model: nn.Module, dataset: Dataset, settings, seed: int, engine
 
 
 def _train(engine_class, model, dataset, settings, seed, engines, worker, loss) -> tuple[int, dict[str, float]]:
-    dp: DpSgdSettings = settings.dp_sgd
     engine = engines.setdefault(worker, engine_class(accountant="rdp"))
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.optimizer == "adam":
@@ -64,8 +56,8 @@ def _train(engine_class, model, dataset, settings, seed, engines, worker, loss) 
                                     weight_decay=settings.weight_decay)
     loader = DataLoader(dataset, batch_size=settings.batch_size, generator=torch.Generator().manual_seed(seed))
     private, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                     noise_multiplier=dp.noise_multiplier,
-                                                     max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
+                                                     noise_multiplier=settings.dp_sgd_noise_multiplier,
+                                                     max_grad_norm=settings.dp_sgd_max_grad_norm, poisson_sampling=True)
     steps, seen, total_loss, correct = 0, 0, 0.0, 0
     try:
         private.train()
@@ -87,7 +79,7 @@ def _train(engine_class, model, dataset, settings, seed, engines, worker, loss) 
                 steps += 1
     finally:
         private._close()  # removes Opacus's hooks and per-sample grads: the trainer reuses the model
-    metrics = {"dp_sgd_epsilon": float(engine.get_epsilon(dp.target_delta))}
+    metrics = {"dp_sgd_epsilon": float(engine.get_epsilon(settings.dp_sgd_delta))}
     if seen:
         metrics.update(loss=total_loss / seen, accuracy=correct / seen)
     return steps, metrics
