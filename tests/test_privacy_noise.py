@@ -97,3 +97,18 @@ def test_worker_noise_share_statistics_and_buffers_untouched():
 def test_gaussian_like_refuses_bad_std():
     with pytest.raises(ValueError):
         gaussian_like({"w": torch.zeros(1)}, float("nan"))
+
+
+def test_regional_partials_of_clipped_sums_merge_into_the_same_aggregate():
+    x = {"w": torch.zeros(2, dtype=torch.float64)}
+    rule = DpFedAvg("central", noise_multiplier=1.0, clip=1.0)
+    whole, east, west = rule.begin(x), rule.begin(x), rule.begin(x)
+    for acc in (whole, east, west):
+        acc.noise_std = 0.0
+    for i, d in enumerate(([3.0, 4.0], [0.3, 0.4], [0.0, -2.0])):
+        whole.fold(contribution(f"c{i}", d))
+        (east if i < 2 else west).fold(contribution(f"c{i}", d))
+    east.merge(west.partial())  # what the coordinator does with a region's partial
+    assert east.unclipped == whole.unclipped == 1.0
+    assert torch.allclose(east.finalize()["w"], whole.finalize()["w"])
+    assert torch.allclose(whole.finalize()["w"], torch.tensor([0.9, 0.2], dtype=torch.float64) / 3)
