@@ -84,7 +84,8 @@ def main() -> int:
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         results = list(pool.map(run_one, runs))
-    print(f"digits MLP, iid partition, {a.rounds} rounds, {a.epochs} local epoch(s), clip C={a.clip:g}, central DP-FedAvg, "
+    print(f"digits MLP, iid partition, {a.rounds} rounds, {a.epochs} local epoch(s), clip C={a.clip:g}, "
+          f"central DP-FedAvg, "
           f"δ={DELTA:g}, RDP accountant (replace-one), medians over seeds {a.seeds}; "
           f"{time.perf_counter() - started:.0f} s wall on {a.jobs} processes\n")
     print("| workers (cohort) | target ε | noise multiplier z | reached ε | rounds | final accuracy |")

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedbus.aggregation.base import StrategyConfigError
 from fedbus.atomicfile import atomic_write_text
-from fedbus.privacy.spec import PrivacySpec
 from fedbus.aggregation.specs import FedAvgSpec, ServerOptimizerSpec, SgdSpec, StrategySpec, validate_strategy
+from fedbus.privacy.spec import PrivacySpec
 from fedbus.tasks.base import TrainSettings
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -324,6 +324,10 @@ class JobSpec(BaseModel):
         if self.deterministic:
             raise ValueError("privacy.dp cannot be deterministic: its noise comes from the OS CSPRNG, so no rerun "
                              "repeats it (and none should)")
+        if dp.mode == "distributed" and isinstance(self.cohort.min_updates, float):
+            raise ValueError("privacy.dp in distributed mode needs cohort.min_updates as a count: each worker's noise "
+                             "share assumes at least that many updates in every round, and a fraction of a smaller "
+                             "cohort would sum too few shares")
         if dp.accountant == "pld" and self.cohort.size is not None:
             raise ValueError("accountant: pld has no sampling without replacement in dp-accounting; with "
                              "cohort.size set use accountant: rdp")

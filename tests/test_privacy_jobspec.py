@@ -59,3 +59,8 @@ def test_adaptive_count_noise_defaults_to_a_twentieth_of_the_cohort():
     assert job(adaptive).dp_count_noise() == 0.5  # m = min_workers = 10
     assert job(adaptive, cohort={"min_workers": 40, "size": 20, "min_updates": 10}
                ).dp_count_noise() == 1.0
+
+
+def test_distributed_needs_a_counted_quorum():
+    with pytest.raises(ValidationError, match="min_updates as a count"):
+        job({"mode": "distributed"}, cohort={"min_workers": 10, "min_updates": 0.8})

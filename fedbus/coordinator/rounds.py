@@ -827,7 +827,8 @@ class RoundStateMachine(MachineBase):
         privacy = {DP_EPSILON: self.privacy.aggregated()} if self.privacy is not None else {}
         close = CloseRound(self.round, self.model_version, "aggregated", tuple(sorted(self._reported)),
                            dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
-                           self.state, {**self._round_metrics(), **ev.metrics, **privacy}, late=tuple(w for w, _ in late),
+                           self.state, {**self._round_metrics(), **ev.metrics, **privacy},
+                           late=tuple(w for w, _ in late),
                            staleness=(0,) * len(self._reported) + tuple(t for _, t in late),
                            elapsed_s=self._elapsed(ev.now_ms), via=dict(self._via))
         self._plan_next(ev.now_ms, out, closing=close)

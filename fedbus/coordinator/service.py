@@ -62,7 +62,6 @@ from fedbus.coordinator.rounds import (
     close_row,
 )
 from fedbus.coordinator.summary import RunSummary
-from fedbus.privacy.budget import privacy_summary
 from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
@@ -70,6 +69,7 @@ from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
+from fedbus.privacy.budget import privacy_summary
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task

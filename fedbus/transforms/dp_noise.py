@@ -7,9 +7,10 @@ update (secure aggregation's fixed-point encoding comes later in the pipeline, s
 is discretized with the update: its effect is one rounding step per coordinate, far below
 the noise's own standard deviation for any useful scale).
 
-q is the job's least quorum (``cohort.least_quorum``): the fewest updates any round
-aggregates. Every round sums k >= q shares, so the sum carries variance k z² C² / q >= z² C²
-and the accounted z is never undercut; a round with k > q is over-noised by sqrt(k / q).
+q is the job's quorum ``cohort.min_updates``, a count in distributed mode (job validation):
+the fewest updates any round aggregates. Every round sums k >= q shares, so the sum carries
+variance k z² C² / q >= z² C² and the accounted z is never undercut; a round with k > q is
+over-noised by sqrt(k / q).
 The guarantee assumes honest workers: one that skips its share lowers the sum's noise, and
 the coordinator, which cannot tell noise from signal, cannot check it.
 
