@@ -13,6 +13,9 @@ from typing import Any
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 USAGE_ERROR = 2  # exit code for bad input files and arguments (argparse uses it too)
+# A job that ends by its own rule exits 0: all rounds done, or stopped before a round that would
+# exceed the privacy budget (rounds.PRIVACY_BUDGET_EXHAUSTED). Anything else exits 3.
+CLEAN_FINISH = frozenset({"completed", "privacy_budget_exhausted"})
 _MAX_ERRORS_SHOWN = 5
 
 KEY_HELP = ("private key file; must be readable by its owner only (`chmod 600 FILE`): a key file that group or "
@@ -187,7 +190,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             return 0  # resumed a job that had finished: nothing to do, results untouched
         if service.exit_code:
             return service.exit_code
-        return 0 if summary.reason == "completed" else 3
+        return 0 if summary.reason in CLEAN_FINISH else 3
 
     return _run_service(go, process="coordinator", service="fedbus-coordinator", instance=identity.id,
                         span_file=args.span_file or str(run_dir / "spans.jsonl"))
@@ -501,7 +504,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     print(json.dumps(json_safe(summary), allow_nan=False))
     if args.out:
         atomic_write_json(args.out, report)
-    return 0 if result.reason == "completed" else 3
+    return 0 if result.reason in CLEAN_FINISH else 3
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

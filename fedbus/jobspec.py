@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedbus.aggregation.base import StrategyConfigError
 from fedbus.atomicfile import atomic_write_text
 from fedbus.aggregation.specs import FedAvgSpec, ServerOptimizerSpec, SgdSpec, StrategySpec, validate_strategy
+from fedbus.privacy.spec import PrivacySpec
 from fedbus.tasks.base import TrainSettings
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -247,6 +248,8 @@ class JobSpec(BaseModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
     transport: TransportSpec = Field(default_factory=TransportSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec,
+                                 description="differential privacy of the released models (see fedbus/privacy/)")
 
     @field_validator("task_params")
     @classmethod
@@ -280,7 +283,65 @@ class JobSpec(BaseModel):
                 and self.cohort.min_updates > self.cohort.min_workers):
             raise ValueError(f"cohort.min_updates ({self.cohort.min_updates}) exceeds cohort.min_workers "
                              f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
+        if self.privacy.dp is not None:
+            self._check_dp()
+        if self.train.dp_sgd_noise_multiplier > 0 and (self.strategy.name in ("scaffold", "fedprox")
+                                                       or self.train.proximal_mu > 0):
+            raise ValueError("train.dp_sgd_noise_multiplier: DP-SGD clips per-example gradients of the task's loss "
+                             "alone; FedProx's proximal term and SCAFFOLD's gradient correction are not privatised: "
+                             "use fedavg or fednova")
         return self
+
+    @property
+    def dp_expected_cohort(self) -> int:
+        """m of the paper's defaults (σ_b = m/20): the cohort size, or min_workers without sampling."""
+        return self.cohort.size or self.cohort.min_workers
+
+    def dp_count_noise(self) -> float | None:
+        """σ_b of adaptive clipping (None with a fixed clip)."""
+        dp = self.privacy.dp
+        if dp is None or dp.clip.adaptive is None:
+            return None
+        return dp.clip.adaptive.count_noise or self.dp_expected_cohort / 20.0
+
+    def _check_dp(self) -> None:
+        """Combinations the accountant does not describe are refused here, with the reason."""
+        dp = self.privacy.dp
+        if self.mode != "sync":
+            raise ValueError("privacy.dp needs mode: sync: the accountant models rounds whose cohort is sampled "
+                             "uniformly; async versions are made of whichever workers train fastest")
+        if self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"privacy.dp aggregates by DP-FedAvg (clipped deltas, weight 1, noised sum); strategy "
+                             f"{self.strategy.name} needs its own server math or every update in plaintext, and the "
+                             f"guarantee is for a noised sum only: use fedavg or fedprox")
+        if self.strategy.norm_bound is not None:
+            raise ValueError("privacy.dp clips every update to its own C: drop strategy.norm_bound")
+        if self.region_strategy is not None:
+            raise ValueError("privacy.dp with a region_strategy: the guarantee is for a noised sum of every update")
+        if self.late_updates != "drop":
+            raise ValueError("privacy.dp needs late_updates: drop: a late update would be summed outside the "
+                             "round's sampled cohort, which the accountant does not model")
+        if self.deterministic:
+            raise ValueError("privacy.dp cannot be deterministic: its noise comes from the OS CSPRNG, so no rerun "
+                             "repeats it (and none should)")
+        if dp.mode == "distributed" and isinstance(self.cohort.min_updates, float):
+            raise ValueError("privacy.dp in distributed mode needs cohort.min_updates as a count: each worker's noise "
+                             "share assumes at least that many updates in every round, and a fraction of a smaller "
+                             "cohort would sum too few shares")
+        if dp.accountant == "pld" and self.cohort.size is not None:
+            raise ValueError("accountant: pld has no sampling without replacement in dp-accounting; with "
+                             "cohort.size set use accountant: rdp")
+        if dp.clip.adaptive is not None:
+            if dp.mode != "central":
+                raise ValueError("adaptive clipping needs mode: central: in distributed mode each worker would send "
+                                 "its clipped bit and receive the moving clip, which is not built")
+            if self.topology == "regional":
+                raise ValueError("adaptive clipping needs topology: flat: regional aggregators clip with the job "
+                                 "spec's C and do not follow the coordinator's committed clip")
+            sigma_b = self.dp_count_noise()
+            if not 2 * sigma_b > dp.noise_multiplier:
+                raise ValueError(f"adaptive clipping: 2 * count_noise ({2 * sigma_b:g}) must exceed noise_multiplier "
+                                 f"({dp.noise_multiplier:g}), or nothing is left for the sum's noise")
 
     def _check_regional(self) -> None:
         """What regional aggregation supports today, said at job load rather than mid-run."""

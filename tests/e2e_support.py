@@ -45,9 +45,21 @@ class LocalFederation:
         return ["--job", str(self.run_dir / "job.yaml"), "--federation", str(self.run_dir / "federation.yaml"),
                 "--nats", self.nats_url, *self.credentials_of(participant_id)]
 
-    def start_coordinator(self) -> subprocess.Popen:
-        return self.group.start("coordinator", cli_command(
-            "coordinator", *self._common("coordinator"), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir)))
+    def start_coordinator(self, *, resume: bool = False) -> subprocess.Popen:
+        """The coordinator, or with ``resume`` a second one (``coordinator-resumed``) continuing its run."""
+        return self.group.start("coordinator-resumed" if resume else "coordinator", cli_command(
+            "coordinator", *self._common("coordinator"), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir),
+            *(("--resume",) if resume else ())))
+
+    def start_workers(self) -> None:
+        for w in self.federation.workers():
+            self.start_worker(w.id)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process this federation started (no goodbye) and reap it."""
+        proc = self.group.procs[name]
+        proc.kill()
+        proc.wait()
 
     def state_dir(self, worker_id: str) -> Path:
         return self.run_dir / "worker-state" / worker_id

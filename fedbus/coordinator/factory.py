@@ -12,6 +12,8 @@ from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine
 from fedbus.coordinator.versions import AsyncPolicy, VersionStateMachine
 from fedbus.crypto.federation import Federation
 from fedbus.jobspec import JobSpec
+from fedbus.privacy.budget import PrivacyBudget
+from fedbus.privacy.central import DpFedAvg
 
 
 def policy_from(job: JobSpec, federation: Federation | None = None) -> RoundPolicy:
@@ -45,7 +47,13 @@ def _innermost(rule: AggregationRule) -> AggregationRule:
 
 
 def rule_for(job: JobSpec) -> AggregationRule:
-    """The job's rule, told what it needs of the job's local training to bound claims."""
+    """The job's rule, told what it needs of the job's local training to bound claims.
+
+    With ``privacy.dp`` the server's rule is DP-FedAvg (FedProx keeps its client step)."""
+    if (dp := job.privacy.dp) is not None:
+        clip = dp.clip.fixed if dp.clip.fixed is not None else dp.clip.adaptive.initial
+        return DpFedAvg(dp.mode, dp.noise_multiplier, clip, adaptive=dp.clip.adaptive,
+                        count_noise=job.dp_count_noise())
     rule = build_rule(job.strategy)
     inner = _innermost(rule)
     if isinstance(inner, FedNova):
@@ -80,4 +88,9 @@ def machine_for(job: JobSpec, initial_state: State, num_workers_total: int,
                                    num_workers_total=num_workers_total)
     policy = dataclasses.replace(policy_from(job, federation), reopened_min_ms=reopened_min_ms)
     return RoundStateMachine(policy, initial_state, rule=rule, optimizer=optimizer,
-                             num_workers_total=num_workers_total)
+                             num_workers_total=num_workers_total, privacy=budget_for(job))
+
+
+def budget_for(job: JobSpec) -> PrivacyBudget | None:
+    dp = job.privacy.dp
+    return None if dp is None else PrivacyBudget(dp.noise_multiplier, dp.target_delta, dp.max_epsilon, dp.accountant)

@@ -71,16 +71,20 @@ class MachineBase:
     # ---- the strategy's server state, committed with every model ----------------------
 
     def strategy_state(self) -> dict:
-        """The server-side state committed with every model (rule and optimizer)."""
+        """The server-side state committed with every model (rule, optimizer, privacy budget)."""
         out = {}
-        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
+        for name, part in self._stateful_parts():
             state_dict = getattr(part, "state_dict", None)
             if callable(state_dict):
                 out[name] = state_dict()
         return out
 
+    def _stateful_parts(self) -> tuple:
+        # The privacy budget (sync rounds with privacy.dp) is committed with the rule's state.
+        return (("rule", self.rule), ("optimizer", self.optimizer), ("privacy", getattr(self, "privacy", None)))
+
     def _load_strategy_state(self, strategy_state: dict) -> None:
-        for name, part in (("rule", self.rule), ("optimizer", self.optimizer)):
+        for name, part in self._stateful_parts():
             if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
                 part.load_state_dict(strategy_state[name])
 

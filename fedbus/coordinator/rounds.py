@@ -40,6 +40,7 @@ from fedbus.coordinator.metrics import weighted_means
 from fedbus.coordinator.records import JobRecord
 from fedbus.coordinator.registry import WorkerRegistry
 from fedbus.coordinator.sampling import sample_cohort
+from fedbus.privacy.budget import PrivacyBudget
 from fedbus.protocol.codec import TensorSpec, spec_of
 
 
@@ -333,6 +334,9 @@ class Aggregate:
         return new_state
 
 
+DP_EPSILON = "dp_epsilon"  # a round's metric: client-level ε at the job's target δ after it
+PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"  # FinishJob reason
+
 RECENT_ROUNDS = 8  # closed rounds whose accepted workers are remembered (copies arriving late)
 
 AGGREGATION_ERRORS = (StrategyConfigError, InvalidUpdate, ValueError)
@@ -412,8 +416,10 @@ class RoundStateMachine(MachineBase):
     """Drives one job's synchronous rounds from a global model to the final one."""
 
     def __init__(self, policy: RoundPolicy, initial_state: State, *, rule: AggregationRule | None = None,
-                 optimizer: ServerOptimizer | None = None, num_workers_total: int | None = None):
+                 optimizer: ServerOptimizer | None = None, num_workers_total: int | None = None,
+                 privacy: PrivacyBudget | None = None):
         self.policy = policy
+        self.privacy = privacy  # asked before every round opens; committed with the strategy state
         self.limits = policy
         self.state = initial_state
         self.model_spec: dict[str, TensorSpec] = spec_of(initial_state)
@@ -818,9 +824,11 @@ class RoundStateMachine(MachineBase):
         self.model_version += 1
         self.rounds_completed += 1
         self._failed_in_a_row = 0
+        privacy = {DP_EPSILON: self.privacy.aggregated()} if self.privacy is not None else {}
         close = CloseRound(self.round, self.model_version, "aggregated", tuple(sorted(self._reported)),
                            dict(self._round_rejections), (self._closing_ms - self._opened_ms) / 1000.0,
-                           self.state, {**self._round_metrics(), **ev.metrics}, late=tuple(w for w, _ in late),
+                           self.state, {**self._round_metrics(), **ev.metrics, **privacy},
+                           late=tuple(w for w, _ in late),
                            staleness=(0,) * len(self._reported) + tuple(t for _, t in late),
                            elapsed_s=self._elapsed(ev.now_ms), via=dict(self._via))
         self._plan_next(ev.now_ms, out, closing=close)
@@ -835,6 +843,8 @@ class RoundStateMachine(MachineBase):
 
     def _fail_round(self, now: int, out: list[Action]) -> None:
         self._failed_in_a_row += 1
+        if self.privacy is not None:
+            self.privacy.failed()  # nothing was released
         self._late_stash.clear()  # nothing aggregates them: the failed round's commit acknowledges them
         self._open_late_window()
         close = CloseRound(self.round, self.model_version, "failed", tuple(sorted(self._reported)),
@@ -874,6 +884,13 @@ class RoundStateMachine(MachineBase):
                 self._propose(self._record("waiting", round_=self.round, closing=closing), [*head, "wait"], out, ack)
                 return
             cohort = sample_cohort(alive, self.policy.cohort_size, seed=self.policy.seed, round_=self.round + 1)
+            if self.privacy is not None:
+                # Stop before a round that would take ε past the budget; else note its shape
+                # (committed with the round) so that its aggregation is accounted as sampled.
+                if not self.privacy.allows(len(alive), len(cohort)):
+                    self._plan_finish(now, out, PRIVACY_BUDGET_EXHAUSTED, closing=closing)
+                    return
+                self.privacy.opened(len(alive), len(cohort))
             declared = {w: self.registry.declared(w) for w in cohort}
             self._propose(self._record("round_open", round_=self.round + 1, cohort=cohort, declared=declared,
                                        closing=closing), [*head, "open_round"], out, ack)

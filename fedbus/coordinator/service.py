@@ -74,6 +74,7 @@ from fedbus.jobspec import JobSpec
 from fedbus.keywatch import KeyWatch
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
+from fedbus.privacy.budget import privacy_summary
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
@@ -776,6 +777,7 @@ class CoordinatorService:
         await self.audit.publish("round.closed", round=a.round, run=self.run_id, status=a.status,
                                  model_version=a.model_version,
                                  accepted=list(a.accepted))
+        self._note_privacy(a.round)
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
         log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
                  status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),
@@ -790,6 +792,15 @@ class CoordinatorService:
             span.end()
         if self.job.mode == "async" and self.machine.rounds_completed < self.job.rounds:
             self._version_span()  # the next version's trace starts when this one is committed
+
+    def _note_privacy(self, round_: int | None) -> None:
+        """ε so far into summary.json and the log (``privacy.epsilon``), after every round and at the end."""
+        budget = getattr(self.machine, "privacy", None)
+        if budget is None:
+            return
+        self.summary.privacy = privacy_summary(self.job, budget)
+        log.info("privacy.epsilon", round=round_, epsilon=round(budget.epsilon, 6), delta=budget.target_delta,
+                 max_epsilon=budget.max_epsilon, rounds_accounted=budget.rounds_accounted)
 
     async def _open_eval(self, a: OpenEval) -> None:
         span = self.tracer.start_span("final_evaluation", attributes={
@@ -809,6 +820,7 @@ class CoordinatorService:
         metrics = {**final, **a.metrics}
         self.summary.finish(a.reason, a.rounds_completed, a.model_version, metrics)
         self.summary.updates_accepted = self.machine.accepted_total
+        self._note_privacy(None)
         if a.reason == "commit_failed":
             self.exit_code = 1
         await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(

@@ -33,6 +33,8 @@ class RunSummary:
     # them, and update messages delivered more than once: both show a starved event loop.
     max_heartbeat_gap_s: float = 0.0
     redeliveries: int = 0
+    # Client-level DP (privacy.dp): ε at the target δ over the rounds accounted, and how.
+    privacy: dict = field(default_factory=dict)
 
     def set_rejections(self, this_incarnation: Counter) -> None:
         self.rejected = self.rejected_before + this_incarnation
@@ -63,6 +65,7 @@ class RunSummary:
         s.resumed_from_round = d.get("resumed_from_round")
         s.max_heartbeat_gap_s = float(d.get("max_heartbeat_gap_s") or 0.0)
         s.redeliveries = int(d.get("redeliveries") or 0)
+        s.privacy = dict(d.get("privacy") or {})
         return s
 
     def count_rejection(self, reason: str) -> None:
@@ -102,6 +105,7 @@ class RunSummary:
             "updates_rejected": dict(sorted(self.rejected.items())),
             "redeliveries": self.redeliveries,
             "max_heartbeat_gap_s": round(self.max_heartbeat_gap_s, 3),
+            **({"privacy": self.privacy} if self.privacy else {}),
             "rounds": self.rounds,
         }
 

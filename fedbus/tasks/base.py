@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 # make_optimizer used to live here; it is still importable from this module.
+from fedbus.tasks.dp_sgd import train_dp_sgd
 from fedbus.tasks.optim import SGD, Adam, make_optimizer
 
 # Evaluation has no backward pass, so large batches only cost memory.
@@ -48,6 +49,13 @@ class TrainSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     # FedProx: (mu/2) * ||w - w_global||^2 is added to the loss when mu > 0.
     proximal_mu: float = Field(default=0.0, ge=0)
+    # Sample-level DP-SGD through Opacus in the default train loop when > 0 (fedbus/tasks/dp_sgd.py);
+    # its ε is reported apart, as dp_sgd_epsilon. Flat scalars: round.open carries these settings.
+    dp_sgd_noise_multiplier: float = Field(default=0.0, ge=0, le=1e4,
+                                           description="σ of DP-SGD (noise std over the per-example clip); 0: off")
+    dp_sgd_max_grad_norm: float = Field(default=1.0, gt=0, le=1e6,
+                                        description="DP-SGD clips every example's gradient to this L2 norm")
+    dp_sgd_delta: float = Field(default=1e-5, gt=0, lt=1, description="δ at which dp_sgd_epsilon is reported")
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,13 @@ class Task:
         loop needs only `seed` (which is `context.seed` when fedbus calls it).
         """
         num_samples = len(dataset)  # type: ignore[arg-type]
+        if settings.dp_sgd_noise_multiplier > 0:
+            if settings.proximal_mu > 0 or grad_correction is not None:
+                raise ValueError("dp_sgd does not support FedProx's proximal term or SCAFFOLD's gradient correction")
+            engines = self.__dict__.setdefault("_dp_sgd_engines", {})  # per worker id: ε composes over rounds
+            steps, metrics = train_dp_sgd(model, dataset, settings, seed, engines,
+                                          context.worker_id if context is not None else "", self.loss)
+            return TrainResult(num_samples=num_samples, num_steps=steps, metrics=metrics)
         model.train()
         optimizer = make_optimizer(model, settings)
         anchors = _proximal_anchors(model, global_state) if settings.proximal_mu > 0 else None

@@ -9,6 +9,7 @@ from fedbus.protocol.messages import Update
 from fedbus.transforms.attack import AttackTransform
 from fedbus.transforms.base import LocalUpdate, Pipeline, Transform
 from fedbus.transforms.clip import ClipUpdateNorm
+from fedbus.transforms.dp_noise import GaussianNoiseShare
 from fedbus.transforms.encode import Encode
 from fedbus.transforms.strategy import strategy_client_step
 from fedbus.worker.attacks import Attack
@@ -16,15 +17,22 @@ from fedbus.worker.attacks import Attack
 
 def build_worker_pipeline(job: JobSpec, *, attack: Attack | None = None,
                           client_clip_norm: float | None = None) -> Pipeline:
-    """train -> strategy client step -> clip -> attack (testing only) -> encode.
+    """train -> strategy client step -> clip -> DP noise share -> attack (testing only) -> encode.
 
-    ``client_clip_norm``: clip each update's delta on the worker (the job spec has no
-    key for it yet; the privacy issue adds one and passes it here).
+    ``client_clip_norm``: clip each update's delta on the worker. ``privacy.dp`` with
+    ``mode: distributed`` clips to its C and adds the worker's noise share.
     """
     stages: list[Transform] = []
     if (step := strategy_client_step(job)) is not None:
         stages.append(step)
-    if client_clip_norm is not None:
+    dp = job.privacy.dp
+    if dp is not None and dp.mode == "distributed":
+        if client_clip_norm is not None:
+            raise ValueError("privacy.dp in distributed mode clips to its own C; no second client clip")
+        # Validation allows only a fixed clip in distributed mode.
+        stages += [ClipUpdateNorm(dp.clip.fixed),
+                   GaussianNoiseShare(dp.noise_multiplier, dp.clip.fixed, job.cohort.least_quorum)]
+    elif client_clip_norm is not None:
         stages.append(ClipUpdateNorm(client_clip_norm))
     if attack is not None and not attack.poisons_data:
         stages.append(AttackTransform(attack))

@@ -126,7 +126,9 @@ class WorkerService:
         scratch = copy.deepcopy(self.trainer.model)
         ctx = training_context(job_seed=self.job.seed, run=None, worker_id=self.identity.id, partition=self.partition,
                                num_partitions=self.num_partitions, round_=0)
-        call_train(task, scratch, data.train, self.job.train, context=ctx,
+        # Warm-up never trains with DP-SGD: its steps would count against the worker's own ε.
+        call_train(task, scratch, data.train, self.job.train.model_copy(update={"dp_sgd_noise_multiplier": 0.0}),
+                   context=ctx,
                    global_state=scratch.state_dict() if self.job.train.proximal_mu > 0 else None)
         if len(data.val) > 0:
             task.evaluate(scratch, data.val)
