@@ -66,6 +66,7 @@ from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
+from fedbus.crypto.sealing import unsealed_recipients
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
@@ -126,7 +127,10 @@ class CoordinatorService:
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
                                    federation=federation, reopened_min_ms=int((ACK_WAIT_S + 2.0) * 1000))
         # A body carries at most the model's tensors and as many again of strategy extras.
-        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
+        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16, receiver=identity)
+        # Refuses to start (SealingUnavailable) when seal_updates is true and a recipient has no key.
+        self._unsealed = unsealed_recipients(job.security.seal_updates, federation,
+                                             regional=job.topology == "regional")
         self.pipeline = build_worker_pipeline(job)  # its decode half turns wire updates into contributions
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
@@ -212,6 +216,9 @@ class CoordinatorService:
                      asyncio.create_task(self._keep_unacked_alive()),
                      asyncio.create_task(self._write_audit()),
                      asyncio.create_task(self._act())]
+            if self._unsealed:
+                log.warning("sealing.unavailable", recipients=self._unsealed,
+                            note="updates to these recipients travel in the clear: no encryption_key listed")
             log.info("coordinator.started", job=self.job.job, run=self.run_id, nats=self.nats_url,
                      rounds=self.job.rounds, min_workers=self.job.cohort.min_workers,
                      strategy=self.machine.rule.describe(),
@@ -511,6 +518,7 @@ class CoordinatorService:
         until = next((a.until_round for a in actions if isinstance(a, Deferred) and a.worker_id == event.worker_id),
                      event.round)
         self._unacked.setdefault((until, event.worker_id), []).append(msg)
+        self.summary.updates_sealed += got.sealed
         self._held_nonces.add(got.header.nonce)
         self._accepted_nonces[got.header.nonce] = _seq(msg)
         while len(self._accepted_nonces) > ACCEPTED_NONCES:
