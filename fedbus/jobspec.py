@@ -192,8 +192,8 @@ class SecuritySpec(BaseModel):
                             "coordinator, or the region's aggregator with topology: regional), so the broker and "
                             "other members cannot read it. auto (default): seal when the federation file lists the "
                             "recipient's encryption_key (every federation written by `fedbus keys federation` "
-                            "does), otherwise send in the clear and log sealing.unavailable once; a recipient with "
-                            "a listed key then refuses plain updates (unsealed_body). true: always; every process "
+                            "does), otherwise send in the clear and log sealing.unavailable once; recipients accept "
+                            "both. true: always, and recipients refuse plain updates (unsealed_body); every process "
                             "refuses to start when a recipient has no key. false: never seal")
 
 

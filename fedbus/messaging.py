@@ -25,7 +25,7 @@ from fedbus.bus import BLOBS_BUCKET, BlobStore, Subjects, publish_with_retry
 from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, check_pointer, seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
-from fedbus.crypto.sealing import Opener, SealTarget, requires_sealed_updates, seal_body
+from fedbus.crypto.sealing import Opener, SealTarget, seal_body
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
@@ -64,20 +64,17 @@ def verifier_for(job: JobSpec, federation: Federation, *, max_tensors: int = DEF
     ``max_tensors``: the most tensors one body may carry; pass the model's count plus its
     extras (e.g. 2 * len(model) + 16) once the model is known.
     ``receiver``: the identity of a participant that reads updates (coordinator,
-    aggregator): its encryption key opens sealed updates, and the job's
-    ``security.seal_updates`` decides whether it refuses plain ones.
+    aggregator), whose encryption key opens sealed updates. With
+    ``security.seal_updates: true`` it refuses plain ones (``unsealed_body``); with
+    ``auto`` it accepts them (a worker whose federation file lists no key for it), and
+    ``summary.json`` shows how many were sealed.
     """
     sec = job.security
-    opener = sealed_types = None
-    if receiver is not None:
-        if receiver.encryption_key is not None:
-            opener = Opener(receiver.id, receiver.encryption_key)
-        if requires_sealed_updates(sec.seal_updates, federation, receiver.id):
-            sealed_types = frozenset({Update.TYPE})
     return EnvelopeVerifier(federation, job.job, max_age_ms=int(sec.max_age_s * 1000),
                             max_future_ms=int(sec.max_future_s * 1000), max_body_bytes=sec.max_message_bytes,
-                            blob_bucket=BLOBS_BUCKET, max_tensors=max_tensors, opener=opener,
-                            sealed_types=sealed_types or frozenset())
+                            blob_bucket=BLOBS_BUCKET, max_tensors=max_tensors,
+                            opener=Opener.of(receiver) if receiver is not None else None,
+                            sealed_types=frozenset({Update.TYPE}) if sec.seal_updates is True else frozenset())
 
 
 class Messenger:

@@ -22,7 +22,6 @@ from fedbus.crypto.sealing import (
     SealingUnavailable,
     SealTarget,
     open_body,
-    requires_sealed_updates,
     seal_body,
     unsealed_recipients,
     update_seal_target,
@@ -57,7 +56,7 @@ FED = federation(COORD, AGG, W1, W2)
 
 
 def make_verifier(receiver: Identity | None = COORD, sealed_types=frozenset({"update"})) -> EnvelopeVerifier:
-    opener = Opener(receiver.id, receiver.encryption_key) if receiver is not None else None
+    opener = Opener.of(receiver) if receiver is not None else None
     return EnvelopeVerifier(FED, JOB, max_age_ms=120_000, max_future_ms=30_000, max_body_bytes=1 << 20,
                             opener=opener, sealed_types=sealed_types)
 
@@ -199,8 +198,6 @@ def test_auto_falls_back_to_plain_and_true_refuses_without_a_key():
     old = federation(COORD, AGG, W1, W2, drop_keys={"coord"})
     assert update_seal_target("auto", old, "w1", regional=False) is None
     assert unsealed_recipients("auto", old, regional=False) == ["coord"]
-    assert not requires_sealed_updates("auto", old, "coord")
-    assert requires_sealed_updates("auto", FED, "coord") and requires_sealed_updates(True, old, "coord")
     with pytest.raises(SealingUnavailable, match="coord"):
         unsealed_recipients(True, old, regional=False)
     # Regional: w2's region (us) has no aggregator, so nobody could open its updates.
@@ -208,6 +205,15 @@ def test_auto_falls_back_to_plain_and_true_refuses_without_a_key():
         update_seal_target(True, FED, "w2", regional=True)
     assert unsealed_recipients("auto", FED, regional=True) == ["aggregator of us"]
     assert unsealed_recipients(False, old, regional=False) == []
+
+
+def test_recipients_refuse_plain_updates_only_when_sealing_is_mandatory():
+    for mode, required in (("auto", frozenset()), (True, frozenset({"update"})), (False, frozenset())):
+        job = JobSpec(job=JOB, task="fedbus.tasks.digits:task", rounds=1, security={"seal_updates": mode})
+        verifier = verifier_for(job, FED, receiver=COORD)
+        assert verifier.sealed_types == required and verifier.opener.opens_for("coord")
+        assert not verifier.opener.opens_for("agg-eu")
+    assert verifier_for(job, FED).opener is None  # a worker opens nothing
 
 
 def test_job_spec_seal_updates_defaults_to_auto():

@@ -244,7 +244,7 @@ class EnvelopeVerifier:
         if header.sealed_to is not None:
             if not cls.SEALABLE:
                 raise Rejection("unsealable_body", f"{header.type} bodies are never sealed", header)
-            if self.opener is None or header.sealed_to != self.opener.recipient:
+            if self.opener is None or not self.opener.opens_for(header.sealed_to):
                 raise Rejection("unsealable_body", f"sealed to {header.sealed_to[:64]!r}", header)
         elif header.type in self.sealed_types:
             raise Rejection("unsealed_body", f"{header.type} bodies must be sealed", header)
@@ -260,7 +260,7 @@ class EnvelopeVerifier:
             if self.opener is None:
                 raise Rejection("unsealable_body", "this receiver opens no sealed bodies", header)
             try:
-                body = self.opener.open(body)
+                body = self.opener.open(header.sealed_to, body)
             except SealError as exc:
                 raise Rejection("unsealable_body", str(exc), header) from None
         try:

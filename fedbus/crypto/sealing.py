@@ -42,6 +42,7 @@ opens them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey
 
 from fedbus.crypto.federation import Federation
+from fedbus.crypto.keys import Identity
 
 # 32-byte ephemeral public key + 16-byte Poly1305 tag.
 SEAL_OVERHEAD = 48
@@ -78,13 +80,24 @@ class SealTarget:
 
 @dataclass(frozen=True)
 class Opener:
-    """A receiver's own id (what ``sealed_to`` must name) and the X25519 key that opens."""
+    """The X25519 keys a receiver opens with, by the participant id ``sealed_to`` names:
+    its own one (a coordinator or an aggregator), or every recipient's for an auditor
+    holding all of them (tests that check aggregation against the raw updates)."""
 
-    recipient: str
-    key: PrivateKey
+    keys: Mapping[str, PrivateKey]
 
-    def open(self, ciphertext: bytes | bytearray | memoryview) -> bytes:
-        return open_body(ciphertext, self.key)
+    @classmethod
+    def of(cls, *identities: Identity) -> Opener:
+        return cls({i.id: i.encryption_key for i in identities if i.encryption_key is not None})
+
+    def opens_for(self, recipient: str) -> bool:
+        return recipient in self.keys
+
+    def open(self, recipient: str, ciphertext: bytes | bytearray | memoryview) -> bytes:
+        key = self.keys.get(recipient)
+        if key is None:
+            raise SealError(f"no key to open bodies sealed to {recipient[:64]!r}")
+        return open_body(ciphertext, key)
 
 
 def seal_body(plaintext: bytes | bytearray | memoryview, target: PublicKey, *,
@@ -143,15 +156,6 @@ def update_seal_target(mode: SealMode, federation: Federation, worker_id: str, *
                                      f"federation file")
         return None
     return SealTarget(recipient, key)
-
-
-def requires_sealed_updates(mode: SealMode, federation: Federation, receiver_id: str) -> bool:
-    """Whether a receiver refuses plain updates: with ``True`` always; with ``"auto"`` when
-    the federation file lists its encryption key (then every worker seals to it, so a
-    plain update is one that should not exist)."""
-    if mode is True:
-        return True
-    return mode == "auto" and federation.encryption_key(receiver_id) is not None
 
 
 def unsealed_recipients(mode: SealMode, federation: Federation, *, regional: bool) -> list[str]:
