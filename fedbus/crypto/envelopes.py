@@ -4,7 +4,8 @@ Verification runs cheapest check first and stops at the first failure, before an
 is decoded: size -> header decode -> known, unrevoked sender -> role allowed for the type
 -> signature -> timestamp freshness -> nonce unseen -> job -> round -> body size (the
 type's own limit) -> claim-check pointer allowed -> sealed to me / sealed when required
--> body digest -> open the sealed box -> body decode -> header/body agreement. Tensor checks against the model follow in ``check_tensors``.
+-> body digest -> open the sealed box -> body decode -> header/body agreement. Tensor
+checks against the model follow in ``check_tensors``.
 Every failure is a ``Rejection`` with a stable reason name; nothing else escapes.
 
 ``accept_body`` is ``decode_body`` (pure: digest, decode, agreement; safe to run in a

@@ -78,16 +78,15 @@ class FederationFile(BaseModel):
         # sharing one key would let either holder sign as the other. Compared as decoded
         # bytes, since two base64 spellings can carry one key.
         # Likewise an encryption key: either holder could read what is sealed to the other.
-        for field, consequence in (("public_key", "one could sign as the other"),
-                                   ("encryption_key", "one could read what is sealed to the other")):
+        for field, what in (("public_key", "a public key (one could sign as the other)"),
+                            ("encryption_key", "an encryption key (one could read what is sealed to the other)")):
             holders: dict[bytes, list[str]] = {}
             for p in self.participants:
                 if (value := getattr(p, field)) is not None:
                     holders.setdefault(unb64(value), []).append(p.id)
             shared = [ids for ids in holders.values() if len(ids) > 1]
             if shared:
-                raise ValueError(f"participants share a{'n' if field[0] == 'e' else ''} {field.replace('_', ' ')} "
-                                 f"({consequence}): " + "; ".join(", ".join(ids) for ids in shared))
+                raise ValueError(f"participants share {what}: " + "; ".join(", ".join(ids) for ids in shared))
         return self
 
 
