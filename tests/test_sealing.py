@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, seal
 from fedbus.crypto.federation import Federation, FederationFile
-from fedbus.crypto.keys import Identity
+from fedbus.crypto.keys import Identity, b64
 from fedbus.crypto.sealing import (
     SEAL_OVERHEAD,
     Opener,
@@ -283,3 +283,21 @@ def test_a_large_sealed_update_is_stored_sealed_and_opens_at_its_recipient(nats_
     plaintext_in_store, got = asyncio.run(_sealed_blob_roundtrip(nats_server.url))
     assert not plaintext_in_store
     assert got.sealed and torch.equal(got.tensors["w"], torch.full((64 * 1024,), 1.2345678))
+
+
+def test_keys_gen_writes_both_pairs_and_the_federation_lists_both_public_keys(tmp_path, capsys):
+    from fedbus.cli import main
+
+    assert main(["keys", "gen", "--id", "coordinator", "--role", "coordinator", "--out", str(tmp_path / "k")]) == 0
+    assert main(["keys", "gen", "--id", "w1", "--role", "worker", "--out", str(tmp_path / "k")]) == 0
+    printed = capsys.readouterr().out
+    assert main(["keys", "federation", "--keys", str(tmp_path / "k"), "--out", str(tmp_path / "fed.yaml")]) == 0
+    fed = Federation.load(tmp_path / "fed.yaml")
+    for pid in ("coordinator", "w1"):
+        ident = Identity.load(tmp_path / "k" / f"{pid}.key")
+        assert bytes(fed.encryption_key(pid)) == bytes(ident.encryption_public_key)
+        assert fed.listed_as(ident, ident.role).id == pid
+        secrets = (b64(bytes(ident.signing_key)), b64(bytes(ident.encryption_key)))
+        assert not any(s in printed or s in (tmp_path / "fed.yaml").read_text() for s in secrets)
+    # New federations seal by default: the coordinator is every flat worker's recipient.
+    assert update_seal_target("auto", fed, "w1", regional=False).recipient == "coordinator"
