@@ -10,6 +10,9 @@ and sealed alternate within each repeat, so both see the same machine load; medi
 one call each), to show where the added time goes: sealing hashes the plaintext once
 (the derived ephemeral key) and encrypts it; opening decrypts it.
 
+"added" is the median over repeats of (sealed - plain) within the same repeat (paired, so a
+load spike that hits one repeat moves both); one unmeasured warm-up repeat per size first.
+
 Starts its own nats-server on free 127.0.0.1 ports with a temporary store and stops it.
 Usage: python benchmarks/sealing.py [--sizes 20,200] [--repeats 3]
 """
@@ -69,7 +72,7 @@ async def end_to_end(url: str, sizes: list[int], repeats: int) -> dict[tuple[int
         out: dict[tuple[int, str], dict[str, list[float]]] = {}
         for size in sizes:
             model = model_of(size)
-            for rep in range(repeats):
+            for rep in range(-1, repeats):  # repeat -1: warm-up, not recorded
                 for mode in ("plain", "sealed"):
                     t0 = time.perf_counter()
                     header = await sender.publish(subjects.upd("default", "w01"), FIELDS, model, round=1,
@@ -82,12 +85,14 @@ async def end_to_end(url: str, sizes: list[int], repeats: int) -> dict[tuple[int
                     if got.sealed != (mode == "sealed") or not torch.equal(got.tensors["layer3.weight"],
                                                                             model["layer3.weight"]):
                         raise SystemExit(f"{mode} update did not come back intact")
+                    del got
+                    await sender.blobs.delete(header.blob.name)  # keep the store small
+                    if rep < 0:
+                        continue
                     times = out.setdefault((size, mode), {"publish": [], "receive": [], "total": []})
                     times["publish"].append(t1 - t0)
                     times["receive"].append(t3 - t2)
                     times["total"].append((t1 - t0) + (t3 - t2))
-                    del got
-                    await sender.blobs.delete(header.blob.name)  # keep the store small
                     print(f"  {size} MB {mode:6s} repeat {rep + 1}: publish {t1 - t0:.3f} s, "
                           f"receive {t3 - t2:.3f} s", flush=True)
         await sub.unsubscribe()
@@ -145,10 +150,13 @@ def main() -> None:
           f"{'receive +':>9} | {'added s/GB':>10}")
     for size in sizes:
         p, s = e2e[(size, "plain")], e2e[(size, "sealed")]
+
+        def added(part: str) -> float:  # paired: sealed minus plain within each repeat
+            return median([b - a for a, b in zip(p[part], s[part])])
+
         plain, sealed = median(p["total"]), median(s["total"])
-        print(f"{size:>4} MB | {plain:7.3f} | {sealed:7.3f} | {sealed - plain:7.3f} | {sealed / plain:5.2f}x | "
-              f"{median(s['publish']) - median(p['publish']):9.3f} | {median(s['receive']) - median(p['receive']):9.3f} | "
-              f"{(sealed - plain) / (size / 1000):10.2f}")
+        print(f"{size:>4} MB | {plain:7.3f} | {sealed:7.3f} | {added('total'):7.3f} | {sealed / plain:5.2f}x | "
+              f"{added('publish'):9.3f} | {added('receive'):9.3f} | {added('total') / (size / 1000):10.2f}")
     print()
     steps = steps_without_bus(sizes, args.repeats)
     print("The steps alone (no bus), medians in seconds; sealing adds seal_body and open_body")
