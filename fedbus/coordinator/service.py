@@ -65,11 +65,12 @@ from fedbus.coordinator.summary import RunSummary
 from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
-from fedbus.crypto.keys import Identity
+from fedbus.crypto.keys import Identity, unb64
 from fedbus.crypto.sealing import unsealed_recipients
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
+from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
@@ -595,6 +596,10 @@ class CoordinatorService:
                 self._unacked.setdefault((ticket, worker), []).append(msg)
         else:
             self._unacked.setdefault((h.round, h.sender), []).append(msg)
+        # Each proof is a contributor's signed update header (verified above): it says whether
+        # the update travelled sealed to the region's aggregator.
+        self.summary.updates_sealed += sum(decode_header(unb64(p)[:-SIGNATURE_LEN]).sealed_to is not None
+                                           for p in body.proofs)
         log.debug("partial.accepted", region=region, round=h.round, contributors=len(contributors))
         return True
 
