@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -167,6 +168,17 @@ def _run_service(coro_factory, *, process: str, service: str, instance: str, spa
         shutdown_tracing()
 
 
+@contextlib.contextmanager
+def _sealing_errors():
+    """security.seal_updates: true with a recipient that has no encryption key is bad input."""
+    from fedbus.crypto.sealing import SealingUnavailable
+
+    try:
+        yield
+    except SealingUnavailable as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     # Every input file is checked before anything is created or imported heavily.
     job = load_job(args.job)
@@ -181,8 +193,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
-                                 credentials=credentials)
+    with _sealing_errors():
+        service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
+                                     credentials=credentials)
 
     async def go() -> int:
         summary = await service.run()
@@ -251,8 +264,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if slowdown is not None:
         print(f"WARNING: worker {identity.id} simulates a straggler: training stretched {slowdown.factor:g}x "
               f"(testing only)", file=sys.stderr)
-    service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
-                            state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
+    with _sealing_errors():
+        service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
+                                state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -671,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="identities")
     ksub = k.add_subparsers(dest="keys_command", required=True)
-    gen = ksub.add_parser("gen", help="generate an Ed25519 key pair (the key file is created with mode 600)")
+    gen = ksub.add_parser("gen", help="generate an Ed25519 signing and an X25519 encryption key pair (the key "
+                                      "file is created with mode 600)")
     gen.add_argument("--id", required=True)
     gen.add_argument("--role", required=True, choices=["coordinator", "aggregator", "worker", "operator"],
                      help="operator: may sign key events (fedbus keys revoke|rotate) and nothing else")

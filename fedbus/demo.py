@@ -294,7 +294,8 @@ def format_report(summary: dict, spans_path: Path, group: ProcessGroup) -> str:
     if fed is not None:
         lines.append(f"final federated evaluation accuracy (workers' held-out splits) {fed:.4f}")
     rejected = summary.get("updates_rejected") or {}
-    lines.append(f"updates accepted {summary['updates_accepted']}, rejected {sum(rejected.values())} {rejected or ''}")
+    lines.append(f"updates accepted {summary['updates_accepted']} ({summary.get('updates_sealed', 0)} sealed to their "
+                 f"recipient), rejected {sum(rejected.values())} {rejected or ''}")
     with contextlib.suppress(OSError):
         lines.append(describe_traces(spans_path, len(group.procs) - 1))
     total_peaks = sum(group.peak_rss.values())

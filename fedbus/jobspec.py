@@ -188,6 +188,14 @@ class SecuritySpec(BaseModel):
     audit_interval_s: float = Field(5.0, gt=0, le=3600.0,
                                     description="rejections are audited in aggregate: at most one audit record per "
                                                 "sender and reason per interval, carrying the count")
+    seal_updates: bool | Literal["auto"] = Field(
+        "auto", description="encrypt each worker's update body to its recipient's X25519 encryption_key (the "
+                            "coordinator, or the region's aggregator with topology: regional), so the broker and "
+                            "other members cannot read it. auto (default): seal when the federation file lists the "
+                            "recipient's encryption_key (every federation written by `fedbus keys federation` "
+                            "does), otherwise send in the clear and log sealing.unavailable once; recipients accept "
+                            "both. true: always, and recipients refuse plain updates (unsealed_body); every process "
+                            "refuses to start when a recipient has no key. false: never seal")
 
 
 class TransportSpec(BaseModel):

@@ -61,8 +61,11 @@ def build_event(federation: Federation, signer: Identity, participant: str, *, n
                                    f"not {participant} ({target.role})")
             if bytes(new_key.public_key) == unb64(target.public_key):
                 raise KeyToolError(f"the new key is already {participant}'s current key")
+            # The new key file's encryption key travels along: updates are then sealed to a
+            # key the rotated process can open (an aggregator's, or the coordinator's).
+            sealing = new_key.participant_entry().get("encryption_key")
             event = KeyEvent(action="rotate", participant=participant, old_key=target.public_key,
-                             new_key=b64(bytes(new_key.public_key)), reason=reason)
+                             new_key=b64(bytes(new_key.public_key)), new_encryption_key=sealing, reason=reason)
         # Dry run on a copy: what every process would refuse is refused here, before publishing.
         if copy.deepcopy(federation.overlay).apply(event, signer.id) is None:
             raise KeyToolError(f"{participant} is already revoked")

@@ -7,7 +7,9 @@ header check, and only from the job's own bucket, under the sender's own names, 
 larger than the message type allows.
 
 Digest and decode of a large body can run off the event loop (``receive(offload=True)``);
-the replay guard is still touched only from the loop.
+the replay guard is still touched only from the loop. Likewise a body that carries tensors
+is encoded (and, with ``seal_to``, encrypted to its recipient: ``fedbus.crypto.sealing``)
+in a worker thread, so a large update does not stall heartbeats.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from fedbus.bus import BLOBS_BUCKET, BlobStore, Subjects, publish_with_retry
 from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, check_pointer, seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
+from fedbus.crypto.sealing import Opener, SealTarget, seal_body
 from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
-from fedbus.protocol.messages import Body, body_limit, encode_body
+from fedbus.protocol.messages import Body, Update, body_limit, encode_body
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +44,11 @@ class Received:
     fields: Body
     tensors: dict[str, Tensor] | None
 
+    @property
+    def sealed(self) -> bool:
+        """Whether the body travelled as a sealed box (to this receiver)."""
+        return self.header.sealed_to is not None
+
 
 def nats_headers(header: EnvelopeHeader) -> dict[str, str]:
     headers = {"Nats-Msg-Id": header.nonce.hex(), "Fedbus-Type": header.type}
@@ -49,21 +57,29 @@ def nats_headers(header: EnvelopeHeader) -> dict[str, str]:
     return headers
 
 
-def verifier_for(job: JobSpec, federation: Federation, *, max_tensors: int = DEFAULT_MAX_TENSORS) -> EnvelopeVerifier:
+def verifier_for(job: JobSpec, federation: Federation, *, max_tensors: int = DEFAULT_MAX_TENSORS,
+                 receiver: Identity | None = None) -> EnvelopeVerifier:
     """The verifier a participant of ``job`` uses, with the job's security limits.
 
     ``max_tensors``: the most tensors one body may carry; pass the model's count plus its
     extras (e.g. 2 * len(model) + 16) once the model is known.
+    ``receiver``: the identity of a participant that reads updates (coordinator,
+    aggregator), whose encryption key opens sealed updates. With
+    ``security.seal_updates: true`` it refuses plain ones (``unsealed_body``); with
+    ``auto`` it accepts them (a worker whose federation file lists no key for it), and
+    ``summary.json`` shows how many were sealed.
     """
-    return security_verifier(job.job, job.security, federation, max_tensors=max_tensors)
+    return security_verifier(job.job, job.security, federation, max_tensors=max_tensors, receiver=receiver)
 
 
 def security_verifier(job_id: str, sec: SecuritySpec, federation: Federation, *,
-                      max_tensors: int = DEFAULT_MAX_TENSORS) -> EnvelopeVerifier:
+                      max_tensors: int = DEFAULT_MAX_TENSORS, receiver: Identity | None = None) -> EnvelopeVerifier:
     """``verifier_for`` from a job id and its security settings alone (tools that know no more)."""
     return EnvelopeVerifier(federation, job_id, max_age_ms=int(sec.max_age_s * 1000),
                             max_future_ms=int(sec.max_future_s * 1000), max_body_bytes=sec.max_message_bytes,
-                            blob_bucket=BLOBS_BUCKET, max_tensors=max_tensors)
+                            blob_bucket=BLOBS_BUCKET, max_tensors=max_tensors,
+                            opener=Opener.of(receiver) if receiver is not None else None,
+                            sealed_types=frozenset({Update.TYPE}) if sec.seal_updates is True else frozenset())
 
 
 class Messenger:
@@ -75,21 +91,34 @@ class Messenger:
         self.inline_max_bytes = inline_max_bytes
         self.blobs = BlobStore(nc, js)
 
-    async def seal(self, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
-                   round: int, trace: str | None = None, run: str | None = None) -> tuple[bytes, EnvelopeHeader]:
+    def _body(self, fields: Body, tensors: Mapping[str, Tensor] | None, seal_to: SealTarget | None) -> bytes:
         body = encode_body(fields, tensors)
+        if seal_to is None:
+            return body
+        return seal_body(body, seal_to.key, sender_secret=self.identity.encryption_key)
+
+    async def seal(self, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
+                   round: int, trace: str | None = None, run: str | None = None,
+                   seal_to: SealTarget | None = None) -> tuple[bytes, EnvelopeHeader]:
+        """Encode (and with ``seal_to`` encrypt), store out of line if large, and sign."""
+        if seal_to is not None and not fields.SEALABLE:
+            raise ValueError(f"{fields.TYPE} bodies are never sealed")
+        if fields.HAS_TENSORS:
+            body = await asyncio.to_thread(self._body, fields, tensors, seal_to)
+        else:
+            body = self._body(fields, tensors, seal_to)
         blob = None
         if len(body) > self.inline_max_bytes:
             name = f"{self.subjects.job}/{self.identity.id}/{fields.TYPE}/{round}/{os.urandom(8).hex()}"
             ref = await self.blobs.put_new(name, body)  # the name is new: no lookup (permissions.py)
             blob = BlobPointer(bucket=ref.bucket, name=ref.name, size=ref.size, digest=ref.digest)
         return seal(self.identity, fields.TYPE, job=self.subjects.job, round=round, body=body, trace=trace, blob=blob,
-                    run=run)
+                    run=run, sealed_to=seal_to.recipient if seal_to is not None else None)
 
     async def publish(self, subject: str, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
                       round: int, trace: str | None = None, persist: bool = True,
-                      run: str | None = None) -> EnvelopeHeader:
-        wire, header = await self.seal(fields, tensors, round=round, trace=trace, run=run)
+                      run: str | None = None, seal_to: SealTarget | None = None) -> EnvelopeHeader:
+        wire, header = await self.seal(fields, tensors, round=round, trace=trace, run=run, seal_to=seal_to)
         if persist:
             await publish_with_retry(self.js, subject, wire, headers=nats_headers(header), msg_id=header.nonce.hex())
         else:

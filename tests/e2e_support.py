@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from fedbus.crypto.federation import Federation
+from fedbus.crypto.keys import Identity
+from fedbus.crypto.sealing import Opener
 from fedbus.demo import ProcessGroup, cli_command, write_federation
 from fedbus.jobspec import CohortSpec, JobSpec
 
@@ -40,6 +42,12 @@ class LocalFederation:
 
     def key(self, participant_id: str) -> Path:
         return self.run_dir / "keys" / f"{participant_id}.key"
+
+    def opener(self) -> Opener:
+        """Every update recipient's encryption key (coordinator and aggregators): for tests
+        that read the raw, sealed updates off the stream to check what was aggregated."""
+        readers = [self.federation.coordinator(), *self.federation.aggregators()]
+        return Opener.of(*(Identity.load(self.key(p.id)) for p in readers))
 
     def _common(self, participant_id: str) -> list[str]:
         return ["--job", str(self.run_dir / "job.yaml"), "--federation", str(self.run_dir / "federation.yaml"),

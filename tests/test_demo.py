@@ -86,6 +86,8 @@ def test_small_demo_with_a_straggler_end_to_end(tmp_path):
     assert "stragglers (testing only): w03 train 4x slower" in result.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 3
+    # The demo's federation has encryption keys, so every update travelled sealed (the default).
+    assert summary["updates_sealed"] == summary["updates_accepted"] > 0
     log = (run_dir / "logs" / "w03.log").read_text()
     assert '"slowdown.simulation_enabled"' in log and '"factor": 4.0' in log
     assert "slowdown" not in (run_dir / "logs" / "w01.log").read_text()

@@ -52,12 +52,15 @@ def test_regional_aggregators_carry_every_update_and_the_model_equals_flat_fedav
         # Every accepted update came inside its own region's partial.
         assert row["via_region"] == {w: regions[w] for w in row["accepted_workers"]}, row
     assert summary["updates_rejected"] == {}
+    # Every worker sealed its updates to its region's aggregator (the proofs say so).
+    assert summary["updates_sealed"] == summary["updates_accepted"] == 4 * job.rounds
 
     subjects = Subjects(job.job)
     opens = asyncio.run(read_stream(fed, subjects.ctl("round.open")))
     # Each region's updates live in that region's own stream (no stream holds them all).
     updates = [u for r in ("r0", "r1") for u in asyncio.run(read_stream(fed, subjects.upd_region(r)))]
     assert len(updates) == 4 * job.rounds
+    assert {u.header.sealed_to for u in updates} == {"agg-r0", "agg-r1"}
     partials = asyncio.run(read_stream(fed, subjects.agg_all))
     assert len(partials) == 2 * job.rounds and {p.header.sender for p in partials} == {"agg-r0", "agg-r1"}
     bases = {o.fields.round: o.tensors for o in opens}

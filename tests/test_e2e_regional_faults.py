@@ -81,7 +81,7 @@ def wait_until(what: str, check, fed: LocalFederation, timeout: float, step: flo
 
 def reader_verifier(fed: LocalFederation) -> EnvelopeVerifier:
     return EnvelopeVerifier(fed.federation, fed.job.job, max_age_ms=10 * 60_000, max_future_ms=60_000,
-                            max_body_bytes=64 << 20)
+                            max_body_bytes=64 << 20, opener=fed.opener())  # updates are sealed to the aggregators
 
 
 async def judged_partials(fed: LocalFederation) -> list:

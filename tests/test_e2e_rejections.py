@@ -20,6 +20,7 @@ from fedbus.audit.reader import read_chain, verify_audit
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection, now_ms, seal
 from fedbus.crypto.keys import Identity
+from fedbus.crypto.sealing import seal_body
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import PREFIX_LEN, SIGNATURE_LEN
 from fedbus.protocol.messages import Heartbeat, RoundOpen, Update, encode_body
@@ -28,7 +29,7 @@ from tests.e2e_support import LocalFederation, small_job
 pytestmark = pytest.mark.e2e
 
 EXPECTED = {"unknown_sender", "bad_signature", "stale_timestamp", "wrong_round", "digest_mismatch",
-            "tensor_mismatch", "non_finite", "replayed_nonce", "wrong_run", "excessive_samples"}
+            "tensor_mismatch", "non_finite", "replayed_nonce", "wrong_run", "excessive_samples", "unsealable_body"}
 
 
 def update_body(round_: int, base_version: int) -> Update:
@@ -51,6 +52,10 @@ class Attacker:
         self.nc, self.js = nc, js
         self.messenger = Messenger(nc, js, self.me, self.subjects, inline_max_bytes=self.job.transport.inline_max_bytes)
         self.verifier = verifier = verifier_for(self.job, self.fed.federation)
+        # Honest updates are sealed to the coordinator: to tell them from this attacker's own
+        # forgeries (by their headers alone) the filter must accept that recipient.
+        coordinator = Identity.load(self.fed.key("coordinator"))
+        self.honest_filter = verifier_for(self.job, self.fed.federation, receiver=coordinator)
         control: asyncio.Queue = asyncio.Queue()
         honest: asyncio.Queue = asyncio.Queue()
         await js.subscribe(self.subjects.ctl("round.open"), ordered_consumer=True, cb=control.put)
@@ -148,13 +153,18 @@ class Attacker:
         wire, _ = seal(self.me, "update", job=job, round=r, body=encode_body(greedy, model), run=self.run)
         await self._send("excessive_samples", my_subject, wire)
 
+        # A body sealed to another participant than the coordinator (which cannot open it).
+        w01_key = self.fed.federation.encryption_key("w01")
+        wire, _ = seal(self.me, "update", job=job, round=r, body=seal_body(body, w01_key), run=self.run, sealed_to="w01")
+        await self._send("unsealable_body", my_subject, wire)
+
         # An honest worker's update re-published byte for byte under a fresh Nats-Msg-Id
         # (so JetStream de-duplication does not catch it; the replay guard must).
         # (Skip our own forged w01 message, which went to the same subject.)
         while True:
             captured = await asyncio.wait_for(honest.get(), timeout=60)
             try:
-                self.verifier.open(captured.data)
+                self.honest_filter.open(captured.data)
                 break
             except Rejection:
                 continue

@@ -26,7 +26,7 @@ async def read_stream(fed: LocalFederation, subject: str) -> list:
     nc = await connect(fed.nats_url, name="stream-reader", first_connect_timeout=10)
     js = nc.jetstream()
     verifier = EnvelopeVerifier(fed.federation, fed.job.job, max_age_ms=10 * 60_000, max_future_ms=60_000,
-                                max_body_bytes=64 << 20)
+                                max_body_bytes=64 << 20, opener=fed.opener())  # updates are sealed
     # Messenger only for its blob-aware receive; the reader never publishes.
     messenger = Messenger(nc, js, None, Subjects(fed.job.job), inline_max_bytes=1)  # type: ignore[arg-type]
     sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)

@@ -192,8 +192,11 @@ def test_identity_load_rejects_unknown_role(tmp_path):
 
 
 def test_participant_entry_is_public_only():
-    entry = Identity.generate("w", "worker").participant_entry()
-    assert set(entry) == {"id", "role", "region", "public_key"}
+    ident = Identity.generate("w", "worker")
+    entry = ident.participant_entry()
+    assert set(entry) == {"id", "role", "region", "public_key", "encryption_key"}
+    secrets = {b64(bytes(ident.signing_key)), b64(bytes(ident.encryption_key))}
+    assert not secrets & set(entry.values())
 
 
 # ---- Federation --------------------------------------------------------------------

@@ -39,6 +39,7 @@ def revoke(who: str, reason: str = "") -> KeyEvent:
 
 
 def rotate(who: Identity, new: Identity, **extra) -> KeyEvent:
+    extra.setdefault("new_encryption_key", new.participant_entry().get("encryption_key"))
     return KeyEvent(action="rotate", participant=who.id, old_key=pub(who), new_key=pub(new), **extra)
 
 
@@ -129,9 +130,10 @@ def test_an_aggregator_revoked_live_leaves_the_aggregator_list(ids, federation):
 
 def test_rotation_carries_an_optional_encryption_key(ids, federation):
     enc = b64(bytes(range(32)))
+    w1_before = federation.overlay.encryption_key("w1")
     federation.apply_key_event(rotate(ids["w2"], Identity.generate("w2", "worker"), new_encryption_key=enc), "ops")
     assert federation.overlay.encryption_key("w2") == enc
-    assert federation.overlay.encryption_key("w1") is None
+    assert federation.overlay.encryption_key("w1") == w1_before == ids["w1"].participant_entry()["encryption_key"]
 
 
 @pytest.mark.parametrize("fields", [

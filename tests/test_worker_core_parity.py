@@ -60,7 +60,7 @@ class Coordinator:
         self.url, self.job, self.federation = url, job, federation
         self.identity = Identity.load(tmp_path / "keys" / "coordinator.key")
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
-        self.verifier = verifier_for(job, federation)
+        self.verifier = verifier_for(job, federation, receiver=self.identity)  # opens the sealed updates
         self.updates: asyncio.Queue = asyncio.Queue()
         self.reports: asyncio.Queue = asyncio.Queue()
 

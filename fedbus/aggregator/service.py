@@ -34,6 +34,7 @@ from fedbus.coordinator.rounds import AckThrough, DuplicateIgnored, RejectUpdate
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity, b64, unb64
+from fedbus.crypto.sealing import unsealed_recipients
 from fedbus.crypto.proofs import proof_of
 from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
@@ -88,7 +89,9 @@ class AggregatorService:
         else:
             self.core = AggregatorCore(region, self.members, policy_from(job, federation), rule_for(job), initial,
                                        close_margin_ms=margin)
-        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
+        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16, receiver=identity)
+        # Refuses to start (SealingUnavailable) when seal_updates is true and a recipient has no key.
+        unsealed_recipients(job.security.seal_updates, federation, regional=True)
         self.pipeline = build_worker_pipeline(job)
         sec = job.security
         self.ledger = RejectionLedger(int(sec.audit_interval_s * 1000), lambda s: federation.get(s) is not None)

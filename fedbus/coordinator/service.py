@@ -68,13 +68,15 @@ from fedbus.coordinator.summary import RunSummary
 from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
-from fedbus.crypto.keys import Identity
+from fedbus.crypto.keys import Identity, unb64
 from fedbus.crypto.keyevents import KeyChange
+from fedbus.crypto.sealing import unsealed_recipients
 from fedbus.jobspec import JobSpec
 from fedbus.keywatch import KeyWatch
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
 from fedbus.privacy.budget import privacy_summary
+from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
@@ -132,7 +134,10 @@ class CoordinatorService:
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
                                    federation=federation, reopened_min_ms=int((ACK_WAIT_S + 2.0) * 1000))
         # A body carries at most the model's tensors and as many again of strategy extras.
-        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16)
+        self.verifier = verifier_for(job, federation, max_tensors=2 * len(initial) + 16, receiver=identity)
+        # Refuses to start (SealingUnavailable) when seal_updates is true and a recipient has no key.
+        self._unsealed = unsealed_recipients(job.security.seal_updates, federation,
+                                             regional=job.topology == "regional")
         self.pipeline = build_worker_pipeline(job)  # its decode half turns wire updates into contributions
         self.summary = RunSummary(job=job.job, task=job.task, rounds_planned=job.rounds)
         self.tracer = get_tracer("fedbus.coordinator")
@@ -229,6 +234,9 @@ class CoordinatorService:
                      asyncio.create_task(self._keep_unacked_alive()),
                      asyncio.create_task(self.audit_queue.run()),
                      asyncio.create_task(self._act())]
+            if self._unsealed:
+                log.warning("sealing.unavailable", recipients=self._unsealed,
+                            note="updates to these recipients travel in the clear: no encryption_key listed")
             log.info("coordinator.started", job=self.job.job, run=self.run_id, nats=self.nats_url,
                      rounds=self.job.rounds, min_workers=self.job.cohort.min_workers,
                      strategy=self.machine.rule.describe(),
@@ -535,6 +543,7 @@ class CoordinatorService:
         until = next((a.until_round for a in actions if isinstance(a, Deferred) and a.worker_id == event.worker_id),
                      event.round)
         self._unacked.setdefault((until, event.worker_id), []).append(msg)
+        self.summary.updates_sealed += got.sealed
         self._held_nonces.add(got.header.nonce)
         self._accepted_nonces[got.header.nonce] = _seq(msg)
         while len(self._accepted_nonces) > ACCEPTED_NONCES:
@@ -611,6 +620,10 @@ class CoordinatorService:
                 self._unacked.setdefault((ticket, worker), []).append(msg)
         else:
             self._unacked.setdefault((h.round, h.sender), []).append(msg)
+        # Each proof is a contributor's signed update header (verified above): it says whether
+        # the update travelled sealed to the region's aggregator.
+        self.summary.updates_sealed += sum(decode_header(unb64(p)[:-SIGNATURE_LEN]).sealed_to is not None
+                                           for p in body.proofs)
         log.debug("partial.accepted", region=region, round=h.round, contributors=len(contributors))
         return True
 

@@ -21,6 +21,8 @@ class RunSummary:
     model_version: int = 0
     wall_seconds: float = 0.0
     updates_accepted: int = 0
+    # Accepted updates whose body travelled sealed (fedbus.crypto.sealing), over every incarnation.
+    updates_sealed: int = 0
     rejected: Counter = field(default_factory=Counter)
     rounds: list[dict] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
@@ -57,6 +59,7 @@ class RunSummary:
         s.incarnations = int(d.get("incarnations", 1))
         s.wall_seconds = float(d.get("wall_seconds", 0.0))
         s.updates_accepted = int(d.get("updates_accepted", 0))
+        s.updates_sealed = int(d.get("updates_sealed") or 0)
         s.rejected_before = Counter(d.get("updates_rejected", {}))
         s.rejected = Counter(s.rejected_before)
         s.rounds = list(d.get("rounds", []))
@@ -102,6 +105,7 @@ class RunSummary:
             "resumed_from_round": self.resumed_from_round,
             "error": self.error,
             "updates_accepted": self.updates_accepted,
+            "updates_sealed": self.updates_sealed,
             "updates_rejected": dict(sorted(self.rejected.items())),
             "redeliveries": self.redeliveries,
             "max_heartbeat_gap_s": round(self.max_heartbeat_gap_s, 3),

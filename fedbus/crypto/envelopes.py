@@ -3,8 +3,9 @@
 Verification runs cheapest check first and stops at the first failure, before any body
 is decoded: size -> header decode -> known, unrevoked sender -> role allowed for the type
 -> signature -> timestamp freshness -> nonce unseen -> job -> round -> body size (the
-type's own limit) -> claim-check pointer allowed -> body digest -> body decode ->
-header/body agreement. Tensor checks against the model follow in ``check_tensors``.
+type's own limit) -> claim-check pointer allowed -> sealed to me / sealed when required
+-> body digest -> open the sealed box -> body decode -> header/body agreement. Tensor
+checks against the model follow in ``check_tensors``.
 Every failure is a ``Rejection`` with a stable reason name; nothing else escapes.
 
 ``accept_body`` is ``decode_body`` (pure: digest, decode, agreement; safe to run in a
@@ -24,6 +25,7 @@ from nacl.exceptions import BadSignatureError
 from fedbus.crypto.federation import Federation, Participant
 from fedbus.crypto.replay import ReplayGuard
 from fedbus.crypto.signing import now_ms, seal  # noqa: F401  (re-exported: the send side of this module)
+from fedbus.crypto.sealing import Opener, SealError
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, CodecError, Tensor, TensorSpec, spec_of
 from fedbus.protocol.envelope import (
     PROTOCOL_VERSION,
@@ -68,6 +70,9 @@ REASONS = (
     "too_stale",            # (async) an update whose base version is too old
     "wrong_region",         # an aggregator's partial for another region, or with a worker of another region
     "invalid_key_event",    # a verified key event that the key rules refuse (fedbus.crypto.keyevents)
+    # added with sealed updates (fedbus.crypto.sealing)
+    "unsealed_body",        # a plain body of a type this receiver requires sealed
+    "unsealable_body",      # sealed to someone else, of a type never sealed, or a box that does not open
 )
 
 
@@ -121,7 +126,8 @@ class EnvelopeVerifier:
 
     def __init__(self, federation: Federation, job: str, *, max_age_ms: int, max_future_ms: int,
                  max_body_bytes: int, replay_guard: ReplayGuard | None = None,
-                 blob_bucket: str | None = None, max_tensors: int = DEFAULT_MAX_TENSORS):
+                 blob_bucket: str | None = None, max_tensors: int = DEFAULT_MAX_TENSORS,
+                 opener: Opener | None = None, sealed_types: frozenset[str] = frozenset()):
         self.federation = federation
         self.job = job
         self.max_age_ms = max_age_ms
@@ -133,6 +139,10 @@ class EnvelopeVerifier:
         # Bound on tensors in one body: set it to what the model (plus extras) needs
         # once known, so a hostile tensor header costs little.
         self.max_tensors = max_tensors
+        # This receiver's own X25519 key (None: it opens no sealed bodies), and the message
+        # types it accepts only sealed.
+        self.opener = opener
+        self.sealed_types = sealed_types
         # `is not None`: an empty guard is falsy (it has __len__).
         self.replay_guard = replay_guard if replay_guard is not None else ReplayGuard(max_age_ms + max_future_ms)
 
@@ -204,6 +214,15 @@ class EnvelopeVerifier:
             if len(inline_body) != 0 or header.blob.size != header.length:
                 raise Rejection("malformed_header", "blob pointer inconsistent with header", header)
             check_pointer(header, self.blob_bucket)
+        # 9. sealing, on the header alone: a body this receiver cannot open is refused before
+        # any blob is fetched for it.
+        if header.sealed_to is not None:
+            if not cls.SEALABLE:
+                raise Rejection("unsealable_body", f"{header.type} bodies are never sealed", header)
+            if self.opener is None or not self.opener.opens_for(header.sealed_to):
+                raise Rejection("unsealable_body", f"sealed to {header.sealed_to[:64]!r}", header)
+        elif header.type in self.sealed_types:
+            raise Rejection("unsealed_body", f"{header.type} bodies must be sealed", header)
         return Opened(header, sender, inline_body)
 
     def decode_body(self, opened: Opened, body: bytes | bytearray | memoryview) -> tuple[Body, dict[str, Tensor] | None]:
@@ -212,6 +231,13 @@ class EnvelopeVerifier:
         header = opened.header
         if len(body) != header.length or body_digest(body) != header.digest:
             raise Rejection("digest_mismatch", header.sender, header)
+        if header.sealed_to is not None:  # the digest was the ciphertext's: open it only now
+            if self.opener is None:
+                raise Rejection("unsealable_body", "this receiver opens no sealed bodies", header)
+            try:
+                body = self.opener.open(header.sealed_to, body)
+            except SealError as exc:
+                raise Rejection("unsealable_body", str(exc), header) from None
         try:
             fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors)
         except BodyError as exc:

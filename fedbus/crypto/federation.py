@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import yaml
+from nacl.public import PublicKey
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,6 +32,10 @@ class Participant(BaseModel):
         description="operator: may sign key events (live revocation and rotation) and nothing else")
     region: str = Field("default", pattern=ID_PATTERN)
     public_key: str = Field(description="base64 Ed25519 public key (32 bytes)")
+    encryption_key: str | None = Field(
+        None, description="base64 X25519 public key (32 bytes) that update bodies are sealed to when this "
+                          "participant receives them (the coordinator, or a region's aggregator); generated "
+                          "separately from public_key. Unset: nobody can seal to it")
     revoked: bool = Field(False, description="listed for the audit trail, but everything it sends is rejected")
     max_samples: int | None = Field(
         None, ge=1, le=MAX_SAMPLES_LIMIT,
@@ -39,15 +44,17 @@ class Participant(BaseModel):
                     "Unset: only the worker's heartbeat declaration and the job's "
                     "security.max_samples_per_update bound it")
 
-    @field_validator("public_key")
+    @field_validator("public_key", "encryption_key")
     @classmethod
-    def _is_ed25519(cls, value: str) -> str:
+    def _is_32_byte_key(cls, value: str | None, info) -> str | None:
+        if value is None:
+            return value
         try:
             raw = unb64(value)
         except ValueError:
-            raise ValueError("public_key is not base64") from None
+            raise ValueError(f"{info.field_name} is not base64") from None
         if len(raw) != 32:
-            raise ValueError("public_key must be 32 bytes")
+            raise ValueError(f"{info.field_name} must be 32 bytes")
         return value
 
     @model_validator(mode="after")
@@ -75,13 +82,16 @@ class FederationFile(BaseModel):
         # Messages are verified with the key listed for the sender id in the header; two ids
         # sharing one key would let either holder sign as the other. Compared as decoded
         # bytes, since two base64 spellings can carry one key.
-        holders: dict[bytes, list[str]] = {}
-        for p in self.participants:
-            holders.setdefault(unb64(p.public_key), []).append(p.id)
-        shared = [ids for ids in holders.values() if len(ids) > 1]
-        if shared:
-            raise ValueError("participants share a public key (one could sign as the other): "
-                             + "; ".join(", ".join(ids) for ids in shared))
+        # Likewise an encryption key: either holder could read what is sealed to the other.
+        for field, what in (("public_key", "a public key (one could sign as the other)"),
+                            ("encryption_key", "an encryption key (one could read what is sealed to the other)")):
+            holders: dict[bytes, list[str]] = {}
+            for p in self.participants:
+                if (value := getattr(p, field)) is not None:
+                    holders.setdefault(unb64(value), []).append(p.id)
+            shared = [ids for ids in holders.values() if len(ids) > 1]
+            if shared:
+                raise ValueError(f"participants share {what}: " + "; ".join(", ".join(ids) for ids in shared))
         return self
 
 
@@ -118,6 +128,11 @@ class Federation:
                 check_key and unb64(listed.public_key) != bytes(identity.public_key)):
             raise ValueError(f"key {identity.id} is not listed (unrevoked, with this public key) in the federation file"
                              + (" as amended by the job's key events" if self.overlay.changes else ""))
+        mine = identity.participant_entry()
+        if check_key and listed.encryption_key is not None and listed.encryption_key != mine.get("encryption_key"):
+            # Others would seal to a key this process cannot open with.
+            raise ValueError(f"key {identity.id}: the federation file lists another encryption key than the key "
+                             f"file holds")
         return listed
 
     def get(self, participant_id: str) -> Participant | None:
@@ -135,6 +150,13 @@ class Federation:
 
     def _current(self, role: str) -> list[Participant]:
         return [self.overlay.get(p.id) for p in self.spec.participants if p.role == role]  # type: ignore[misc]
+
+    def encryption_key(self, participant_id: str) -> PublicKey | None:
+        """The X25519 key bodies are sealed to for this participant (None: unknown id or no key)."""
+        listed = self.get(participant_id)
+        if listed is None or listed.encryption_key is None:
+            return None
+        return PublicKey(unb64(listed.encryption_key))
 
     def workers(self) -> list[Participant]:
         """Workers in file order (revoked ones too); a worker's position is its default data partition."""

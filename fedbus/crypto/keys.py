@@ -1,4 +1,13 @@
-"""Participant identities: an Ed25519 signing key plus who it belongs to."""
+"""Participant identities: an Ed25519 signing key, an X25519 encryption key, and who they belong to.
+
+The two key pairs are generated independently and never derived from one another. The
+signing key proves who sent a message; the encryption key lets a recipient (the
+coordinator, or a region's aggregator) read sealed update bodies. Kept apart, one can be
+rotated or revoked without the other, a compromise of one gives nothing about the
+other, and no key is ever used in two algorithms (converting an Ed25519 key to X25519
+is possible, but ties both roles to one secret and is exactly the reuse that cross-
+protocol attacks need).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 from fedbus.atomicfile import atomic_write_text
@@ -57,29 +67,39 @@ def unb64(text: str) -> bytes:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who I am: id, role, region and the private key that proves it."""
+    """Who I am: id, role, region, the private key that proves it and (optionally) the
+    private key that opens bodies sealed to me. Key files written before sealing existed
+    have no encryption key: they still load, and such a participant cannot receive sealed
+    bodies."""
 
     id: str
     role: str
     region: str
     signing_key: SigningKey
+    encryption_key: PrivateKey | None = None
 
     @classmethod
     def generate(cls, id: str, role: str, region: str = "default") -> Identity:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        return cls(id, role, region, SigningKey.generate())
+        return cls(id, role, region, SigningKey.generate(), PrivateKey.generate())
 
     @property
     def public_key(self) -> VerifyKey:
         return self.signing_key.verify_key
 
+    @property
+    def encryption_public_key(self) -> PublicKey | None:
+        return None if self.encryption_key is None else self.encryption_key.public_key
+
     def sign(self, data: bytes) -> bytes:
         return self.signing_key.sign(data).signature
 
     def participant_entry(self) -> dict[str, str]:
-        return {"id": self.id, "role": self.role, "region": self.region,
-                "public_key": b64(bytes(self.public_key))}
+        entry = {"id": self.id, "role": self.role, "region": self.region, "public_key": b64(bytes(self.public_key))}
+        if self.encryption_key is not None:
+            entry["encryption_key"] = b64(bytes(self.encryption_key.public_key))
+        return entry
 
     def save(self, path: str | Path) -> None:
         """Write the private key file, readable by the owner only.
@@ -88,6 +108,8 @@ class Identity:
         existing one atomically, so an interrupted ``--force`` never leaves half a key.
         """
         data = dict(self.participant_entry(), private_key=b64(bytes(self.signing_key)))
+        if self.encryption_key is not None:
+            data["encryption_private_key"] = b64(bytes(self.encryption_key))
         text = "# fedbus private key: keep secret, never commit\n" + yaml.safe_dump(data, sort_keys=False)
         atomic_write_text(path, text, mode=0o600)
 
@@ -106,7 +128,9 @@ class Identity:
             raise ValueError(f"{path}: not a fedbus key file (not YAML: {' '.join(str(exc).split())})") from None
         try:
             key = SigningKey(unb64(data["private_key"]))
-            ident = cls(str(data["id"]), str(data["role"]), str(data.get("region", "default")), key)
+            sealed = data.get("encryption_private_key")  # absent in key files from before sealing
+            enc = None if sealed is None else PrivateKey(unb64(sealed))
+            ident = cls(str(data["id"]), str(data["role"]), str(data.get("region", "default")), key, enc)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: non-str key
             raise ValueError(f"{path}: not a fedbus key file ({exc})") from None
         if ident.role not in ROLES:

@@ -31,7 +31,7 @@ DIGEST_ALG = "blake2b-256"
 _HLEN = struct.Struct("<H")
 PREFIX_LEN = len(MAGIC) + _HLEN.size
 MAX_HEADER_LEN = 4096
-_MAX_HEADER_MAP_LEN = 32  # EnvelopeHeader has 12 fields, BlobPointer 4
+_MAX_HEADER_MAP_LEN = 32  # EnvelopeHeader has 13 fields, BlobPointer 4
 
 
 class EnvelopeError(ValueError):
@@ -65,6 +65,10 @@ class EnvelopeHeader(BaseModel):
     trace: str | None = Field(None, max_length=128, description="W3C traceparent of the sender's span")
     run: str | None = Field(None, pattern=RUN_PATTERN,
                             description="the coordinator run this message belongs to (control messages and updates)")
+    sealed_to: str | None = Field(None, max_length=128,
+                                  description="set when the body is a sealed box (X25519, fedbus.crypto.sealing) "
+                                              "that only this participant can open; digest and length are then "
+                                              "the ciphertext's")
 
 
 def body_digest(body: bytes | bytearray | memoryview) -> bytes:

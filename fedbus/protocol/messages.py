@@ -86,6 +86,9 @@ class Body(BaseModel):
     TYPE: ClassVar[str]
     SENDER_ROLES: ClassVar[frozenset[str]]
     HAS_TENSORS: ClassVar[bool] = False
+    # Whether the body may travel sealed to its recipient (fedbus.crypto.sealing); a sealed
+    # body of any other type is refused as unsealable_body.
+    SEALABLE: ClassVar[bool] = False
     # Largest body (fields + tensors) of this type; None: the job's max_message_bytes.
     MAX_BODY_BYTES: ClassVar[int | None] = 256 * KIB
     # Largest msgpack fields section of this type.
@@ -135,6 +138,7 @@ class Update(Body):
     TYPE: ClassVar[str] = "update"
     SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"worker"})
     HAS_TENSORS: ClassVar[bool] = True
+    SEALABLE: ClassVar[bool] = True
     MAX_BODY_BYTES: ClassVar[int | None] = None  # carries the model
     METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"train_metrics", "eval_metrics", "extra_scalars"})
     round: int = Field(ge=1, le=MAX_COUNT)

@@ -27,6 +27,7 @@ from fedbus.crypto.envelopes import Rejection, now_ms
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.crypto.keyevents import KeyChange
+from fedbus.crypto.sealing import unsealed_recipients, update_seal_target
 from fedbus.jobspec import JobSpec
 from fedbus.keywatch import REVOKED_EXIT_CODE, KeyWatch, own_key_lost
 from fedbus.messaging import Messenger, Received, verifier_for
@@ -95,6 +96,9 @@ class WorkerService:
                                skip_closed_rounds=job.mode == "sync")
         # A control body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(self.model_spec) + 16)
+        # Refuses to start (SealingUnavailable) when seal_updates is true and a recipient has no key.
+        self._unsealed = unsealed_recipients(job.security.seal_updates, federation,
+                                             regional=job.topology == "regional")
         self.rejections = RejectionLedger(int(job.security.audit_interval_s * 1000),
                                           lambda sender: federation.get(sender) is not None)
         self.tracer = get_tracer("fedbus.worker")
@@ -179,6 +183,9 @@ class WorkerService:
                 log.warning("attack.simulation_enabled", kind=self.attack.kind, param=self.attack.param)
             if self.slowdown is not None:
                 log.warning("slowdown.simulation_enabled", factor=self.slowdown.factor)
+            if self._unsealed:
+                log.warning("sealing.unavailable", recipients=self._unsealed,
+                            note="updates to these recipients travel in the clear: no encryption_key listed")
             log.info("worker.started", worker=self.identity.id, partition=self.partition,
                      samples=self.num_samples, nats=self.nats_url, state_dir=str(self.store.root),
                      stored_updates=len(self.core.sent))
@@ -317,9 +324,12 @@ class WorkerService:
 
     async def _publish_update(self, action: PublishUpdate, parent, attrs) -> None:
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
+            # Looked up per update, so a key the federation gains or changes while running is used.
+            seal_to = update_seal_target(self.job.security.seal_updates, self.federation, self.identity.id,
+                                         regional=self.job.topology == "regional")
             await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), action.fields,
                                          action.tensors, round=action.round, run=action.run,
-                                         trace=current_traceparent())
+                                         trace=current_traceparent(), seal_to=seal_to)
         if not action.resend:
             # Persisted after the publish, off the round's critical path (an fsync costs ~8 ms).
             # See fedbus.worker.state for what a crash between the steps leaves.
