@@ -27,6 +27,7 @@ from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
 from fedbus.protocol.messages import Body, body_limit, encode_body
+from fedbus.telemetry.metrics import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +91,7 @@ class Messenger:
                       round: int, trace: str | None = None, persist: bool = True,
                       run: str | None = None) -> EnvelopeHeader:
         wire, header = await self.seal(fields, tensors, round=round, trace=trace, run=run)
+        metrics().sent(fields.TYPE, len(wire) + (header.blob.size if header.blob is not None else 0))
         if persist:
             await publish_with_retry(self.js, subject, wire, headers=nats_headers(header), msg_id=header.nonce.hex())
         else:
@@ -106,6 +108,7 @@ class Messenger:
         ``offload``: digest and decode bodies over OFFLOAD_MIN_BYTES in a worker thread,
         so heartbeats and ack keep-alives are not starved by a large update.
         """
+        metrics().received(len(wire))  # counted before verification: junk costs bandwidth too
         opened = verifier.open(wire, round_ok=round_ok, sender_token=sender_token, stored_ms=stored_ms)
         body = await self._body_of(opened, verifier)
         if offload and len(body) > OFFLOAD_MIN_BYTES:
@@ -128,6 +131,8 @@ class Messenger:
             raise Rejection("oversize", f"claim check of {pointer.size} bytes, limit {limit}", header)
         try:
             # BlobStore.get compares the stored size and digest with these before reading.
-            return await self.blobs.get(pointer.name, expected_size=pointer.size, expected_digest=pointer.digest)
+            body = await self.blobs.get(pointer.name, expected_size=pointer.size, expected_digest=pointer.digest)
         except Exception as exc:  # missing, tampered, timed out, or a name the server refuses
             raise Rejection("blob_unavailable", f"{pointer.name[:80]}: {exc!r:.200}", header) from None
+        metrics().received(len(body))
+        return body

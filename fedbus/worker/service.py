@@ -35,6 +35,7 @@ from fedbus.protocol.messages import Heartbeat, RoundClose
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
+from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
 from fedbus.worker.attacks import Attack
 from fedbus.worker.slowdown import Slowdown
@@ -96,7 +97,8 @@ class WorkerService:
         # A control body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(self.model_spec) + 16)
         self.rejections = RejectionLedger(int(job.security.audit_interval_s * 1000),
-                                          lambda sender: federation.get(sender) is not None)
+                                          lambda sender: federation.get(sender) is not None,
+                                          on_count=count_rejection)
         self.tracer = get_tracer("fedbus.worker")
         self.messenger: Messenger | None = None
         self.audit: AuditQueue | None = None
@@ -270,7 +272,9 @@ class WorkerService:
                         try:
                             started = time.perf_counter()
                             done = await asyncio.to_thread(self.trainer.run_train, action)
-                            await self._stretch(time.perf_counter() - started, action.round)
+                            trained_s = time.perf_counter() - started
+                            metrics().trained(trained_s)  # the training itself, not a simulated stretch
+                            await self._stretch(trained_s, action.round)
                         except Exception:
                             pending += self.core.handle(WorkFailed("train", action.run, action.round))
                             raise
@@ -289,6 +293,7 @@ class WorkerService:
                 case PublishEvalReport():
                     await self.messenger.publish(self.subjects.metrics(self.identity.id), action.fields,
                                                  round=action.round, run=action.run, trace=current_traceparent())
+                    metrics().local_metrics("eval", action.fields.metrics)
                     log.info("eval.sent", round=action.round, run=action.run,
                              accuracy=round(float(action.fields.metrics.get("accuracy", float("nan"))), 4))
                 case Exit():
@@ -326,6 +331,9 @@ class WorkerService:
             state = self.trainer.pipeline.state_dict()
             await asyncio.to_thread(self._persist, action, state)
         f = action.fields
+        if not action.resend:
+            metrics().local_metrics("train", f.train_metrics)
+            metrics().local_metrics("eval", f.eval_metrics)
         log.info("update.resent" if action.resend else "update.sent", round=action.round, run=action.run,
                  samples=f.num_samples, steps=f.num_steps,
                  loss=round(float(f.train_metrics.get("loss", float("nan"))), 4))
