@@ -787,10 +787,13 @@ class CoordinatorService:
         self._note_privacy(a.round)
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
         metrics().committed(sync=self.job.mode == "sync", round_=a.round, model_version=a.model_version,
-                            status=a.status, seconds=a.seconds, staleness=list(a.staleness), model_metrics=round_metrics)
-        log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
-                 status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),
-                 staleness=list(a.staleness), **{k: round(v, 4) for k, v in round_metrics.items()})
+                            status=a.status, seconds=a.seconds, staleness=list(a.staleness),
+                            model_metrics=round_metrics)
+        # In the round's span, so the line carries its trace id.
+        with otel_trace.use_span(span, end_on_exit=False) if span else contextlib.nullcontext():
+            log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
+                     status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),
+                     staleness=list(a.staleness), **{k: round(v, 4) for k, v in round_metrics.items()})
         if span:
             span.set_attribute("fedbus.status", a.status)
             span.set_attribute("fedbus.accepted", len(a.accepted))

@@ -321,22 +321,22 @@ class WorkerService:
         await asyncio.sleep(extra)
 
     async def _publish_update(self, action: PublishUpdate, parent, attrs) -> None:
+        f = action.fields
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
             await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), action.fields,
                                          action.tensors, round=action.round, run=action.run,
                                          trace=current_traceparent())
+            # Logged inside the span: the line carries the round's trace id.
+            log.info("update.resent" if action.resend else "update.sent", round=action.round, run=action.run,
+                     samples=f.num_samples, steps=f.num_steps,
+                     loss=round(float(f.train_metrics.get("loss", float("nan"))), 4))
         if not action.resend:
+            metrics().local_metrics("train", f.train_metrics)
+            metrics().local_metrics("eval", f.eval_metrics)
             # Persisted after the publish, off the round's critical path (an fsync costs ~8 ms).
             # See fedbus.worker.state for what a crash between the steps leaves.
             state = self.trainer.pipeline.state_dict()
             await asyncio.to_thread(self._persist, action, state)
-        f = action.fields
-        if not action.resend:
-            metrics().local_metrics("train", f.train_metrics)
-            metrics().local_metrics("eval", f.eval_metrics)
-        log.info("update.resent" if action.resend else "update.sent", round=action.round, run=action.run,
-                 samples=f.num_samples, steps=f.num_steps,
-                 loss=round(float(f.train_metrics.get("loss", float("nan"))), 4))
 
     def _persist(self, action: PublishUpdate, strategy_state: dict) -> None:
         try:
