@@ -100,7 +100,7 @@ def test_unserved_metrics_are_no_ops_and_a_second_server_replaces_the_first():
 
 def test_every_exported_name_is_documented_in_the_readme():
     text = README.read_text()
-    names = set(re.findall(r'"(fedbus_[a-z_]+)"', README.parent / "fedbus" / "telemetry" / "metrics.py".read_text()))
+    names = set(re.findall(r'"(fedbus_[a-z_]+)"', (README.parent / "fedbus" / "telemetry" / "metrics.py").read_text()))
     names |= {f"fedbus_worker_{split}_{m}" for split in ("train", "eval") for m in ("loss", "accuracy")}
     undocumented = [n for n in sorted(names) if n not in text]
     assert not undocumented, undocumented

@@ -66,7 +66,7 @@ class FedbusMetrics:
         self._epsilon = m.create_gauge("fedbus_privacy_epsilon", description="differential-privacy epsilon spent so far")
         self._epsilon_limit = m.create_gauge(
             "fedbus_privacy_epsilon_limit", description="the job's privacy budget (privacy.max_epsilon)")
-        self._model_metric = m.create_gauge(
+        self._model_accuracy = m.create_gauge(
             "fedbus_model_test_accuracy", description="the committed model's accuracy on the server's test data")
         self._model_loss = m.create_gauge(
             "fedbus_model_test_loss", description="the committed model's loss on the server's test data")
@@ -129,7 +129,7 @@ class FedbusMetrics:
         self._model_version.set(model_version, self._base)
         self._last_commit.set(time.time(), self._base)
         self._duration.record(seconds, self._base)
-        _set_finite(self._model_metric, model_metrics.get("test_accuracy"), self._base)
+        _set_finite(self._model_accuracy, model_metrics.get("test_accuracy"), self._base)
         _set_finite(self._model_loss, model_metrics.get("test_loss"), self._base)
 
     def accepted(self, count: int = 1) -> None:
