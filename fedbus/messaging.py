@@ -91,11 +91,11 @@ class Messenger:
                       round: int, trace: str | None = None, persist: bool = True,
                       run: str | None = None) -> EnvelopeHeader:
         wire, header = await self.seal(fields, tensors, round=round, trace=trace, run=run)
-        metrics().sent(fields.TYPE, len(wire) + (header.blob.size if header.blob is not None else 0))
         if persist:
             await publish_with_retry(self.js, subject, wire, headers=nats_headers(header), msg_id=header.nonce.hex())
         else:
             await self.nc.publish(subject, wire, headers=nats_headers(header))
+        metrics().sent(fields.TYPE, len(wire) + (header.blob.size if header.blob is not None else 0))
         return header
 
     async def receive(self, verifier: EnvelopeVerifier, wire: bytes, *, round_ok: RoundCheck | None = None,

@@ -102,6 +102,7 @@ HEARTBEAT_GAP_ALIVE_S = 30.0
 # storming: unsubscribe it for a while (shorter than any liveness window, >= 5 s).
 HB_STORM_REFUSALS = 1_000
 HB_COOL_DOWN_S = 2.0
+LIVE_WORKERS_EVERY_TICKS = 10  # the live-workers gauge is refreshed every 0.5 s
 
 
 def _seq(msg) -> int | None:
@@ -321,13 +322,16 @@ class CoordinatorService:
         return actions
 
     async def _tick(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(TICK_S)
             for reason, count in self._unfed_rejections.items():
                 self.machine.handle(MessageRejected(reason, count))
             self._unfed_rejections.clear()
             self._feed(Tick(now_ms()))
-            metrics().live_workers(len(self.machine.alive_workers(now_ms())))
+            ticks += 1
+            if ticks % LIVE_WORKERS_EVERY_TICKS == 0:  # (an O(workers) scan: not on every tick)
+                metrics().live_workers(len(self.machine.alive_workers(now_ms())))
             if self.ledger.due(now_ms()):
                 await self._flush_rejections()
 
