@@ -54,6 +54,15 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
                    help=f"file holding a user nkey seed (SU...) (env {ENV_NKEY}); `fedbus nats nkey` writes one")
 
 
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    """Where a service serves its Prometheus ``/metrics`` (the README lists the series)."""
+    g = parser.add_argument_group("metrics (Prometheus)")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve /metrics on this port (0: any free port, logged as metrics.serving); default: off")
+    g.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                   help="address /metrics binds to (default 127.0.0.1: only this machine can scrape)")
+
+
 def credentials_from(args: argparse.Namespace):
     """The NatsCredentials the options (or their environment variables) name; CliError if
     they are inconsistent or a file is missing."""
@@ -146,11 +155,22 @@ def _interrupt(sig: signal.Signals, task: asyncio.Task) -> None:
     task.cancel()
 
 
-def _run_service(coro_factory, *, process: str, service: str, instance: str, span_file: str | None) -> int:
-    """Run one role's service with logging, tracing and clean shutdown on SIGTERM/SIGINT."""
+def _run_service(coro_factory, *, process: str, service: str, instance: str, span_file: str | None,
+                 args: argparse.Namespace | None = None, job: str = "") -> int:
+    """Run one role's service with logging, tracing, metrics (``--metrics-port`` in ``args``)
+    and clean shutdown on SIGTERM/SIGINT."""
     from fedbus.telemetry import configure_logging, setup_tracing, shutdown_tracing
+    from fedbus.telemetry.metrics import serve_metrics, shutdown_metrics
 
     configure_logging(process=process)
+    port = getattr(args, "metrics_port", None)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise CliError(f"--metrics-port {port}: not a port number")
+        try:
+            serve_metrics(service, instance=instance, job=job, port=port, host=args.metrics_host)
+        except OSError as exc:
+            raise CliError(f"--metrics-port {port}: cannot serve on {args.metrics_host}: {_describe(exc)}") from None
     setup_tracing(service, span_file=span_file, instance=instance)
 
     async def main() -> int:
@@ -166,6 +186,7 @@ def _run_service(coro_factory, *, process: str, service: str, instance: str, spa
         return 130
     finally:
         shutdown_tracing()
+        shutdown_metrics()
 
 
 @contextlib.contextmanager
@@ -206,7 +227,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         return 0 if summary.reason in CLEAN_FINISH else 3
 
     return _run_service(go, process="coordinator", service="fedbus-coordinator", instance=identity.id,
-                        span_file=args.span_file or str(run_dir / "spans.jsonl"))
+                        span_file=args.span_file or str(run_dir / "spans.jsonl"), args=args, job=job.job)
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
@@ -229,7 +250,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return _run_service(service.run, process=f"aggregator:{args.region}", service="fedbus-aggregator",
-                        instance=identity.id, span_file=args.span_file)
+                        instance=identity.id, span_file=args.span_file, args=args, job=job.job)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -268,7 +289,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
                                 state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
-                        instance=identity.id, span_file=args.span_file)
+                        instance=identity.id, span_file=args.span_file, args=args, job=job.job)
 
 
 def cmd_secure_sum_server(args: argparse.Namespace) -> int:
@@ -557,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     c.add_argument("--resume", action="store_true",
                    help="continue the job from its last committed round (KV job state) instead of starting over")
+    add_metrics_options(c)
     c.set_defaults(func=cmd_coordinator)
 
     a = sub.add_parser("aggregator", help="run a region's aggregator (topology: regional)")
@@ -568,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(a)
     a.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     a.add_argument("--threads", type=int, default=1)
+    add_metrics_options(a)
     a.set_defaults(func=cmd_aggregator)
 
     w = sub.add_parser("worker", help="run a worker (data holder)")
@@ -587,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--simulate-slowdown", metavar="FACTOR",
                    help="TESTING ONLY: act as a straggler, stretching local training wall time FACTOR x "
                         "(1 <= FACTOR <= 1000)")
+    add_metrics_options(w)
     w.set_defaults(func=cmd_worker)
 
     ss = sub.add_parser("secure-sum", help="sum vectors over the bus with secure aggregation (SecAgg+): the "

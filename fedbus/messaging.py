@@ -30,6 +30,7 @@ from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
 from fedbus.protocol.messages import Body, Update, body_limit, encode_body
+from fedbus.telemetry.metrics import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -123,6 +124,7 @@ class Messenger:
             await publish_with_retry(self.js, subject, wire, headers=nats_headers(header), msg_id=header.nonce.hex())
         else:
             await self.nc.publish(subject, wire, headers=nats_headers(header))
+        metrics().sent(fields.TYPE, len(wire) + (header.blob.size if header.blob is not None else 0))
         return header
 
     async def receive(self, verifier: EnvelopeVerifier, wire: bytes, *, round_ok: RoundCheck | None = None,
@@ -135,6 +137,7 @@ class Messenger:
         ``offload``: digest and decode bodies over OFFLOAD_MIN_BYTES in a worker thread,
         so heartbeats and ack keep-alives are not starved by a large update.
         """
+        metrics().received(len(wire))  # counted before verification: junk costs bandwidth too
         opened = verifier.open(wire, round_ok=round_ok, sender_token=sender_token, stored_ms=stored_ms)
         body = await self._body_of(opened, verifier)
         if offload and len(body) > OFFLOAD_MIN_BYTES:
@@ -157,6 +160,8 @@ class Messenger:
             raise Rejection("oversize", f"claim check of {pointer.size} bytes, limit {limit}", header)
         try:
             # BlobStore.get compares the stored size and digest with these before reading.
-            return await self.blobs.get(pointer.name, expected_size=pointer.size, expected_digest=pointer.digest)
+            body = await self.blobs.get(pointer.name, expected_size=pointer.size, expected_digest=pointer.digest)
         except Exception as exc:  # missing, tampered, timed out, or a name the server refuses
             raise Rejection("blob_unavailable", f"{pointer.name[:80]}: {exc!r:.200}", header) from None
+        metrics().received(len(body))
+        return body

@@ -28,9 +28,12 @@ class RejectionReport:
 
 
 class RejectionLedger:
-    def __init__(self, interval_ms: int, is_listed):
+    def __init__(self, interval_ms: int, is_listed, on_count=None):
+        """``on_count(kind, reason)``: told of every rejection as it is counted (the live
+        rejections metric), so that metric and ``totals`` can never disagree."""
         self.interval_ms = interval_ms
         self._is_listed = is_listed
+        self._on_count = on_count
         self.totals: Counter[str] = Counter()  # reason -> count, over the whole run
         self._window: dict[tuple[str, str, str], list] = {}  # (kind, sender, reason) -> [count, detail]
         self._window_start = None
@@ -42,6 +45,8 @@ class RejectionLedger:
             self._window_start = now_ms
         key = (kind, sender if sender and self._is_listed(sender) else UNLISTED, reason)
         self.totals[reason] += 1
+        if self._on_count is not None:
+            self._on_count(kind, reason)
         entry = self._window.get(key)
         if entry is None:
             self._window[key] = [1, detail[:200]]

@@ -53,11 +53,11 @@ class LocalFederation:
         return ["--job", str(self.run_dir / "job.yaml"), "--federation", str(self.run_dir / "federation.yaml"),
                 "--nats", self.nats_url, *self.credentials_of(participant_id)]
 
-    def start_coordinator(self, *, resume: bool = False) -> subprocess.Popen:
+    def start_coordinator(self, *extra: str, resume: bool = False) -> subprocess.Popen:
         """The coordinator, or with ``resume`` a second one (``coordinator-resumed``) continuing its run."""
         return self.group.start("coordinator-resumed" if resume else "coordinator", cli_command(
             "coordinator", *self._common("coordinator"), "--key", str(self.key("coordinator")), "--run-dir", str(self.run_dir),
-            *(("--resume",) if resume else ())))
+            *(("--resume",) if resume else ()), *extra))
 
     def start_workers(self) -> None:
         for w in self.federation.workers():

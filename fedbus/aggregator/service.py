@@ -46,6 +46,7 @@ from fedbus.protocol.tensor_groups import split_groups
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
+from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.bus.follower import ControlFollower
@@ -94,7 +95,8 @@ class AggregatorService:
         unsealed_recipients(job.security.seal_updates, federation, regional=True)
         self.pipeline = build_worker_pipeline(job)
         sec = job.security
-        self.ledger = RejectionLedger(int(sec.audit_interval_s * 1000), lambda s: federation.get(s) is not None)
+        self.ledger = RejectionLedger(int(sec.audit_interval_s * 1000), lambda s: federation.get(s) is not None,
+                                      on_count=count_rejection)
         self.hb_buckets = TokenBuckets(sec.rate.heartbeats_per_s, sec.rate.heartbeat_burst)
         self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
         self.tracer = get_tracer("fedbus.aggregator")
@@ -358,6 +360,7 @@ class AggregatorService:
                     self._rejected("update", a.reason, a.detail, a.worker_id, msg.subject)
             return False
         self._unacked.setdefault((h.round, h.sender), []).append(msg)
+        metrics().accepted()
         return True
 
     async def _keep_alive(self) -> None:
@@ -408,4 +411,5 @@ class AggregatorService:
             await self.messenger.publish(self.subjects.agg(self.region), body, tensors, round=a.round, run=a.run,
                                          trace=traceparent)
         log.info("partial.published", round=a.round, region=self.region, contributors=len(a.contributors))
+        metrics().partial_published(self.region)
         self._feed(PartialPublished(a.run, a.round, now_ms()))

@@ -82,6 +82,7 @@ from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.telemetry import get_tracer, inject_trace_headers
+from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
 
 log = structlog.get_logger("fedbus.coordinator")
@@ -103,6 +104,7 @@ HEARTBEAT_GAP_ALIVE_S = 30.0
 # storming: unsubscribe it for a while (shorter than any liveness window, >= 5 s).
 HB_STORM_REFUSALS = 1_000
 HB_COOL_DOWN_S = 2.0
+LIVE_WORKERS_EVERY_TICKS = 10  # the live-workers gauge is refreshed every 0.5 s
 
 
 def _seq(msg) -> int | None:
@@ -146,7 +148,9 @@ class CoordinatorService:
         self.run_id: str = ""
         sec = job.security
         self.ledger = RejectionLedger(int(sec.audit_interval_s * 1000),
-                                      lambda sender: self.federation.get(sender) is not None)
+                                      lambda sender: self.federation.get(sender) is not None,
+                                      on_count=count_rejection)
+        self._accepted_counted = 0  # machine.accepted_total already added to the live counter
         self.hb_buckets = TokenBuckets(sec.rate.heartbeats_per_s, sec.rate.heartbeat_burst)
         self.upd_buckets = TokenBuckets(sec.rate.updates_per_s, sec.rate.update_burst)
         # Accepted updates are acknowledged only once the model that folds them is committed:
@@ -241,6 +245,8 @@ class CoordinatorService:
                      rounds=self.job.rounds, min_workers=self.job.cohort.min_workers,
                      strategy=self.machine.rule.describe(),
                      server_optimizer=self.machine.optimizer.name if self.machine.optimizer else "none")
+            self._accepted_counted = self.machine.accepted_total  # (a resumed run's earlier ones were counted)
+            metrics().job_started(self.job.round_deadline_s)
             self._feed(Start(now_ms()))
             await self._done.wait()
             await self._flush_rejections(final=True)
@@ -324,12 +330,16 @@ class CoordinatorService:
         return actions
 
     async def _tick(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(TICK_S)
             for reason, count in self._unfed_rejections.items():
                 self.machine.handle(MessageRejected(reason, count))
             self._unfed_rejections.clear()
             self._feed(Tick(now_ms()))
+            ticks += 1
+            if ticks % LIVE_WORKERS_EVERY_TICKS == 0:  # (an O(workers) scan: not on every tick)
+                metrics().live_workers(len(self.machine.alive_workers(now_ms())))
             if self.ledger.due(now_ms()):
                 await self._flush_rejections()
 
@@ -624,6 +634,7 @@ class CoordinatorService:
         # the update travelled sealed to the region's aggregator.
         self.summary.updates_sealed += sum(decode_header(unb64(p)[:-SIGNATURE_LEN]).sealed_to is not None
                                            for p in body.proofs)
+        metrics().partial_accepted(region)
         log.debug("partial.accepted", region=region, round=h.round, contributors=len(contributors))
         return True
 
@@ -776,15 +787,15 @@ class CoordinatorService:
 
     async def _close_round(self, a: CloseRound) -> None:
         span = self._round_spans.pop(a.round, None)
-        metrics = dict(a.metrics)
+        round_metrics = dict(a.metrics)
         body = RoundClose(round=a.round, model_version=a.model_version, status=a.status, accepted=list(a.accepted),
-                          rejected=a.rejected, seconds=a.seconds, metrics=finite_metrics(metrics))
+                          rejected=a.rejected, seconds=a.seconds, metrics=finite_metrics(round_metrics))
         # Committed already (the machine announces only what was committed).
         await self.messenger.publish(self.subjects.ctl("round.close"), body, round=a.round, run=self.run_id)
         self.summary.add_round(close_row(a))
         self.summary.rounds_completed = self.machine.rounds_completed
         self.summary.model_version = a.model_version
-        self.summary.updates_accepted = self.machine.accepted_total
+        self._count_accepted()
         self.summary.set_rejections(self.ledger.totals)
         # Audited before it is summarised: a round in summary.json is in the audit chain.
         await self.audit.publish("round.closed", round=a.round, run=self.run_id, status=a.status,
@@ -792,19 +803,32 @@ class CoordinatorService:
                                  accepted=list(a.accepted))
         self._note_privacy(a.round)
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
-        log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
-                 status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),
-                 staleness=list(a.staleness), **{k: round(v, 4) for k, v in metrics.items()})
+        metrics().committed(sync=self.job.mode == "sync", round_=a.round, model_version=a.model_version,
+                            status=a.status, seconds=a.seconds, staleness=list(a.staleness),
+                            model_metrics=round_metrics)
+        # In the round's span, so the line carries its trace id.
+        with otel_trace.use_span(span, end_on_exit=False) if span else contextlib.nullcontext():
+            log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
+                     status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),
+                     staleness=list(a.staleness), **{k: round(v, 4) for k, v in round_metrics.items()})
         if span:
             span.set_attribute("fedbus.status", a.status)
             span.set_attribute("fedbus.accepted", len(a.accepted))
             if a.staleness:
                 span.set_attribute("fedbus.staleness", list(a.staleness))
-            for k, v in metrics.items():
+            for k, v in round_metrics.items():
                 span.set_attribute(f"fedbus.{k}", v)
             span.end()
         if self.job.mode == "async" and self.machine.rounds_completed < self.job.rounds:
             self._version_span()  # the next version's trace starts when this one is committed
+
+    def _count_accepted(self) -> None:
+        """summary.json's updates_accepted, and the live counter by as many: both count the
+        updates folded into committed models (held ones come back after a crash)."""
+        total = self.machine.accepted_total
+        self.summary.updates_accepted = total
+        metrics().accepted(total - self._accepted_counted)
+        self._accepted_counted = max(self._accepted_counted, total)
 
     def _note_privacy(self, round_: int | None) -> None:
         """ε so far into summary.json and the log (``privacy.epsilon``), after every round and at the end."""
@@ -812,6 +836,7 @@ class CoordinatorService:
         if budget is None:
             return
         self.summary.privacy = privacy_summary(self.job, budget)
+        metrics().privacy(budget.epsilon, budget.max_epsilon)
         log.info("privacy.epsilon", round=round_, epsilon=round(budget.epsilon, 6), delta=budget.target_delta,
                  max_epsilon=budget.max_epsilon, rounds_accounted=budget.rounds_accounted)
 
@@ -832,7 +857,7 @@ class CoordinatorService:
         final = await asyncio.to_thread(self._evaluate, self.machine.state)
         metrics = {**final, **a.metrics}
         self.summary.finish(a.reason, a.rounds_completed, a.model_version, metrics)
-        self.summary.updates_accepted = self.machine.accepted_total
+        self._count_accepted()
         self._note_privacy(None)
         if a.reason == "commit_failed":
             self.exit_code = 1

@@ -17,6 +17,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 LOG_LEVEL_ENV = "FEDBUS_LOG_LEVEL"
@@ -42,6 +43,19 @@ class AddProcessName:
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         event_dict.setdefault("proc", self.process)
         return event_dict
+
+
+def add_trace_ids(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Processor: ``trace_id`` and ``span_id`` of the current OpenTelemetry span, if any.
+
+    The same hex ids as the span file and any OTLP backend, so a log line leads to its
+    round's trace (and from there to the metrics of that time). Explicit values win.
+    """
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    return event_dict
 
 
 def resolve_level(level: str | None) -> str:
@@ -85,6 +99,7 @@ def build_processors(process: str, *, json: bool, colors: bool = False) -> list[
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         AddProcessName(process),
+        add_trace_ids,
         structlog.processors.StackInfoRenderer(),
     ]
     if json:

@@ -36,6 +36,7 @@ from fedbus.protocol.messages import Heartbeat, RoundClose
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
+from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
 from fedbus.worker.attacks import Attack
 from fedbus.worker.slowdown import Slowdown
@@ -100,7 +101,8 @@ class WorkerService:
         self._unsealed = unsealed_recipients(job.security.seal_updates, federation,
                                              regional=job.topology == "regional")
         self.rejections = RejectionLedger(int(job.security.audit_interval_s * 1000),
-                                          lambda sender: federation.get(sender) is not None)
+                                          lambda sender: federation.get(sender) is not None,
+                                          on_count=count_rejection)
         self.tracer = get_tracer("fedbus.worker")
         self.messenger: Messenger | None = None
         self.audit: AuditQueue | None = None
@@ -277,7 +279,9 @@ class WorkerService:
                         try:
                             started = time.perf_counter()
                             done = await asyncio.to_thread(self.trainer.run_train, action)
-                            await self._stretch(time.perf_counter() - started, action.round)
+                            trained_s = time.perf_counter() - started
+                            metrics().trained(trained_s)  # the training itself, not a simulated stretch
+                            await self._stretch(trained_s, action.round)
                         except Exception:
                             pending += self.core.handle(WorkFailed("train", action.run, action.round))
                             raise
@@ -296,6 +300,7 @@ class WorkerService:
                 case PublishEvalReport():
                     await self.messenger.publish(self.subjects.metrics(self.identity.id), action.fields,
                                                  round=action.round, run=action.run, trace=current_traceparent())
+                    metrics().local_metrics("eval", action.fields.metrics)
                     log.info("eval.sent", round=action.round, run=action.run,
                              accuracy=round(float(action.fields.metrics.get("accuracy", float("nan"))), 4))
                 case Exit():
@@ -323,6 +328,7 @@ class WorkerService:
         await asyncio.sleep(extra)
 
     async def _publish_update(self, action: PublishUpdate, parent, attrs) -> None:
+        f = action.fields
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
             # Looked up per update, so a key the federation gains or changes while running is used.
             seal_to = update_seal_target(self.job.security.seal_updates, self.federation, self.identity.id,
@@ -330,15 +336,17 @@ class WorkerService:
             await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), action.fields,
                                          action.tensors, round=action.round, run=action.run,
                                          trace=current_traceparent(), seal_to=seal_to)
+            # Logged inside the span: the line carries the round's trace id.
+            log.info("update.resent" if action.resend else "update.sent", round=action.round, run=action.run,
+                     samples=f.num_samples, steps=f.num_steps,
+                     loss=round(float(f.train_metrics.get("loss", float("nan"))), 4))
         if not action.resend:
+            metrics().local_metrics("train", f.train_metrics)
+            metrics().local_metrics("eval", f.eval_metrics)
             # Persisted after the publish, off the round's critical path (an fsync costs ~8 ms).
             # See fedbus.worker.state for what a crash between the steps leaves.
             state = self.trainer.pipeline.state_dict()
             await asyncio.to_thread(self._persist, action, state)
-        f = action.fields
-        log.info("update.resent" if action.resend else "update.sent", round=action.round, run=action.run,
-                 samples=f.num_samples, steps=f.num_steps,
-                 loss=round(float(f.train_metrics.get("loss", float("nan"))), 4))
 
     def _persist(self, action: PublishUpdate, strategy_state: dict) -> None:
         try:
