@@ -251,8 +251,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if slowdown is not None:
         print(f"WARNING: worker {identity.id} simulates a straggler: training stretched {slowdown.factor:g}x "
               f"(testing only)", file=sys.stderr)
+    dropout = None
+    if args.simulate_dropout:
+        phase, _, round_ = args.simulate_dropout.partition("@")
+        if phase not in ("advertise", "shares", "input", "unmask") or not round_.isdigit():
+            raise CliError("--simulate-dropout: PHASE@ROUND, PHASE one of advertise, shares, input, unmask")
+        dropout = (phase, int(round_))
+        print(f"WARNING: worker {identity.id} simulates a crash before its secure-aggregation {phase} message of "
+              f"round {round_} (testing only)", file=sys.stderr)
     service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
-                            state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
+                            state_dir=args.state_dir, slowdown=slowdown, credentials=credentials, dropout=dropout)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file)
 
@@ -573,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--simulate-slowdown", metavar="FACTOR",
                    help="TESTING ONLY: act as a straggler, stretching local training wall time FACTOR x "
                         "(1 <= FACTOR <= 1000)")
+    w.add_argument("--simulate-dropout", metavar="PHASE@ROUND",
+                   help="TESTING ONLY: with privacy.secure_aggregation, crash (exit 17) just before sending the "
+                        "PHASE message (advertise, shares, input, unmask) of round ROUND")
     w.set_defaults(func=cmd_worker)
 
     ss = sub.add_parser("secure-sum", help="sum vectors over the bus with secure aggregation (SecAgg+): the "

@@ -64,6 +64,7 @@ from fedbus.coordinator.rounds import (
     WorkerSeen,
     close_row,
 )
+from fedbus.coordinator.secure_rounds import SecureRounds
 from fedbus.coordinator.summary import RunSummary
 from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -78,6 +79,7 @@ from fedbus.privacy.budget import privacy_summary
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
+from fedbus.secagg.exchange import WORKER_TYPES as SECAGG_TYPES
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.telemetry import get_tracer, inject_trace_headers
 from fedbus.telemetry.stacks import stop_tasks
@@ -166,6 +168,19 @@ class CoordinatorService:
         self.already_done = False
         self._recovered_close: dict | None = None
         self.keys: KeyWatch | None = None
+        # privacy.secure_aggregation: each round's SecAgg+ exchange (workers' secagg.* arrive as updates).
+        self.secure = SecureRounds(
+            job, self.machine.rule, self.machine.policy.quorum, self._publish_secagg,
+            lambda reason, detail, sender, round_: self._rejected("secagg", reason, detail, sender, "", round_),
+            self._feed) if job.privacy.secure_aggregation is not None else None
+
+    async def _publish_secagg(self, suffix: str, body, round_: int) -> None:
+        await self.messenger.publish(self.subjects.ctl(suffix), body, round=round_, run=self.run_id)
+
+    def _update_round_ok(self, h) -> bool:
+        if self.secure is not None and h.type in SECAGG_TYPES:
+            return self.secure.accepts(h)  # Rejection (oversize) for a masked input longer than the round's
+        return self.machine.accepts_round(h.type, h.round)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -503,14 +518,19 @@ class CoordinatorService:
         try:
             got = await self.messenger.receive(
                 self.verifier, msg.data, sender_token=token, stored_ms=stored_ms, offload=True,
-                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
-            if got.header.type != Update.TYPE:
+                round_ok=self._update_round_ok)
+            if got.header.type != Update.TYPE and not (self.secure is not None and got.header.type in SECAGG_TYPES):
                 raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
             if got.header.run != self.run_id:
                 raise Rejection("wrong_run", f"run {got.header.run}", got.header)
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
+            if self.secure is not None:
+                if got.header.type == Update.TYPE:
+                    raise Rejection("unknown_type", "a plaintext update in a secure-aggregation job", got.header)
+                self.secure.offer(got)
+                return False  # its round's exchange has it; a redelivery could not be used again
         except Rejection as rej:
             h = rej.header
             if h is not None and self._copy_of_accepted(rej, h, msg, delivered):
@@ -749,6 +769,8 @@ class CoordinatorService:
         body, tensors = round_open_message(self.job, a)
         await self.messenger.publish(self.subjects.ctl("round.open"), body, tensors,
                                      round=a.round, trace=traceparent, run=self.run_id)
+        if self.secure is not None:
+            self.secure.open(a)
         if self.job.mode == "async":
             log.info("work.assigned", ticket=a.round, model_version=a.model_version, workers=len(a.cohort))
         else:
@@ -778,6 +800,8 @@ class CoordinatorService:
                                  model_version=a.model_version,
                                  accepted=list(a.accepted))
         self._note_privacy(a.round)
+        if self.secure is not None:
+            self.summary.privacy["secure_aggregation"] = list(self.secure.rounds)
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
         log.info("version.committed" if self.job.mode == "async" else "round.closed", round=a.round,
                  status=a.status, seconds=round(a.seconds, 4), accepted=len(a.accepted) + len(a.late),

@@ -124,6 +124,7 @@ class ServerExchange:
     phase_timeout_s: float
     join_timeout_s: float
     input_deadline: float | None = None
+    min_survivors: int = 0  # the job's quorum: fewer masked inputs are never unmasked
     machine: SecAggServer = field(init=False)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -166,6 +167,9 @@ class ServerExchange:
             await self.publish(f"secagg.bundle.{holder}", bundle)
         await self._collect("input", self.input_deadline or time.monotonic() + self.phase_timeout_s)
         request = m.close_masked_input()
+        if len(request.survivors) < self.min_survivors:
+            m.phase = "failed"
+            raise SecAggFailed("below_quorum", f"{len(request.survivors)} masked inputs, quorum {self.min_survivors}")
         log.info("secagg.unmasking", round=p.round, survivors=len(request.survivors), dropped=request.dropped)
         await self.publish("secagg.unmask", request)
         await self._collect("unmask", time.monotonic() + self.phase_timeout_s)
