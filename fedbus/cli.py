@@ -253,12 +253,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
               f"(testing only)", file=sys.stderr)
     dropout = None
     if args.simulate_dropout:
-        phase, _, round_ = args.simulate_dropout.partition("@")
-        if phase not in ("advertise", "shares", "input", "unmask") or not round_.isdigit():
-            raise CliError("--simulate-dropout: PHASE@ROUND, PHASE one of advertise, shares, input, unmask")
-        dropout = (phase, int(round_))
-        print(f"WARNING: worker {identity.id} simulates a crash before its secure-aggregation {phase} message of "
-              f"round {round_} (testing only)", file=sys.stderr)
+        from fedbus.worker.secure import SimulatedDropout
+
+        try:
+            dropout = SimulatedDropout.parse(args.simulate_dropout)
+        except ValueError as exc:
+            raise CliError(f"--simulate-dropout: {exc}") from None
+        print(f"WARNING: worker {identity.id} simulates a {'silence' if dropout.silent else 'crash'} before its "
+              f"secure-aggregation {dropout.phase} message of round {dropout.round} (testing only)", file=sys.stderr)
     service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
                             state_dir=args.state_dir, slowdown=slowdown, credentials=credentials, dropout=dropout)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
@@ -581,9 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--simulate-slowdown", metavar="FACTOR",
                    help="TESTING ONLY: act as a straggler, stretching local training wall time FACTOR x "
                         "(1 <= FACTOR <= 1000)")
-    w.add_argument("--simulate-dropout", metavar="PHASE@ROUND",
+    w.add_argument("--simulate-dropout", metavar="PHASE@ROUND[:silent]",
                    help="TESTING ONLY: with privacy.secure_aggregation, crash (exit 17) just before sending the "
-                        "PHASE message (advertise, shares, input, unmask) of round ROUND")
+                        "PHASE message (advertise, shares, input, unmask) of round ROUND; with :silent, send "
+                        "nothing more in that round instead and carry on (a link that dropped)")
     w.set_defaults(func=cmd_worker)
 
     ss = sub.add_parser("secure-sum", help="sum vectors over the bus with secure aggregation (SecAgg+): the "

@@ -11,6 +11,7 @@ whose roster names this worker.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,9 +19,26 @@ from fedbus.protocol.messages import Body
 from fedbus.protocol.runs import run_order
 from fedbus.protocol.secagg import SecAggSetup
 from fedbus.secagg.errors import SecAggRejection
-from fedbus.secagg.exchange import SecAggParticipant, Send
+from fedbus.secagg.exchange import PHASES, SecAggParticipant, Send
 
 KEEP_ROUNDS = 4  # rounds remembered (participants, or deltas that came before their setup)
+
+
+@dataclass(frozen=True)
+class SimulatedDropout:
+    """Testing only: where a worker drops out of secure aggregation (``PHASE@ROUND[:silent]``)."""
+
+    phase: str
+    round: int
+    silent: bool = False  # go quiet for the rest of the round instead of crashing
+
+    @classmethod
+    def parse(cls, text: str) -> SimulatedDropout:
+        where, _, mode = text.partition(":")
+        phase, _, round_ = where.partition("@")
+        if phase not in PHASES or not round_.isdigit() or mode not in ("", "silent"):
+            raise ValueError(f"{text!r}: expected PHASE@ROUND[:silent], PHASE one of {', '.join(PHASES)}")
+        return cls(phase, int(round_), mode == "silent")
 
 
 class WorkerSecureRounds:

@@ -56,7 +56,7 @@ from fedbus.worker.core import (
 from fedbus.protocol.tensor_groups import split_groups
 from fedbus.secagg.errors import SecAggAbort, SecAggFailed
 from fedbus.secagg.rounds import flat_delta
-from fedbus.worker.secure import KEEP_ROUNDS, WorkerSecureRounds
+from fedbus.worker.secure import KEEP_ROUNDS, SimulatedDropout, WorkerSecureRounds
 from fedbus.worker.state import WorkerStateStore, default_state_dir
 from fedbus.worker.trainer import LocalTrainer
 
@@ -79,7 +79,7 @@ class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None,
                  state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None,
-                 credentials: NatsCredentials | None = None, dropout: tuple[str, int] | None = None):
+                 credentials: NatsCredentials | None = None, dropout: SimulatedDropout | None = None):
         # The key itself is checked once the job's key events are replayed (it may be a rotated one).
         listed = federation.listed_as(identity, "worker", check_key=False)
         self.job = job
@@ -119,7 +119,8 @@ class WorkerService:
         self.secure = WorkerSecureRounds(identity.id, job.job) if job.privacy.secure_aggregation else None
         self._secagg_inbox: asyncio.Queue = asyncio.Queue()
         self._bases: OrderedDict = OrderedDict()
-        self.dropout = dropout  # testing only (--simulate-dropout PHASE@ROUND): crash before sending it
+        self.dropout = dropout  # testing only (--simulate-dropout): crash, or go quiet, before a message
+        self._silenced: set[int] = set()
 
     @property
     def status(self) -> str:
@@ -277,9 +278,14 @@ class WorkerService:
 
     async def _send_secagg(self, run: str | None, round_: int, sends) -> None:
         for send in sends:
-            if self.dropout == (send.phase, round_):
-                log.warning("secagg.simulated_dropout", phase=send.phase, round=round_)
-                os._exit(17)  # a crash: nothing flushed, nothing said goodbye
+            d = self.dropout
+            if d is not None and (d.phase, d.round) == (send.phase, round_):
+                log.warning("secagg.simulated_dropout", phase=send.phase, round=round_, silent=d.silent)
+                if not d.silent:
+                    os._exit(17)  # a crash: nothing flushed, nothing said goodbye
+                self._silenced.add(round_)
+            if round_ in self._silenced:
+                continue
             await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), send.body, send.tensors,
                                          round=round_, run=run)
             log.info(f"secagg.sent_{send.phase}", round=round_)
