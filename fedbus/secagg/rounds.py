@@ -59,13 +59,14 @@ def flat_delta(new: State, base: State) -> np.ndarray:
 
 
 def unflatten(vector: np.ndarray, base: State) -> State:
+    """``flat_delta``'s inverse: the vector back into the float tensors of ``base``."""
+    if len(vector) != vector_length(base):
+        raise ValueError(f"a secure sum of {len(vector)} values for a model of {vector_length(base)}")
     out, at = {}, 0
     for k in float_names(base):
         n = base[k].numel()
         out[k] = torch.from_numpy(np.ascontiguousarray(vector[at:at + n])).reshape(base[k].shape)
         at += n
-    if at != len(vector):
-        raise ValueError(f"a secure sum of {len(vector)} values for a model of {at}")
     return out
 
 
