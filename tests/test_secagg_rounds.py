@@ -211,3 +211,23 @@ def test_a_masked_input_of_the_wrong_length_is_refused_by_name_and_the_sum_of_th
     assert np.abs(total - plain).max() <= 5 / (2 * 65536.0)
     total, result, rejected = asyncio.run(exchange_round(values))
     assert rejected == [] and np.abs(total - sum(values.values())).max() <= 5 / (2 * 65536.0)
+
+
+# ---- composition with distributed DP ------------------------------------------------------
+
+DP = {"mode": "distributed", "noise_multiplier": 1.0, "clip": {"fixed": 0.5}, "target_delta": 1e-5,
+      "max_epsilon": 10}
+
+
+def test_workers_clip_then_noise_before_masking_and_the_dp_rule_takes_the_secure_sum():
+    from fedbus.coordinator.factory import rule_for
+    from fedbus.transforms import build_worker_pipeline
+
+    assert build_worker_pipeline(JobSpec.model_validate(job(**SA))).names == ("clip", "encode")
+    spec = JobSpec.model_validate(job(secure_aggregation={}, dp=DP))
+    assert build_worker_pipeline(spec).names == ("clip", "dp_noise", "encode")
+    rule = rule_for(spec)  # DP-FedAvg, distributed: the uniform mean, no server noise
+    base = {"w": torch.zeros(3)}
+    acc = rule.begin(base, 0)
+    acc.merge(secure_sum_partial(rule, base, 0, np.array([0.3, -0.6, 0.9]), ["w1", "w2", "w3"]))
+    assert acc.finalize()["w"].tolist() == pytest.approx([0.1, -0.2, 0.3])
