@@ -11,6 +11,7 @@ What is summed and why each worker weighs 1: ``fedbus.secagg.rounds``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -62,8 +63,11 @@ class SecureRounds:
         self._task = asyncio.create_task(self._run(a))
 
     async def close(self) -> None:
-        if self._task is not None:
+        """Stop an exchange still running (the job ended under it); nothing more is sent."""
+        if self._task is not None and not self._task.done():
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _run(self, a: OpenRound) -> None:
         row = {"round": a.round, "cohort": len(a.cohort)}

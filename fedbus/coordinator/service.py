@@ -252,6 +252,8 @@ class CoordinatorService:
             await self._done.wait()
             await self._flush_rejections(final=True)
             await stop_tasks(tasks)
+            if self.secure is not None:
+                await self.secure.close()
             await self.keys.stop()
             with contextlib.suppress(Exception):
                 await self.hb_nc.close()

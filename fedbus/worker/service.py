@@ -303,7 +303,7 @@ class WorkerService:
         if dump:  # testing only: the plaintext delta, so a test can check the secure sum against it
             np.save(Path(dump) / f"{self.identity.id}-r{action.round}.npy", delta)
         await self._send_secagg(action.run, action.round, self.secure.provide(action.run, action.round, delta))
-        log.info("update.masked", round=action.round, run=action.run, values=delta.size)
+        log.info("secagg.delta_ready", round=action.round, run=action.run, values=delta.size)
 
     def _control_rejected(self, rej: Rejection, subject: str) -> None:
         """Junk on the control stream costs one log line and one audit record per sender and
