@@ -20,8 +20,17 @@ by the server from the setup message to the unmasked sum (the sum of its phase t
 every worker is listening before the server starts). Bytes: what the server sent and
 received (NATS payloads plus claim-checked bodies).
 
+Training rounds over NATS (``--train-rounds``, default 4; ``--train-hidden``, default
+13333, a 1M-parameter digits MLP): the same job twice, without and with
+``privacy.secure_aggregation`` (clip 1.0), coordinator and ``--nats-workers`` worker
+processes through the CLI on one embedded nats-server. Seconds per round: the median of
+summary.json's round seconds (round.open to close, training included) over rounds 2..R.
+Bytes per round: the nats-server's in + out bytes (``/varz``) from round 1's close to the
+job's end, over R - 1 rounds (everything on the wire: model downloads, updates or the
+SecAgg+ phases, heartbeats, control).
+
     python benchmarks/secagg.py [--params 100000] [--clients 10 50 100] [--repeats 3] [--dropout 0.1]
-                                [--nats-params 1000000] [--nats-workers 5]
+                                [--nats-params 1000000] [--nats-workers 5] [--train-rounds 4] [--train-hidden 13333]
 
 Medians over ``--repeats``; ratios are taken within the same run.
 """
@@ -215,6 +224,91 @@ def over_nats(params: int, workers: int) -> None:
           f"(residues sent as uint{32 if result['bits'] <= 32 else 64})")
 
 
+def _varz_bytes(server) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.monitor_url}/varz", timeout=10) as r:
+        varz = json.loads(r.read())
+    return int(varz["in_bytes"]) + int(varz["out_bytes"])
+
+
+def training_job(workers: int, rounds: int, hidden: int, secure: bool):
+    from fedbus.jobspec import EvaluationSpec
+    from fedbus.privacy.spec import PrivacySpec
+    from fedbus.secagg.spec import SecureAggregationSpec
+    from tests.e2e_support import small_job
+
+    privacy = PrivacySpec(secure_aggregation=SecureAggregationSpec(clip=1.0, phase_timeout_s=30.0)) if secure \
+        else PrivacySpec()
+    job = small_job("secagg-train-bench", rounds=rounds, min_workers=workers, min_updates=workers, deadline_s=120.0,
+                    evaluation=EvaluationSpec(server_test=False, federated=False, final_round=False), privacy=privacy)
+    job.task_params["hidden"] = hidden
+    return job
+
+
+def training_over_nats(workers: int, rounds: int, hidden: int, secure: bool) -> dict:
+    """One job over a fresh nats-server; seconds and bytes per round (see the module docstring)."""
+    import json
+    import tempfile
+
+    from fedbus.bus.server import EmbeddedNatsServer
+    from fedbus.demo import ProcessGroup, cli_command, write_federation
+
+    with tempfile.TemporaryDirectory(prefix="secagg-train-bench-") as tmp:
+        tmp = Path(tmp)
+        server = EmbeddedNatsServer(store_dir=tmp / "nats").start()
+        group = ProcessGroup(tmp, dict(os.environ, FEDBUS_LOG_JSON="1"))
+        try:
+            job = training_job(workers, rounds, hidden, secure)
+            federation = write_federation(tmp, workers)
+            job.dump(tmp / "job.yaml")
+            common = ["--job", str(tmp / "job.yaml"), "--federation", str(tmp / "federation.yaml"),
+                      "--nats", server.url]
+            coordinator = group.start("coordinator", cli_command(
+                "coordinator", *common, "--key", str(tmp / "keys" / "coordinator.key"), "--run-dir", str(tmp / "run")))
+            for w in federation.workers():
+                group.start(w.id, cli_command("worker", *common, "--key", str(tmp / "keys" / f"{w.id}.key"),
+                                              "--id", w.id, "--state-dir", str(tmp / "state" / w.id)))
+            log = tmp / "coordinator.log"
+            deadline = time.monotonic() + 600
+            while '"round.closed"' not in (log.read_text(errors="replace") if log.exists() else ""):
+                if time.monotonic() > deadline or coordinator.poll() is not None:
+                    raise RuntimeError(log.read_text(errors="replace")[-3000:])
+                time.sleep(0.05)
+            after_first = _varz_bytes(server)
+            if coordinator.wait(timeout=600) != 0:
+                raise RuntimeError(log.read_text(errors="replace")[-3000:])
+            total = _varz_bytes(server) - after_first
+            summary = json.loads((tmp / "run" / "summary.json").read_text())
+        finally:
+            group.stop_all(grace=5)
+            server.stop()
+    rows = summary["rounds"]
+    assert [r["status"] for r in rows] == ["aggregated"] * rounds, rows
+    params = sum(p.numel() for p in __import__("fedbus.tasks", fromlist=["load_task"]).load_task(
+        job.task).build_model(job.task_params).parameters())
+    out = {"params": params, "seconds": statistics.median(r["seconds"] for r in rows[1:]),
+           "bytes": total / (rounds - 1)}
+    if secure:
+        phases = [r["phase_seconds"] for r in summary["privacy"]["secure_aggregation"][1:]]
+        out["phases"] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+        out["bits"] = summary["privacy"]["secure_aggregation"][0]["bits"]
+    return out
+
+
+def training_table(workers: int, rounds: int, hidden: int) -> None:
+    plain = training_over_nats(workers, rounds, hidden, secure=False)
+    secure = training_over_nats(workers, rounds, hidden, secure=True)
+    print(f"\ntraining rounds over NATS: digits MLP of {plain['params']:,} parameters, {workers} worker processes "
+          f"+ coordinator, medians over rounds 2..{rounds}")
+    print(f"{'mode':<8} {'s/round':>8} {'MB/round':>9} {'x plain s':>10} {'x plain MB':>11}  secagg phases (s)")
+    print(f"{'plain':<8} {plain['seconds']:>8.2f} {plain['bytes'] / 1e6:>9.2f} {1:>10.1f} {1:>11.2f}")
+    print(f"{'secagg':<8} {secure['seconds']:>8.2f} {secure['bytes'] / 1e6:>9.2f} "
+          f"{secure['seconds'] / plain['seconds']:>10.1f} {secure['bytes'] / plain['bytes']:>11.2f}  "
+          + " ".join(f"{k}={v:.2f}" for k, v in secure["phases"].items()) + f"  (bits={secure['bits']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, default=100_000, help="model size (float coordinates)")
@@ -223,6 +317,8 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1, help="fraction dropped before the masked input")
     ap.add_argument("--nats-params", type=int, default=1_000_000, help="model size of the over-NATS run (0: skip it)")
     ap.add_argument("--nats-workers", type=int, default=5)
+    ap.add_argument("--train-rounds", type=int, default=4, help="rounds of the training jobs over NATS (0: skip)")
+    ap.add_argument("--train-hidden", type=int, default=13_333, help="hidden units of their digits MLP (13333: 1M)")
     # internal: one plain-update worker process of the over-NATS baseline
     ap.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--job", "--federation", "--key", "--nats-url", "--input"):
@@ -251,6 +347,8 @@ def main() -> None:
                   f"{nbytes / p_bytes:>8.2f} {(client + server) / (p_client + p_server):>9.1f}")
     if args.nats_params:
         over_nats(args.nats_params, args.nats_workers)
+    if args.train_rounds:
+        training_table(args.nats_workers, args.train_rounds, args.train_hidden)
 
 
 if __name__ == "__main__":

@@ -285,9 +285,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if slowdown is not None:
         print(f"WARNING: worker {identity.id} simulates a straggler: training stretched {slowdown.factor:g}x "
               f"(testing only)", file=sys.stderr)
+    dropout = None
+    if args.simulate_dropout:
+        from fedbus.worker.secure import SimulatedDropout
+
+        try:
+            dropout = SimulatedDropout.parse(args.simulate_dropout)
+        except ValueError as exc:
+            raise CliError(f"--simulate-dropout: {exc}") from None
+        print(f"WARNING: worker {identity.id} simulates a {'silence' if dropout.silent else 'crash'} before its "
+              f"secure-aggregation {dropout.phase} message of round {dropout.round} (testing only)", file=sys.stderr)
     with _sealing_errors():
         service = WorkerService(job, federation, identity, args.nats, partition=args.partition, attack=attack,
-                                state_dir=args.state_dir, slowdown=slowdown, credentials=credentials)
+                                state_dir=args.state_dir, slowdown=slowdown, credentials=credentials,
+                                dropout=dropout)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file, args=args, job=job.job)
 
@@ -611,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TESTING ONLY: act as a straggler, stretching local training wall time FACTOR x "
                         "(1 <= FACTOR <= 1000)")
     add_metrics_options(w)
+    w.add_argument("--simulate-dropout", metavar="PHASE@ROUND[:silent]",
+                   help="TESTING ONLY: with privacy.secure_aggregation, crash (exit 17) just before sending the "
+                        "PHASE message (advertise, shares, input, unmask) of round ROUND; with :silent, send "
+                        "nothing more in that round instead and carry on (a link that dropped)")
     w.set_defaults(func=cmd_worker)
 
     ss = sub.add_parser("secure-sum", help="sum vectors over the bus with secure aggregation (SecAgg+): the "

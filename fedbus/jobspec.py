@@ -293,6 +293,8 @@ class JobSpec(BaseModel):
                              f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
         if self.privacy.dp is not None:
             self._check_dp()
+        if self.privacy.secure_aggregation is not None:
+            self._check_secure_aggregation()
         if self.train.dp_sgd_noise_multiplier > 0 and (self.strategy.name in ("scaffold", "fedprox")
                                                        or self.train.proximal_mu > 0):
             raise ValueError("train.dp_sgd_noise_multiplier: DP-SGD clips per-example gradients of the task's loss "
@@ -350,6 +352,50 @@ class JobSpec(BaseModel):
             if not 2 * sigma_b > dp.noise_multiplier:
                 raise ValueError(f"adaptive clipping: 2 * count_noise ({2 * sigma_b:g}) must exceed noise_multiplier "
                                  f"({dp.noise_multiplier:g}), or nothing is left for the sum's noise")
+
+    @property
+    def secagg_clip(self) -> float | None:
+        """The L2 norm a secure-aggregation worker clips its delta to (None: no secure aggregation)."""
+        sa, dp = self.privacy.secure_aggregation, self.privacy.dp
+        if sa is None:
+            return None
+        return dp.clip.fixed if dp is not None and dp.mode == "distributed" else sa.clip
+
+    def _check_secure_aggregation(self) -> None:
+        """What secure aggregation in training rounds supports, with the reason for each refusal."""
+        from fedbus.aggregation.secure import secure_aggregation_refusal
+        from fedbus.aggregation.specs import build_rule
+        from fedbus.protocol.secagg import MIN_ROSTER
+
+        sa, dp = self.privacy.secure_aggregation, self.privacy.dp
+        if self.mode != "sync":
+            raise ValueError("privacy.secure_aggregation needs mode: sync: masks cancel only in a sum over one fixed "
+                             "roster, and an async buffer is filled by whichever single updates arrive first "
+                             "(a buffer of one would be unmasked alone)")
+        if self.topology != "flat":
+            raise ValueError("privacy.secure_aggregation runs at the coordinator (topology: flat); per-region "
+                             "secure aggregation at the aggregators is not built yet")
+        refusal = secure_aggregation_refusal(build_rule(self.strategy))
+        if refusal is not None:
+            raise ValueError(f"privacy.secure_aggregation: {refusal}")
+        if self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"privacy.secure_aggregation folds the unmasked sum as FedAvg with weight 1 per worker; "
+                             f"strategy {self.strategy.name} needs per-update weights, steps or extras: use fedavg "
+                             f"or fedprox")
+        if dp is not None and dp.mode == "central":
+            raise ValueError("privacy.secure_aggregation with privacy.dp mode: central: the coordinator would have to "
+                             "clip each update, which it never sees; use mode: distributed")
+        if (dp is None or dp.mode != "distributed") and sa.clip is None:
+            raise ValueError("privacy.secure_aggregation needs a clip (the quantizer's bound): set "
+                             "secure_aggregation.clip, or privacy.dp with mode: distributed")
+        if self.late_updates != "drop":
+            raise ValueError("privacy.secure_aggregation needs late_updates: drop: a masked input is worth nothing "
+                             "outside its own round")
+        smallest = min(self.cohort.size or self.cohort.min_workers, self.cohort.min_workers)
+        if smallest < MIN_ROSTER or self.cohort.least_quorum < MIN_ROSTER:
+            raise ValueError(f"privacy.secure_aggregation needs cohorts and quorums of at least {MIN_ROSTER} workers "
+                             f"(cohort.min_workers, cohort.size, cohort.min_updates): with fewer, the sum and one's "
+                             f"own input reveal another's")
 
     def _check_regional(self) -> None:
         """What regional aggregation supports today, said at job load rather than mid-run."""

@@ -9,6 +9,7 @@ from fedbus.aggregation.fednova import FedNova
 from fedbus.aggregation.specs import build_rule, build_server_optimizer
 from fedbus.aggregation.staleness import from_spec as staleness_from_spec
 from fedbus.coordinator.rounds import RoundPolicy, RoundStateMachine
+from fedbus.secagg.rounds import unmask_grace_ms
 from fedbus.coordinator.versions import AsyncPolicy, VersionStateMachine
 from fedbus.crypto.federation import Federation
 from fedbus.jobspec import JobSpec
@@ -35,6 +36,7 @@ def policy_from(job: JobSpec, federation: Federation | None = None) -> RoundPoli
         max_samples_by_worker=({p.id: p.max_samples for p in federation.workers() if p.max_samples is not None}
                                if federation is not None else {}),
         close_at_quorum=job.cohort.close_at_quorum,
+        unmask_grace_ms=unmask_grace_ms(job),
         late_updates=job.late_updates,
         staleness=staleness_from_spec(job.async_.staleness),
     )

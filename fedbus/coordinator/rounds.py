@@ -76,6 +76,9 @@ class RoundPolicy:
     reopened_min_ms: int = 0
     # Close as soon as the quorum reported (over-selection) instead of waiting for the cohort.
     close_at_quorum: bool = False
+    # Secure aggregation: the round's masked inputs are awaited until round_deadline_ms, then
+    # the unmasking may take this much longer before the machine gives up on the round.
+    unmask_grace_ms: int = 0
     # An update of the round that just closed, from a cohort member that had not reported:
     # "drop" rejects it (wrong_round); "next_round" folds it into the next round, its delta
     # (against the model it was trained from) scaled by staleness(τ), τ = 1 version.
@@ -153,6 +156,29 @@ class PartialReceived:
     train_metrics: dict[str, float] = field(default_factory=dict)
     metrics_weight: float = 0.0
     tickets: tuple[int, ...] = ()  # async: the ticket each contributor's update answered (from its proof)
+
+
+@dataclass(frozen=True)
+class SecureSumReceived:
+    """Secure aggregation unmasked the round's sum (privacy.secure_aggregation): ``partial``
+    holds the survivors' summed deltas, each weighted 1. Nothing else arrives for the round,
+    so it closes now."""
+
+    round: int
+    partial: PartialAggregate
+    survivors: tuple[str, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class SecureAggregationFailed:
+    """The round's secure aggregation ended without a sum (``reason``: a name from
+    ``fedbus.secagg.errors.FAILURE_REASONS``); nothing was revealed, the round fails."""
+
+    round: int
+    reason: str
+    detail: str
+    now_ms: int
 
 
 @dataclass(frozen=True)
@@ -386,8 +412,8 @@ class InternalError:
     error: str
 
 
-Event = (Start | WorkerSeen | Tick | UpdateReceived | PartialReceived | EvalReceived | MessageRejected | Aggregated
-         | AggregationFailed | Committed | CommitFailed)
+Event = (Start | WorkerSeen | Tick | UpdateReceived | PartialReceived | SecureSumReceived | SecureAggregationFailed
+         | EvalReceived | MessageRejected | Aggregated | AggregationFailed | Committed | CommitFailed)
 Action = (OpenRound | CloseRound | RejectUpdate | DuplicateIgnored | Deferred | OpenEval | FinishJob | Aggregate
           | Commit | AckThrough | InternalError)
 
@@ -509,6 +535,11 @@ class RoundStateMachine(MachineBase):
             case PartialReceived():
                 self._deadline_passed(event.now_ms, out)
                 self._on_partial(event, out)
+            case SecureSumReceived():
+                self._on_secure_sum(event, out)
+            case SecureAggregationFailed():
+                if self.phase is Phase.ROUND_OPEN and event.round == self.round:
+                    self._round_fails(f"secagg_{event.reason}", event.detail, event.now_ms, out)
             case EvalReceived():
                 self._deadline_passed(event.now_ms, out)
                 self._on_eval(event, out)
@@ -519,9 +550,7 @@ class RoundStateMachine(MachineBase):
                 self._on_aggregated(event, out)
             case AggregationFailed():
                 if self.phase is Phase.AGGREGATING and event.round == self.round:
-                    self._round_rejections["aggregation_failed"] += 1
-                    self.last_error = event.error
-                    self._fail_round(event.now_ms, out)
+                    self._round_fails("aggregation_failed", event.error, event.now_ms, out)
             case Committed():
                 self._on_committed(event, out)
             case CommitFailed():
@@ -766,6 +795,32 @@ class RoundStateMachine(MachineBase):
             self._begin_aggregation(ev.now_ms, out)
         return None
 
+    def _on_secure_sum(self, ev: SecureSumReceived, out: list[Action]) -> None:
+        """The unmasked sum of the round's survivors: merged like a partial, and the round closes."""
+        if self.phase is not Phase.ROUND_OPEN or ev.round != self.round:
+            return
+        survivors = set(ev.survivors)
+        if len(survivors) != len(ev.survivors) or not survivors <= set(self.cohort):
+            return self._round_fails("invalid_update", "secure sum of workers outside the cohort", ev.now_ms, out)
+        if len(survivors) < self.policy.quorum(len(self.cohort)):
+            return self._round_fails("quorum_not_reached", f"{len(survivors)} survivors", ev.now_ms, out)
+        assert self._accumulator is not None
+        try:
+            self._accumulator.merge(ev.partial)  # InvalidUpdate leaves it unchanged
+        except InvalidUpdate as exc:
+            return self._round_fails("invalid_update", str(exc), ev.now_ms, out)
+        for worker in sorted(survivors):
+            self._reported[worker] = b""
+        self.accepted_total += len(survivors)
+        self._begin_aggregation(ev.now_ms, out)
+        return None
+
+    def _round_fails(self, reason: str, detail: str, now: int, out: list[Action]) -> None:
+        """The round ends without a model, for a named reason (counted in its close)."""
+        self._round_rejections[reason] += 1
+        self.last_error = detail
+        self._fail_round(now, out)
+
     def _round_metrics(self) -> dict[str, float]:
         metrics = weighted_means(self._train_metrics, "train_")
         # Workers evaluated the round's base model (version model_version - 1 after close).
@@ -951,7 +1006,7 @@ class RoundStateMachine(MachineBase):
         self.cohort = tuple(cohort)
         self.declared = {w: n for w, n in dict(declared).items() if n is not None}
         self._opened_ms = now
-        self.deadline_ms = now + self.policy.round_deadline_ms
+        self.deadline_ms = now + self.policy.round_deadline_ms + self.policy.unmask_grace_ms
         self._accumulator = self.rule.begin(self.state, self.model_version)
 
     def _open_round_action(self) -> OpenRound:

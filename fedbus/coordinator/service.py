@@ -64,6 +64,7 @@ from fedbus.coordinator.rounds import (
     WorkerSeen,
     close_row,
 )
+from fedbus.coordinator.secure_rounds import SecureRounds
 from fedbus.coordinator.summary import RunSummary
 from fedbus.coordinator.versions import AckUpdates
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -80,6 +81,7 @@ from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
+from fedbus.secagg.exchange import WORKER_TYPES as SECAGG_TYPES
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.telemetry import get_tracer, inject_trace_headers
 from fedbus.telemetry.metrics import count_rejection, metrics
@@ -175,6 +177,19 @@ class CoordinatorService:
         self.already_done = False
         self._recovered_close: dict | None = None
         self.keys: KeyWatch | None = None
+        # privacy.secure_aggregation: each round's SecAgg+ exchange (workers' secagg.* arrive as updates).
+        self.secure = SecureRounds(
+            job, self.machine.rule, self.machine.policy.quorum, self._publish_secagg,
+            lambda reason, detail, sender, round_: self._rejected("secagg", reason, detail, sender, "", round_),
+            self._feed) if job.privacy.secure_aggregation is not None else None
+
+    async def _publish_secagg(self, suffix: str, body, round_: int) -> None:
+        await self.messenger.publish(self.subjects.ctl(suffix), body, round=round_, run=self.run_id)
+
+    def _update_round_ok(self, h) -> bool:
+        if self.secure is not None and h.type in SECAGG_TYPES:
+            return self.secure.accepts(h)  # Rejection (oversize) for a masked input longer than the round's
+        return self.machine.accepts_round(h.type, h.round)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -251,6 +266,8 @@ class CoordinatorService:
             await self._done.wait()
             await self._flush_rejections(final=True)
             await stop_tasks(tasks)
+            if self.secure is not None:
+                await self.secure.close()
             await self.keys.stop()
             with contextlib.suppress(Exception):
                 await self.hb_nc.close()
@@ -521,14 +538,19 @@ class CoordinatorService:
         try:
             got = await self.messenger.receive(
                 self.verifier, msg.data, sender_token=token, stored_ms=stored_ms, offload=True,
-                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
-            if got.header.type != Update.TYPE:
+                round_ok=self._update_round_ok)
+            if got.header.type != Update.TYPE and not (self.secure is not None and got.header.type in SECAGG_TYPES):
                 raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
             if got.header.run != self.run_id:
                 raise Rejection("wrong_run", f"run {got.header.run}", got.header)
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
+            if self.secure is not None:
+                if got.header.type == Update.TYPE:
+                    raise Rejection("unknown_type", "a plaintext update in a secure-aggregation job", got.header)
+                self.secure.offer(got)
+                return False  # its round's exchange has it; a redelivery could not be used again
         except Rejection as rej:
             h = rej.header
             if h is not None and self._copy_of_accepted(rej, h, msg, delivered):
@@ -773,6 +795,8 @@ class CoordinatorService:
         body, tensors = round_open_message(self.job, a)
         await self.messenger.publish(self.subjects.ctl("round.open"), body, tensors,
                                      round=a.round, trace=traceparent, run=self.run_id)
+        if self.secure is not None:
+            self.secure.open(a)
         if self.job.mode == "async":
             log.info("work.assigned", ticket=a.round, model_version=a.model_version, workers=len(a.cohort))
         else:
@@ -802,6 +826,8 @@ class CoordinatorService:
                                  model_version=a.model_version,
                                  accepted=list(a.accepted))
         self._note_privacy(a.round)
+        if self.secure is not None:
+            self.summary.privacy["secure_aggregation"] = list(self.secure.rounds)
         await asyncio.to_thread(self.summary.write, self.run_dir / "summary.json")
         metrics().committed(sync=self.job.mode == "sync", round_=a.round, model_version=a.model_version,
                             status=a.status, seconds=a.seconds, staleness=list(a.staleness),

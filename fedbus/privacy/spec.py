@@ -8,6 +8,9 @@
         target_delta: 1.0e-5
         max_epsilon: 8.0
         accountant: rdp            # or pld (only without cohort sampling)
+      secure_aggregation:          # fedbus.secagg.spec.SecureAggregationSpec
+        threshold: 0.5
+        clip: 1.0                  # unless dp (distributed) clips
 
 What combinations mean is checked with the rest of the job (``JobSpec``); this module only
 bounds each value.
@@ -18,6 +21,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedbus.secagg.spec import SecureAggregationSpec
 
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -65,3 +70,6 @@ class DpSpec(BaseModel):
 class PrivacySpec(BaseModel):
     model_config = _CONFIG
     dp: DpSpec | None = Field(None, description="client-level differential privacy of the released models")
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        None, description="SecAgg+ in every training round: the coordinator sees only the sum of the cohort's "
+                          "clipped, quantized deltas (see fedbus/secagg/rounds.py)")

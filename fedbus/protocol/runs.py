@@ -28,3 +28,8 @@ def run_started_ms(run: str) -> int:
     if not is_run_id(run):
         raise ValueError(f"not a run id: {run!r}")
     return int(run[1:].split("-", 1)[0])
+
+
+def run_order(run: str) -> tuple[int, str]:
+    """The sort key of runs: start time, then id (two runs started in the same ms still order)."""
+    return run_started_ms(run), run

@@ -202,7 +202,7 @@ class SecAggFailure(_SecAggBody):
     TYPE: ClassVar[str] = "secagg.failed"
     SENDER_ROLES: ClassVar[frozenset[str]] = SERVERS
     MAX_BODY_BYTES: ClassVar[int | None] = 4 * KIB
-    reason: ShortStr = Field(description="below_threshold | inconsistent_shares (fedbus.secagg.errors)")
+    reason: ShortStr = Field(description="below_threshold | inconsistent_shares | below_quorum (fedbus.secagg.errors)")
     detail: Annotated[str, StringConstraints(max_length=256)] = ""
 
 

@@ -29,6 +29,7 @@ ABORT_REASONS = (
 FAILURE_REASONS = (
     "below_threshold",      # some secret has fewer than t live holders: nothing is revealed
     "inconsistent_shares",  # a secret that should be rebuilt does not verify from any t shares
+    "below_quorum",         # fewer masked inputs than the job's quorum: the sum is not unmasked
 )
 
 

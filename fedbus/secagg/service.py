@@ -24,13 +24,11 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import structlog
-import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, publish_with_retry, wait_for_stream
@@ -40,23 +38,10 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import JobSpec
 from fedbus.messaging import Messenger, Received, nats_headers, verifier_for
-from fedbus.protocol.messages import encode_body
-from fedbus.protocol.secagg import (
-    SecAggAdvertise,
-    SecAggBundle,
-    SecAggFailure,
-    SecAggInput,
-    SecAggKeys,
-    SecAggReveal,
-    SecAggSetup,
-    SecAggShares,
-    SecAggUnmask,
-)
+from fedbus.protocol.secagg import SecAggSetup
 from fedbus.rejections import RejectionLedger
-from fedbus.secagg.client import SecAggClient
-from fedbus.secagg.errors import FAILURE_REASONS, SecAggAbort, SecAggFailed, SecAggRejection
-from fedbus.secagg.server import SecAggServer
-from fedbus.secagg.quantize import wire_dtype
+from fedbus.secagg.errors import SecAggAbort, SecAggFailed
+from fedbus.secagg.exchange import WORKER_TYPES, SecAggParticipant, ServerExchange
 from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
 
 log = structlog.get_logger(__name__)
@@ -133,46 +118,30 @@ class SecureSumServer(_Endpoint):
         federation.listed_as(identity, "coordinator")
         self.params = spec.round_params(job=job.job, round=round, roster=roster, seed=os.urandom(32), length=length,
                                         bound=bound)
-        self.machine = SecAggServer(self.params)
-        self.phase_timeout_s = phase_timeout_s
         # The first phase also waits for workers to come online, so it may be given longer.
-        self.join_timeout_s = phase_timeout_s if join_timeout_s is None else join_timeout_s
+        self.exchange = ServerExchange(self.params, self._publish_ctl, self.rejected, phase_timeout_s,
+                                       phase_timeout_s if join_timeout_s is None else join_timeout_s)
         self.out_dir = out_dir
-        self.queue: asyncio.Queue[tuple[str, Received]] = asyncio.Queue()
-        p = self.params
-        self._input_bytes = len(encode_body(SecAggInput(round=p.round, group=p.group), {
-            SecAggInput.TENSOR: torch.from_numpy(np.zeros(p.length, dtype=wire_dtype(p.bits)))}))
-        self.phase_seconds: dict[str, float] = {}
-        self._handlers = {SecAggAdvertise.TYPE: self.machine.on_advertise,
-                          SecAggShares.TYPE: self.machine.on_share_keys,
-                          SecAggInput.TYPE: self._on_input,
-                          SecAggReveal.TYPE: self.machine.on_unmask}
+
+    async def _publish_ctl(self, suffix: str, body) -> None:
+        await self.publish(self.subjects.ctl(suffix), body)
 
     def _header_ok(self, header) -> bool:
         """The signed header's claims, before its body is fetched: this round, and a masked
         input no larger than the round's length makes it."""
-        if header.type == SecAggInput.TYPE and header.length > self._input_bytes:
-            raise Rejection("oversize", f"masked input of {header.length} bytes, at most {self._input_bytes}", header)
+        self.exchange.check_header(header)
         return header.round == self.params.round
-
-    def _on_input(self, sender: str, got: Received) -> None:
-        masked = (got.tensors or {}).get(SecAggInput.TENSOR)
-        if masked is None or len(got.tensors) != 1:
-            raise SecAggRejection("wrong_length", "expected one tensor named masked", sender)
-        self.machine.on_masked_input(sender, masked.numpy())
 
     async def run(self, nats_url: str, credentials: NatsCredentials | None = None) -> int:
         await self.open(nats_url, f"secure-sum-server-{self.identity.id}", credentials, creates_streams=True)
         consumer = asyncio.create_task(self._consume())
         status, reason, result = "failed", "", None
         try:
-            result = await self._rounds()
+            result = await self.exchange.run()
             status = "aggregated"
         except SecAggFailed as exc:
             reason = exc.reason
-            log.error("secagg.failed", reason=exc.reason, detail=exc.detail[:200], worker=exc.worker)
-            await self.publish(self.subjects.ctl("secagg.failed"), SecAggFailure(
-                round=self.params.round, group=self.params.group, reason=exc.reason, detail=exc.detail[:256]))
+            await self.exchange.fail(exc)
         finally:
             consumer.cancel()
             with contextlib.suppress(BaseException):
@@ -180,47 +149,6 @@ class SecureSumServer(_Endpoint):
             await self.close()
         self._write(status, reason, result)
         return 0 if status == "aggregated" else 3
-
-    async def _rounds(self):
-        p, m, ctl = self.params, self.machine, self.subjects.ctl
-        await self.publish(ctl("secagg.setup"), p)
-        log.info("secagg.setup", round=p.round, workers=len(p.roster), degree=p.degree, threshold=p.threshold,
-                 bits=p.bits, length=p.length)
-        await self._collect("advertise")
-        await self.publish(ctl("secagg.keys"), m.close_advertise())
-        await self._collect("shares")
-        for holder, bundle in m.close_share_keys().items():
-            await self.publish(ctl(f"secagg.bundle.{holder}"), bundle)
-        await self._collect("input")
-        request = m.close_masked_input()
-        log.info("secagg.unmasking", survivors=len(request.survivors), dropped=request.dropped)
-        await self.publish(ctl("secagg.unmask"), request)
-        await self._collect("unmask")
-        result = m.finish()
-        for flagged in result.flagged:
-            self.rejected(flagged.reason, flagged.detail, flagged.worker)
-        return result
-
-    async def _collect(self, phase: str) -> None:
-        """Feed verified messages to the machine until no one is awaited or the phase times out."""
-        start = time.monotonic()
-        deadline = start + (self.join_timeout_s if phase == "advertise" else self.phase_timeout_s)
-        while self.machine.awaiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("secagg.phase_timeout", phase=phase, missing=sorted(self.machine.awaiting)[:20])
-                break
-            try:
-                msg_type, got = await asyncio.wait_for(self.queue.get(), remaining)
-            except (TimeoutError, asyncio.TimeoutError):
-                continue
-            sender = got.header.sender
-            try:
-                for bad in self._handlers[msg_type](sender, got if msg_type == SecAggInput.TYPE else got.fields) or ():
-                    self.rejected(bad.reason, bad.detail, bad.worker)
-            except SecAggRejection as rej:
-                self.rejected(rej.reason, rej.detail, sender)
-        self.phase_seconds[phase] = round(time.monotonic() - start, 4)
 
     async def _consume(self) -> None:
         regions = [(self.federation.get(w).region, w) for w in self.params.roster]
@@ -249,7 +177,7 @@ class SecureSumServer(_Endpoint):
         try:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=parts[-1],
                                                stored_ms=_delivery_ms(msg), offload=True, round_ok=self._header_ok)
-            if got.header.type not in self._handlers:
+            if got.header.type not in WORKER_TYPES:
                 raise Rejection("unknown_type", f"{got.header.type} in a secure-aggregation round", got.header)
             if self.federation.get(got.header.sender).region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]}", got.header)
@@ -258,7 +186,7 @@ class SecureSumServer(_Endpoint):
             return
         finally:
             self.bytes_in += _wire_bytes(msg, got)
-        self.queue.put_nowait((got.header.type, got))
+        self.exchange.offer(got.header.sender, got.header.type, got.fields, got.tensors)
 
     def _write(self, status: str, reason: str, result) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +194,7 @@ class SecureSumServer(_Endpoint):
         summary = {"status": status, "reason": reason, "round": p.round, "workers": len(p.roster),
                    "degree": p.degree, "threshold": p.threshold, "bits": p.bits, "length": p.length,
                    "scale": p.scale, "bound": p.bound, "sum_error_bound": quantizer_of(p).sum_error_bound,
-                   "phase_seconds": self.phase_seconds, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                   "phase_seconds": self.exchange.phase_seconds, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                    "rejections": dict(self.ledger.totals)}
         if result is not None:
             summary |= {"survivors": result.survivors, "dropped": result.dropped}
@@ -287,7 +215,7 @@ class SecureSumWorker(_Endpoint):
         self.values = values
         self.timeout_s = timeout_s
         self.dropout_before = dropout_before
-        self.client: SecAggClient | None = None
+        self.participant: SecAggParticipant | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def run(self, nats_url: str, credentials: NatsCredentials | None = None) -> int:
@@ -341,31 +269,22 @@ class SecureSumWorker(_Endpoint):
     async def _step(self, body) -> bool:
         """One server message; True once our part of the round is done."""
         me = self.identity.id
-        if isinstance(body, SecAggFailure):
-            if self.client is not None and body.reason in FAILURE_REASONS:
-                raise SecAggFailed(body.reason, f"announced by the server: {body.detail}")
-            return False
         if isinstance(body, SecAggSetup):
-            if self.client is not None or me not in body.roster or body.job != self.job.job:
+            if self.participant is not None or me not in body.roster or body.job != self.job.job:
                 return False
             if self.values.shape != (body.length,):
                 raise SecAggAbort("malformed_setup", f"the round sums {body.length} values, we have {self.values.size}")
-            self.client = SecAggClient(me, body)
+            self.participant = SecAggParticipant(me, body)
             log.info("secagg.joined", round=body.round, workers=len(body.roster), degree=body.degree)
-            await self._send("advertise", self.client.advertise())
-        elif self.client is None:
+            sends = self.participant.start() + self.participant.provide(self.values)
+        elif self.participant is None:
             return False
-        elif isinstance(body, SecAggKeys):
-            await self._send("shares", self.client.on_keys(body))
-        elif isinstance(body, SecAggBundle):
-            if body.holder != me:
-                return False
-            for bad in self.client.on_shares(body):
+        else:
+            sends, rejections = self.participant.on_message(body)
+            for bad in rejections:
                 self.rejected(bad.reason, bad.detail, bad.worker)
-            masked = self.client.masked_input(quantizer_of(self.client.params).quantize(self.values))
-            await self._send("input", SecAggInput(round=self.round), {SecAggInput.TENSOR: torch.from_numpy(masked)})
-        elif isinstance(body, SecAggUnmask):
-            await self._send("unmask", self.client.on_unmask(body))
+        for send in sends:
+            await self._send(send.phase, send.body, send.tensors)
+        if self.participant.done:
             log.info("secagg.answered", round=self.round)
-            return True
-        return False
+        return self.participant.done

@@ -39,6 +39,12 @@ class SecureAggregationSpec(BaseModel):
         "neighbours per worker in the random k-regular graph (even); default min(n-1, 2·ceil(1.5·log2 n))"))
     scale: float = Field(65536.0, gt=0, le=2.0**40, allow_inf_nan=False,
                          description="fixed-point steps per unit; the dequantized sum is within n/(2·scale)")
+    clip: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False, description=(
+        "training rounds: the L2 norm each worker clips its update's delta to before quantization (the "
+        "per-coordinate bound); required unless privacy.dp (mode: distributed) clips to its own C"))
+    phase_timeout_s: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False, description=(
+        "training rounds: how long the key phases and the unmasking wait for stragglers; the masked inputs "
+        "are awaited until the round's deadline"))
 
     @model_validator(mode="after")
     def _even_degree(self):

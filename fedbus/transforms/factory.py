@@ -20,7 +20,8 @@ def build_worker_pipeline(job: JobSpec, *, attack: Attack | None = None,
     """train -> strategy client step -> clip -> DP noise share -> attack (testing only) -> encode.
 
     ``client_clip_norm``: clip each update's delta on the worker. ``privacy.dp`` with
-    ``mode: distributed`` clips to its C and adds the worker's noise share.
+    ``mode: distributed`` clips to its C and adds the worker's noise share;
+    ``privacy.secure_aggregation`` alone clips to its ``clip`` (fedbus.secagg.rounds).
     """
     stages: list[Transform] = []
     if (step := strategy_client_step(job)) is not None:
@@ -34,6 +35,9 @@ def build_worker_pipeline(job: JobSpec, *, attack: Attack | None = None,
                    GaussianNoiseShare(dp.noise_multiplier, dp.clip.fixed, job.cohort.least_quorum)]
     elif client_clip_norm is not None:
         stages.append(ClipUpdateNorm(client_clip_norm))
+    elif job.secagg_clip is not None:
+        # Secure aggregation quantizes within the clip; the service masks the delta after encode.
+        stages.append(ClipUpdateNorm(job.secagg_clip))
     if attack is not None and not attack.poisons_data:
         stages.append(AttackTransform(attack))
     stages.append(Encode())

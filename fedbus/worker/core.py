@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from fedbus.crypto.envelopes import Rejection, check_tensors
 from fedbus.protocol.codec import Tensor, TensorSpec
 from fedbus.protocol.messages import Body, EvalOpen, EvalReport, JobDone, RoundClose, RoundOpen, Update
-from fedbus.protocol.runs import run_started_ms
+from fedbus.protocol.runs import run_order
 from fedbus.protocol.tensor_groups import split_groups
 from fedbus.tasks import TrainingContext, training_context
 
@@ -186,10 +186,6 @@ class SentUpdate:
     tensors: dict[str, Tensor]
 
 
-def _run_order(run: str) -> tuple[int, str]:
-    return run_started_ms(run), run
-
-
 @dataclass
 class WorkerCore:
     worker_id: str
@@ -251,7 +247,7 @@ class WorkerCore:
         if body_round is not None and body_round != ev.round:
             # The verifier should have refused it; the core trusts only what both agree on.
             return [Reject("header_mismatch", kind, ev.round, ev.run, f"body round {body_round}")]
-        if self.run is not None and _run_order(ev.run) < _run_order(self.run):
+        if self.run is not None and run_order(ev.run) < run_order(self.run):
             return [Reject("wrong_run", kind, ev.round, ev.run, f"following {self.run}")]
         elif not isinstance(ev.fields, JobDone) and ev.run != self.run:
             self._follow(ev.run)

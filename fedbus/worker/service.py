@@ -15,8 +15,10 @@ import contextlib
 import copy
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import structlog
 
 from fedbus.audit import AuditTrail
@@ -53,12 +55,19 @@ from fedbus.worker.core import (
     WorkerCore,
     WorkFailed,
 )
+from fedbus.protocol.tensor_groups import split_groups
+from fedbus.secagg.errors import SecAggAbort, SecAggFailed
+from fedbus.secagg.rounds import flat_delta
+from fedbus.worker.secure import KEEP_ROUNDS, SimulatedDropout, WorkerSecureRounds
 from fedbus.worker.state import WorkerStateStore, default_state_dir
 from fedbus.worker.trainer import LocalTrainer
 
 log = structlog.get_logger("fedbus.worker")
 
 CONNECT_TIMEOUT_S = 60.0
+# Testing only: a directory where a secure-aggregation worker also saves each round's plaintext
+# delta (<id>-r<round>.npy), so an end-to-end test can compare the secure sum with FedAvg.
+DEBUG_DUMP_ENV = "FEDBUS_TEST_SECAGG_DUMP"
 # Control messages verified together before any is acted on (bounded: each may carry a model).
 CONTROL_BATCH = 64
 
@@ -72,7 +81,7 @@ class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None,
                  state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None,
-                 credentials: NatsCredentials | None = None):
+                 credentials: NatsCredentials | None = None, dropout: SimulatedDropout | None = None):
         # The key itself is checked once the job's key events are replayed (it may be a rotated one).
         listed = federation.listed_as(identity, "worker", check_key=False)
         self.job = job
@@ -111,6 +120,13 @@ class WorkerService:
         self._done = asyncio.Event()
         self.exit_code = 0
         self.keys: KeyWatch | None = None
+        # privacy.secure_aggregation: the rounds' SecAgg+ exchanges, on their own inbox so the key
+        # phases go on while this worker trains; the base model of each round trained (for Δ).
+        self.secure = WorkerSecureRounds(identity.id, job.job) if job.privacy.secure_aggregation else None
+        self._secagg_inbox: asyncio.Queue = asyncio.Queue()
+        self._bases: OrderedDict = OrderedDict()
+        self.dropout = dropout  # testing only (--simulate-dropout): crash, or go quiet, before a message
+        self._silenced: set[int] = set()
 
     @property
     def status(self) -> str:
@@ -176,11 +192,12 @@ class WorkerService:
             # Its own audit chain: what it refused (in aggregate), on <prefix>.<job>.audit.<id>.
             self.audit = AuditQueue(AuditTrail(self.js, self.subjects, self.identity))
             self.audit.submit("worker.started", region=self.region, partition=self.partition)
-            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._inbox.put,
+            self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._route_control,
                                             stream=self.subjects.ctl_stream, skip=frozenset({self.keys.subject}))
             await self.follower.start()
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow_control()),
-                     asyncio.create_task(self.audit.run()), asyncio.create_task(self._audit_rejections())]
+                     asyncio.create_task(self.audit.run()), asyncio.create_task(self._audit_rejections()),
+                     asyncio.create_task(self._follow_secagg())]
             if self.attack is not None:
                 log.warning("attack.simulation_enabled", kind=self.attack.kind, param=self.attack.param)
             if self.slowdown is not None:
@@ -240,6 +257,63 @@ class WorkerService:
             for got in received:
                 await self.on_control(got)
 
+    async def _route_control(self, msg) -> None:
+        secagg = self.secure is not None and f"{self.subjects.ctl('secagg')}." in msg.subject
+        await (self._secagg_inbox if secagg else self._inbox).put(msg)
+
+    async def _follow_secagg(self) -> None:
+        """The coordinator's secagg.* messages, in stream order, beside (not behind) training."""
+        while True:
+            msg = await self._secagg_inbox.get()
+            try:
+                got = await self.messenger.receive(self.verifier, msg.data)
+                if self.federation.get(got.header.sender).role != "coordinator":
+                    raise Rejection("role_not_allowed", "only the coordinator runs a whole-cohort round", got.header)
+            except Rejection as rej:
+                self._control_rejected(rej, msg.subject)
+                continue
+            h = got.header
+            try:
+                sends, rejections = self.secure.on_message(h.run, h.round, got.fields)
+                for bad in rejections:
+                    self.rejections.record("secagg", bad.worker, bad.reason, bad.detail, now_ms())
+                    log.warning("secagg.rejected", reason=bad.reason, dealer=(bad.worker or "")[:64], round=h.round)
+                await self._send_secagg(h.run, h.round, sends)
+            except (SecAggAbort, SecAggFailed) as exc:
+                event = "secagg.round_failed" if isinstance(exc, SecAggFailed) else "secagg.aborted"
+                log.error(event, round=h.round, reason=exc.reason, detail=exc.detail[:200])
+            except Exception as exc:  # one bad round never takes the worker down
+                log.exception("secagg.failed_step", round=h.round, error=repr(exc))
+
+    async def _send_secagg(self, run: str | None, round_: int, sends) -> None:
+        for send in sends:
+            d = self.dropout
+            if d is not None and (d.phase, d.round) == (send.phase, round_):
+                log.warning("secagg.simulated_dropout", phase=send.phase, round=round_, silent=d.silent)
+                if not d.silent:
+                    os._exit(17)  # a crash: nothing flushed, nothing said goodbye
+                self._silenced.add(round_)
+            if round_ in self._silenced:
+                continue
+            await self.messenger.publish(self.subjects.upd(self.region, self.identity.id), send.body, send.tensors,
+                                         round=round_, run=run)
+            log.info(f"secagg.sent_{send.phase}", round=round_)
+
+    async def _mask_update(self, action: PublishUpdate) -> None:
+        """Secure aggregation: the update's delta goes only as a masked input, never in plaintext."""
+        base = self._bases.pop((action.run, action.round), None)
+        if action.resend or base is None:
+            log.warning("secagg.no_resend", round=action.round, run=action.run,
+                        note="a masked input belongs to its round's exchange and is not sent again")
+            return
+        state, _ = split_groups(action.tensors)
+        delta = flat_delta(state, base)
+        dump = os.environ.get(DEBUG_DUMP_ENV)
+        if dump:  # testing only: the plaintext delta, so a test can check the secure sum against it
+            np.save(Path(dump) / f"{self.identity.id}-r{action.round}.npy", delta)
+        await self._send_secagg(action.run, action.round, self.secure.provide(action.run, action.round, delta))
+        log.info("secagg.delta_ready", round=action.round, run=action.run, values=delta.size)
+
     def _control_rejected(self, rej: Rejection, subject: str) -> None:
         """Junk on the control stream costs one log line and one audit record per sender and
         reason per interval, not one per message (anyone who may publish there could flood
@@ -275,6 +349,10 @@ class WorkerService:
             action = pending.pop(0)
             match action:
                 case Train():
+                    if self.secure is not None:
+                        self._bases[(action.run, action.round)] = action.model
+                        while len(self._bases) > KEEP_ROUNDS:
+                            self._bases.popitem(last=False)
                     with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
                         try:
                             started = time.perf_counter()
@@ -328,6 +406,8 @@ class WorkerService:
         await asyncio.sleep(extra)
 
     async def _publish_update(self, action: PublishUpdate, parent, attrs) -> None:
+        if self.secure is not None:
+            return await self._mask_update(action)
         f = action.fields
         with self.tracer.start_as_current_span("worker.upload", context=parent, attributes=attrs):
             # Looked up per update, so a key the federation gains or changes while running is used.
