@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedbus.aggregation.base import StrategyConfigError
 from fedbus.atomicfile import atomic_write_text
 from fedbus.aggregation.specs import FedAvgSpec, ServerOptimizerSpec, SgdSpec, StrategySpec, validate_strategy
+from fedbus.compression.spec import CompressionSpec, NoCompression
 from fedbus.privacy.spec import PrivacySpec
 from fedbus.tasks.base import TrainSettings
 
@@ -250,6 +251,10 @@ class JobSpec(BaseModel):
     transport: TransportSpec = Field(default_factory=TransportSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec,
                                  description="differential privacy of the released models (see fedbus/privacy/)")
+    compression: CompressionSpec = Field(
+        default_factory=NoCompression,
+        description="how workers send updates: none (weights), fp16 / bf16 / int8 / topk (a compressed delta the "
+                    "receiver adds to the round's model before folding); see fedbus/compression/")
 
     @field_validator("task_params")
     @classmethod
@@ -285,6 +290,8 @@ class JobSpec(BaseModel):
                              f"({self.cohort.min_workers}): round 1 could open with too few workers to ever close")
         if self.privacy.dp is not None:
             self._check_dp()
+        if not isinstance(self.compression, NoCompression):
+            self._check_compression()
         if self.train.dp_sgd_noise_multiplier > 0 and (self.strategy.name in ("scaffold", "fedprox")
                                                        or self.train.proximal_mu > 0):
             raise ValueError("train.dp_sgd_noise_multiplier: DP-SGD clips per-example gradients of the task's loss "
@@ -342,6 +349,27 @@ class JobSpec(BaseModel):
             if not 2 * sigma_b > dp.noise_multiplier:
                 raise ValueError(f"adaptive clipping: 2 * count_noise ({2 * sigma_b:g}) must exceed noise_multiplier "
                                  f"({dp.noise_multiplier:g}), or nothing is left for the sum's noise")
+
+    def _check_compression(self) -> None:
+        """A compressed update is a delta: the receiver must hold the model it was trained from."""
+        from fedbus.aggregation.specs import build_rule
+
+        method = self.compression.method
+        if self.mode == "async":
+            raise ValueError(f"compression {method} sends deltas, which the receiver adds to the model the update "
+                             f"was trained from; in mode: async that is an older version, which receivers do not "
+                             f"keep for decoding yet: use mode: sync or compression: {{method: none}}")
+        if self.late_updates != "drop":
+            raise ValueError(f"compression {method} with late_updates: next_round: a late delta was trained from the "
+                             f"previous round's model, which the receiver no longer holds to decode it; use drop")
+        if method == "topk":
+            robust = [s.name for s in (self.strategy, self.region_strategy)
+                      if s is not None and not getattr(build_rule(s), "mergeable", False)]
+            if robust:
+                raise ValueError(f"compression topk with the robust rule {robust[0]}: each sparse delta is 0 in all "
+                                 f"but a fraction of its coordinates, so coordinate-wise medians and trimmed means "
+                                 f"are ~0 and distances measure the sparsity pattern, not the update; use int8 or "
+                                 f"fp16/bf16 (dense) with robust rules, or a mergeable rule (fedavg, fedprox, ...)")
 
     def _check_regional(self) -> None:
         """What regional aggregation supports today, said at job load rather than mid-run."""

@@ -329,6 +329,12 @@ class AggregatorService:
             if sender is None or sender.region != self.region or parts[-2] != self.region:
                 raise Rejection("wrong_region", f"{got.header.sender} is not a worker of region {self.region}",
                                 got.header)
+            upd: Update = got.fields  # type: ignore[assignment]
+            try:
+                update = decode_update(self.pipeline, got.header.sender, upd, got.tensors,
+                                       self.core.base_for(upd.base_version))
+            except Rejection as rej:
+                raise Rejection(rej.reason, rej.detail, got.header) from None
         except Rejection as rej:
             h = rej.header
             if (rej.reason == "wrong_round" and h is not None and delivered <= NOT_YET_OPEN_TRIES
@@ -342,11 +348,9 @@ class AggregatorService:
             if not (delivered > 1 and rej.reason == "replayed_nonce"):
                 self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject)
             return False
-        upd: Update = got.fields  # type: ignore[assignment]
         h = got.header
         event = UpdateReceived(worker_id=h.sender, round=h.round, now_ms=now_ms(), digest=h.digest,
-                               base_version=upd.base_version,
-                               update=decode_update(self.pipeline, h.sender, upd, got.tensors),
+                               base_version=upd.base_version, update=update,
                                train_metrics=upd.train_metrics, proof=proof_of(msg.data))
         actions = self._feed(event)
         if any(isinstance(a, (RejectUpdate, DuplicateIgnored)) and a.worker_id == h.sender for a in actions):

@@ -88,6 +88,16 @@ class MachineBase:
             if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
                 part.load_state_dict(strategy_state[name])
 
+    # ---- the model an update was trained from ------------------------------------------
+
+    def base_for(self, version: int) -> State | None:
+        """The model of ``version`` if this machine holds it, else None: what a compressed
+        delta is added to (``fedbus.transforms.compress``). Coordinators hold their current
+        model (``state`` at ``model_version``); older versions are not kept for decoding."""
+        if version == getattr(self, "model_version", None):
+            return getattr(self, "state", None)
+        return None
+
     # ---- claims -----------------------------------------------------------------------
 
     def _declared(self, worker: str) -> int | None:

@@ -511,6 +511,13 @@ class CoordinatorService:
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
+            upd: Update = got.fields  # type: ignore[assignment]
+            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
+            try:
+                update = decode_update(self.pipeline, got.header.sender, upd, got.tensors,
+                                       self.machine.base_for(upd.base_version))
+            except Rejection as rej:
+                raise Rejection(rej.reason, rej.detail, got.header) from None
         except Rejection as rej:
             h = rej.header
             if h is not None and self._copy_of_accepted(rej, h, msg, delivered):
@@ -518,12 +525,9 @@ class CoordinatorService:
             self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject,
                            h.round if h else None)
             return False
-        upd: Update = got.fields  # type: ignore[assignment]
         event = UpdateReceived(
             worker_id=got.header.sender, round=got.header.round, now_ms=now_ms(), digest=got.header.digest,
-            base_version=upd.base_version,
-            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
-            update=decode_update(self.pipeline, got.header.sender, upd, got.tensors),
+            base_version=upd.base_version, update=update,
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
         actions = self._feed(event)
         mine = [a for a in actions if getattr(a, "worker_id", None) == event.worker_id
@@ -534,6 +538,7 @@ class CoordinatorService:
         # (late_updates: next_round) the next round's.
         until = next((a.until_round for a in actions if isinstance(a, Deferred) and a.worker_id == event.worker_id),
                      event.round)
+        self.summary.update_bytes += got.header.length  # the signed body length: what crossed the bus
         self._unacked.setdefault((until, event.worker_id), []).append(msg)
         self._held_nonces.add(got.header.nonce)
         self._accepted_nonces[got.header.nonce] = _seq(msg)

@@ -68,6 +68,11 @@ REASONS = (
     "too_stale",            # (async) an update whose base version is too old
     "wrong_region",         # an aggregator's partial for another region, or with a worker of another region
     "invalid_key_event",    # a verified key event that the key rules refuse (fedbus.crypto.keyevents)
+    # compressed updates (fedbus.compression.codecs), checked before the dense delta is built
+    "excessive_k",          # top-k: more entries than the tensor has or the job's fraction allows
+    "index_out_of_range",   # top-k: an index outside the tensor
+    "duplicate_indices",    # top-k: one index sent twice
+    "bad_scale",            # int8: a chunk scale that is negative or not finite
 )
 
 
