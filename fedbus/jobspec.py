@@ -351,14 +351,11 @@ class JobSpec(BaseModel):
                                  f"({dp.noise_multiplier:g}), or nothing is left for the sum's noise")
 
     def _check_compression(self) -> None:
-        """A compressed update is a delta: the receiver must hold the model it was trained from."""
+        """A compressed update is a delta: the receiver must hold the model it was trained from
+        (async receivers keep the last max_staleness models; a sync one keeps only the round's)."""
         from fedbus.aggregation.specs import build_rule
 
         method = self.compression.method
-        if self.mode == "async":
-            raise ValueError(f"compression {method} sends deltas, which the receiver adds to the model the update "
-                             f"was trained from; in mode: async that is an older version, which receivers do not "
-                             f"keep for decoding yet: use mode: sync or compression: {{method: none}}")
         if self.late_updates != "drop":
             raise ValueError(f"compression {method} with late_updates: next_round: a late delta was trained from the "
                              f"previous round's model, which the receiver no longer holds to decode it; use drop")

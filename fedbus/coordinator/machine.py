@@ -92,8 +92,11 @@ class MachineBase:
 
     def base_for(self, version: int) -> State | None:
         """The model of ``version`` if this machine holds it, else None: what a compressed
-        delta is added to (``fedbus.transforms.compress``). Coordinators hold their current
-        model (``state`` at ``model_version``); older versions are not kept for decoding."""
+        delta is added to (``fedbus.transforms.compress``). Async machines keep the last
+        ``max_staleness`` models in ``history``; the sync machine its current one."""
+        history = getattr(self, "history", None)
+        if history is not None:
+            return history.get(version)
         if version == getattr(self, "model_version", None):
             return getattr(self, "state", None)
         return None
