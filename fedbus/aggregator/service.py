@@ -46,7 +46,7 @@ from fedbus.rejections import RejectionLedger
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
 from fedbus.telemetry.stacks import stop_tasks
-from fedbus.transforms import build_worker_pipeline, decode_update
+from fedbus.transforms import build_worker_pipeline, decode_received
 from fedbus.bus.follower import ControlFollower
 
 log = structlog.get_logger("fedbus.aggregator")
@@ -330,11 +330,8 @@ class AggregatorService:
                 raise Rejection("wrong_region", f"{got.header.sender} is not a worker of region {self.region}",
                                 got.header)
             upd: Update = got.fields  # type: ignore[assignment]
-            try:
-                update = decode_update(self.pipeline, got.header.sender, upd, got.tensors,
-                                       self.core.base_for(upd.base_version))
-            except Rejection as rej:
-                raise Rejection(rej.reason, rej.detail, got.header) from None
+            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
+            update = decode_received(self.pipeline, got.header, upd, got.tensors, self.core.base_for(upd.base_version))
         except Rejection as rej:
             h = rej.header
             if (rej.reason == "wrong_round" and h is not None and delivered <= NOT_YET_OPEN_TRIES

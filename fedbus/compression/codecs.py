@@ -52,7 +52,8 @@ class CompressionError(ValueError):
         self.detail = detail
 
 
-def _expect(t: torch.Tensor | None, what: str, dtypes: tuple[torch.dtype, ...], numel: int | None = None) -> torch.Tensor:
+def _expect(t: torch.Tensor | None, what: str, dtypes: tuple[torch.dtype, ...],
+            numel: int | None = None) -> torch.Tensor:
     """A 1-D tensor of one of ``dtypes`` (of ``numel`` elements, when given); else tensor_mismatch."""
     if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() != 1:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

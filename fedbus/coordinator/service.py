@@ -78,7 +78,7 @@ from fedbus.privacy.budget import privacy_summary
 from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
-from fedbus.transforms import build_worker_pipeline, decode_update
+from fedbus.transforms import build_worker_pipeline, decode_received
 from fedbus.telemetry import get_tracer, inject_trace_headers
 from fedbus.telemetry.stacks import stop_tasks
 
@@ -513,11 +513,8 @@ class CoordinatorService:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
             upd: Update = got.fields  # type: ignore[assignment]
             # The receiving half of the workers' pipeline (every stage's decode, in reverse).
-            try:
-                update = decode_update(self.pipeline, got.header.sender, upd, got.tensors,
-                                       self.machine.base_for(upd.base_version))
-            except Rejection as rej:
-                raise Rejection(rej.reason, rej.detail, got.header) from None
+            update = decode_received(self.pipeline, got.header, upd, got.tensors,
+                                     self.machine.base_for(upd.base_version))
         except Rejection as rej:
             h = rej.header
             if h is not None and self._copy_of_accepted(rej, h, msg, delivered):

@@ -8,8 +8,10 @@ import torch
 
 from fedbus.aggregation.base import ClientUpdate
 from fedbus.compression.codecs import codec_for
+from fedbus.crypto.envelopes import Rejection
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.codec import Tensor
+from fedbus.protocol.envelope import EnvelopeHeader
 from fedbus.protocol.messages import Update
 from fedbus.transforms.attack import AttackTransform
 from fedbus.transforms.base import LocalUpdate, Pipeline, Transform
@@ -60,3 +62,12 @@ def decode_update(pipeline: Pipeline, sender: str, fields: Update, tensors: dict
     update: LocalUpdate = pipeline.decode(Encode.parse(fields, tensors).with_(base_state=base))
     return ClientUpdate(sender, update.num_samples, update.state, update.num_steps,
                         extra={**update.extra_scalars, **update.extra_groups})
+
+
+def decode_received(pipeline: Pipeline, header: EnvelopeHeader, fields: Update, tensors: dict[str, Tensor] | None,
+                    base: Mapping[str, torch.Tensor] | None) -> ClientUpdate:
+    """``decode_update`` of a verified update message; a Rejection carries its header."""
+    try:
+        return decode_update(pipeline, header.sender, fields, tensors, base)
+    except Rejection as rej:
+        raise Rejection(rej.reason, rej.detail, header) from None
