@@ -67,6 +67,7 @@ from fedbus.coordinator.rounds import (
 from fedbus.crypto.envelopes import Rejection
 from fedbus.jobspec import JobSpec
 from fedbus.protocol.messages import encode_body
+from fedbus.transforms.compress import Compress
 from fedbus.tasks import load_task
 from fedbus.worker.attacks import Attack
 from fedbus.worker.simulated import (
@@ -253,6 +254,7 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     samples = {wid: w.num_samples for wid, w in workers.items()}
     control = ControlChannel(sim_run_id(job))
     receiver = receiver_pipeline(job)
+    decodes_deltas = Compress.name in receiver.names  # (the only stage whose decode needs the base model)
     torch.manual_seed(job.seed)
     model = task.build_model(job.task_params)
     test_data = task.server_test_data(job.task_params, job.seed) if job.evaluation.server_test else None
@@ -342,7 +344,8 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
             wid, sent = payload
             result.update_bytes += len(encode_body(sent.fields, sent.tensors))
             try:
-                event = update_received(receiver, wid, sent, now, machine.base_for(sent.fields.base_version))
+                base = machine.base_for(sent.fields.base_version) if decodes_deltas else None
+                event = update_received(receiver, wid, sent, now, base)
             except Rejection as rej:  # the receiving decode refused it, as a deployed coordinator would
                 decode_rejections[rej.reason] += 1
                 continue
