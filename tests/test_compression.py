@@ -255,3 +255,15 @@ def test_async_sim_decodes_stale_deltas_against_their_own_base():
     assert result.reason == "completed" and result.rejected == {}
     assert max(max(r["staleness"], default=0) for r in result.rounds) >= 1  # some were stale
     assert result.final["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("codec", [CastCodec(torch.bfloat16), Int8Codec(16, True), Int8Codec(16, False),
+                                   TopKCodec(0.01)])
+def test_empty_tensors_roundtrip_and_cap_inflation(codec):
+    parts = codec.encode(torch.zeros(0), torch.Generator().manual_seed(0))
+    assert codec.decode(parts, 0, "e").numel() == 0
+    if isinstance(codec, Int8Codec) and codec.entropy_coding:
+        bomb = {"": torch.frombuffer(bytearray(zlib.compress(bytes(1 << 20))), dtype=torch.uint8),
+                INT8_SCALE: torch.zeros(0)}
+        with pytest.raises(CompressionError, match="tensor_mismatch"):
+            codec.decode(bomb, 0, "e")

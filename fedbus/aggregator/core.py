@@ -99,6 +99,7 @@ class AggregatorCore(MachineBase):
         """The open round's model when the update claims its version (see MachineBase.base_for)."""
         r = self.current
         return r.base if r is not None and r.version == version else None
+
     def _declared(self, worker: str) -> int | None:
         # What the coordinator committed with the round (as it caps claims), else the heartbeat.
         r = self.current

@@ -331,7 +331,8 @@ class AggregatorService:
                                 got.header)
             upd: Update = got.fields  # type: ignore[assignment]
             # The receiving half of the workers' pipeline (every stage's decode, in reverse).
-            update = decode_received(self.pipeline, got.header, upd, got.tensors, self.core.base_for(upd.base_version))
+            update = decode_received(self.pipeline, got.header, upd, got.tensors,
+                                     self.core.base_for(upd.base_version))
         except Rejection as rej:
             h = rej.header
             if (rej.reason == "wrong_round" and h is not None and delivered <= NOT_YET_OPEN_TRIES

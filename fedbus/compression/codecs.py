@@ -96,6 +96,11 @@ class CastCodec(DeltaCodec):
         return t.to(torch.float32)
 
 
+def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """A writable tensor over a copy of ``data`` (torch.frombuffer refuses an empty buffer)."""
+    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.zeros(0, dtype=dtype)
+
+
 def stochastic_round(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """floor(r + u) clamped to [-127, 127] as int8 (u in [0, 1): unbiased rounding of r)."""
     return torch.floor(r + u).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -126,7 +131,7 @@ class Int8Codec(DeltaCodec):
         codes = q
         if self.entropy_coding:
             packed = zlib.compress(q.numpy().tobytes(), ZLIB_LEVEL)
-            codes = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            codes = _from_bytes(packed, torch.uint8)
         return {"": codes, INT8_SCALE: s}
 
     def decode(self, parts, numel, what) -> torch.Tensor:
@@ -145,13 +150,14 @@ class Int8Codec(DeltaCodec):
         """Exactly ``numel`` int8 codes from a deflate stream, never more (no decompression bomb)."""
         inflater = zlib.decompressobj()
         try:
-            raw = inflater.decompress(packed.numpy().tobytes(), numel)
+            # max_length 0 would mean "no limit": an empty tensor still caps the output at 1 byte.
+            raw = inflater.decompress(packed.numpy().tobytes(), max(1, numel))
             complete = inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data
         except zlib.error as exc:
             raise CompressionError("malformed_body", f"{what}: codes are not a deflate stream ({exc})") from None
         if len(raw) != numel or not complete:
             raise CompressionError("tensor_mismatch", f"{what}: codes do not inflate to exactly {numel} bytes")
-        return torch.frombuffer(bytearray(raw), dtype=torch.int8)
+        return _from_bytes(raw, torch.int8)
 
 
 class TopKCodec(DeltaCodec):
@@ -161,8 +167,9 @@ class TopKCodec(DeltaCodec):
         self.fraction = float(fraction)
 
     def k(self, numel: int) -> int:
-        """Entries sent (and the most a receiver accepts) for a tensor of ``numel`` elements."""
-        return max(1, min(numel, math.ceil(self.fraction * numel - 1e-9)))
+        """Entries sent (and the most a receiver accepts) for a tensor of ``numel`` elements:
+        ceil(fraction * n), at least 1 for a non-empty tensor."""
+        return max(min(numel, 1), min(numel, math.ceil(self.fraction * numel - 1e-9)))
 
     def encode(self, delta, generator=None) -> Parts:
         n = delta.numel()

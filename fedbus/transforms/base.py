@@ -5,8 +5,9 @@
 Each transform may adjust the training plan before training (``prepare``: FedProx's
 mu, SCAFFOLD's gradient correction), rewrites the update after it (``apply``), and
 has a matching ``decode`` that the receiver runs in reverse order before folding
-(identity for every transform today except ``Encode`` and ``Compress``). Later issues add DP noise,
-quantization and masking as more transforms; nothing else changes.
+(identity for every transform today except ``Encode`` and ``Compress``, which rebuilds
+the weights from a compressed delta and the update's base model). Masking and sealing
+can be further transforms; nothing else changes.
 
 Transforms hold no I/O. A transform with per-job state (SCAFFOLD's c_i) exposes it
 with ``state_dict``/``load_state_dict``; the worker service persists it.
