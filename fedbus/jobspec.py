@@ -359,6 +359,12 @@ class JobSpec(BaseModel):
         if self.late_updates != "drop":
             raise ValueError(f"compression {method} with late_updates: next_round: a late delta was trained from the "
                              f"previous round's model, which the receiver no longer holds to decode it; use drop")
+        dp = self.privacy.dp
+        if method == "topk" and dp is not None and dp.mode == "distributed":
+            raise ValueError("compression topk with privacy.dp in distributed mode: each worker's noise share is too "
+                             "small on its own, and the guarantee needs the full sum of the shares in every "
+                             "coordinate; top-k drops ~all of a worker's coordinates, noise included. Use a dense "
+                             "compression (int8, fp16, bf16: one rounding step, far below the noise) or mode: central")
         if method == "topk":
             robust = [s.name for s in (self.strategy, self.region_strategy)
                       if s is not None and not getattr(build_rule(s), "mergeable", False)]

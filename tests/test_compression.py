@@ -231,6 +231,11 @@ def test_job_spec_refuses_meaningless_combinations():
         JobSpec(job="x", task="t:t", rounds=1, late_updates="next_round", compression={"method": "fp16"})
     with pytest.raises(ValueError, match="robust rule median"):
         JobSpec(job="x", task="t:t", rounds=1, strategy={"name": "median"}, compression={"method": "topk"})
+    dp = {"dp": {"mode": "distributed", "noise_multiplier": 1.0, "clip": {"fixed": 1.0}, "target_delta": 1e-5,
+                 "max_epsilon": 8.0}}
+    with pytest.raises(ValueError, match="noise share"):
+        JobSpec(job="x", task="t:t", rounds=1, privacy=dp, compression={"method": "topk"})
+    assert JobSpec(job="x", task="t:t", rounds=1, privacy=dp, compression={"method": "int8"})
     # Dense compressions keep every coordinate: fine with a robust rule.
     assert JobSpec(job="x", task="t:t", rounds=1, strategy={"name": "median"},
                    compression={"method": "int8"}).compression.method == "int8"
