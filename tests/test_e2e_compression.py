@@ -1,45 +1,142 @@
-"""Top-k compression with error feedback over NATS: coordinator and workers as CLI processes.
+"""Compression over NATS: coordinator, aggregator and workers as CLI processes.
 
-The updates on the bus are sparse (indices and values, no dense float tensor), the
-coordinator decodes them against the round's model and learns, summary.json counts the
-update bytes, and each worker persisted its error-feedback residual with its state.
+Flat, top-k with error feedback: the updates on the bus are sparse (indices and values, no
+dense float tensor), the coordinator decodes them against the round's model and learns,
+summary.json counts the update bytes, each worker persisted its error-feedback residual,
+and hostile sparse parts from a listed worker's key get named, counted rejections while
+its valid updates are folded. Regional, int8: the aggregator's decode gives exactly FedAvg
+of the updates as decoded here from the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import torch
 
-from fedbus.bus import Subjects
+from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.compression.codecs import TOPK_INDEX, TOPK_VALUE
-from fedbus.protocol.messages import Update, encode_body
+from fedbus.crypto.envelopes import Rejection
+from fedbus.crypto.keys import Identity
+from fedbus.messaging import Messenger, verifier_for
+from fedbus.protocol.messages import Heartbeat, RoundOpen, Update, encode_body
 from fedbus.protocol.tensor_groups import split_groups
-from fedbus.tasks import load_task
+from fedbus.tasks import TrainSettings, load_task, training_context
+from fedbus.transforms import LocalUpdate, UpdateContext, build_worker_pipeline, decode_update
 from fedbus.worker.state import WorkerStateStore
 from tests.e2e_support import LocalFederation, small_job
 from tests.test_e2e_strategies import read_stream
 
 pytestmark = pytest.mark.e2e
 
-WORKERS = 3
 ROUNDS = 3
+HOSTILE = ("index_out_of_range", "duplicate_indices", "excessive_k")
 
 
-def test_topk_updates_travel_sparse_and_the_job_learns(nats_server, tmp_path):
-    job = small_job("e2e-topk", rounds=ROUNDS, min_workers=WORKERS, min_updates=WORKERS,
+class SparseAttacker:
+    """Plays listed worker w04 (whose key it holds): in round 1 it sends three hostile top-k
+    updates, then in every round a valid one (a zero delta through the job's real pipeline)."""
+
+    def __init__(self, fed: LocalFederation):
+        self.fed = fed
+        self.subjects = Subjects(fed.job.job)
+        self.me = Identity.load(fed.key("w04"))
+        self.valid_bytes = 0
+
+    def _sparse(self, ro: RoundOpen, model: dict, run: str) -> tuple[Update, dict]:
+        ctx = training_context(job_seed=0, run=run, worker_id="w04", partition=3, num_partitions=4, round_=ro.round)
+        uctx = UpdateContext(training=ctx, settings=TrainSettings(), global_state=model, broadcast={},
+                             base_version=ro.model_version)
+        out = build_worker_pipeline(self.fed.job).apply(uctx, LocalUpdate(ro.round, ro.model_version, dict(model),
+                                                                          50, 1))
+        return out.fields, out.tensors
+
+    async def run(self, deadline_s: float) -> None:
+        nc = await connect(self.fed.nats_url, name="sparse-attacker")
+        js = nc.jetstream()
+        await ensure_job_infrastructure(js, self.subjects)
+        job = self.fed.job
+        messenger = Messenger(nc, js, self.me, self.subjects, inline_max_bytes=job.transport.inline_max_bytes)
+        verifier = verifier_for(job, self.fed.federation)
+        control: asyncio.Queue = asyncio.Queue()
+        await js.subscribe(self.subjects.ctl("round.open"), ordered_consumer=True, cb=control.put)
+        await js.subscribe(self.subjects.ctl("job.done"), ordered_consumer=True, cb=control.put)
+
+        async def heartbeat() -> None:
+            while True:
+                await messenger.publish(self.subjects.hb("w04"), Heartbeat(num_samples=50, partition=3), round=0,
+                                        persist=False)
+                await asyncio.sleep(0.5)
+
+        beat = asyncio.create_task(heartbeat())
+        mine = self.subjects.upd("default", "w04")
+        end = time.monotonic() + deadline_s
+        try:
+            while time.monotonic() < end:
+                try:
+                    msg = await asyncio.wait_for(control.get(), timeout=1)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.subject.endswith("job.done"):
+                    return
+                try:
+                    got = await messenger.receive(verifier, msg.data)
+                except Rejection:
+                    continue
+                ro: RoundOpen = got.fields  # type: ignore[assignment]
+                if "w04" not in ro.cohort:
+                    continue
+                run = got.header.run
+                model = split_groups(got.tensors)[0]
+                fields, tensors = self._sparse(ro, model, run)
+                if ro.round == 1:
+                    name = f"{TOPK_INDEX}/" + next(k for k, t in model.items() if t.dim() == 2)
+                    idx = tensors[name]
+                    for reason, bad in zip(HOSTILE, (
+                            torch.cat([idx[:-1], torch.tensor([2**30], dtype=idx.dtype)]),
+                            torch.cat([idx[:-1], idx[:1]]),
+                            torch.arange(idx.numel() + 1, dtype=idx.dtype))):
+                        hostile = {**tensors, name: bad}
+                        if reason == "excessive_k":
+                            value = name.replace(TOPK_INDEX, TOPK_VALUE)
+                            hostile[value] = torch.zeros(idx.numel() + 1)
+                        await messenger.publish(mine, fields, hostile, round=ro.round, run=run)
+                await messenger.publish(mine, fields, tensors, round=ro.round, run=run)
+                self.valid_bytes += len(encode_body(fields, tensors))
+        finally:
+            beat.cancel()
+            await nc.close()
+
+
+def test_topk_updates_travel_sparse_hostile_parts_are_rejected_and_the_job_learns(nats_server, tmp_path):
+    job = small_job("e2e-topk", rounds=ROUNDS, min_workers=4, min_updates=3, evaluation={"final_round": False},
                     compression={"method": "topk", "fraction": 0.05})
-    fed = LocalFederation(tmp_path, nats_server.url, job, WORKERS)
-    summary = fed.run_job(timeout=240)
+    fed = LocalFederation(tmp_path, nats_server.url, job, 4)
+    honest = ("w01", "w02", "w03")
+    attacker = SparseAttacker(fed)
+    try:
+        fed.start_coordinator()
+        for w in honest:
+            fed.start_worker(w)
+        asyncio.run(attacker.run(deadline_s=240))
+        assert fed.wait_coordinator(timeout=120) == 0, fed.tail_logs()
+        fed.wait_all(timeout=30)
+    finally:
+        fed.stop()
+    summary = fed.summary()
     assert summary["reason"] == "completed", fed.tail_logs()
-    assert summary["updates_accepted"] == ROUNDS * WORKERS and summary["updates_rejected"] == {}
+    # Every hostile part got its named rejection; every valid update (w04's too) was folded.
+    assert summary["updates_rejected"] == dict.fromkeys(sorted(HOSTILE), 1), summary["updates_rejected"]
+    assert [r["accepted"] for r in summary["rounds"]] == [4] * ROUNDS
     # It learned (chance is 0.1) from 5% of each delta per round.
     assert summary["rounds"][-1]["test_accuracy"] > 0.8, summary["rounds"]
 
-    model = {k: v for k, v in load_task(job.task).build_model(job.task_params).state_dict().items()}
+    model = load_task(job.task).build_model(job.task_params).state_dict()
     floats = {k for k, v in model.items() if v.is_floating_point()}
-    updates = asyncio.run(read_stream(fed, Subjects(job.job).upd_all))
-    assert len(updates) == ROUNDS * WORKERS
+    updates = [u for u in asyncio.run(read_stream(fed, Subjects(job.job).upd_all)) if u.header.sender in honest]
+    assert len(updates) == ROUNDS * len(honest)
     for got in updates:
         dense, groups = split_groups(got.tensors)
         assert not set(dense) & floats  # no dense float tensor left
@@ -47,12 +144,12 @@ def test_topk_updates_travel_sparse_and_the_job_learns(nats_server, tmp_path):
         for name in floats:
             assert groups[TOPK_INDEX][name].numel() == max(1, -(-model[name].numel() * 5 // 100))
     # The coordinator's count is the signed body lengths of what it accepted.
-    assert summary["update_bytes"] == sum(got.header.length for got in updates)
+    assert summary["update_bytes"] == sum(got.header.length for got in updates) + attacker.valid_bytes
     dense_body = len(encode_body(Update(round=1, base_version=0, num_samples=1, num_steps=1), model))
-    assert summary["update_bytes"] * 8 < ROUNDS * WORKERS * dense_body
+    assert summary["update_bytes"] * 8 < ROUNDS * 4 * dense_body
 
-    for w in fed.federation.workers():
-        store = WorkerStateStore(fed.state_dir(w.id))
+    for w in honest:
+        store = WorkerStateStore(fed.state_dir(w))
         runs = sorted(p.name for p in (store.root / "runs").iterdir())
         residual = store.load_strategy(runs[-1])["compress"]["residual"]
         assert set(residual) == floats and any(float(t.abs().sum()) > 0 for t in residual.values())
