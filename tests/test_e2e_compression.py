@@ -11,14 +11,12 @@ of the updates as decoded here from the stream.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
 
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.compression.codecs import TOPK_INDEX, TOPK_VALUE
-from fedbus.crypto.envelopes import Rejection
 from fedbus.crypto.keys import Identity
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.messages import Heartbeat, RoundOpen, Update, encode_body
@@ -26,7 +24,7 @@ from fedbus.protocol.tensor_groups import split_groups
 from fedbus.tasks import TrainSettings, load_task, training_context
 from fedbus.transforms import LocalUpdate, UpdateContext, build_worker_pipeline, decode_update
 from fedbus.worker.state import WorkerStateStore
-from tests.e2e_support import LocalFederation, small_job
+from tests.e2e_support import LocalFederation, cohort_opens, small_job
 from tests.test_e2e_strategies import read_stream
 
 pytestmark = pytest.mark.e2e
@@ -72,22 +70,9 @@ class SparseAttacker:
 
         beat = asyncio.create_task(heartbeat())
         mine = self.subjects.upd("default", "w04")
-        end = time.monotonic() + deadline_s
         try:
-            while time.monotonic() < end:
-                try:
-                    msg = await asyncio.wait_for(control.get(), timeout=1)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.subject.endswith("job.done"):
-                    return
-                try:
-                    got = await messenger.receive(verifier, msg.data)
-                except Rejection:
-                    continue
+            async for got in cohort_opens(messenger, verifier, control, "w04", deadline_s):
                 ro: RoundOpen = got.fields  # type: ignore[assignment]
-                if "w04" not in ro.cohort:
-                    continue
                 run = got.header.run
                 model = split_groups(got.tensors)[0]
                 fields, tensors = self._sparse(ro, model, run)
