@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedbus.aggregation.base import StrategyConfigError
 from fedbus.atomicfile import atomic_write_text
 from fedbus.aggregation.specs import FedAvgSpec, ServerOptimizerSpec, SgdSpec, StrategySpec, validate_strategy
+from fedbus.compression.spec import CompressionSpec, NoCompression
 from fedbus.privacy.spec import PrivacySpec
 from fedbus.tasks.base import TrainSettings
 
@@ -258,6 +259,10 @@ class JobSpec(BaseModel):
     transport: TransportSpec = Field(default_factory=TransportSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec,
                                  description="differential privacy of the released models (see fedbus/privacy/)")
+    compression: CompressionSpec = Field(
+        default_factory=NoCompression,
+        description="how workers send updates: none (weights), fp16 / bf16 / int8 / topk (a compressed delta the "
+                    "receiver adds to the round's model before folding); see fedbus/compression/")
 
     @field_validator("task_params")
     @classmethod
@@ -295,6 +300,8 @@ class JobSpec(BaseModel):
             self._check_dp()
         if self.privacy.secure_aggregation is not None:
             self._check_secure_aggregation()
+        if not isinstance(self.compression, NoCompression):
+            self._check_compression()
         if self.train.dp_sgd_noise_multiplier > 0 and (self.strategy.name in ("scaffold", "fedprox")
                                                        or self.train.proximal_mu > 0):
             raise ValueError("train.dp_sgd_noise_multiplier: DP-SGD clips per-example gradients of the task's loss "
@@ -396,6 +403,34 @@ class JobSpec(BaseModel):
             raise ValueError(f"privacy.secure_aggregation needs cohorts and quorums of at least {MIN_ROSTER} workers "
                              f"(cohort.min_workers, cohort.size, cohort.min_updates): with fewer, the sum and one's "
                              f"own input reveal another's")
+
+    def _check_compression(self) -> None:
+        """A compressed update is a delta: the receiver must hold the model it was trained from
+        (async receivers keep the last max_staleness models; a sync one keeps only the round's)."""
+        from fedbus.aggregation.specs import build_rule
+
+        method = self.compression.method
+        if self.privacy.secure_aggregation is not None:
+            raise ValueError(f"compression {method} with privacy.secure_aggregation: secure aggregation quantizes the "
+                             f"clipped delta itself (fixed point modulo 2^k), and a masked input is uniform noise "
+                             f"that no codec can shrink; drop one of them")
+        if self.late_updates != "drop":
+            raise ValueError(f"compression {method} with late_updates: next_round: a late delta was trained from the "
+                             f"previous round's model, which the receiver no longer holds to decode it; use drop")
+        dp = self.privacy.dp
+        if method == "topk" and dp is not None and dp.mode == "distributed":
+            raise ValueError("compression topk with privacy.dp in distributed mode: each worker's noise share is too "
+                             "small on its own, and the guarantee needs the full sum of the shares in every "
+                             "coordinate; top-k drops ~all of a worker's coordinates, noise included. Use a dense "
+                             "compression (int8, fp16, bf16: one rounding step, far below the noise) or mode: central")
+        if method == "topk":
+            robust = [s.name for s in (self.strategy, self.region_strategy)
+                      if s is not None and not getattr(build_rule(s), "mergeable", False)]
+            if robust:
+                raise ValueError(f"compression topk with the robust rule {robust[0]}: each sparse delta is 0 in all "
+                                 f"but a fraction of its coordinates, so coordinate-wise medians and trimmed means "
+                                 f"are ~0 and distances measure the sparsity pattern, not the update; use int8 or "
+                                 f"fp16/bf16 (dense) with robust rules, or a mergeable rule (fedavg, fedprox, ...)")
 
     def _check_regional(self) -> None:
         """What regional aggregation supports today, said at job load rather than mid-run."""

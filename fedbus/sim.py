@@ -42,6 +42,7 @@ import resource
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -63,7 +64,10 @@ from fedbus.coordinator.rounds import (
     WorkerSeen,
     close_row,
 )
+from fedbus.crypto.envelopes import Rejection
 from fedbus.jobspec import JobSpec
+from fedbus.protocol.messages import encode_body
+from fedbus.transforms.compress import Compress
 from fedbus.tasks import load_task
 from fedbus.worker.attacks import Attack
 from fedbus.worker.simulated import (
@@ -167,6 +171,9 @@ class SimResult:
     updates_wasted: int = 0  # trained but never folded: rejected, dropped, in a failed round or still in flight
     in_flight: int = 0  # of the wasted: still travelling (in virtual time) when the job ended
     peak_rss_mb: float = 0.0  # the process's peak resident set (ru_maxrss), at the end
+    # Encoded Update bodies (fields + tensor section, as a worker signs them) delivered to the
+    # coordinator: what would cross the bus, envelope header and signature excluded.
+    update_bytes: int = 0
 
     def rounds_to(self, accuracy: float) -> int | None:
         """The first model version whose server test accuracy reached ``accuracy``."""
@@ -189,7 +196,7 @@ class SimResult:
                 "versions": sum(1 for r in self.rounds if r["status"] == "aggregated"),
                 "updates_trained": self.updates_trained, "updates_used": self.updates_used,
                 "updates_wasted": self.updates_wasted, "in_flight": self.in_flight,
-                "peak_rss_mb": round(self.peak_rss_mb, 1)}
+                "update_bytes": self.update_bytes, "peak_rss_mb": round(self.peak_rss_mb, 1)}
 
 
 def worker_ids(n: int) -> list[str]:
@@ -247,6 +254,7 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     samples = {wid: w.num_samples for wid, w in workers.items()}
     control = ControlChannel(sim_run_id(job))
     receiver = receiver_pipeline(job)
+    decodes_deltas = Compress.name in receiver.names  # (the only stage whose decode needs the base model)
     torch.manual_seed(job.seed)
     model = task.build_model(job.task_params)
     test_data = task.server_test_data(job.task_params, job.seed) if job.evaluation.server_test else None
@@ -263,6 +271,7 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
     ticks_due: set[int] = set()
     busy_until = dict.fromkeys(ids, 0)  # a worker trains one thing at a time
     finished = False
+    decode_rejections: Counter[str] = Counter()
 
     def at(when: int, kind: str, payload: object = None) -> None:
         heapq.heappush(queue, (when, next(order), kind, payload))
@@ -333,7 +342,14 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
         now = when
         if kind == "update":
             wid, sent = payload
-            act(drive(machine, update_received(receiver, wid, sent, now)), now)
+            result.update_bytes += len(encode_body(sent.fields, sent.tensors))
+            try:
+                base = machine.base_for(sent.fields.base_version) if decodes_deltas else None
+                event = update_received(receiver, wid, sent, now, base)
+            except Rejection as rej:  # the receiving decode refused it, as a deployed coordinator would
+                decode_rejections[rej.reason] += 1
+                continue
+            act(drive(machine, event), now)
         elif kind == "eval":
             wid, sent = payload
             act(drive(machine, eval_received(wid, sent, now)), now)
@@ -347,7 +363,7 @@ def simulate(job: JobSpec, num_workers: int, *, attacks: dict[int, Attack] | Non
             at(now + heartbeat_ms, "heartbeat")
     result.in_flight = sum(1 for entry in queue if entry[2] == "update")
     result.updates_wasted = result.updates_trained - result.updates_used
-    result.rejected = dict(machine.rejections)
+    result.rejected = dict(Counter(machine.rejections) + decode_rejections)
     result.virtual_seconds = now / 1000.0
     result.wall_seconds = time.perf_counter() - started
     result.peak_rss_mb = peak_rss_mb()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
+from fedbus.crypto.envelopes import Rejection
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.crypto.sealing import Opener
@@ -147,3 +149,22 @@ def wait_for_round(fed: LocalFederation, round_: int, timeout: float) -> None:
             raise AssertionError(f"coordinator exited before round {round_} closed:\n{fed.tail_logs()}")
         time.sleep(0.05)
     raise AssertionError(f"round {round_} did not close within {timeout} s:\n{fed.tail_logs()}")
+
+
+async def cohort_opens(messenger, verifier, control: asyncio.Queue, worker_id: str, deadline_s: float):
+    """Verified round.open messages whose cohort includes ``worker_id``, read from a queue that
+    round.open and job.done subscriptions feed, until job.done or the deadline (bounded)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            msg = await asyncio.wait_for(control.get(), timeout=1)
+        except asyncio.TimeoutError:
+            continue
+        if msg.subject.endswith("job.done"):
+            return
+        try:
+            got = await messenger.receive(verifier, msg.data)
+        except Rejection:  # e.g. an ordered consumer's redelivery after a reset
+            continue
+        if worker_id in got.fields.cohort:
+            yield got

@@ -24,7 +24,7 @@ from fedbus.crypto.sealing import seal_body
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import PREFIX_LEN, SIGNATURE_LEN
 from fedbus.protocol.messages import Heartbeat, RoundOpen, Update, encode_body
-from tests.e2e_support import LocalFederation, small_job
+from tests.e2e_support import LocalFederation, cohort_opens, small_job
 
 pytestmark = pytest.mark.e2e
 
@@ -63,22 +63,9 @@ class Attacker:
         await js.subscribe(self.subjects.upd("default", "w01"), ordered_consumer=True,
                            deliver_policy=DeliverPolicy.NEW, cb=honest.put)
         beat = asyncio.create_task(self._heartbeat())
-        end = time.monotonic() + deadline_s
         try:
-            while time.monotonic() < end:
-                try:
-                    msg = await asyncio.wait_for(control.get(), timeout=1)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.subject.endswith("job.done"):
-                    return
-                try:
-                    got = await self.messenger.receive(verifier, msg.data)
-                except Rejection:  # e.g. an ordered consumer's redelivery after a reset
-                    continue
+            async for got in cohort_opens(self.messenger, verifier, control, "w04", deadline_s):
                 ro: RoundOpen = got.fields  # type: ignore[assignment]
-                if "w04" not in ro.cohort:
-                    continue
                 model = {k: v.clone() for k, v in got.tensors.items()}
                 self.run = got.header.run  # an update answers the coordinator's current run
                 if ro.round == 1:

@@ -95,6 +95,11 @@ class AggregatorCore(MachineBase):
         self._eval_reported: set[str] = set()
         self._eval_metrics: list = []
 
+    def base_for(self, version: int) -> State | None:
+        """The open round's model when the update claims its version (see MachineBase.base_for)."""
+        r = self.current
+        return r.base if r is not None and r.version == version else None
+
     def _declared(self, worker: str) -> int | None:
         # What the coordinator committed with the round (as it caps claims), else the heartbeat.
         r = self.current

@@ -48,7 +48,7 @@ from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
 from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
-from fedbus.transforms import build_worker_pipeline, decode_update
+from fedbus.transforms import build_worker_pipeline, decode_received
 from fedbus.bus.follower import ControlFollower
 
 log = structlog.get_logger("fedbus.aggregator")
@@ -334,6 +334,10 @@ class AggregatorService:
             if sender is None or sender.region != self.region or parts[-2] != self.region:
                 raise Rejection("wrong_region", f"{got.header.sender} is not a worker of region {self.region}",
                                 got.header)
+            upd: Update = got.fields  # type: ignore[assignment]
+            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
+            update = decode_received(self.pipeline, got.header, upd, got.tensors,
+                                     self.core.base_for(upd.base_version))
         except Rejection as rej:
             h = rej.header
             if (rej.reason == "wrong_round" and h is not None and delivered <= NOT_YET_OPEN_TRIES
@@ -347,11 +351,9 @@ class AggregatorService:
             if not (delivered > 1 and rej.reason == "replayed_nonce"):
                 self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject)
             return False
-        upd: Update = got.fields  # type: ignore[assignment]
         h = got.header
         event = UpdateReceived(worker_id=h.sender, round=h.round, now_ms=now_ms(), digest=h.digest,
-                               base_version=upd.base_version,
-                               update=decode_update(self.pipeline, h.sender, upd, got.tensors),
+                               base_version=upd.base_version, update=update,
                                train_metrics=upd.train_metrics, proof=proof_of(msg.data))
         actions = self._feed(event)
         if any(isinstance(a, (RejectUpdate, DuplicateIgnored)) and a.worker_id == h.sender for a in actions):

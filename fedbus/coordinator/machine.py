@@ -88,6 +88,19 @@ class MachineBase:
             if name in strategy_state and callable(getattr(part, "load_state_dict", None)):
                 part.load_state_dict(strategy_state[name])
 
+    # ---- the model an update was trained from ------------------------------------------
+
+    def base_for(self, version: int) -> State | None:
+        """The model of ``version`` if this machine holds it, else None: what a compressed
+        delta is added to (``fedbus.transforms.compress``). Async machines keep the last
+        ``max_staleness`` models in ``history``; the sync machine its current one."""
+        history = getattr(self, "history", None)
+        if history is not None:
+            return history.get(version)
+        if version == getattr(self, "model_version", None):
+            return getattr(self, "state", None)
+        return None
+
     # ---- claims -----------------------------------------------------------------------
 
     def _declared(self, worker: str) -> int | None:

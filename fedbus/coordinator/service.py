@@ -82,7 +82,7 @@ from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, Ro
 from fedbus.protocol.runs import new_run_id
 from fedbus.tasks import load_task
 from fedbus.secagg.exchange import WORKER_TYPES as SECAGG_TYPES
-from fedbus.transforms import build_worker_pipeline, decode_update
+from fedbus.transforms import build_worker_pipeline, decode_received
 from fedbus.telemetry import get_tracer, inject_trace_headers
 from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
@@ -551,6 +551,10 @@ class CoordinatorService:
                     raise Rejection("unknown_type", "a plaintext update in a secure-aggregation job", got.header)
                 self.secure.offer(got)
                 return False  # its round's exchange has it; a redelivery could not be used again
+            upd: Update = got.fields  # type: ignore[assignment]
+            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
+            update = decode_received(self.pipeline, got.header, upd, got.tensors,
+                                     self.machine.base_for(upd.base_version))
         except Rejection as rej:
             h = rej.header
             if h is not None and self._copy_of_accepted(rej, h, msg, delivered):
@@ -558,12 +562,9 @@ class CoordinatorService:
             self._rejected("update", rej.reason, rej.detail, h.sender if h else None, msg.subject,
                            h.round if h else None)
             return False
-        upd: Update = got.fields  # type: ignore[assignment]
         event = UpdateReceived(
             worker_id=got.header.sender, round=got.header.round, now_ms=now_ms(), digest=got.header.digest,
-            base_version=upd.base_version,
-            # The receiving half of the workers' pipeline (every stage's decode, in reverse).
-            update=decode_update(self.pipeline, got.header.sender, upd, got.tensors),
+            base_version=upd.base_version, update=update,
             train_metrics=upd.train_metrics, eval_metrics=upd.eval_metrics, eval_samples=upd.eval_samples)
         actions = self._feed(event)
         mine = [a for a in actions if getattr(a, "worker_id", None) == event.worker_id
@@ -574,6 +575,7 @@ class CoordinatorService:
         # (late_updates: next_round) the next round's.
         until = next((a.until_round for a in actions if isinstance(a, Deferred) and a.worker_id == event.worker_id),
                      event.round)
+        self.summary.update_bytes += got.header.length  # the signed body length: what crossed the bus
         self._unacked.setdefault((until, event.worker_id), []).append(msg)
         self.summary.updates_sealed += got.sealed
         self._held_nonces.add(got.header.nonce)

@@ -37,6 +37,8 @@ class RunSummary:
     redeliveries: int = 0
     # Client-level DP (privacy.dp): ε at the target δ over the rounds accounted, and how.
     privacy: dict = field(default_factory=dict)
+    # Body bytes (the signed length, inline or in the Object Store) of the updates accepted.
+    update_bytes: int = 0
 
     def set_rejections(self, this_incarnation: Counter) -> None:
         self.rejected = self.rejected_before + this_incarnation
@@ -69,6 +71,7 @@ class RunSummary:
         s.max_heartbeat_gap_s = float(d.get("max_heartbeat_gap_s") or 0.0)
         s.redeliveries = int(d.get("redeliveries") or 0)
         s.privacy = dict(d.get("privacy") or {})
+        s.update_bytes = int(d.get("update_bytes") or 0)
         return s
 
     def count_rejection(self, reason: str) -> None:
@@ -106,6 +109,7 @@ class RunSummary:
             "error": self.error,
             "updates_accepted": self.updates_accepted,
             "updates_sealed": self.updates_sealed,
+            "update_bytes": self.update_bytes,
             "updates_rejected": dict(sorted(self.rejected.items())),
             "redeliveries": self.redeliveries,
             "max_heartbeat_gap_s": round(self.max_heartbeat_gap_s, 3),

@@ -73,6 +73,11 @@ REASONS = (
     # added with sealed updates (fedbus.crypto.sealing)
     "unsealed_body",        # a plain body of a type this receiver requires sealed
     "unsealable_body",      # sealed to someone else, of a type never sealed, or a box that does not open
+    # compressed updates (fedbus.compression.codecs), checked before the dense delta is built
+    "excessive_k",          # top-k: more entries than the tensor has or the job's fraction allows
+    "index_out_of_range",   # top-k: an index outside the tensor
+    "duplicate_indices",    # top-k: one index sent twice
+    "bad_scale",            # int8: a chunk scale that is negative or not finite
 )
 
 

@@ -1,12 +1,13 @@
 """The worker's update pipeline: ordered transforms between local training and the wire.
 
-    train -> strategy client step -> clip -> (test-only attack) -> encode
+    train -> strategy client step -> clip -> DP noise -> (test-only attack) -> compress -> encode
 
 Each transform may adjust the training plan before training (``prepare``: FedProx's
 mu, SCAFFOLD's gradient correction), rewrites the update after it (``apply``), and
 has a matching ``decode`` that the receiver runs in reverse order before folding
-(identity for every transform today except ``Encode``). Later issues add DP noise,
-quantization and masking as more transforms; nothing else changes.
+(identity for every transform today except ``Encode`` and ``Compress``, which rebuilds
+the weights from a compressed delta and the update's base model). Masking and sealing
+can be further transforms; nothing else changes.
 
 Transforms hold no I/O. A transform with per-job state (SCAFFOLD's c_i) exposes it
 with ``state_dict``/``load_state_dict``; the worker service persists it.
@@ -63,6 +64,9 @@ class LocalUpdate:
     # Set by Encode, the last transform: exactly what goes on the wire.
     fields: Update | None = None
     tensors: dict[str, Tensor] | None = None
+    # Receiver only: the model the update was trained from, for decodes that rebuild the
+    # weights from a delta (``compress``); None when the receiver has no such model.
+    base_state: Mapping[str, torch.Tensor] | None = None
 
     def with_(self, **changes: Any) -> LocalUpdate:
         return replace(self, **changes)

@@ -96,11 +96,13 @@ class SimulatedWorker:
         return out
 
 
-def update_received(receiver: Pipeline, worker_id: str, sent: PublishUpdate, now_ms: int) -> UpdateReceived:
-    """What the coordinator's machine sees for an update: the receiving half of the pipeline."""
+def update_received(receiver: Pipeline, worker_id: str, sent: PublishUpdate, now_ms: int,
+                    base: Mapping[str, torch.Tensor] | None = None) -> UpdateReceived:
+    """What the coordinator's machine sees for an update: the receiving half of the pipeline
+    (``base``: the model of the update's base version, which compressed deltas need)."""
     fields = sent.fields
     return UpdateReceived(worker_id=worker_id, round=sent.round, base_version=fields.base_version,
-                          update=decode_update(receiver, worker_id, fields, sent.tensors), now_ms=now_ms,
+                          update=decode_update(receiver, worker_id, fields, sent.tensors, base), now_ms=now_ms,
                           train_metrics=dict(fields.train_metrics), eval_metrics=dict(fields.eval_metrics),
                           eval_samples=fields.eval_samples)
 
