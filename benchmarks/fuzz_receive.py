@@ -28,6 +28,7 @@ have been refused, or any over-budget input.
 from __future__ import annotations
 
 import argparse
+import base64
 import asyncio
 import collections
 import gc
@@ -140,6 +141,9 @@ def parse_section(sec: bytes) -> tuple[list, bytes]:
 MODEL_SECTION = encode_tensors(MODEL)
 UPDATE_SECTION = encode_tensors(join_groups(MODEL, {"scaffold": FLOATS}))
 PARTIAL_SECTION = encode_tensors({f"sums/{k}": v for k, v in FLOATS.items()})  # float32 on the wire
+SECAGG_INPUT = {"masked": torch.arange(8, dtype=torch.int32).to(torch.uint32)}
+SECAGG_INPUT_SECTION = encode_tensors(SECAGG_INPUT)
+SECAGG_INPUT_SPEC = spec_of(SECAGG_INPUT)
 
 
 def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dict, bytes | None, Identity]:
@@ -176,7 +180,54 @@ def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dic
         case "keys":
             return ({"action": "rotate", "participant": worker.id, "old_key": worker.participant_entry()["public_key"],
                      "new_key": OUTSIDER.participant_entry()["public_key"], "reason": "yearly rotation"}, None, COORD)
+    secagg = _secagg_fields(msg_type, rng, round_, worker, cohort)
+    if secagg is not None:
+        return secagg
     raise AssertionError(msg_type)
+
+
+def _b64(n: int, rng: random.Random) -> str:
+    return base64.b64encode(rng.randbytes(n)).decode("ascii")
+
+
+def _secagg_fields(msg_type: str, rng: random.Random, round_: int, worker: Identity,
+                   cohort: list[str]) -> tuple[dict, bytes | None, Identity] | None:
+    """Well-formed secure-aggregation bodies (fedbus.protocol.secagg): the server's from the
+    coordinator, the workers' from a worker."""
+    from fedbus.protocol import secagg as sa
+
+    peers = sorted(cohort)[:3]
+    shares = {"peers": peers, "pair_commits": [_b64(sa.DIGEST_BYTES, rng) for _ in peers],
+              "self_commits": [_b64(sa.DIGEST_BYTES, rng) for _ in peers],
+              "ciphertexts": [_b64(sa.SHARE_CIPHERTEXT_BYTES, rng) for _ in peers]}
+    match msg_type:
+        case "secagg.setup":
+            roster = sorted(cohort)
+            return ({"round": round_, "job": JOB, "roster": roster, "seed": _b64(sa.KEY_BYTES, rng),
+                     "degree": len(roster) - 1, "threshold": len(roster), "length": 8, "bits": 32, "bound": 1.0,
+                     "scale": 1024.0}, None, COORD)
+        case "secagg.advertise":
+            return ({"round": round_, "enc_pk": _b64(sa.KEY_BYTES, rng), "mask_pk": _b64(sa.KEY_BYTES, rng),
+                     "self_commit": _b64(sa.DIGEST_BYTES, rng)}, None, worker)
+        case "secagg.keys":
+            return ({"round": round_, "workers": peers, "enc_pks": [_b64(sa.KEY_BYTES, rng) for _ in peers],
+                     "mask_pks": [_b64(sa.KEY_BYTES, rng) for _ in peers],
+                     "self_commits": [_b64(sa.DIGEST_BYTES, rng) for _ in peers]}, None, COORD)
+        case "secagg.shares":
+            return ({"round": round_, **shares}, None, worker)
+        case "secagg.bundle":
+            return ({"round": round_, "holder": worker.id, **shares}, None, COORD)
+        case "secagg.input":
+            return ({"round": round_}, SECAGG_INPUT_SECTION, worker)
+        case "secagg.unmask":
+            return ({"round": round_, "survivors": peers[:2], "dropped": peers[2:]}, None, COORD)
+        case "secagg.reveal":
+            return ({"round": round_, "request_digest": _b64(sa.DIGEST_BYTES, rng), "dealers": peers,
+                     "kinds": ["self", "pair", "self"][:len(peers)], "ys": [_b64(sa.Y_BYTES, rng) for _ in peers],
+                     "salts": [_b64(sa.SALT_BYTES, rng) for _ in peers]}, None, worker)
+        case "secagg.failed":
+            return ({"round": round_, "reason": "below_threshold", "detail": "3 of 5"}, None, COORD)
+    return None
 
 
 @dataclass
@@ -658,6 +709,8 @@ async def drive(messenger: Messenger, verifier: EnvelopeVerifier, inp: Input) ->
                                       stored_ms=inp.stored_ms)
         if got.header.type == "partial":
             check_partial(got)  # the coordinator's next step: the statistics against the model
+        elif got.header.type == "secagg.input":  # the round's length and residue dtype
+            check_tensors(got.tensors, SECAGG_INPUT_SPEC, got.header)
         elif got.tensors is not None:
             model, groups = split_groups(got.tensors)
             check_tensors(model, SPEC, got.header)
