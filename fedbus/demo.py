@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedbus.registry.retention import stream_retention
 from fedbus.bus import EmbeddedNatsServer, Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection
 from fedbus.messaging import verifier_for
@@ -201,7 +202,7 @@ async def follow_rounds(nats_url: str, federation: Federation, job: JobSpec, pro
     nc = await connect(nats_url, name="fedbus-demo-observer")
     js = nc.jetstream()
     subjects = Subjects(job.job, prefix=job.transport.prefix)
-    await ensure_job_infrastructure(js, subjects, replicas=job.transport.replicas)
+    await ensure_job_infrastructure(js, subjects, replicas=job.transport.replicas, **stream_retention(job))
     verifier = verifier_for(job, federation)
     queue: asyncio.Queue = asyncio.Queue()
     started = time.monotonic()

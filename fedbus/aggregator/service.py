@@ -20,6 +20,7 @@ import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
+from fedbus.registry.retention import stream_retention
 from fedbus.aggregator.buffered import AckKeys, AsyncAggregatorCore
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
@@ -122,7 +123,8 @@ class AggregatorService:
             # its region's update stream (a secured server allows it nothing more).
             await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
             self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
-                                                          replicas=self.job.transport.replicas)
+                                                          replicas=self.job.transport.replicas,
+                                                          **stream_retention(self.job))
             # Every past key event is applied before anything is trusted or sent.
             self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
                                  on_change=self._on_key_change)

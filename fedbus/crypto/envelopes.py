@@ -68,6 +68,12 @@ REASONS = (
     "too_stale",            # (async) an update whose base version is too old
     "wrong_region",         # an aggregator's partial for another region, or with a worker of another region
     "invalid_key_event",    # a verified key event that the key rules refuse (fedbus.crypto.keyevents)
+    # model commands (fedbus models rollback): verified, but not applicable
+    "unknown_version",      # the registry keeps no such version (dropped by retention, or never committed)
+    "invalid_version",      # its manifest is forged, or its model object is missing or does not match it
+    "rollback_unsupported",  # the job's mode cannot roll back (async)
+    "model_mismatch",       # the version's tensors do not fit the task's model
+    "job_done",             # the job has finished
 )
 
 

@@ -33,6 +33,7 @@ import structlog
 import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from fedbus.registry.retention import stream_retention
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, publish_with_retry, wait_for_stream
 from fedbus.bus.layout import ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -100,7 +101,8 @@ class _Endpoint:
                                 participant=self.identity.id)
         self.js = self.nc.jetstream()
         if creates_streams:  # the server, as the coordinator does; a secured server lets workers create nothing
-            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
+                                            **stream_retention(self.job))
         else:
             await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
             await wait_for_stream(self.js, self.subjects.upd_stream, JOB_STREAMS_WAIT_S)
