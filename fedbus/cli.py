@@ -359,7 +359,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from fedbus.keytool import KeyToolError, job_subjects
     from fedbus.registry import tool
+    from fedbus.telemetry.logging import configure_logging
 
+    configure_logging(process="models", level=os.environ.get("FEDBUS_LOG_LEVEL", "error"))  # stderr: stdout is data
     federation = load_federation(args.federation)
     credentials = credentials_from(args)
     try:

@@ -66,11 +66,11 @@ class ModelRegistry:
         return f"{self.job}.tag.{check_tag(name)}"
 
     async def _keys(self, pattern: str) -> list[str]:
-        kv = await self.kv()
-        try:
-            return await kv.keys(filters=[pattern])
-        except nats.js.errors.NoKeysError:
-            return []
+        """Keys matching a NATS wildcard pattern, from the bucket stream's subject counts
+        (nats-py's ``kv.keys(filters=...)`` matches substrings and reads every entry)."""
+        prefix = f"$KV.{REGISTRY_BUCKET}."
+        info = await self.js.stream_info(f"KV_{REGISTRY_BUCKET}", subjects_filter=prefix + pattern)
+        return sorted(subject[len(prefix):] for subject, count in (info.state.subjects or {}).items() if count)
 
     # ---- manifests ---------------------------------------------------------------
 
@@ -101,9 +101,13 @@ class ModelRegistry:
                 out.append(int(tail))
         return sorted(out)
 
+    async def _erase(self, key: str) -> None:
+        # Purging the key's subject in the bucket's stream leaves no delete marker behind
+        # (kv.purge would keep one per key forever: a long job's dropped versions add up).
+        await self.js.purge_stream(f"KV_{REGISTRY_BUCKET}", subject=f"$KV.{REGISTRY_BUCKET}.{key}")
+
     async def drop_manifest(self, version: int) -> None:
-        kv = await self.kv()
-        await kv.purge(self._version_key(version))
+        await self._erase(self._version_key(version))
 
     # ---- tags --------------------------------------------------------------------
 
@@ -115,8 +119,7 @@ class ModelRegistry:
         await kv.put(self._tag_key(name), sign_doc(doc, identity))
 
     async def untag(self, name: str) -> None:
-        kv = await self.kv()
-        await kv.purge(self._tag_key(name))
+        await self._erase(self._tag_key(name))
 
     async def tags(self) -> list[Tag]:
         """Every verified tag of the job; forged or malformed ones are logged and left out."""
