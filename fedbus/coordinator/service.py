@@ -321,6 +321,7 @@ class CoordinatorService:
             with contextlib.suppress(Exception):
                 await js.purge_stream(self.subjects.region_upd_stream(region))
         await self.jobstate.reset()
+        await self.registrar.registry.reset()
         self.run_id = new_run_id(now_ms())
         self.summary.run = self.run_id
         self.summary.incarnations = 1

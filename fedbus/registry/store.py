@@ -72,6 +72,12 @@ class ModelRegistry:
         info = await self.js.stream_info(f"KV_{REGISTRY_BUCKET}", subjects_filter=prefix + pattern)
         return sorted(subject[len(prefix):] for subject, count in (info.state.subjects or {}).items() if count)
 
+    async def reset(self) -> None:
+        """A fresh run of the job: its version numbers start again, so the earlier run's
+        manifests and tags go (their model objects follow at the first retention pass)."""
+        for key in await self._keys(f"{self.job}.>"):
+            await self._erase(key)
+
     # ---- manifests ---------------------------------------------------------------
 
     async def put_manifest(self, manifest: ModelManifest, identity: Identity) -> None:
