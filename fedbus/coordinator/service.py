@@ -523,10 +523,7 @@ class CoordinatorService:
             got = await self.messenger.receive(
                 self.verifier, msg.data, sender_token=token, stored_ms=stored_ms, offload=True,
                 round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
-            if got.header.type != Update.TYPE:
-                raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
-            if got.header.run != self.run_id:
-                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+            self._expect(got, Update.TYPE, "an update subject")
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
@@ -591,6 +588,13 @@ class CoordinatorService:
             return True
         return False
 
+    def _expect(self, got, msg_type: str, where: str) -> None:
+        """Raise Rejection unless ``got`` is a ``msg_type`` of this run (``where``: its subject)."""
+        if got.header.type != msg_type:
+            raise Rejection("unknown_type", f"{got.header.type} on {where}", got.header)
+        if got.header.run != self.run_id:
+            raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+
     async def _on_partial(self, msg) -> bool:
         """Verify a regional partial aggregate and its contributors' proofs; True to hold it
         unacknowledged until its round commits."""
@@ -604,10 +608,7 @@ class CoordinatorService:
                 self.verifier, msg.data, stored_ms=stored_ms, offload=True,
                 round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
             h = got.header
-            if h.type != Partial.TYPE:
-                raise Rejection("unknown_type", f"{h.type} on a partial subject", h)
-            if h.run != self.run_id:
-                raise Rejection("wrong_run", f"run {h.run}", h)
+            self._expect(got, Partial.TYPE, "a partial subject")
             body: Partial = got.fields  # type: ignore[assignment]
             partial, contributors, tickets = await asyncio.to_thread(
                 verified_partial, self.federation, self.job.job, self.run_id, got, region,
@@ -641,10 +642,7 @@ class CoordinatorService:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=msg.subject.rsplit(".", 1)[-1],
                                                stored_ms=stored_ms,
                                                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
-            if got.header.type != EvalReport.TYPE:
-                raise Rejection("unknown_type", f"{got.header.type} on a metrics subject", got.header)
-            if got.header.run != self.run_id:
-                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+            self._expect(got, EvalReport.TYPE, "a metrics subject")
         except Rejection as rej:
             h = rej.header
             if not (delivered > 1 and rej.reason in ("replayed_nonce", "wrong_round")):
@@ -783,10 +781,7 @@ class CoordinatorService:
             return  # issued before this process ran (an earlier incarnation applied it, or nobody was up)
         try:
             got = await self.messenger.receive(self.verifier, msg.data, stored_ms=stored_ms)
-            if got.header.type != ModelCommand.TYPE:
-                raise Rejection("unknown_type", f"{got.header.type} on the models subject", got.header)
-            if got.header.run != self.run_id:
-                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+            self._expect(got, ModelCommand.TYPE, "the models subject")
         except Rejection as rej:
             h = rej.header
             self._rejected("models", rej.reason, rej.detail, h.sender if h else None, msg.subject, None)
