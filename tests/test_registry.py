@@ -183,3 +183,34 @@ def test_the_parent_survives_the_job_record():
     old = record.as_dict()
     del old["parent_version"]  # a record written before the registry existed
     assert JobRecord.from_dict(old).parent_version is None
+
+
+# ---- the coordinator's manifest of a commit ------------------------------------------
+
+def test_the_manifest_of_a_closed_round_names_who_was_folded_and_with_what():
+    from fedbus.coordinator.registrar import Registrar
+    from fedbus.jobspec import JobSpec
+
+    job = JobSpec(job="j", task="t:t", rounds=5, late_updates="next_round")
+    registrar = Registrar(None, None, job, FEDERATION, COORD, jobstate=None)
+    for round_, worker, byte in ((3, "w1", 1), (3, "w2", 2), (2, "w3", 3), (3, "w9", 4)):
+        registrar.note_update(round_, worker, bytes([byte]) * 32)
+    row = {"round": 3, "model_version": 3, "status": "aggregated", "seconds": 1.5, "accepted": 2,
+           "accepted_workers": ["w1", "w2"], "late_workers": ["w3"], "folded": 3, "staleness": [0, 0, 1],
+           "rejected": {"bad_signature": 1}, "test_accuracy": 0.8, "train_loss": 0.3, "dp_epsilon": 1.5}
+    ref = {"bucket": "fedbus-models", "name": "j/v3/ab", "size": 10, "digest": "SHA-256=x"}
+    record = JobRecord(round=4, phase="round_open", model_version=3, rounds_completed=3, last_close=row)
+    m = registrar.manifest_for(record, "r1", model_digest(MODEL), ref, None, 7)
+    assert (m.kind, m.version, m.parent_version, m.round, m.dp_epsilon) == ("aggregated", 3, 2, 3, 1.5)
+    assert [(c.participant, c.round, c.update_digest) for c in m.contributors] == [
+        ("w1", 3, "01" * 32), ("w2", 3, "02" * 32), ("w3", 2, "03" * 32)]  # w9's update was not folded
+    assert m.metrics == {"test_accuracy": 0.8, "train_loss": 0.3}
+    assert m.strategy["name"] == "fedavg" and m.coordinator == "coordinator"
+
+    rolled = JobRecord(round=5, phase="round_open", model_version=4, rounds_completed=3, parent_version=1,
+                       last_close={**row, "round": 4, "model_version": 4, "status": "rolled_back"})
+    m = registrar.manifest_for(rolled, "r1", model_digest(MODEL), ref, None, 8)
+    assert (m.kind, m.parent_version, m.contributors, m.metrics) == ("rollback", 1, [], {})
+    first = registrar.manifest_for(JobRecord(round=1, phase="round_open", model_version=0, rounds_completed=0),
+                                   "r1", model_digest(MODEL), ref, None, 1)
+    assert (first.kind, first.parent_version) == ("initial", None)

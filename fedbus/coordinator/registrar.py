@@ -74,7 +74,9 @@ class Registrar:
         round_ = record.round
         if row is not None and row.get("status") == "aggregated":
             round_ = int(row["round"])
-            rounds_of = [(w, round_) for w in row.get("accepted_workers", [])]
+            accepted = list(row.get("accepted_workers", []))
+            tickets = list(row.get("tickets", []))  # async: each update's ticket, the round its envelope carries
+            rounds_of = list(zip(accepted, tickets)) if len(tickets) == len(accepted) else [(w, round_) for w in accepted]
             rounds_of += [(w, round_ - 1) for w in row.get("late_workers", [])]
             rounds_of += [(s, r) for (r, s) in self._digests if r == round_ and s in row.get("via_region", {}).values()]
             contributors = [Contributor(participant=w, round=max(r, 0), update_digest=self._digests.get((r, w), ""))
@@ -100,9 +102,11 @@ class Registrar:
         await self.registry.put_manifest(manifest, self.identity)
         self.manifested = record.model_version
         self._objects[manifest.version] = manifest.model_object.name
-        done = manifest.round
-        for key in [k for k in self._digests if k[0] <= done]:
-            del self._digests[key]
+        if self.job.mode == "sync":  # (async tickets are not ordered by version: they go when folded)
+            for key in [k for k in self._digests if k[0] <= manifest.round]:
+                del self._digests[key]
+        for c in manifest.contributors:
+            self._digests.pop((c.round, c.participant), None)
         log.info("model.registered", version=manifest.version, parent=manifest.parent_version, kind=manifest.kind,
                  contributors=len(manifest.contributors), digest=manifest.model_digest[:20])
 
