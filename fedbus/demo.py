@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedbus.registry.retention import stream_retention
 from fedbus.bus import EmbeddedNatsServer, Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection
 from fedbus.messaging import verifier_for
@@ -35,6 +34,7 @@ from fedbus.crypto.keys import Identity
 from fedbus.jobspec import CohortSpec, JobSpec
 from fedbus.protocol.messages import JobDone, RoundClose
 from fedbus.telemetry.spanfile import read_spans, traces_by_id
+from fedbus.registry.retention import stream_retention
 
 DEMO_ROUNDS = 20
 # Async commits a version per buffer_size updates, not per cohort: more versions for the

@@ -20,7 +20,6 @@ import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
-from fedbus.registry.retention import stream_retention
 from fedbus.aggregator.buffered import AckKeys, AsyncAggregatorCore
 from fedbus.aggregator.core import AggregatorCore, PartialPublished, PublishPartial, RoundOpened
 from fedbus.aggregator.wire import wire_partial
@@ -43,6 +42,7 @@ from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header, split_frame
 from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
 from fedbus.protocol.tensor_groups import split_groups
+from fedbus.registry.retention import stream_retention
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent

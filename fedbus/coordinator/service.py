@@ -27,11 +27,11 @@ import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
-from fedbus.registry.retention import stream_retention
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
 from fedbus.audit.queue import AuditQueue, rejection_fields, report_rejections
 from fedbus.bus import NatsCredentials, Subjects, connect, ensure_job_infrastructure
+from fedbus.bus.follower import ControlFollower
 from fedbus.bus.layout import purge_stream_except
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import history_versions, machine_for
@@ -75,16 +75,15 @@ from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.crypto.keyevents import KeyChange
 from fedbus.jobspec import JobSpec
-from fedbus.keywatch import KeyWatch
+from fedbus.keywatch import KeyWatch, stored_ms_of
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
 from fedbus.privacy.budget import privacy_summary
-from fedbus.bus.follower import ControlFollower
-from fedbus.keywatch import stored_ms_of
 from fedbus.protocol.messages import (EvalReport, Heartbeat, JobDone, ModelCommand, Partial, RoundClose, Update,
                                       finite_metrics)
-from fedbus.registry.models import load_version
 from fedbus.protocol.runs import new_run_id
+from fedbus.registry.models import load_version
+from fedbus.registry.retention import stream_retention
 from fedbus.tasks import load_task
 from fedbus.transforms import build_worker_pipeline, decode_update
 from fedbus.telemetry import get_tracer, inject_trace_headers

@@ -33,7 +33,6 @@ import structlog
 import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from fedbus.registry.retention import stream_retention
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, publish_with_retry, wait_for_stream
 from fedbus.bus.layout import ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection, now_ms
@@ -59,6 +58,7 @@ from fedbus.secagg.errors import FAILURE_REASONS, SecAggAbort, SecAggFailed, Sec
 from fedbus.secagg.server import SecAggServer
 from fedbus.secagg.quantize import wire_dtype
 from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
+from fedbus.registry.retention import stream_retention
 
 log = structlog.get_logger(__name__)
 
