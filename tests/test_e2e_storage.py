@@ -8,8 +8,10 @@ Without retention that is the store's growth per round; with it, old model objec
 committed rounds' blobs, acknowledged updates and dropped manifests are deleted, and the
 server compacts its blocks: the size oscillates (block compaction is lazy) around a
 plateau. The test fits a line to the second half of the job and requires its slope to be
-below 15 % of what one round writes, and the second half's peak to stay within 1.5 x the
-first half's. Without retention both fail (the slope is ~100 %).
+below 15 % of what one round writes, and the second half's peak to stay within 1.25 x the
+first half's. Measured: with retention 75 KiB/round and 1.04 x; keeping every version
+(blobs and acknowledged updates still deleted) 603 KiB/round (20 %) and 1.45 x, so both
+checks fail.
 ``benchmarks/storage_growth.py`` prints the curve of a 200-round job.
 """
 
@@ -47,6 +49,8 @@ def test_store_stops_growing_after_the_retention_window(nats_server, tmp_path):
     growth = slope(second)
     curve = " ".join(f"{r}:{b // 1024}" for r, b in samples)
     print(f"store KiB by round: {curve}")
-    print(f"second-half slope {growth / 1024:+.1f} KiB/round; one round writes >= {written_per_round / 1024:.0f} KiB")
+    peaks = max(b for _, b in second) / max(b for _, b in first)
+    print(f"second-half slope {growth / 1024:+.1f} KiB/round; one round writes >= {written_per_round / 1024:.0f} KiB; "
+          f"second-half peak {peaks:.2f} x the first half's")
     assert growth < 0.15 * written_per_round, curve
-    assert max(b for _, b in second) <= 1.5 * max(b for _, b in first), curve
+    assert peaks <= 1.25, curve
