@@ -180,6 +180,8 @@ def base_fields(msg_type: str, rng: random.Random, round_: int = 1) -> tuple[dic
         case "keys":
             return ({"action": "rotate", "participant": worker.id, "old_key": worker.participant_entry()["public_key"],
                      "new_key": OUTSIDER.participant_entry()["public_key"], "reason": "yearly rotation"}, None, COORD)
+    if msg_type == "models":
+        return ({"action": "rollback", "version": 2, "reason": "bad round 3"}, None, COORD)
     secagg = _secagg_fields(msg_type, rng, round_, worker, cohort)
     if secagg is not None:
         return secagg

@@ -399,6 +399,60 @@ def cmd_keys_event(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """fedbus models list|show|export|verify|tag|rollback (fedbus.registry.tool)."""
+    import json
+
+    from fedbus.keytool import KeyToolError, job_subjects
+    from fedbus.registry import tool
+    from fedbus.telemetry.logging import configure_logging
+
+    configure_logging(process="models", level=os.environ.get("FEDBUS_LOG_LEVEL", "error"))  # stderr: stdout is data
+    federation = load_federation(args.federation)
+    credentials = credentials_from(args)
+    try:
+        subjects, _ = job_subjects(args.job, args.prefix, load_job)
+    except KeyToolError as exc:
+        raise CliError(str(exc)) from None
+    common = (args.nats, subjects, federation)
+    try:
+        match args.models_command:
+            case "list":
+                lines = asyncio.run(tool.list_versions(*common, credentials=credentials))
+                print("\n".join(lines) if lines else f"job {subjects.job}: no versions in the registry")
+            case "show":
+                print(json.dumps(asyncio.run(tool.show_version(*common, args.version, credentials=credentials)),
+                                 indent=2))
+            case "export":
+                manifest, written = asyncio.run(tool.export_version(*common, args.version, Path(args.out),
+                                                                    credentials=credentials))
+                print(f"exported v{manifest.version} ({manifest.model_digest}, verified against its manifest): "
+                      + ", ".join(map(str, written)))
+            case "verify":
+                manifest = asyncio.run(tool.verify_file(*common, args.version, Path(args.file),
+                                                        credentials=credentials))
+                print(f"{args.file}: matches v{manifest.version} ({manifest.model_digest})")
+            case "tag":
+                version = None if args.remove else args.version
+                if version is None and not args.remove:
+                    raise CliError("tag needs --version (or --remove)")
+                asyncio.run(tool.tag_version(*common, load_identity(args.key), args.tag, version,
+                                             credentials=credentials))
+                print(f"tag {args.tag} removed" if args.remove else f"tagged v{version} as {args.tag}")
+            case "rollback":
+                manifest = asyncio.run(tool.rollback(*common, load_identity(args.key), args.version,
+                                                     reason=args.reason, wait_s=args.wait, credentials=credentials))
+                if manifest is None:
+                    print(f"rollback to v{args.version} published")
+                else:
+                    print(f"rolled back: v{manifest.version} continues from v{manifest.parent_version} "
+                          f"({manifest.model_digest})")
+    except tool.ModelToolError as exc:
+        print(f"fedbus models {args.models_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from fedbus.audit.reader import describe_verdict, verify_audit
     from fedbus.bus import Subjects, connect
@@ -753,6 +807,38 @@ def build_parser() -> argparse.ArgumentParser:
             ev.add_argument("--new-key", required=True,
                             help="the participant's new key file (fedbus keys gen with the same id and role)")
         ev.set_defaults(func=cmd_keys_event)
+
+    mo = sub.add_parser("models", help="the model registry: signed manifests, export, tags, rollback")
+    mosub = mo.add_subparsers(dest="models_command", required=True)
+    for name, what in (("list", "the job's kept versions, verified"),
+                       ("show", "one version's verified manifest and tags, as JSON"),
+                       ("export", "write a version's model as a PyTorch state_dict (and .safetensors), verified "
+                                  "against its manifest"),
+                       ("verify", "check a model file against a version's manifest"),
+                       ("tag", "tag a version (tagged versions outlive retention), or --remove a tag"),
+                       ("rollback", "continue the running job from an earlier version (a signed control event)")):
+        m = mosub.add_parser(name, help=what)
+        m.add_argument("--job", required=True, help="job spec YAML, or a job id (with --prefix)")
+        m.add_argument("--prefix", default="fedbus", help="subject prefix when --job is a job id")
+        m.add_argument("--federation", required=True, help="federation file: manifests are verified against it")
+        add_connection_options(m)
+        if name in ("show", "export", "verify", "rollback"):
+            m.add_argument("--version", type=int, required=True)
+        if name == "tag":
+            m.add_argument("--version", type=int)
+            m.add_argument("--tag", required=True)
+            m.add_argument("--remove", action="store_true")
+        if name == "export":
+            m.add_argument("--out", required=True, help="the .pt file to write (a .safetensors one is written next to it)")
+        if name == "verify":
+            m.add_argument("--file", required=True, help="a .pt or .safetensors state_dict")
+        if name in ("tag", "rollback"):
+            m.add_argument("--key", required=True, help="the signer's (coordinator or operator) " + KEY_HELP)
+        if name == "rollback":
+            m.add_argument("--reason", default="", help="recorded in the event and the audit trail (at most 256 chars)")
+            m.add_argument("--wait", type=float, default=60.0,
+                           help="seconds to wait for the coordinator to commit the rolled-back version (0: don't)")
+        m.set_defaults(func=cmd_models)
 
     au = sub.add_parser("audit", help="the audit trail")
     ausub = au.add_subparsers(dest="audit_command", required=True)

@@ -34,6 +34,7 @@ from fedbus.crypto.keys import Identity
 from fedbus.jobspec import CohortSpec, JobSpec
 from fedbus.protocol.messages import JobDone, RoundClose
 from fedbus.telemetry.spanfile import read_spans, traces_by_id
+from fedbus.registry.retention import stream_retention
 
 DEMO_ROUNDS = 20
 # Async commits a version per buffer_size updates, not per cohort: more versions for the
@@ -201,7 +202,7 @@ async def follow_rounds(nats_url: str, federation: Federation, job: JobSpec, pro
     nc = await connect(nats_url, name="fedbus-demo-observer")
     js = nc.jetstream()
     subjects = Subjects(job.job, prefix=job.transport.prefix)
-    await ensure_job_infrastructure(js, subjects, replicas=job.transport.replicas)
+    await ensure_job_infrastructure(js, subjects, replicas=job.transport.replicas, **stream_retention(job))
     verifier = verifier_for(job, federation)
     queue: asyncio.Queue = asyncio.Queue()
     started = time.monotonic()

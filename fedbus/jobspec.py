@@ -214,6 +214,23 @@ class TransportSpec(BaseModel):
                                                "stream of its own domain")
 
 
+class RetentionSpec(BaseModel):
+    """What a long job keeps on the bus (fedbus.registry.retention): the newest model
+    versions, every tagged one, and stream messages for at most a day by default."""
+
+    model_config = SPEC_CONFIG
+    keep_versions: int = Field(10, ge=1, le=100_000,
+                               description="newest model versions kept in the registry (tagged ones are kept too); "
+                                           "older model objects, their manifests and every claim-check blob of a "
+                                           "committed round are deleted")
+    stream_max_age_s: float = Field(DAY_S, ge=60.0, le=30 * DAY_S,
+                                    description="max_age of the update, partial and metrics streams: how long a "
+                                                "stopped coordinator can still find the updates it held")
+    stream_max_bytes: int | None = Field(None, ge=1024 * 1024, le=64 * GIB,
+                                         description="max_bytes of each of those streams (default: "
+                                                     "fedbus/bus/layout.py's table)")
+
+
 class JobSpec(BaseModel):
     """Everything a federation needs to agree on to run one job."""
 
@@ -263,6 +280,8 @@ class JobSpec(BaseModel):
         default_factory=NoCompression,
         description="how workers send updates: none (weights), fp16 / bf16 / int8 / topk (a compressed delta the "
                     "receiver adds to the round's model before folding); see fedbus/compression/")
+    retention: RetentionSpec = Field(default_factory=RetentionSpec,
+                                     description="model versions and stream messages kept (fedbus models)")
 
     @field_validator("task_params")
     @classmethod

@@ -19,6 +19,7 @@ from fedbus.bus import (
     publish_with_retry,
     stream_limits,
 )
+from fedbus.bus.layout import REGISTRY_BUCKET
 from fedbus.bus.server import EmbeddedNatsServer
 
 
@@ -91,6 +92,7 @@ def _expected(s: Subjects) -> set[str]:
         s.metrics_stream,
         s.audit_stream,
         f"KV_{KV_BUCKET}",
+        f"KV_{REGISTRY_BUCKET}",
         f"OBJ_{MODELS_BUCKET}",
         f"OBJ_{BLOBS_BUCKET}",
     }

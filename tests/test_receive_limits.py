@@ -26,6 +26,7 @@ from fedbus.protocol.messages import (
     EvalOpen,
     EvalReport,
     KeyEvent,
+    ModelCommand,
     Heartbeat,
     JobDone,
     Partial,
@@ -94,12 +95,13 @@ def section(entries: list, data: bytes) -> bytes:
 def test_every_type_declares_its_body_limit():
     assert Heartbeat.MAX_BODY_BYTES == 4 * 1024
     assert KeyEvent.MAX_BODY_BYTES == 4 * 1024
+    assert ModelCommand.MAX_BODY_BYTES == 4 * 1024
     for cls in (EvalReport, JobDone, RoundClose):
         assert cls.MAX_BODY_BYTES == 256 * 1024
     for cls in (Update, RoundOpen, EvalOpen, Partial):
         assert cls.MAX_BODY_BYTES is None  # the job's max_message_bytes
     assert set(MESSAGE_TYPES.values()) == {Heartbeat, EvalReport, JobDone, RoundClose, Update, RoundOpen, EvalOpen,
-                                           Partial, KeyEvent, *SECAGG_TYPES}
+                                           Partial, KeyEvent, ModelCommand, *SECAGG_TYPES}
     for cls in SECAGG_TYPES:  # secure aggregation: bounded by the group's roster, or model-sized (the masked input)
         assert cls.MAX_BODY_BYTES is None if cls.HAS_TENSORS else cls.MAX_BODY_BYTES <= 1024 * 1024
 

@@ -43,6 +43,7 @@ from fedbus.messaging import Messenger, verifier_for
 from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header, split_frame
 from fedbus.protocol.messages import Heartbeat, JobDone, Partial, RoundOpen, Update, finite_metrics
 from fedbus.protocol.tensor_groups import split_groups
+from fedbus.registry.retention import stream_retention
 from fedbus.rejections import RejectionLedger
 from fedbus.tasks import load_task
 from fedbus.telemetry import get_tracer, trace_context_from_traceparent
@@ -127,7 +128,8 @@ class AggregatorService:
             # its region's update stream (a secured server allows it nothing more).
             await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
             self.upd_stream = await ensure_region_updates(self.local_js, self.subjects, self.region,
-                                                          replicas=self.job.transport.replicas)
+                                                          replicas=self.job.transport.replicas,
+                                                          **stream_retention(self.job))
             # Every past key event is applied before anything is trusted or sent.
             self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
                                  on_change=self._on_key_change)

@@ -271,3 +271,20 @@ class BlobStore:
             await store.delete(name)
         except nats.js.errors.NotFoundError:
             log.debug("bus.blob.delete_missing", bucket=self.bucket, name=name)
+
+    async def delete_completely(self, name: str) -> None:
+        """Delete a blob and leave nothing behind: ``delete`` keeps a deletion marker on the
+        object's meta subject (one per name, forever); retention purges that subject too, so
+        a long job's deleted objects cost no bytes at all."""
+        await self.delete(name)
+        meta = OBJ_META_PRE_TEMPLATE.format(bucket=self.bucket, obj=base64.urlsafe_b64encode(name.encode()).decode())
+        await self._js.purge_stream(self.stream, subject=meta)
+
+    async def names(self) -> list[str]:
+        """Names of the objects in the bucket (deleted ones left out); [] when it is empty."""
+        store = await self._object_store()
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except nats.js.errors.NotFoundError:
+            return []
+        return [info.name for info in infos]

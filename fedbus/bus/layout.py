@@ -32,6 +32,8 @@ _TOKEN_RE = re.compile(TOKEN_PATTERN)
 KV_BUCKET = "fedbus-jobs"
 MODELS_BUCKET = "fedbus-models"
 BLOBS_BUCKET = "fedbus-blobs"
+# Signed model manifests and tags, per job (fedbus.registry).
+REGISTRY_BUCKET = "fedbus-registry"
 # Enough past revisions of a job's state to see how it got there after a bad CAS.
 KV_HISTORY = 8
 
@@ -110,19 +112,33 @@ class StreamLimits:
     discard: DiscardPolicy
 
 
-def stream_limits(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, StreamLimits]:
-    """Limits per stream family ("CTL", "UPD", "AGG", "METRICS", "AUDIT")."""
+# The families whose max_age / max_bytes a job's retention settings may lower (see
+# fedbus.registry.retention.stream_retention). CTL holds the job's key events (ctl.keys),
+# which every process replays from the start, and AUDIT a hash chain: neither is cut by a job.
+JOB_LIMITED_FAMILIES = ("UPD", "AGG", "METRICS")
+
+
+def stream_limits(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, max_age_s: float | None = None,
+                  max_bytes: int | None = None) -> dict[str, StreamLimits]:
+    """Limits per stream family ("CTL", "UPD", "AGG", "METRICS", "AUDIT"); ``max_age_s`` and
+    ``max_bytes`` (from the job's retention settings) replace those of JOB_LIMITED_FAMILIES."""
     if max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
     big = max_message_bytes + HEADER_ROOM_BYTES
     old, new = DiscardPolicy.OLD, DiscardPolicy.NEW
-    return {
+    table = {
         "CTL": StreamLimits(32, 10_000, 64 * MiB, 7 * DAY_S, big, old),
         "UPD": StreamLimits(64, 1_000_000, 512 * MiB, DAY_S, big, old),
         "AGG": StreamLimits(64, 100_000, 256 * MiB, DAY_S, big, old),
         "METRICS": StreamLimits(64, 1_000_000, 64 * MiB, DAY_S, SMALL_MESSAGE_BYTES, old),
         "AUDIT": StreamLimits(-1, 1_000_000, 256 * MiB, 90 * DAY_S, SMALL_MESSAGE_BYTES, new),
     }
+    for family in JOB_LIMITED_FAMILIES:
+        if max_age_s is not None:
+            table[family] = replace(table[family], max_age_s=float(max_age_s))
+        if max_bytes is not None:
+            table[family] = replace(table[family], max_bytes=int(max_bytes))
+    return table
 
 
 # JetStream API error codes (nats-server's errors.json).
@@ -269,6 +285,8 @@ class Subjects:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         regional: bool = False,
         region: str | None = None,
+        max_age_s: float | None = None,
+        max_bytes: int | None = None,
     ) -> list[StreamConfig]:
         """The job's streams, with the limits of `stream_limits`. All use limits
         retention: several readers (coordinator, aggregators, a restarted coordinator,
@@ -279,7 +297,7 @@ class Subjects:
         would store each update twice and carry it across the leaf link). ``region``: only
         that region's update stream."""
         storage_type = StorageType(storage)
-        limits = stream_limits(max_message_bytes)
+        limits = stream_limits(max_message_bytes, max_age_s=max_age_s, max_bytes=max_bytes)
         if region is not None:
             families = [("UPD", self.region_upd_stream(region), self.upd_region(region), f"updates of region {region}")]
         else:
@@ -455,13 +473,14 @@ async def purge_stream_except(js: Any, stream: str, *, keep: str) -> None:
 
 
 async def ensure_region_updates(js: Any, subjects: Subjects, region: str, *, replicas: int = 1,
-                                storage: str = "file", max_message_bytes: int | None = None) -> str:
+                                storage: str = "file", max_message_bytes: int | None = None,
+                                max_age_s: float | None = None, max_bytes: int | None = None) -> str:
     """Create one region's update stream in ``js``'s JetStream domain (its leaf node's, or
     the only one); returns its name."""
     if max_message_bytes is None:
         max_message_bytes = _server_max_payload(js)
     (config,) = subjects.stream_configs(replicas=replicas, storage=storage, max_message_bytes=max_message_bytes,
-                                        region=region)
+                                        region=region, max_age_s=max_age_s, max_bytes=max_bytes)
     await _ensure_stream(js, config)
     return config.name
 
@@ -475,6 +494,8 @@ async def ensure_job_infrastructure(
     duplicate_window: float = DUPLICATE_WINDOW_S,
     max_message_bytes: int | None = None,
     regional: bool = False,
+    max_age_s: float | None = None,
+    max_bytes: int | None = None,
 ) -> None:
     """Create the job's streams, the jobs KV bucket and the object stores if missing
     (``regional``: without the all-updates stream, see ``Subjects.stream_configs``).
@@ -492,7 +513,8 @@ async def ensure_job_infrastructure(
     if max_message_bytes is None:
         max_message_bytes = _server_max_payload(js)
     configs = subjects.stream_configs(replicas=replicas, storage=storage, duplicate_window=duplicate_window,
-                                      max_message_bytes=max_message_bytes, regional=regional)
+                                      max_message_bytes=max_message_bytes, regional=regional,
+                                      max_age_s=max_age_s, max_bytes=max_bytes)
     for config in configs:
         await _ensure_stream(js, config)
 
@@ -503,6 +525,13 @@ async def ensure_job_infrastructure(
         ),
         lambda: js.key_value(KV_BUCKET),
         KV_BUCKET,
+    )
+    await _ensure_bucket(
+        lambda: js.create_key_value(
+            KeyValueConfig(bucket=REGISTRY_BUCKET, history=1, storage=storage_type, replicas=replicas)
+        ),
+        lambda: js.key_value(REGISTRY_BUCKET),
+        REGISTRY_BUCKET,
     )
     for bucket in (MODELS_BUCKET, BLOBS_BUCKET):
         await _ensure_bucket(

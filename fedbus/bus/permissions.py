@@ -8,7 +8,7 @@ end-to-end test runs a whole job under them and fails on any violation).
 What each role may do, per job:
 
 - **coordinator**: the job's administrator. It creates and purges the streams, the KV
-  bucket and the object stores, runs durable consumers on updates, partials and metrics,
+  buckets (job state, model registry) and the object stores, runs durable consumers on updates, partials and metrics,
   publishes control events and its audit chain, reads heartbeats.
 - **worker**: publishes only its own update, heartbeat, metrics and audit subjects
   (JetStream acks come back to its own inbox); reads the control stream through
@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .credentials import inbox_prefix
-from .layout import BLOBS_BUCKET, KV_BUCKET, MODELS_BUCKET, Subjects
+from .layout import BLOBS_BUCKET, KV_BUCKET, MODELS_BUCKET, REGISTRY_BUCKET, Subjects
 
 API = "$JS.API"
 
@@ -94,7 +94,7 @@ def _coordinator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permiss
         publish=[
             s.ctl_all, s.audit_all,
             f"{API}.>",  # streams, consumers, KV, object stores: it is the job's administrator
-            f"$KV.{KV_BUCKET}.>", f"$O.{MODELS_BUCKET}.>", f"$O.{BLOBS_BUCKET}.>",
+            f"$KV.{KV_BUCKET}.>", f"$KV.{REGISTRY_BUCKET}.>", f"$O.{MODELS_BUCKET}.>", f"$O.{BLOBS_BUCKET}.>",
             "$JS.ACK.>", FLOW_CONTROL,
         ],
         subscribe=[s.hb_all],

@@ -45,6 +45,11 @@ class CommittedJob:
     history: dict[int, State] = field(default_factory=dict)  # earlier versions' models still needed
 
 
+def model_part(tensors: dict[str, torch.Tensor]) -> State:
+    """The model's tensors in a decoded job-state object (which also holds the strategy's state)."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+
+
 def _escape_key(key: str) -> str:
     # "/" separates nesting levels; state_dict keys contain it too ("m/fc.weight"), so a
     # key's own "/" (and "%", the escape) are percent-encoded and come back as they were.
@@ -109,6 +114,16 @@ class JobStateStore:
 
     async def _kv(self):
         return await self.js.key_value(KV_BUCKET)
+
+    @property
+    def model_ref(self) -> dict | None:
+        """{bucket, name, size, digest} of the object of the last committed version."""
+        return self._model_ref
+
+    @property
+    def kept_refs(self) -> list[tuple[int, dict]]:
+        """(version, object ref) of the earlier versions the committed record still names."""
+        return list(self._history)
 
     async def reset(self) -> None:
         """A fresh run of the job: forget what an earlier run committed."""
@@ -189,7 +204,7 @@ class JobStateStore:
             raise JobStateError(f"job state record for {self.job_id!r} is malformed: {exc!r}") from None
         data = await self.models.get(ref["name"], expected_size=ref["size"], expected_digest=ref["digest"])
         tensors = await asyncio.to_thread(lambda: dict(decode_tensors(data)))
-        model = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        model = model_part(tensors)
         strategy = unflatten_state(tensors, kinds)
         history: dict[int, State] = {}
         kept: list[tuple[int, dict]] = []
@@ -201,7 +216,7 @@ class JobStateStore:
                 log.warning("jobstate.history_unavailable", version=item[0] if item else None, error=repr(exc))
                 continue
             old_tensors = await asyncio.to_thread(lambda raw=raw: dict(decode_tensors(raw)))
-            history[version] = {k[len(MODEL_PREFIX):]: v for k, v in old_tensors.items() if k.startswith(MODEL_PREFIX)}
+            history[version] = model_part(old_tensors)
             kept.append((version, old))
         self.revision = entry.revision
         self._model_ref = ref

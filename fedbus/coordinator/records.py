@@ -30,6 +30,9 @@ class JobRecord:
     late: dict | None = None
     # mode: async: outstanding assignments, updates accepted but not yet committed, recent folds (versions.py)
     async_state: dict | None = None
+    # The version model_version was built on when it is not model_version - 1: the version a
+    # rollback restored (fedbus models rollback). None: the usual parent (or none for v0).
+    parent_version: int | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -47,4 +50,5 @@ class JobRecord:
                    last_close=d.get("last_close") if isinstance(d.get("last_close"), dict) else None,
                    started_ms=int(d.get("started_ms", 0)),
                    late=d.get("late") if isinstance(d.get("late"), dict) else None,
-                   async_state=d.get("async_state") if isinstance(d.get("async_state"), dict) else None)
+                   async_state=d.get("async_state") if isinstance(d.get("async_state"), dict) else None,
+                   parent_version=int(d["parent_version"]) if d.get("parent_version") is not None else None)

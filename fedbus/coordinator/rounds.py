@@ -200,6 +200,20 @@ class MessageRejected:
 
 
 @dataclass(frozen=True)
+class RollbackRequested:
+    """An operator asked (signed ``models`` control event) to continue the job from an
+    earlier committed version; ``state`` is that version's model, verified against its
+    manifest by the service. Applied at the next point where no commit is in flight and no
+    aggregation runs: an open round is abandoned (its updates were trained from the model
+    being rolled away from), and version model_version + 1, a copy of ``state`` whose
+    parent is ``version``, is committed before the next round opens on it."""
+
+    version: int
+    state: State
+    now_ms: int
+
+
+@dataclass(frozen=True)
 class Aggregated:
     """The ``Aggregate`` work of a round finished: ``state`` is the next global model,
     ``metrics`` what the service measured on it (server-side test), committed with the round."""
@@ -249,7 +263,7 @@ class OpenRound:
 class CloseRound:
     round: int
     model_version: int
-    status: str  # "aggregated" | "failed"
+    status: str  # "aggregated" | "failed" | "rolled_back"
     accepted: tuple[str, ...]
     rejected: dict[str, int]
     seconds: float
@@ -405,6 +419,15 @@ class AckThrough:
 
 
 @dataclass(frozen=True)
+class RollbackRefused:
+    """A rollback the machine cannot apply (``reason``: model_mismatch, job_done, unknown_version)."""
+
+    version: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class InternalError:
     """An exception escaped while handling ``event``; the actions decided before it are kept."""
 
@@ -413,9 +436,10 @@ class InternalError:
 
 
 Event = (Start | WorkerSeen | Tick | UpdateReceived | PartialReceived | SecureSumReceived | SecureAggregationFailed
-         | EvalReceived | MessageRejected | Aggregated | AggregationFailed | Committed | CommitFailed)
+         | EvalReceived | MessageRejected | Aggregated | AggregationFailed | Committed | CommitFailed
+         | RollbackRequested)
 Action = (OpenRound | CloseRound | RejectUpdate | DuplicateIgnored | Deferred | OpenEval | FinishJob | Aggregate
-          | Commit | AckThrough | InternalError)
+          | Commit | AckThrough | RollbackRefused | InternalError)
 
 
 class Phase(enum.Enum):
@@ -478,6 +502,8 @@ class RoundStateMachine(MachineBase):
         self._late_base: State | None = None
         self._late_base_version = 0
         self._late_stash: dict[str, tuple[ClientUpdate, bytes]] = {}
+        self._rollback: RollbackRequested | None = None  # waiting for a point where it can apply
+        self._parent_version: int | None = None  # of model_version, when a rollback made it
         self._reset_round_state()
 
     def _reset_round_state(self) -> None:
@@ -555,6 +581,8 @@ class RoundStateMachine(MachineBase):
                 self._on_committed(event, out)
             case CommitFailed():
                 self._on_commit_failed(event, out)
+            case RollbackRequested():
+                self._on_rollback(event, out)
             case _:
                 raise TypeError(f"unknown event {event!r}")
 
@@ -589,6 +617,7 @@ class RoundStateMachine(MachineBase):
         if record.last_close is not None:
             self._remember_accepted(int(record.last_close["round"]), record.last_close.get("accepted_workers", ()))
         self.started_ms = record.started_ms or None
+        self._parent_version = record.parent_version
         late = record.late
         if late is not None and history is not None and int(late["base_version"]) in history:
             # Stragglers of the last closed round are still welcome (their updates come back
@@ -640,6 +669,8 @@ class RoundStateMachine(MachineBase):
             self._plan_finish(now, out, "not_enough_workers", closing=None)
 
     def _on_tick(self, now: int, out: list[Action]) -> None:
+        if self._maybe_roll_back(now, out):
+            return
         if self.phase is Phase.WAITING_FOR_WORKERS:
             self._maybe_start(now, out)
         elif self.phase is Phase.ROUND_OPEN and now >= self.deadline_ms:
@@ -877,6 +908,7 @@ class RoundStateMachine(MachineBase):
             prev = self.round - 1
             self._recent_accepted[prev] = self._recent_accepted.get(prev, frozenset()) | {w for w, _ in late}
         self.model_version += 1
+        self._parent_version = None
         self.rounds_completed += 1
         self._failed_in_a_row = 0
         privacy = {DP_EPSILON: self.privacy.aggregated()} if self.privacy is not None else {}
@@ -922,7 +954,7 @@ class RoundStateMachine(MachineBase):
                          rounds_completed=self.rounds_completed, failed_in_a_row=self._failed_in_a_row,
                          cohort=tuple(cohort), declared=dict(declared or {}), accepted_total=self.accepted_total,
                          reason=reason, last_close=close_row(closing) if closing else None,
-                         started_ms=self.started_ms or 0, late=late)
+                         started_ms=self.started_ms or 0, late=late, parent_version=self._parent_version)
 
     def _propose(self, record: JobRecord, announce: list, out: list[Action], ack_round: int | None) -> None:
         self._commit_seq += 1
@@ -988,6 +1020,42 @@ class RoundStateMachine(MachineBase):
                 out.append(item)
             else:
                 out.append(item)
+
+    def _on_rollback(self, ev: RollbackRequested, out: list[Action]) -> None:
+        if self.phase is Phase.DONE:
+            out.append(RollbackRefused(ev.version, "job_done", "the job has finished"))
+        elif not 0 <= ev.version <= self.model_version:
+            out.append(RollbackRefused(ev.version, "unknown_version",
+                                       f"version {ev.version} is not in 0..{self.model_version}"))
+        elif spec_of(ev.state) != self.model_spec:
+            out.append(RollbackRefused(ev.version, "model_mismatch", "the version's tensors do not fit the task's model"))
+        else:
+            self._rollback = ev  # a later request replaces one not applied yet
+            self._maybe_roll_back(ev.now_ms, out)
+
+    def _maybe_roll_back(self, now: int, out: list[Action]) -> bool:
+        """Apply a requested rollback if nothing is in flight (else the next tick tries again)."""
+        req = self._rollback
+        if req is None or self._pending is not None or self.phase not in (Phase.ROUND_OPEN,
+                                                                           Phase.WAITING_FOR_WORKERS):
+            return False
+        self._rollback = None
+        was_open = self.phase is Phase.ROUND_OPEN
+        if was_open and self.privacy is not None:
+            self.privacy.failed()  # the abandoned round releases nothing
+        # Late updates were trained from the lineage being abandoned.
+        self._late_stash.clear()
+        self._late_round, self._late_eligible, self._late_base = None, frozenset(), None
+        self.state = req.state
+        self.model_version += 1
+        self._parent_version = req.version
+        close = None
+        if was_open:
+            close = CloseRound(self.round, self.model_version, "rolled_back", tuple(sorted(self._reported)),
+                               dict(self._round_rejections), (now - self._opened_ms) / 1000.0, self.state, {},
+                               elapsed_s=self._elapsed(now))
+        self._plan_next(now, out, closing=close)
+        return True
 
     def _on_commit_failed(self, ev: CommitFailed, out: list[Action]) -> None:
         pending = self._pending

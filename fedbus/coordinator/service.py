@@ -31,10 +31,12 @@ from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
 from fedbus.audit.queue import AuditQueue, rejection_fields, report_rejections
 from fedbus.bus import NatsCredentials, Subjects, connect, ensure_job_infrastructure
+from fedbus.bus.follower import ControlFollower
 from fedbus.bus.layout import purge_stream_except
 from fedbus.coordinator.announcements import eval_open_message, round_open_message
 from fedbus.coordinator.factory import history_versions, machine_for
 from fedbus.coordinator.jobstate import JobStateError, JobStateStore
+from fedbus.coordinator.registrar import Registrar, purge_acknowledged
 from fedbus.coordinator.machine import WorkerRevoked
 from fedbus.rejections import RejectionLedger
 from fedbus.coordinator.ratelimit import TokenBuckets
@@ -58,6 +60,8 @@ from fedbus.coordinator.rounds import (
     OpenRound,
     PartialReceived,
     RejectUpdate,
+    RollbackRefused,
+    RollbackRequested,
     Start,
     Tick,
     UpdateReceived,
@@ -73,13 +77,16 @@ from fedbus.crypto.keys import Identity, unb64
 from fedbus.crypto.keyevents import KeyChange
 from fedbus.crypto.sealing import unsealed_recipients
 from fedbus.jobspec import JobSpec
-from fedbus.keywatch import KeyWatch
+from fedbus.keywatch import KeyWatch, stored_ms_of
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
 from fedbus.privacy.budget import privacy_summary
 from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header
-from fedbus.protocol.messages import EvalReport, Heartbeat, JobDone, Partial, RoundClose, Update, finite_metrics
+from fedbus.protocol.messages import (EvalReport, Heartbeat, JobDone, ModelCommand, Partial, RoundClose, Update,
+                                      finite_metrics)
 from fedbus.protocol.runs import new_run_id
+from fedbus.registry.models import load_version
+from fedbus.registry.retention import stream_retention
 from fedbus.tasks import load_task
 from fedbus.secagg.exchange import WORKER_TYPES as SECAGG_TYPES
 from fedbus.transforms import build_worker_pipeline, decode_received
@@ -182,6 +189,8 @@ class CoordinatorService:
             job, self.machine.rule, self.machine.policy.quorum, self._publish_secagg,
             lambda reason, detail, sender, round_: self._rejected("secagg", reason, detail, sender, "", round_),
             self._feed) if job.privacy.secure_aggregation is not None else None
+        self.model_commands: ControlFollower | None = None
+        self._started_ms = now_ms()  # model commands stored before this process started are not redone
 
     async def _publish_secagg(self, suffix: str, body, round_: int) -> None:
         await self.messenger.publish(self.subjects.ctl(suffix), body, round=round_, run=self.run_id)
@@ -199,6 +208,8 @@ class CoordinatorService:
         async def on_reconnected() -> None:
             if self.keys is not None:
                 self.keys.on_reconnected()
+            if self.model_commands is not None:
+                self.model_commands.on_reconnected()
 
         self.nc = await connect(self.nats_url, name=f"fedbus-coordinator-{self.identity.id}",
                                 first_connect_timeout=CONNECT_TIMEOUT_S, credentials=self.credentials,
@@ -207,13 +218,14 @@ class CoordinatorService:
         write_summary = True
         try:
             await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
-                                            regional=self.job.topology == "regional")
+                                            regional=self.job.topology == "regional", **stream_retention(self.job))
             # Every past key event is applied before any message is verified.
             self.keys = KeyWatch(self.js, self.subjects, self.federation, self.job.security,
                                  on_change=self._on_key_change, on_reject=self._key_event_rejected)
             await self.keys.start()
             self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity,
                                           keep_versions=history_versions(self.job))
+            self.registrar = Registrar(self.nc, self.js, self.job, self.federation, self.identity, self.jobstate)
             if self.resume:
                 if not await self._restore():
                     write_summary = False  # a finished job's results stay as they are
@@ -225,6 +237,9 @@ class CoordinatorService:
             self.audit = AuditTrail(self.js, self.subjects, self.identity)
             self.audit_queue = AuditQueue(self.audit)
             await self.audit.resume()
+            self.model_commands = ControlFollower(self.js, self.subjects.ctl(ModelCommand.TYPE), self._on_model_command,
+                                                  stream=self.subjects.ctl_stream)
+            await self.model_commands.start()
             await self.audit.publish("job.resumed" if self.resume else "job.started", job=self.job.job,
                                      run=self.run_id, rounds=self.job.rounds)
             last = self._recovered_close
@@ -269,6 +284,7 @@ class CoordinatorService:
             if self.secure is not None:
                 await self.secure.close()
             await self.keys.stop()
+            await self.model_commands.stop()
             with contextlib.suppress(Exception):
                 await self.hb_nc.close()
         finally:
@@ -293,6 +309,7 @@ class CoordinatorService:
                      reason=committed.record.reason, rounds_completed=committed.record.rounds_completed)
             return False
         self.machine.restore(committed.record, committed.model, committed.strategy_state, committed.history)
+        self.registrar.manifested = committed.record.model_version  # (written before the crash, or lost with it)
         previous = RunSummary.load(self.run_dir / "summary.json", run=self.run_id)
         if previous is not None:
             self.summary = previous
@@ -334,6 +351,7 @@ class CoordinatorService:
             with contextlib.suppress(Exception):
                 await js.purge_stream(self.subjects.region_upd_stream(region))
         await self.jobstate.reset()
+        await self.registrar.registry.reset()
         self.run_id = new_run_id(now_ms())
         self.summary.run = self.run_id
         self.summary.incarnations = 1
@@ -539,10 +557,7 @@ class CoordinatorService:
             got = await self.messenger.receive(
                 self.verifier, msg.data, sender_token=token, stored_ms=stored_ms, offload=True,
                 round_ok=self._update_round_ok)
-            if got.header.type != Update.TYPE and not (self.secure is not None and got.header.type in SECAGG_TYPES):
-                raise Rejection("unknown_type", f"{got.header.type} on an update subject", got.header)
-            if got.header.run != self.run_id:
-                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+            self._expect(got, self._update_types, "an update subject")
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
@@ -579,6 +594,7 @@ class CoordinatorService:
         self._unacked.setdefault((until, event.worker_id), []).append(msg)
         self.summary.updates_sealed += got.sealed
         self._held_nonces.add(got.header.nonce)
+        self.registrar.note_update(event.round, event.worker_id, got.header.digest)
         self._accepted_nonces[got.header.nonce] = _seq(msg)
         while len(self._accepted_nonces) > ACCEPTED_NONCES:
             self._accepted_nonces.popitem(last=False)
@@ -614,6 +630,20 @@ class CoordinatorService:
             return True
         return False
 
+    @property
+    def _update_types(self) -> frozenset[str]:
+        """What may arrive on update subjects: updates, or with secure aggregation the workers'
+        secagg.* messages."""
+        return frozenset(SECAGG_TYPES) if self.secure is not None else frozenset({Update.TYPE})
+
+    def _expect(self, got, msg_type: str | frozenset[str], where: str) -> None:
+        """Raise Rejection unless ``got`` is a ``msg_type`` (or one of them) of this run
+        (``where``: its subject)."""
+        if got.header.type not in ({msg_type} if isinstance(msg_type, str) else msg_type):
+            raise Rejection("unknown_type", f"{got.header.type} on {where}", got.header)
+        if got.header.run != self.run_id:
+            raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+
     async def _on_partial(self, msg) -> bool:
         """Verify a regional partial aggregate and its contributors' proofs; True to hold it
         unacknowledged until its round commits."""
@@ -627,10 +657,7 @@ class CoordinatorService:
                 self.verifier, msg.data, stored_ms=stored_ms, offload=True,
                 round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
             h = got.header
-            if h.type != Partial.TYPE:
-                raise Rejection("unknown_type", f"{h.type} on a partial subject", h)
-            if h.run != self.run_id:
-                raise Rejection("wrong_run", f"run {h.run}", h)
+            self._expect(got, Partial.TYPE, "a partial subject")
             body: Partial = got.fields  # type: ignore[assignment]
             partial, contributors, tickets = await asyncio.to_thread(
                 verified_partial, self.federation, self.job.job, self.run_id, got, region,
@@ -648,6 +675,7 @@ class CoordinatorService:
         actions = self._feed(event)
         if any(isinstance(a, (RejectUpdate, DuplicateIgnored)) and a.worker_id == h.sender for a in actions):
             return False
+        self.registrar.note_update(h.round, region, h.digest)
         if self.job.mode == "async":
             # Acknowledged when the version folding its updates commits (AckUpdates by worker and ticket).
             for (worker, _, _), ticket in zip(contributors, tickets):
@@ -668,10 +696,7 @@ class CoordinatorService:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=msg.subject.rsplit(".", 1)[-1],
                                                stored_ms=stored_ms,
                                                round_ok=lambda h: self.machine.accepts_round(h.type, h.round))
-            if got.header.type != EvalReport.TYPE:
-                raise Rejection("unknown_type", f"{got.header.type} on a metrics subject", got.header)
-            if got.header.run != self.run_id:
-                raise Rejection("wrong_run", f"run {got.header.run}", got.header)
+            self._expect(got, EvalReport.TYPE, "a metrics subject")
         except Rejection as rej:
             h = rej.header
             if not (delivered > 1 and rej.reason in ("replayed_nonce", "wrong_round")):
@@ -732,6 +757,9 @@ class CoordinatorService:
                 await self._open_eval(action)
             case FinishJob():
                 await self._finish(action)
+            case RollbackRefused():
+                self._rejected("models", action.reason, action.detail, None, self.subjects.ctl(ModelCommand.TYPE), None,
+                               counted_by_machine=True)
             case InternalError():
                 log.error("machine.internal_error", event=action.event, error=action.error)
 
@@ -759,6 +787,7 @@ class CoordinatorService:
                 await self.jobstate.commit(run=self.run_id, record=c.record, model=c.model,
                                            strategy_state=c.strategy_state, now_ms=now_ms())
                 self._feed(Committed(c.seq, now_ms()))
+                await self._after_commit(c)
                 return
             except Exception as exc:
                 error = exc
@@ -771,6 +800,64 @@ class CoordinatorService:
         self.summary.error = repr(error)[:300]
         self.exit_code = 1
         self._feed(CommitFailed(c.seq, repr(error), now_ms()))
+
+    async def _after_commit(self, c: Commit) -> None:
+        """The registry and retention follow each commit; neither may fail the job."""
+        budget = getattr(self.machine, "privacy", None)
+        try:
+            await self.registrar.record(c.record, c.model, self.run_id, budget.epsilon if budget else None, now_ms())
+        except Exception as exc:
+            log.warning("registry.manifest_failed", version=c.record.model_version, error=repr(exc)[:300])
+        if c.record.last_close is None:
+            return  # retention runs once per closed round
+        try:
+            await self.registrar.retain(c.record.model_version, self._blobs_done_through(c.record))
+            if self.job.topology != "regional":
+                await purge_acknowledged(self.js, self.subjects.upd_stream, "coordinator-updates")
+        except Exception as exc:
+            log.warning("retention.failed", error=repr(exc)[:300])
+
+    def _blobs_done_through(self, record) -> int | None:
+        """The last round whose claim-check blobs nothing will read again (sync mode): the
+        closed round, minus one if its late updates are still welcome, and below every
+        update still held (a late update's blob carries the round before the one that holds it)."""
+        if self.job.mode != "sync":
+            return None  # async tickets interleave; their blobs are left to the bucket's owner
+        through = int(record.last_close["round"]) - (1 if self.job.late_updates == "next_round" else 0)
+        if self._unacked:
+            through = min(through, min(k[0] for k in self._unacked) - 2)
+        return through if through >= 1 else None
+
+    async def _on_model_command(self, msg) -> None:
+        """A signed ``fedbus models rollback``: verify it and the target version, then feed it."""
+        seq, stored_ms = stored_ms_of(msg)
+        if stored_ms is not None and stored_ms < self._started_ms:
+            return  # issued before this process ran (an earlier incarnation applied it, or nobody was up)
+        try:
+            got = await self.messenger.receive(self.verifier, msg.data, stored_ms=stored_ms)
+            self._expect(got, ModelCommand.TYPE, "the models subject")
+        except Rejection as rej:
+            h = rej.header
+            self._rejected("models", rej.reason, rej.detail, h.sender if h else None, msg.subject, None)
+            return
+        cmd: ModelCommand = got.fields  # type: ignore[assignment]
+        sender = got.header.sender
+        if self.job.mode != "sync":
+            self._rejected("models", "rollback_unsupported", "rollback needs mode: sync", sender, msg.subject, None)
+            return
+        try:
+            manifest, state = await load_version(self.registrar.registry, self.nc, self.js, cmd.version)
+        except KeyError as exc:
+            self._rejected("models", "unknown_version", str(exc), sender, msg.subject, None)
+            return
+        except Exception as exc:  # forged manifest, tampered or missing object
+            self._rejected("models", "invalid_version", repr(exc)[:200], sender, msg.subject, None)
+            return
+        log.warning("model.rollback_requested", version=cmd.version, digest=manifest.model_digest[:20], signer=sender,
+                    seq=seq, reason=cmd.reason[:200], current_version=self.machine.model_version)
+        self.audit_queue.submit("model.rollback", version=cmd.version, signer=sender, reason=cmd.reason,
+                                model_digest=manifest.model_digest)
+        self._feed(RollbackRequested(cmd.version, state, now_ms()))
 
     def _span_for(self, a: OpenRound):
         """The trace a round.open belongs to: its round's, or in async mode the trace of the

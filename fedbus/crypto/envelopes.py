@@ -78,6 +78,12 @@ REASONS = (
     "index_out_of_range",   # top-k: an index outside the tensor
     "duplicate_indices",    # top-k: one index sent twice
     "bad_scale",            # int8: a chunk scale that is negative or not finite
+    # model commands (fedbus models rollback): verified, but not applicable
+    "unknown_version",      # the registry keeps no such version (dropped by retention, or never committed)
+    "invalid_version",      # its manifest is forged, or its model object is missing or does not match it
+    "rollback_unsupported",  # the job's mode cannot roll back (async)
+    "model_mismatch",       # the version's tensors do not fit the task's model
+    "job_done",             # the job has finished
 )
 
 

@@ -162,7 +162,7 @@ class RoundClose(Body):
     METRIC_FIELDS: ClassVar[frozenset[str]] = frozenset({"metrics"})
     round: int = Field(ge=1, le=MAX_COUNT)
     model_version: Count
-    status: Literal["aggregated", "failed"]
+    status: Literal["aggregated", "failed", "rolled_back"]
     accepted: Cohort
     rejected: Annotated[dict[ShortStr, Count], Field(max_length=MAX_METRICS)] = Field(default_factory=dict)
     seconds: float = Field(ge=0, allow_inf_nan=False)
@@ -284,9 +284,26 @@ class KeyEvent(Body):
         return self
 
 
+class ModelCommand(Body):
+    """An operator's command to a running job's model registry, on ``ctl.models`` in the
+    control stream (``fedbus models rollback``). ``rollback``: continue the job from
+    committed ``version`` (the coordinator verifies that version's model against its signed
+    manifest, abandons the open round and commits a new version whose parent is
+    ``version``). The header carries the run the command is meant for; the coordinator
+    refuses any other run's (wrong_run)."""
+
+    TYPE: ClassVar[str] = "models"
+    SENDER_ROLES: ClassVar[frozenset[str]] = frozenset({"coordinator", "operator"})
+    MAX_BODY_BYTES: ClassVar[int | None] = 4 * KIB
+    MAX_FIELDS_BYTES: ClassVar[int] = 4 * KIB
+    action: Literal["rollback"]
+    version: Count
+    reason: Annotated[str, StringConstraints(max_length=256)] = ""
+
+
 MESSAGE_TYPES: dict[str, type[Body]] = {
     cls.TYPE: cls for cls in (Heartbeat, RoundOpen, Update, RoundClose, EvalOpen, EvalReport, JobDone, Partial,
-                              KeyEvent)
+                              KeyEvent, ModelCommand)
 }
 
 

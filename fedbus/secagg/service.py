@@ -43,6 +43,7 @@ from fedbus.rejections import RejectionLedger
 from fedbus.secagg.errors import SecAggAbort, SecAggFailed
 from fedbus.secagg.exchange import WORKER_TYPES, SecAggParticipant, ServerExchange
 from fedbus.secagg.spec import SecureAggregationSpec, quantizer_of
+from fedbus.registry.retention import stream_retention
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +86,8 @@ class _Endpoint:
                                 participant=self.identity.id)
         self.js = self.nc.jetstream()
         if creates_streams:  # the server, as the coordinator does; a secured server lets workers create nothing
-            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas)
+            await ensure_job_infrastructure(self.js, self.subjects, replicas=self.job.transport.replicas,
+                                            **stream_retention(self.job))
         else:
             await wait_for_stream(self.js, self.subjects.ctl_stream, JOB_STREAMS_WAIT_S)
             await wait_for_stream(self.js, self.subjects.upd_stream, JOB_STREAMS_WAIT_S)

@@ -1,0 +1,70 @@
+"""Bytes in the nats-server store directory, round by round, over a long job with retention.
+
+A real nats-server (fresh store), the coordinator and 3 workers as CLI processes, the
+digits task's MLP; after every closed round the store directory is measured. Prints the
+curve (every --every rounds), the growth per round over each quarter of the job, and, with
+--compare, the same job keeping every version (claim-check blobs and acknowledged updates
+are deleted in both).
+
+    python benchmarks/storage_growth.py [--rounds 200] [--keep 5] [--every 10] [--hidden 128] [--compare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fedbus.bus import EmbeddedNatsServer  # noqa: E402
+from tests.storage_support import run_sampled  # noqa: E402
+
+
+def one_job(rounds: int, keep: int, hidden: int, tmp: Path) -> list[tuple[int, int]]:
+    server = EmbeddedNatsServer(store_dir=tmp / "store").start()
+    try:
+        samples, summary = run_sampled(tmp / "run", server.url, server.store_dir, rounds=rounds, keep=keep,
+                                       hidden=hidden, timeout=60 * 60)
+    finally:
+        server.stop()
+    assert summary["rounds_completed"] == rounds, summary
+    return samples
+
+
+def quarters(samples: list[tuple[int, int]]) -> list[str]:
+    n = len(samples)
+    out = []
+    for q in range(4):
+        a, b = samples[q * n // 4], samples[min((q + 1) * n // 4, n - 1)]
+        per_round = (b[1] - a[1]) / max(1, b[0] - a[0])
+        out.append(f"rounds {a[0]:>4}-{b[0]:<4} {per_round / 1024:+9.2f} KiB/round")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--keep", type=int, default=5)
+    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=128,
+                   help="MLP hidden units: 128 is the demo's model (~38 KiB, inline); 2048 (~600 KiB) uses claim checks")
+    p.add_argument("--compare", action="store_true", help="also run the job keeping every version")
+    args = p.parse_args()
+    # The comparison keeps every version; blobs and acknowledged updates are still deleted.
+    runs = [(f"keep {args.keep} versions", args.keep)] + ([("keep every version", args.rounds + 1)]
+                                                          if args.compare else [])
+    for label, keep in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = one_job(args.rounds, keep, args.hidden, Path(tmp))
+        print(f"== {label}: {args.rounds} rounds, keep_versions={keep}, hidden={args.hidden}")
+        for round_, size in samples:
+            if round_ == 1 or round_ % args.every == 0:
+                print(f"round {round_:>4}  {size / 1024:10.1f} KiB")
+        print("\n".join(quarters(samples)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
