@@ -193,7 +193,7 @@ class EvalReceived:
 @dataclass(frozen=True)
 class MessageRejected:
     """The service rejected ``count`` messages for ``reason`` before they reached the
-    machine; count them here (a flood is fed in aggregate, once per tick)."""
+    machine; count them here (a flood is fed in aggregate, before the next event)."""
 
     reason: str
     count: int = 1

@@ -359,6 +359,9 @@ class CoordinatorService:
     # ---- inputs ------------------------------------------------------------------------
 
     def _feed(self, event) -> list:
+        # Rejections counted so far go in first, so a round that this event closes lists
+        # every rejection that arrived while it was open (not only those a tick fed).
+        self._feed_rejections()
         actions = self.machine.handle(event)
         for action in actions:
             self._actions.put_nowait(action)
@@ -368,9 +371,6 @@ class CoordinatorService:
         ticks = 0
         while True:
             await asyncio.sleep(TICK_S)
-            for reason, count in self._unfed_rejections.items():
-                self.machine.handle(MessageRejected(reason, count))
-            self._unfed_rejections.clear()
             self._feed(Tick(now_ms()))
             ticks += 1
             if ticks % LIVE_WORKERS_EVERY_TICKS == 0:  # (an O(workers) scan: not on every tick)
@@ -378,11 +378,18 @@ class CoordinatorService:
             if self.ledger.due(now_ms()):
                 await self._flush_rejections()
 
+    def _feed_rejections(self) -> None:
+        """Hand the machine the rejections it has not counted yet, in aggregate."""
+        if self._unfed_rejections:
+            for reason, count in self._unfed_rejections.items():
+                self.machine.handle(MessageRejected(reason, count))
+            self._unfed_rejections.clear()
+
     def _rejected(self, kind: str, reason: str, detail: str, sender: str | None, subject: str,
                   round_: int | None, *, counted_by_machine: bool = False) -> None:
         """Count a rejection exactly; log it only when it is the first of its kind this interval."""
         if not counted_by_machine:
-            self._unfed_rejections[reason] += 1  # fed to the machine in aggregate, once per tick
+            self._unfed_rejections[reason] += 1  # fed to the machine in aggregate, before its next event
         if self.ledger.record(kind, sender, reason, detail, now_ms()):
             log.warning(f"{kind}.rejected", reason=reason, detail=detail[:200], subject=subject[:200],
                         sender=(sender or "")[:64], round=round_, note="further ones this interval are aggregated")
