@@ -226,6 +226,9 @@ class RetentionSpec(BaseModel):
     stream_max_age_s: float = Field(DAY_S, ge=60.0, le=30 * DAY_S,
                                     description="max_age of the update, partial and metrics streams: how long a "
                                                 "stopped coordinator can still find the updates it held")
+    keep_updates: bool = Field(False, description="keep acknowledged updates in the update stream until "
+                                                "stream_max_age_s (for audits that recompute a model from the "
+                                                "updates); by default they are purged once their round commits")
     stream_max_bytes: int | None = Field(None, ge=1024 * 1024, le=64 * GIB,
                                          description="max_bytes of each of those streams (default: "
                                                      "fedbus/bus/layout.py's table)")

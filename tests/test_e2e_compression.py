@@ -97,7 +97,8 @@ class SparseAttacker:
 
 def test_topk_updates_travel_sparse_hostile_parts_are_rejected_and_the_job_learns(nats_server, tmp_path):
     job = small_job("e2e-topk", rounds=ROUNDS, min_workers=4, min_updates=3, evaluation={"final_round": False},
-                    compression={"method": "topk", "fraction": 0.05})
+                    compression={"method": "topk", "fraction": 0.05},
+                    retention={"keep_updates": True})  # the test reads every update back from the stream
     fed = LocalFederation(tmp_path, nats_server.url, job, 4)
     honest = ("w01", "w02", "w03")
     attacker = SparseAttacker(fed)

@@ -43,7 +43,9 @@ async def read_stream(fed: LocalFederation, subject: str) -> list:
 
 def run_job(tmp_path, nats_server, strategy: dict, workers: int = 3,
             attacker_args: tuple[str, ...] = ()) -> LocalFederation:
-    job = small_job(f"e2e-{strategy['name']}", rounds=3, min_workers=workers, min_updates=workers, strategy=strategy)
+    # keep_updates: the test recomputes the model from the updates left in the stream.
+    job = small_job(f"e2e-{strategy['name']}", rounds=3, min_workers=workers, min_updates=workers, strategy=strategy,
+                    retention={"keep_updates": True})
     fed = LocalFederation(tmp_path, nats_server.url, job, workers)
     try:
         fed.start_coordinator()

@@ -819,7 +819,7 @@ class CoordinatorService:
             return  # retention runs once per closed round
         try:
             await self.registrar.retain(c.record.model_version, self._blobs_done_through(c.record))
-            if self.job.topology != "regional":
+            if self.job.topology != "regional" and not self.job.retention.keep_updates:
                 await purge_acknowledged(self.js, self.subjects.upd_stream, "coordinator-updates")
         except Exception as exc:
             log.warning("retention.failed", error=repr(exc)[:300])
