@@ -564,13 +564,12 @@ class CoordinatorService:
             got = await self.messenger.receive(
                 self.verifier, msg.data, sender_token=token, stored_ms=stored_ms, offload=True,
                 round_ok=self._update_round_ok)
-            self._expect(got, self._update_types, "an update subject")
+            self._expect(got, self._update_types,
+                         "an update subject" + (" of a secure-aggregation job" if self.secure is not None else ""))
             sender = self.federation.get(got.header.sender)
             if sender is not None and sender.region != parts[-2]:
                 raise Rejection("subject_mismatch", f"region {parts[-2]} is not {sender.region}", got.header)
-            if self.secure is not None:
-                if got.header.type == Update.TYPE:
-                    raise Rejection("unknown_type", "a plaintext update in a secure-aggregation job", got.header)
+            if self.secure is not None:  # (a plaintext update was refused by _expect)
                 self.secure.offer(got)
                 return False  # its round's exchange has it; a redelivery could not be used again
             upd: Update = got.fields  # type: ignore[assignment]
