@@ -725,6 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regional: a hub and one leaf nats-server per region, an aggregator per region; the job runs "
                         "regional then flat on the same servers and the hub<->leaf bytes are compared")
     d.add_argument("--regions", type=int, default=2, help="regions of --topology regional (default 2)")
+    d.add_argument("--hidden", type=int, default=None, metavar="UNITS",
+                   help="hidden units of the digits MLP (default 128: ~38 KiB models sent inline; 2048: ~600 KiB "
+                        "models and updates sent as claim checks)")
+    d.add_argument("--keep-versions", type=int, default=None, metavar="N",
+                   help="retention: newest model versions kept in the registry (default: the job spec's, 10)")
     d.set_defaults(func=cmd_demo)
 
     sm = sub.add_parser("sim", help="simulate a job in one process on a virtual clock (same round core and "

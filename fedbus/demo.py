@@ -74,14 +74,20 @@ def write_federation(run_dir: Path, num_workers: int, regions: int = 1, aggregat
 
 
 def demo_job(num_workers: int, rounds: int, alpha: float, seed: int, mode: str = "sync",
-             buffer_size: int = DEMO_BUFFER_SIZE) -> JobSpec:
+             buffer_size: int = DEMO_BUFFER_SIZE, hidden: int | None = None,
+             keep_versions: int | None = None) -> JobSpec:
+    """The demo's job; ``hidden`` widens the MLP (128 units, ~38 KiB, by default; 2048 makes
+    ~600 KiB models that travel as claim checks) and ``keep_versions`` sets the retention window."""
     spec: dict = {
         "job": "digits-demo", "task": "fedbus.tasks.digits:task", "seed": seed, "rounds": rounds, "mode": mode,
-        "task_params": {"model": "mlp", "partition": "dirichlet", "alpha": alpha},
+        "task_params": {"model": "mlp", "partition": "dirichlet", "alpha": alpha,
+                        **({"hidden": hidden} if hidden is not None else {})},
         "cohort": CohortSpec(min_workers=num_workers, min_updates=max(1, math.ceil(0.8 * num_workers)),
                              wait_for_workers_s=120).model_dump(),
         "round_deadline_s": 30.0,
     }
+    if keep_versions is not None:
+        spec["retention"] = {"keep_versions": keep_versions}
     if mode == "async":
         # A 10x straggler answers ~num_workers/buffer_size x 10 versions late (about 30 here):
         # max_staleness well above that keeps its data (3 of 10 Dirichlet-skewed label
@@ -502,7 +508,8 @@ def run_demo(args: argparse.Namespace) -> int:
     federation = write_federation(run_dir, n)
     rounds = args.rounds or (DEMO_ASYNC_VERSIONS if mode == "async" else DEMO_ROUNDS)
     try:
-        job = demo_job(n, rounds, args.alpha, args.seed, mode=mode)
+        job = demo_job(n, rounds, args.alpha, args.seed, mode=mode, hidden=getattr(args, "hidden", None),
+                       keep_versions=getattr(args, "keep_versions", None))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,13 +25,21 @@ def store_bytes(store_dir: Path) -> int:
 def sample_rounds(fed: LocalFederation, store_dir: Path, timeout: float) -> list[tuple[int, int]]:
     """(round, store bytes) right after each round.closed line of the coordinator, until it
     exits (bounded by ``timeout``)."""
-    log = fed.run_dir / "logs" / "coordinator.log"
-    coordinator = fed.group.procs["coordinator"]
+    try:
+        return sample_log_rounds(fed.run_dir / "logs" / "coordinator.log", fed.group.procs["coordinator"],
+                                 store_dir, timeout)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}:\n{fed.tail_logs()}") from None
+
+
+def sample_log_rounds(log: Path, process, store_dir: Path, timeout: float) -> list[tuple[int, int]]:
+    """(round, store bytes) right after each round.closed line of the JSON log ``log``, until
+    ``process`` (the coordinator, or a demo that runs one) exits; bounded by ``timeout``."""
     samples: list[tuple[int, int]] = []
     offset, pending = 0, ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        exited = coordinator.poll() is not None
+        exited = process.poll() is not None
         if log.exists():
             with log.open("r", errors="replace") as fh:
                 fh.seek(offset)
@@ -45,7 +53,7 @@ def sample_rounds(fed: LocalFederation, store_dir: Path, timeout: float) -> list
         if exited:
             return samples
         time.sleep(0.02)
-    raise AssertionError(f"the job did not finish within {timeout} s:\n{fed.tail_logs()}")
+    raise TimeoutError(f"the job did not finish within {timeout} s")
 
 
 def run_sampled(run_dir: Path, nats_url: str, store_dir: Path, *, rounds: int, keep: int, workers: int = 3,

@@ -63,6 +63,13 @@ def test_demo_job_per_mode():
     assert demo_job(2, 5, 0.5, 0, mode="async").async_.buffer_size == 2  # never more than the workers
 
 
+def test_demo_job_model_width_and_retention():
+    default = demo_job(10, 20, 0.5, 0)
+    assert "hidden" not in default.task_params and default.retention.keep_versions == 10
+    wide = demo_job(10, 200, 0.5, 0, hidden=2048, keep_versions=5)
+    assert wide.task_params["hidden"] == 2048 and wide.retention.keep_versions == 5
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--stragglers", "4", "--workers", "3"], "--stragglers must lie in [0, --workers = 3]"),
     (["--stragglers", "-1"], "--stragglers must lie in"),
