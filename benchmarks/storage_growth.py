@@ -56,7 +56,20 @@ def one_demo(rounds: int, keep: int, hidden: int, tmp: Path, workers: int) -> li
             demo.wait(timeout=60)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == rounds, (tmp / "demo.out").read_text()[-3000:]
+    print("store at the end, by stream: " + ", ".join(
+        f"{name} {size / 1024:.0f} KiB" for name, size in by_stream(run_dir / "nats")))
     return samples
+
+
+def by_stream(store_dir: Path) -> list[tuple[str, int]]:
+    """Bytes per stream directory of a nats-server store (largest first)."""
+    sizes: dict[str, int] = {}
+    for path in store_dir.rglob("*"):
+        parts = path.relative_to(store_dir).parts
+        if path.is_file() and "streams" in parts[:-1]:
+            name = parts[parts.index("streams") + 1]
+            sizes[name] = sizes.get(name, 0) + path.stat().st_size
+    return sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 def peaks(samples: list[tuple[int, int]]) -> list[str]:
