@@ -453,6 +453,42 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """fedbus status: a running job from the bus (fedbus.status), live on a terminal."""
+    from fedbus.bus import Subjects
+    from fedbus.jobspec import SecuritySpec
+    from fedbus.status.command import NOTHING_COMMITTED, live, make_model, snapshot
+    from fedbus.status.reader import StatusReader
+    from fedbus.telemetry.logging import configure_logging
+
+    configure_logging(process="status", level=os.environ.get("FEDBUS_LOG_LEVEL", "error"))  # stderr: stdout is the view
+    job_spec = load_job(args.job) if Path(args.job).is_file() else None
+    federation = load_federation(args.federation)
+    credentials = credentials_from(args)
+    if not 0 < args.listen <= 60:
+        raise CliError(f"--listen {args.listen}: must lie in (0, 60] seconds")
+    try:
+        subjects = (Subjects(job_spec.job, prefix=job_spec.transport.prefix) if job_spec is not None
+                    else Subjects(args.job, prefix=args.prefix))
+    except ValueError as exc:
+        raise CliError(f"--job {args.job!r} is neither a job spec file nor a valid job id: {_describe(exc)}") from None
+    model = make_model(subjects.job, job_spec)
+    reader = StatusReader(args.nats, subjects, federation, job_spec.security if job_spec else SecuritySpec(), model,
+                          credentials=credentials, participant=args.id)
+    once = args.once or not sys.stdout.isatty()
+    try:
+        if once:
+            print(asyncio.run(snapshot(reader, args.listen)))
+        else:
+            asyncio.run(live(reader, exit_when_done=not args.keep))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # no server, refused credentials: nothing was shown
+        print(f"fedbus status: cannot read job {subjects.job} at {args.nats}: {_describe(exc)}", file=sys.stderr)
+        return 3
+    return 0 if model.record is not None or not once else NOTHING_COMMITTED
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from fedbus.audit.reader import describe_verdict, verify_audit
     from fedbus.bus import Subjects, connect
@@ -844,6 +880,21 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("--wait", type=float, default=60.0,
                            help="seconds to wait for the coordinator to commit the rolled-back version (0: don't)")
         m.set_defaults(func=cmd_models)
+
+    st = sub.add_parser("status", help="a running job, live from the bus: round or version, cohort, who is "
+                                       "training, stragglers, staleness, rejections, privacy, accuracy")
+    st.add_argument("--job", required=True, help="job spec YAML (mode, planned rounds), or a job id (with --prefix)")
+    st.add_argument("--prefix", default="fedbus", help="subject prefix when --job is a job id")
+    st.add_argument("--federation", required=True, help="federation file: everything shown is verified against it")
+    add_connection_options(st)
+    st.add_argument("--id", help="the participant id this connection acts as on a secured server (an operator's): "
+                                 "replies come to its own inbox")
+    st.add_argument("--once", action="store_true",
+                    help="print one plain snapshot and exit (the default when stdout is not a terminal)")
+    st.add_argument("--listen", type=float, default=2.5, metavar="SECONDS",
+                    help="snapshot: how long to listen first (heartbeats come every transport.heartbeat_s; default 2.5)")
+    st.add_argument("--keep", action="store_true", help="live: keep showing the job after it is done (until Ctrl-C)")
+    st.set_defaults(func=cmd_status)
 
     au = sub.add_parser("audit", help="the audit trail")
     ausub = au.add_subparsers(dest="audit_command", required=True)

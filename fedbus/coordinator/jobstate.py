@@ -12,18 +12,16 @@ store blindly. Encoding runs off the event loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from dataclasses import dataclass, field
 
 import structlog
 import torch
-from nacl.exceptions import BadSignatureError
 
 from fedbus.aggregation.base import State
 from fedbus.bus import KV_BUCKET, MODELS_BUCKET, BlobStore
-from fedbus.coordinator.records import JobRecord
-from fedbus.crypto.keys import Identity, b64, unb64
+from fedbus.coordinator.records import JobRecord, SignedRecordError, open_signed_record, sign_record
+from fedbus.crypto.keys import Identity
 from fedbus.protocol.codec import decode_tensors, encode_tensors
 
 log = structlog.get_logger(__name__)
@@ -226,15 +224,10 @@ class JobStateStore:
         return CommittedJob(doc["run"], record, model, strategy.get("strategy", {}), history)
 
     def _signed(self, doc: dict) -> bytes:
-        body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        return json.dumps({"record": doc, "signature": b64(self.identity.sign(body))}).encode()
+        return sign_record(doc, self.identity.sign)
 
     def _verified(self, raw: bytes) -> dict:
         try:
-            outer = json.loads(raw)
-            doc = outer["record"]
-            body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-            self.identity.public_key.verify(body, unb64(outer["signature"]))
-        except (ValueError, KeyError, TypeError, BadSignatureError) as exc:
-            raise JobStateError(f"job state record for {self.job_id!r} is not signed by this coordinator: {exc!r}") from None
-        return doc
+            return open_signed_record(raw, self.identity.public_key.verify)
+        except SignedRecordError as exc:
+            raise JobStateError(f"job state record for {self.job_id!r} is not signed by this coordinator: {exc}") from None

@@ -8,7 +8,13 @@ are added by the store (``jobstate``); the machine never sees storage.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+
+from nacl.exceptions import BadSignatureError
+
+from fedbus.crypto.keys import b64, unb64
 
 PHASES = ("waiting", "round_open", "evaluating", "done", "async")
 
@@ -52,3 +58,37 @@ class JobRecord:
                    late=d.get("late") if isinstance(d.get("late"), dict) else None,
                    async_state=d.get("async_state") if isinstance(d.get("async_state"), dict) else None,
                    parent_version=int(d["parent_version"]) if d.get("parent_version") is not None else None)
+
+
+# The largest signed KV value a reader parses: a cohort of 100k ids and the async bookkeeping
+# fit well inside; anything bigger was not written by a coordinator.
+MAX_SIGNED_RECORD_BYTES = 8 * 1024 * 1024
+
+
+class SignedRecordError(ValueError):
+    """A KV value that is not a well-formed document signed by the expected key."""
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_record(doc: dict, sign: Callable[[bytes], bytes]) -> bytes:
+    """The KV value of ``doc``: the document and a signature over its canonical JSON."""
+    return json.dumps({"record": doc, "signature": b64(sign(_canonical(doc)))}).encode()
+
+
+def open_signed_record(raw: bytes, verify: Callable[[bytes, bytes], object]) -> dict:
+    """The document of a value ``sign_record`` wrote; ``verify(body, signature)`` raises on a bad
+    signature (nacl's VerifyKey.verify). Size is checked before anything is parsed."""
+    if len(raw) > MAX_SIGNED_RECORD_BYTES:
+        raise SignedRecordError(f"{len(raw)} bytes, limit {MAX_SIGNED_RECORD_BYTES}")
+    try:
+        outer = json.loads(raw)
+        doc = outer["record"]
+        if not isinstance(doc, dict):
+            raise TypeError("record is not an object")
+        verify(_canonical(doc), unb64(outer["signature"]))
+    except (ValueError, KeyError, TypeError, BadSignatureError) as exc:
+        raise SignedRecordError(repr(exc)) from None
+    return doc

@@ -1,0 +1,1 @@
+"""`fedbus status`: a running job, live from the bus (model, reader, renderer)."""

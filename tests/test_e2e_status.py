@@ -1,0 +1,101 @@
+"""`fedbus status` against a running job: a real nats-server, a coordinator and slowed
+workers as CLI processes, and the live screen in a detached tmux session of fixed size
+whose pane is captured until it shows the round the coordinator has committed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from fedbus.bus import KV_BUCKET, connect
+from tests.e2e_support import LocalFederation, small_job
+
+pytestmark = pytest.mark.e2e
+
+TMUX = shutil.which("tmux") or "/usr/bin/tmux"
+ROUND_SHOWN = re.compile(r"round (\d+) of (\d+)")
+# The screen redraws within fedbus.status.command.REFRESH_S of a commit; this leaves room for a busy machine.
+SCREEN_LAG_S = 1.0
+# Bounds the wait; it ends as soon as two rounds were seen (~15 s on an idle machine).
+WATCH_BUDGET_S = 60.0
+
+
+def _tmux(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([TMUX, *args], capture_output=True, text=True, timeout=10, check=check)
+
+
+async def _watch_screen(url: str, job: str, capture, rounds: int, budget_s: float) -> tuple[list, str]:
+    """Capture the pane between two reads of the round the coordinator committed (straight
+    from the KV bucket) until the screen has shown two different rounds while the committed
+    one stood still, or the budget is spent. Returns [(round shown, round committed)], last screen."""
+    nc = await connect(url, name="test-status-kv", first_connect_timeout=5)
+    seen: list[tuple[int, int]] = []
+    screen = ""
+    give_up = time.monotonic() + budget_s
+
+    async def committed() -> int | None:
+        try:
+            kv = await nc.jetstream().key_value(KV_BUCKET)
+            return int(json.loads((await kv.get(job)).value)["record"]["record"]["round"])
+        except Exception:  # no bucket or no commit yet
+            return None
+
+    try:
+        while time.monotonic() < give_up and len({shown for shown, _ in seen}) < 2:
+            before = await committed()
+            await asyncio.sleep(SCREEN_LAG_S)
+            screen = await asyncio.to_thread(capture)
+            after = await committed()
+            match = ROUND_SHOWN.search(screen)
+            if match is None or before is None or before != after:
+                continue  # nothing shown yet, or the round moved on meanwhile: inconclusive
+            assert int(match.group(2)) == rounds, screen
+            seen.append((int(match.group(1)), before))
+    finally:
+        await nc.close()
+    return seen, screen
+
+
+def test_status_shows_the_running_jobs_current_round_in_tmux(tmp_path, nats_server):
+    # Fails loudly where tmux is missing: .ci/run installs it.
+    assert os.path.exists(TMUX), "tmux is required for this test (apt-get install tmux; .ci/run installs it)"
+    rounds = 40  # far more than the test watches: the job is stopped, not finished
+    job = small_job("status-live", rounds=rounds, min_workers=3, min_updates=3)
+    fed = LocalFederation(tmp_path, nats_server.url, job, 3)
+    session = f"fedbus-status-{uuid.uuid4().hex[:8]}"
+    socket = f"fedbus-test-{os.getpid()}"  # our own tmux server: nothing of anyone else's is touched
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH"))
+    status = " ".join(shlex.quote(a) for a in [
+        sys.executable, "-m", "fedbus.cli", "status", "--job", str(tmp_path / "job.yaml"),
+        "--federation", str(tmp_path / "federation.yaml"), "--nats", nats_server.url, "--keep"])
+    started = time.monotonic()
+    try:
+        # The status starts before the coordinator: it must wait for the job to appear.
+        _tmux("-L", socket, "new-session", "-d", "-s", session, "-x", "110", "-y", "40",
+              f"env {env} {status} 2> {shlex.quote(str(tmp_path / 'status.err'))}")
+        fed.start_coordinator()
+        for w in fed.federation.workers():
+            fed.start_worker(w.id, "--simulate-slowdown", "30")  # rounds of a few seconds
+        seen, screen = asyncio.run(_watch_screen(
+            nats_server.url, job.job, lambda: _tmux("-L", socket, "capture-pane", "-p", "-t", session).stdout,
+            rounds, WATCH_BUDGET_S))
+        assert seen, f"no round on the screen after {time.monotonic() - started:.0f} s:\n{screen}\n" \
+                     f"{(tmp_path / 'status.err').read_text(errors='replace')[-2000:]}\n{fed.tail_logs(5)}"
+        # While the committed round stood still, the screen showed exactly that round ...
+        assert all(shown == committed for shown, committed in seen), (seen, screen)
+        # ... and it moved on by itself: the screen is live, not a snapshot.
+        assert len({shown for shown, _ in seen}) >= 2, f"the screen never moved on from round {seen[0][0]}:\n{screen}"
+        assert "w01" in screen and "sync" in screen, screen
+    finally:
+        _tmux("-L", socket, "kill-session", "-t", session, check=False)
+        fed.stop()
