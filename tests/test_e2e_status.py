@@ -5,6 +5,7 @@ whose pane is captured until it shows the round the coordinator has committed.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -99,3 +100,80 @@ def test_status_shows_the_running_jobs_current_round_in_tmux(tmp_path, nats_serv
     finally:
         _tmux("-L", socket, "kill-session", "-t", session, check=False)
         fed.stop()
+
+
+def test_an_operator_reads_the_status_under_the_generated_permissions(tmp_path, capsys):
+    """On a server with generated least-privilege users (nkeys), an operator's `fedbus status
+    --once` reads the committed record and the heartbeats; a forged record is refused."""
+    import nkeys  # noqa: F401  (nats-py needs it for nkey auth)
+
+    from fedbus.bus import EmbeddedNatsServer, NatsCredentials, Subjects, ensure_job_infrastructure
+    from fedbus.bus.natsconfig import security_section
+    from fedbus.bus.permissions import JobScope
+    from fedbus.cli import main
+    from fedbus.coordinator.records import JobRecord, sign_record
+    from fedbus.crypto.federation import Federation, FederationFile, Participant
+    from fedbus.crypto.keys import Identity
+    from fedbus.crypto.signing import seal
+    from fedbus.protocol.messages import Heartbeat, encode_body
+
+    ids = [Identity.generate("coordinator", "coordinator"), Identity.generate("ops", "operator"),
+           Identity.generate("w01", "worker")]
+    federation = Federation(FederationFile(federation="t", participants=[Participant(**i.participant_entry())
+                                                                         for i in ids]))
+    federation.dump(tmp_path / "federation.yaml")
+    coordinator, _, worker = ids
+    keys = tmp_path / "nkeys"
+    for i in ids:
+        assert main(["nats", "nkey", "--id", i.id, "--out", str(keys)]) == 0
+    public = {i.id: (keys / f"{i.id}.pub").read_text().strip() for i in ids}
+    section = security_section(federation, [JobScope("st")], auth="nkey", tls=None, nkeys=public)
+    server = EmbeddedNatsServer(store_dir=tmp_path / "store", extra_config=section).start()
+    s = Subjects("st")
+    record = JobRecord(round=3, phase="round_open", model_version=2, rounds_completed=2, cohort=("w01",))
+    doc = {"job": "st", "run": "r1", "record": record.as_dict(), "updated_ms": 0, "coordinator": "coordinator"}
+
+    async def commit(sign) -> None:
+        co = await connect(server.url, "co", credentials=NatsCredentials(nkey=keys / "coordinator.nk"),
+                           participant="coordinator", first_connect_timeout=10)
+        await ensure_job_infrastructure(co.jetstream(), s)
+        await (await co.jetstream().key_value(KV_BUCKET)).put("st", sign_record(doc, sign))
+        await co.close()
+
+    async def beat(stop: asyncio.Event) -> None:
+        w = await connect(server.url, "w01", credentials=NatsCredentials(nkey=keys / "w01.nk"), participant="w01",
+                          first_connect_timeout=10)
+        while not stop.is_set():
+            body = encode_body(Heartbeat(num_samples=10, partition=0, status="training"))
+            wire, _ = seal(worker, "heartbeat", job="st", round=0, body=body)
+            await w.publish(s.hb("w01"), wire)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.3)
+        await w.close()
+
+    def status() -> tuple[int, str, str]:
+        async def run() -> int:
+            stop = asyncio.Event()
+            beating = asyncio.create_task(beat(stop))
+            code = await asyncio.to_thread(main, [
+                "status", "--once", "--listen", "1.5", "--job", "st", "--federation", str(tmp_path / "federation.yaml"),
+                "--nats", server.url, "--nkey", str(keys / "ops.nk"), "--id", "ops"])
+            stop.set()
+            await beating
+            return code
+        code = asyncio.run(run())
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    try:
+        asyncio.run(commit(coordinator.sign))
+        code, out, err = status()
+        assert code == 0, out + err
+        assert "round 3" in out and "(1) w01" in out and "1 alive" in out, out
+        assert "refused" not in out, out
+        # The same record signed by someone else (here: the operator's key) is refused, not shown.
+        asyncio.run(commit(ids[1].sign))
+        code, out, err = status()
+        assert "record_not_verified" in out and "round 3" in out, out  # the genuine revision, then the forgery
+    finally:
+        server.stop()

@@ -110,8 +110,8 @@ def header(federation: Federation, scopes: list[JobScope], auth: str) -> str:
         "# KV and object buckets; a worker publishes only its own upd/hb/metrics/audit subjects, reads the",
         "# control stream and the models bucket, and nothing else (no other worker's updates, no control",
         "# events, no stream creation); an aggregator consumes only its region's updates and publishes",
-        "# agg.<region>; an operator publishes ctl.keys. Replies go to each participant's own inbox",
-        "# (_INBOX.<id>.>). Revoked participants have no user.",
+        "# agg.<region>; an operator publishes ctl.keys and reads the job records and heartbeats (fedbus",
+        "# status). Replies go to each participant's own inbox (_INBOX.<id>.>). Revoked participants have no user.",
         "",
     ])
 

@@ -21,7 +21,8 @@ What each role may do, per job:
   its own durable, reads the blob bucket (its workers' large updates; sealed updates
   are addressed to it), publishes `agg.R` and its audit chain, reads its workers'
   heartbeats.
-- **operator**: publishes key events on `ctl.keys` and reads the control stream.
+- **operator**: publishes key events on `ctl.keys` and reads the control stream; for
+  `fedbus status` also the jobs KV bucket (committed records) and the heartbeats.
 
 Nobody but the coordinator gets `$JS.API.>`; nobody reads another participant's inbox.
 """
@@ -143,7 +144,12 @@ def _aggregator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permissi
 
 def _operator(scope: JobScope, me: str, region_of: dict[str, str]) -> Permissions:
     s = scope.subjects
-    return Permissions(publish=[s.ctl("keys"), *_own_audit(s, me), *_read_stream(s.ctl_stream), FLOW_CONTROL])
+    return Permissions(
+        publish=[s.ctl("keys"), *_own_audit(s, me), *_read_stream(s.ctl_stream),
+                 # fedbus status: the coordinator's committed record (a consumer on the jobs
+                 # bucket's stream can name any job's key: the records are signed progress, no data)
+                 *_read_stream(f"KV_{KV_BUCKET}"), FLOW_CONTROL],
+        subscribe=[s.hb_all])  # fedbus status: who is alive and training
 
 
 ROLES = {"coordinator": _coordinator, "worker": _worker, "aggregator": _aggregator, "operator": _operator}
