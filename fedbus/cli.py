@@ -622,17 +622,27 @@ def cmd_sim(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"--attack {text}: {_describe(exc)}") from None
 
+    from fedbus.progress import RunProgress
+
+    display = RunProgress()  # a bar on a terminal, one line per round otherwise
+    unit = "version" if job.mode == "async" else "round"
+    display.add("rounds", job.rounds, f"{unit}s (virtual)")
+
     def show(row: dict) -> None:
         acc = row.get("test_accuracy")
-        print(f"round {row['round']}: {row['status']} v{row['model_version']} "
-              f"{'' if acc is None else f'test acc {acc:.4f}'} ({row['accepted']} updates) "
-              f"at {row['elapsed_s']:.3f} s virtual", flush=True)
+        acc_text = "" if acc is None else f"test acc {acc:.4f}"
+        display.update("rounds", min(int(row["model_version"]), job.rounds),
+                       detail=f"{acc_text} at {row['elapsed_s']:.1f} s virtual",
+                       line=f"round {row['round']}: {row['status']} v{row['model_version']} {acc_text} "
+                            f"({row['accepted']} updates) at {row['elapsed_s']:.3f} s virtual")
 
     try:
         result = simulate(job, args.workers, attacks=attacks, stragglers=args.stragglers, slowdown=args.slowdown,
                           speeds=args.speeds, base_train_ms=args.train_ms, on_round=show)
     except SimSetupError as exc:
         raise CliError(str(exc)) from None
+    finally:
+        display.stop()
     summary = {"mode": job.mode, "workers": args.workers, **result.summary()}
     report = {"job": job.job, **summary, "speeds": args.speeds, "stragglers": args.stragglers,
               "slowdown": args.slowdown, "train_ms": args.train_ms, "rounds": result.rounds}

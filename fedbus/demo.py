@@ -29,6 +29,7 @@ from pathlib import Path
 from fedbus.bus import EmbeddedNatsServer, Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import Rejection
 from fedbus.messaging import verifier_for
+from fedbus.progress import RunProgress
 from fedbus.crypto.federation import Federation, FederationFile, Participant
 from fedbus.crypto.keys import Identity
 from fedbus.jobspec import CohortSpec, JobSpec
@@ -156,51 +157,43 @@ def _proc_memory(pid: int) -> tuple[int, int]:
 # ---- following the rounds on the bus --------------------------------------------------
 
 class Progress:
-    """What the observer saw: printed as it happens (a bar on a terminal, lines otherwise),
-    and remembered, so a run can stop once it reached a target accuracy."""
+    """What the observer saw: shown as it happens (rich bars on a terminal, one plain line
+    per event otherwise: fedbus.progress), and remembered, so a run can stop once it
+    reached a target accuracy."""
 
     def __init__(self, rounds: int, stream=sys.stdout, unit: str = "round", quiet: bool = False,
                  target: float | None = None):
         self.rounds = rounds
-        self.stream = stream
         self.unit = unit  # "round" (sync) or "version" (async: one committed model version per close)
         self.quiet = quiet
-        self.tty = stream.isatty() and not quiet
+        self.display = RunProgress(stream, quiet=quiet)
+        self.tty = self.display.tty
         self.target = target
         self.reached: RoundClose | None = None  # the first close at or above the target
 
     def workers_ready(self, ready: int, total: int, seconds: float) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            self.stream.write(f"\rworkers ready: {ready}/{total} ({seconds:.0f} s)   ")
-            if ready >= total:
-                self.stream.write("\n")
-        elif ready >= total:
-            self.stream.write(f"all {total} workers ready after {seconds:.1f} s (heartbeats verified)\n")
-        self.stream.flush()
+        self.display.add("workers", total, "workers ready")
+        self.display.update("workers", ready, detail="heartbeats verified",
+                            line=f"all {total} workers ready after {seconds:.1f} s (heartbeats verified)"
+                            if ready >= total else None)
 
     def round_closed(self, rc: RoundClose) -> None:
         acc = rc.metrics.get("test_accuracy")
         if (self.reached is None and self.target is not None and acc is not None
                 and math.isfinite(acc) and acc >= self.target):
             self.reached = rc
-        if self.quiet:
-            return
         acc_text = f"test acc {acc:.3f}" if acc is not None else ""
-        if self.tty:
-            done = min(rc.model_version, self.rounds)
-            bar = "#" * int(30 * done / self.rounds)
-            self.stream.write(f"\r[{bar:<30}] {self.unit} {done}/{self.rounds} {acc_text} "
-                              f"({rc.seconds * 1000:.0f} ms)   ")
-        else:
-            self.stream.write(f"{self.unit} {rc.round}: {rc.status} model v{rc.model_version} {acc_text} "
-                              f"in {rc.seconds * 1000:.0f} ms, {len(rc.accepted)} updates\n")
-        self.stream.flush()
+        self.display.add("rounds", self.rounds, f"{self.unit}s")
+        self.display.update("rounds", min(rc.model_version, self.rounds),
+                            detail=f"{acc_text} ({rc.seconds * 1000:.0f} ms)",
+                            line=f"{self.unit} {rc.round}: {rc.status} model v{rc.model_version} {acc_text} "
+                                 f"in {rc.seconds * 1000:.0f} ms, {len(rc.accepted)} updates")
+
+    def note(self, text: str) -> None:
+        self.display.note(text)
 
     def finished(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        self.display.stop()
 
 
 async def follow_rounds(nats_url: str, federation: Federation, job: JobSpec, progress: Progress,
@@ -364,8 +357,9 @@ def run_local(run_dir: Path, job: JobSpec, federation: Federation, *, stragglers
     slow = set(stragglers)
     started = time.perf_counter()
     with EmbeddedNatsServer(store_dir=run_dir / "nats", log_file=run_dir / "logs" / "nats-server.log") as server:
-        if not progress.quiet:
-            print(f"nats-server (pid {server.pid}) on {server.url}")
+        progress.note(f"nats-server (pid {server.pid}) on {server.url}")
+        progress.note(f"watch it live: fedbus status --job {run_dir / 'job.yaml'} --federation "
+                      f"{run_dir / 'federation.yaml'} --nats {server.url}")
         common = ["--job", str(run_dir / "job.yaml"), "--federation", str(run_dir / "federation.yaml"),
                   "--nats", server.url, "--threads", str(threads)]
         coordinator = group.start("coordinator", cli_command(
