@@ -1,6 +1,7 @@
-"""`fedbus status` against a running job: a real nats-server, a coordinator and slowed
-workers as CLI processes, and the live screen in a detached tmux session of fixed size
-whose pane is captured until it shows the round the coordinator has committed."""
+"""`fedbus status` against a running `fedbus demo` (a real nats-server, coordinator and slowed
+workers as CLI processes): the live screen runs in a detached tmux session of fixed size
+whose pane is captured until it shows the round the coordinator has committed; and an
+operator's snapshot under the generated least-privilege permissions."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
 
 from fedbus.bus import KV_BUCKET, connect
-from tests.e2e_support import LocalFederation, small_job
 
 pytestmark = pytest.mark.e2e
 
@@ -67,31 +70,46 @@ async def _watch_screen(url: str, job: str, capture, rounds: int, budget_s: floa
     return seen, screen
 
 
-def test_status_shows_the_running_jobs_current_round_in_tmux(tmp_path, nats_server):
+def _demo_lines(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    for line in proc.stdout:
+        lines.put(line.rstrip("\n"))
+
+
+def test_status_shows_a_running_demos_current_round_in_tmux(tmp_path):
     # Fails loudly where tmux is missing: .ci/run installs it.
     assert os.path.exists(TMUX), "tmux is required for this test (apt-get install tmux; .ci/run installs it)"
-    rounds = 40  # far more than the test watches: the job is stopped, not finished
-    job = small_job("status-live", rounds=rounds, min_workers=3, min_updates=3)
-    fed = LocalFederation(tmp_path, nats_server.url, job, 3)
+    rounds = 40  # far more than the test watches: the demo is interrupted, not finished
+    # A real `fedbus demo` (its own nats-server, coordinator and 3 worker processes), every worker
+    # slowed down so that a round lasts a few seconds. Its own session: stopped as a group below.
+    demo = subprocess.Popen([sys.executable, "-m", "fedbus.cli", "demo", "--workers", "3", "--rounds", str(rounds),
+                             "--stragglers", "3", "--slowdown", "30", "--alpha", "100", "--run-dir",
+                             str(tmp_path / "demo"), "--timeout", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_demo_lines, args=(demo, lines), daemon=True).start()
     session = f"fedbus-status-{uuid.uuid4().hex[:8]}"
     socket = f"fedbus-test-{os.getpid()}"  # our own tmux server: nothing of anyone else's is touched
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH"))
-    status = " ".join(shlex.quote(a) for a in [
-        sys.executable, "-m", "fedbus.cli", "status", "--job", str(tmp_path / "job.yaml"),
-        "--federation", str(tmp_path / "federation.yaml"), "--nats", nats_server.url, "--keep"])
     started = time.monotonic()
     try:
-        # The status starts before the coordinator: it must wait for the job to appear.
+        hint = None  # the demo prints the `fedbus status` command of its run
+        while hint is None and time.monotonic() - started < 60 and demo.poll() is None:
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=0.5)
+                hint = line.split("watch it live: ", 1)[1] if "watch it live: " in line else None
+        assert hint is not None, f"the demo printed no status command (exit {demo.poll()})"
+        argv = shlex.split(hint)
+        assert argv[:2] == ["fedbus", "status"], hint
+        url = argv[argv.index("--nats") + 1]
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH"))
+        status = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "fedbus.cli", *argv[1:], "--keep"])
         _tmux("-L", socket, "new-session", "-d", "-s", session, "-x", "110", "-y", "40",
               f"env {env} {status} 2> {shlex.quote(str(tmp_path / 'status.err'))}")
-        fed.start_coordinator()
-        for w in fed.federation.workers():
-            fed.start_worker(w.id, "--simulate-slowdown", "30")  # rounds of a few seconds
         seen, screen = asyncio.run(_watch_screen(
-            nats_server.url, job.job, lambda: _tmux("-L", socket, "capture-pane", "-p", "-t", session).stdout,
+            url, "digits-demo", lambda: _tmux("-L", socket, "capture-pane", "-p", "-t", session).stdout,
             rounds, WATCH_BUDGET_S))
         assert seen, f"no round on the screen after {time.monotonic() - started:.0f} s:\n{screen}\n" \
-                     f"{(tmp_path / 'status.err').read_text(errors='replace')[-2000:]}\n{fed.tail_logs(5)}"
+                     f"{(tmp_path / 'status.err').read_text(errors='replace')[-2000:]}"
         # While the committed round stood still, the screen showed exactly that round ...
         assert all(shown == committed for shown, committed in seen), (seen, screen)
         # ... and it moved on by itself: the screen is live, not a snapshot.
@@ -99,7 +117,18 @@ def test_status_shows_the_running_jobs_current_round_in_tmux(tmp_path, nats_serv
         assert "w01" in screen and "sync" in screen, screen
     finally:
         _tmux("-L", socket, "kill-session", "-t", session, check=False)
-        fed.stop()
+        _interrupt(demo)
+
+
+def _interrupt(demo: subprocess.Popen) -> None:
+    """Ctrl-C the demo (it stops its own processes and nats-server); its process group if it hangs."""
+    if demo.poll() is None:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)  # the group of the session it was started in: ours
+            demo.wait()
 
 
 def test_an_operator_reads_the_status_under_the_generated_permissions(tmp_path, capsys):
