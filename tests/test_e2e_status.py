@@ -65,6 +65,8 @@ async def _watch_screen(url: str, job: str, capture, rounds: int, budget_s: floa
                 continue  # nothing shown yet, or the round moved on meanwhile: inconclusive
             assert int(match.group(2)) == rounds, screen
             seen.append((int(match.group(1)), before))
+            if seen[-1][0] != before:
+                break  # wrong already: no need to watch on
     finally:
         await nc.close()
     return seen, screen
