@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -518,8 +519,14 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"stragglers (testing only): {', '.join(slow)} train {slowdown:g}x slower (--simulate-slowdown)")
     print(f"run directory: {run_dir}")
     progress = Progress(job.rounds, unit="version" if mode == "async" else "round", target=TARGET_ACCURACY)
-    run = run_local(run_dir, job, federation, stragglers=slow, slowdown=slowdown, timeout=args.timeout,
-                    progress=progress)
+    # SIGTERM stops the demo like Ctrl-C: its processes and nats-server are stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        run = run_local(run_dir, job, federation, stragglers=slow, slowdown=slowdown, timeout=args.timeout,
+                        progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: all processes stopped; the run directory is {run_dir}", file=sys.stderr)
+        return 130
     print(f"(all processes stopped; {run.seconds:.1f} s in total)")
     if run.summary is None:
         print(f"error: the coordinator left no summary (exit {run.coordinator.returncode}); see {run_dir / 'logs'}",
@@ -533,6 +540,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(report)
     (run_dir / "demo-report.txt").write_text(report + "\n")
     return run.code
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _sent_by(run: LocalRun, workers: Sequence[str]) -> int:

@@ -123,9 +123,9 @@ def test_status_shows_a_running_demos_current_round_in_tmux(tmp_path):
 
 
 def _interrupt(demo: subprocess.Popen) -> None:
-    """Ctrl-C the demo (it stops its own processes and nats-server); its process group if it hangs."""
+    """SIGTERM the demo (it stops its own processes and nats-server); its process group if it hangs."""
     if demo.poll() is None:
-        demo.send_signal(signal.SIGINT)
+        demo.terminate()
         try:
             demo.wait(timeout=30)
         except subprocess.TimeoutExpired:

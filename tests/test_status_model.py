@@ -29,24 +29,27 @@ def test_sync_round_cohort_stragglers_and_the_round_left_out():
     m.record_committed(_doc(round=3, cohort=("w1", "w2", "w3", "w4"), model_version=2, rounds_completed=2))
     m.round_opened(3, T0, "r1")
     for w in ("w1", "w2", "w3", "w4"):
-        m.heartbeat(w, "training", "default", T0 + 100)
-    v = m.view(T0 + 200)
+        m.heartbeat(w, "training", "default", T0 + 600)
+    v = m.view(T0 + 900)
     assert (v.mode, v.round, v.model_version, v.completed, v.total) == ("sync", 3, 2, 2, 10)
     assert v.training == ("w1", "w2", "w3", "w4") and v.stragglers == ()  # nobody finished: nobody late yet
-    m.heartbeat("w1", "idle", "default", T0 + 1000)
-    v = m.view(T0 + 1100)
-    assert v.stragglers == ()  # 1 of 4 finished: too early to call anyone a straggler
-    m.heartbeat("w2", "idle", "default", T0 + 1200)
-    v = m.view(T0 + 1300)
+    # Fast workers finish between two heartbeats: their next one says idle.
+    m.heartbeat("w1", "idle", "default", T0 + 1600)
+    assert m.view(T0 + 2100).stragglers == ()  # 1 of 4 done: too early to call anyone a straggler
+    m.heartbeat("w2", "idle", "default", T0 + 1600)
+    assert m.view(T0 + 1700).stragglers == ()  # half done, but the round is younger than two heartbeats
+    v = m.view(T0 + 2100)
     assert v.stragglers == ("w3", "w4") and v.training == ("w3", "w4")
-    assert v.round_age_s == pytest.approx(1.3)
-    # Round 3 closes without w4; round 4 opens.
+    assert v.round_age_s == pytest.approx(2.1)
+    # An idle heartbeat from before the open (or just after it) says nothing about this round.
+    m.round_opened(4, T0 + 5000, "r1")
     m.record_committed(_doc(round=4, cohort=("w1", "w2", "w3", "w4"), model_version=3, rounds_completed=3,
                             last_close=_row(3, accepted=("w1", "w2", "w3"), staleness=(0, 0, 0),
                                             rejected={"bad_signature": 2}, test_accuracy=0.91)))
-    v = m.view(T0 + 2000)
+    m.heartbeat("w4", "training", "default", T0 + 5600)
+    v = m.view(T0 + 7100)
     assert (v.round, v.missed_round, v.missed) == (4, 3, ("w4",))
-    assert v.stragglers == ()  # a new round: who finished is counted afresh
+    assert v.stragglers == ()  # only w4 was heard from since the open: the others are not known to be done
     assert v.rejected == {"bad_signature": 2} and v.accuracy == ((3, 0.91),)
     assert headline(v) == "round 4 of 10"
 
@@ -150,3 +153,9 @@ def test_signed_record_round_trip_and_refusals():
         open_signed_record(b" " * (9 * 1024 * 1024), coordinator.public_key.verify)
     with pytest.raises(SignedRecordError):
         open_signed_record(b"[1, 2]", coordinator.public_key.verify)
+
+
+def test_before_the_first_commit_nothing_is_made_up():
+    v = StatusModel("j", mode="sync", total=5).view(T0)
+    assert headline(v) == "nothing committed yet" and v.round is None
+    assert "round None" not in render_plain(v) and "waiting for the coordinator's first commit" in render_plain(v)

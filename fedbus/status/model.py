@@ -143,9 +143,6 @@ class StatusModel:
         self.cohorts: OrderedDict[int, tuple[str, ...]] = OrderedDict()  # sync: each round's cohort
         self.opened_ms: dict[int, int] = {}  # round -> when round.open was signed
         self.workers: dict[str, _Worker] = {}
-        self._trained: set[str] = set()  # sync: seen training in the current round ...
-        self._finished: set[str] = set()  # ... and seen idle again after it
-        self._round_seen: int | None = None
         self.problems: dict[str, int] = {}
 
     # ---- inputs -------------------------------------------------------------------------
@@ -171,7 +168,6 @@ class StatusModel:
         cohort = _strs(rec.get("cohort"))
         if phase == "round_open" and cohort:
             self._remember(self.cohorts, round_, cohort)
-        self._enter_round(round_)
         if phase == "done":
             self.done_reason = str(rec.get("reason") or "done")
         row = rec.get("last_close")
@@ -204,11 +200,6 @@ class StatusModel:
 
     def heartbeat(self, worker: str, status: str, region: str, now_ms: int) -> None:
         self.workers[worker] = _Worker(status, now_ms, region)
-        if status == "training":
-            self._trained.add(worker)
-            self._finished.discard(worker)
-        elif worker in self._trained:
-            self._finished.add(worker)
 
     def problem(self, reason: str) -> None:
         """Something the reader refused (a bad signature, a malformed record): counted, shown."""
@@ -223,13 +214,6 @@ class StatusModel:
         self.closes.clear()
         self.cohorts.clear()
         self.opened_ms.clear()
-        self._enter_round(None)
-
-    def _enter_round(self, round_: int | None) -> None:
-        if round_ != self._round_seen:
-            self._round_seen = round_
-            self._trained.clear()
-            self._finished.clear()
 
     @staticmethod
     def _remember(table: OrderedDict, key: int, value) -> None:
@@ -248,6 +232,21 @@ class StatusModel:
             ordered = sorted(self.closes.items())
             self.closes.clear()
             self.closes.update(ordered)
+
+    def _still_training(self, cohort: tuple[str, ...], opened_ms: int, now_ms: int) -> tuple[str, ...]:
+        """Sync: the cohort members the open round waits on. Workers start training as soon as
+        round.open reaches them, so a heartbeat sent half an interval after the open that says
+        anything but ``training`` means done (or not taking part). Once the round is two
+        heartbeat intervals old and at least half of the cohort is done, those whose latest
+        heartbeat still says ``training`` are the stragglers."""
+        beat_ms = self.heartbeat_s * 1000
+        if now_ms - opened_ms < 2 * beat_ms:
+            return ()
+        heard = [w for w in cohort if w in self.workers and self.workers[w].last_ms >= opened_ms + beat_ms / 2]
+        busy = [w for w in heard if self.workers[w].status == "training"]
+        if 2 * (len(heard) - len(busy)) < len(cohort):
+            return ()
+        return tuple(sorted(busy))
 
     # ---- output -------------------------------------------------------------------------
 
@@ -278,14 +277,10 @@ class StatusModel:
                 stragglers = tuple(sorted(w for (w, _), lag in zip(outstanding, lags) if lag >= bar))
             cohort = tuple(sorted({w for w, _ in outstanding}))
         else:
-            if phase == "round_open" and cohort:
-                # The round waits on those not yet seen finishing, once half the cohort has.
-                finished = self._finished & set(cohort)
-                if 2 * len(finished) >= len(cohort):
-                    stragglers = tuple(sorted(set(cohort) - finished))
-                opened = self.opened_ms.get(round_) if round_ is not None else None
-                if opened is not None:
-                    round_age = max(0.0, (now_ms - opened) / 1000)
+            opened = self.opened_ms.get(round_) if round_ is not None else None
+            if phase == "round_open" and cohort and opened is not None:
+                round_age = max(0.0, (now_ms - opened) / 1000)
+                stragglers = self._still_training(cohort, opened, now_ms)
             if last is not None and last.round in self.cohorts:
                 folded = set(last.accepted) | set(last.late)
                 missed = tuple(sorted(set(self.cohorts[last.round]) - folded))

@@ -18,7 +18,7 @@ def ids(values, limit: int = MAX_IDS_SHOWN) -> str:
 
 def headline(v: StatusView) -> str:
     """``round R of T`` (sync) or ``model vM of T`` (async): the line a person (or a test) looks for."""
-    if v.mode == "?":
+    if v.phase is None:
         return "nothing committed yet"
     total = f" of {v.total}" if v.total else ""
     if v.mode == "async":
