@@ -13,6 +13,7 @@ from fedbus.status.reader import StatusReader
 from fedbus.status.render import render_plain, render_rich
 
 REFRESH_S = 0.5  # the live screen redraws at least this often (ages and silences move on their own)
+MIN_REDRAW_S = 0.1  # and at most ten times a second, however busy the bus
 NOTHING_COMMITTED = 1  # exit code of a snapshot that found no committed state of the job
 
 
@@ -50,6 +51,7 @@ async def live(reader: StatusReader, *, file=None, exit_when_done: bool = True) 
                 screen.update(render_rich(view), refresh=True)
                 if exit_when_done and view.done_reason is not None:
                     break
+                await asyncio.sleep(MIN_REDRAW_S)  # a burst of heartbeats is one redraw, not hundreds
     finally:
         await reader.stop()
 
