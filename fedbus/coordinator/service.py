@@ -320,6 +320,7 @@ class CoordinatorService:
     def _write_report(self) -> None:
         """report.html in the run directory (fedbus.report), after summary.json. The job is
         over by now (job.done is out); a report that cannot be written is logged, never fatal."""
+        started = time.perf_counter()
         try:
             # Imported here: plotly is needed once, at the end, not at every coordinator's start-up.
             from fedbus.report import write_report
@@ -333,7 +334,7 @@ class CoordinatorService:
         except Exception as exc:
             log.warning("report.failed", run_dir=str(self.run_dir), error=repr(exc)[:300])
             return
-        log.info("report.written", path=str(path))
+        log.info("report.written", path=str(path), seconds=round(time.perf_counter() - started, 3))
 
     async def _restore(self) -> bool:
         """Load the committed job; False when it had already finished (nothing to do)."""

@@ -7,6 +7,7 @@ saying why there is nothing to draw (no rounds closed, no span file, no rejectio
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,12 @@ def _layout(**extra) -> dict:
     return {**base, **extra}
 
 
+def _integer_ticks(xs: list) -> dict:
+    """Ticks on whole rounds (plotly would put them at 0.5 steps for a few rounds), about a dozen."""
+    top = max((x for x in xs if isinstance(x, int)), default=1)
+    return {"tick0": 0, "dtick": max(1, math.ceil(top / 12)), "tickformat": "d"}
+
+
 def _unit(data: RunData) -> str:
     return "version" if data.mode == "async" else "round"
 
@@ -60,7 +67,7 @@ def _progress(data: RunData, xs, x_title: str, chart_id: str, title: str, intege
         _metric_traces(rows, xs(rows), LOSSES, "y2", "dot")
     if not traces:
         return Chart(chart_id, title, note="the rounds carry no accuracy or loss (no evaluation in this job)")
-    layout = _layout(xaxis={"title": {"text": x_title}, **({"tickformat": "d"} if integer_x else {})},
+    layout = _layout(xaxis={"title": {"text": x_title}, **(_integer_ticks(xs(rows)) if integer_x else {})},
                      yaxis={"title": {"text": "accuracy"}, "rangemode": "tozero"},
                      yaxis2={"title": {"text": "loss"}, "overlaying": "y", "side": "right", "rangemode": "tozero",
                              "showgrid": False})
@@ -93,7 +100,8 @@ def round_durations(data: RunData) -> Chart:
         traces.append({"type": "bar", "name": status, "x": [r.get("round") for r in rows],
                        "y": [None if (s := finite(r.get("seconds"))) is None else round(s * 1000, 3) for r in rows],
                        "marker": {"color": STATUS_COLORS.get(status, "#757575")}})
-    layout = _layout(xaxis={"title": {"text": unit}, "tickformat": "d"}, yaxis={"title": {"text": "duration (ms)"}},
+    layout = _layout(xaxis={"title": {"text": unit}, **_integer_ticks([r.get("round") for r in data.rows])},
+                     yaxis={"title": {"text": "duration (ms)"}},
                      barmode="overlay")
     return Chart("fig-durations", title, {"data": traces, "layout": layout})
 

@@ -58,8 +58,6 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; font-size: 
 th { background: #f5f5f5; }
 pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 13px; }
 .note { color: #555; font-style: italic; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 12px; }
-.grid > section { min-width: 0; } /* a drawn chart must not widen its column */
 #report-errors { background: #ffebee; color: #b71c1c; padding: 8px; white-space: pre-wrap; }
 """
 
@@ -165,11 +163,10 @@ def render_report(data: RunData) -> str:
     notes = "".join(f"<li>{_e(n)}</li>" for n in data.notes)
     sections = [
         ("overview", "Overview", _overview(data) + (f'<ul class="note">{notes}</ul>' if notes else "")),
-        ("progress", "Accuracy and loss", '<div class="grid">' + _chart(charts["fig-accuracy"])
-         + _chart(charts["fig-accuracy-time"]) + "</div>"),
+        ("progress", "Accuracy and loss", _chart(charts["fig-accuracy"]) + _chart(charts["fig-accuracy-time"])),
         ("durations", f"{unit.capitalize()} durations", _chart(charts["fig-durations"])),
-        ("workers", "Workers", _chart(charts["fig-participation"]) + '<div class="grid">'
-         + _chart(charts["fig-staleness"]) + _chart(charts["fig-training"]) + "</div>"),
+        ("workers", "Workers", _chart(charts["fig-participation"]) + _chart(charts["fig-staleness"])
+         + _chart(charts["fig-training"])),
         ("rejections", "Rejections", _chart(charts["fig-rejections"]) + _rejection_table(data)),
         ("trace", f"Trace of one {unit}", _chart(charts["fig-waterfall"])),
         ("job", "Job spec", _job_spec(data)),
