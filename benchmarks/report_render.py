@@ -160,6 +160,7 @@ def main() -> int:
         if not page.exists():
             raise SystemExit(f"{page} does not exist")
         html_text = page.read_text(encoding="utf-8")
+        page_mib = page.stat().st_size / 2**20
         data = load_run(run_dir)
         spans = min(len(data.traces.trace), MAX_WATERFALL_SPANS) if data.traces else 0
         curves = expected_curves(html_text)
@@ -206,7 +207,7 @@ def main() -> int:
         "control page with 2 script errors: the page recorder counts 2": control_census.errors_count == "2",
         "control page: Chromium's log shows console errors": len(control_console) >= 2,
     }
-    print(f"{version}; report {page} ({page.stat().st_size / 2**20:.1f} MiB)")
+    print(f"{version}; report {page} ({page_mib:.1f} MiB{', removed with the demo run' if not args.run_dir else ''})")
     print(f"dump-dom {dom_s:.1f} s: DOM {len(dumped.stdout) / 2**20:.1f} MiB; page errors {census.errors_count!r}"
           f"{' ' + census.errors_text.strip()[:500] if census.errors_text.strip() else ''}; console lines "
           f"{len(console)}, errors {len(console_errors)}{' ' + repr(console_errors[:3]) if console_errors else ''}")
