@@ -211,6 +211,8 @@ def load_run(run_dir: str | Path, *, span_file: str | Path | None = None) -> Run
     spans = Path(span_file) if span_file is not None else run_dir / SPANS_NAME
     try:
         data.traces = read_traces(spans)
+        if data.traces.truncated:
+            data.notes.append(f"{spans} holds more than {MAX_SPANS} spans: only the first {MAX_SPANS} were read")
     except OSError as exc:
         data.notes.append(f"no span file ({spans}: {exc.strerror or exc!r:.100}): set FEDBUS_SPAN_FILE or "
                           "--span-file for every process of the run to see the round waterfall and training times")
