@@ -125,14 +125,13 @@ def _worker_stats(data: RunData) -> tuple[Counter, Counter, dict[str, list[int]]
 
 
 def participation(data: RunData) -> Chart:
-    unit = _unit(data)
     on_time, late, _ = _worker_stats(data)
     trained = {w: len(v) for w, v in (data.traces.train_ms if data.traces else {}).items()}
     workers = sorted(set(on_time) | set(late) | set(trained))
     title = "Per-worker participation"
     if not workers:
         return Chart("fig-participation", title, note="no update was folded into a model")
-    traces = [{"type": "bar", "name": f"updates folded ({unit} on time)", "x": workers,
+    traces = [{"type": "bar", "name": "updates folded" + (" (on time)" if late else ""), "x": workers,
                "y": [on_time.get(w, 0) for w in workers]}]
     if late:
         traces.append({"type": "bar", "name": "late updates folded into the next round", "x": workers,

@@ -99,7 +99,7 @@ def _overview(data: RunData) -> str:
             ("final model version", _fmt(s.get("model_version"))),
             ("final test accuracy", _fmt(s.get("final_accuracy"))), ("final test loss", _fmt(s.get("final_loss"))),
             ("wall time (s)", _fmt(s.get("wall_seconds"))),
-            ("median round (s)", _fmt(s.get("median_round_seconds"))),
+            (f"median {unit[:-1]} (s)", _fmt(s.get("median_round_seconds"))),
             ("updates accepted", _fmt(s.get("updates_accepted"))),
             ("messages rejected", _fmt(sum(v for v in rejected.values() if isinstance(v, int)))),
             ("coordinator incarnations", _fmt(s.get("incarnations")))]
