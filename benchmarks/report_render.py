@@ -179,8 +179,8 @@ def main() -> int:
         # Negative control: the same page with a broken script and a console.error must be
         # seen as failing by both detectors, or their zeros above mean nothing.
         broken = tmp / "broken.html"
-        broken.write_text(html_text.replace("</body>", '<script>console.error("control");no_such_fn();</script></body>'),
-                          encoding="utf-8")
+        control_script = '<script>console.error("control");no_such_fn();</script>'
+        broken.write_text(html_text.replace("</body>", control_script + "</body>"), encoding="utf-8")
         control = chromium(binary, tmp / "profile-control", "--enable-logging=stderr", "--v=0", "--dump-dom",
                            broken.as_uri())
         control_census = DomCensus()

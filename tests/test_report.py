@@ -24,7 +24,8 @@ HOSTILE = "</script><script>window.pwned=1</script>"
 
 def _row(n: int, acc: float | None, loss, seconds: float, workers: list[str], staleness: list[int],
          version: int | None = None, **extra) -> dict:
-    return {"round": n, "model_version": n if version is None else version, "status": "aggregated", "seconds": seconds, "accepted": len(workers),
+    return {"round": n, "model_version": n if version is None else version, "status": "aggregated",
+            "seconds": seconds, "accepted": len(workers),
             "accepted_workers": workers, "late_workers": [], "folded": len(workers), "staleness": staleness,
             "rejected": {}, "test_accuracy": acc, "test_loss": loss, "elapsed_s": 1.0 + n, **extra}
 
@@ -43,8 +44,9 @@ def _summary() -> dict:
 
 def _manifest(run: str = RUN) -> dict:
     return ModelManifest(
-        job="report-job", run=run, version=3, parent_version=2, kind="aggregated", round=4, created_ms=1_700_000_000_000,
-        metrics={"test_accuracy": 0.93}, contributors=[Contributor(participant="w02", round=4, update_digest="ab" * 32)],
+        job="report-job", run=run, version=3, parent_version=2, kind="aggregated", round=4,
+        created_ms=1_700_000_000_000, metrics={"test_accuracy": 0.93},
+        contributors=[Contributor(participant="w02", round=4, update_digest="ab" * 32)],
         strategy={"name": "fedavg"}, model_digest="sha256:" + "cd" * 32,
         model_object=ObjectRef(bucket="fedbus-models", name="report-job.v3", size=1234, digest="SHA-256=x"),
         coordinator="coordinator").model_dump(mode="json")

@@ -34,7 +34,8 @@ class Chart:
 
 
 def _layout(**extra) -> dict:
-    base = {"height": HEIGHT, "margin": {"l": 60, "r": 30, "t": 30, "b": 50}, "plot_bgcolor": "white", "paper_bgcolor": "white",
+    base = {"height": HEIGHT, "margin": {"l": 60, "r": 30, "t": 30, "b": 50},
+            "plot_bgcolor": "white", "paper_bgcolor": "white",
             "legend": {"orientation": "h", "y": -0.2}, "hovermode": "x unified"}
     return {**base, **extra}
 
@@ -184,7 +185,8 @@ def rejections(data: RunData) -> Chart:
     if not totals:
         return Chart("fig-rejections", title, note="no message was rejected in this run")
     reasons = sorted(totals, key=lambda k: (-totals[k], k))
-    layout = _layout(xaxis={"title": {"text": "messages rejected"}}, yaxis={"type": "category", "autorange": "reversed"},
+    layout = _layout(xaxis={"title": {"text": "messages rejected"}},
+                     yaxis={"type": "category", "autorange": "reversed"},
                      hovermode="closest", height=max(200, 60 + 28 * len(reasons)))
     return Chart("fig-rejections", title, {"data": [
         {"type": "bar", "orientation": "h", "name": "rejected", "y": reasons, "x": [totals[k] for k in reasons],
@@ -204,7 +206,8 @@ def waterfall(data: RunData) -> Chart:
         return Chart("fig-waterfall", title, note="no span file was available for this run: no trace to show")
     spans = data.traces.trace
     if not spans:
-        return Chart("fig-waterfall", title, note=f"the span file ({data.traces.spans_read} spans) holds no round trace")
+        return Chart("fig-waterfall", title,
+                     note=f"the span file ({data.traces.spans_read} spans) holds no round trace")
     root = next((s for s in spans if s.parent is None), spans[0])
     t0 = min(s.start_ns for s in spans)
     shown = spans[:MAX_WATERFALL_SPANS]

@@ -32,7 +32,10 @@ ERROR_RECORDER = """
     var el = document.getElementById("report-errors");
     if (!el) { return; }
     el.setAttribute("data-count", String(errors.length));
-    if (errors.length) { el.hidden = false; el.textContent = "Errors while drawing this page:\\n" + errors.join("\\n"); }
+    if (errors.length) {
+      el.hidden = false;
+      el.textContent = "Errors while drawing this page:\\n" + errors.join("\\n");
+    }
   }
   function note(text) { errors.push(String(text).slice(0, 500)); show(); }
   window.addEventListener("error", function (e) { note("error: " + (e.message || e)); });
