@@ -13,11 +13,11 @@ mapped to "not found", so a page that tried to fetch anything would log an error
    trace (fedbus.report.load_run says which spans those are).
 2. A negative control: the same page with a console.error and a call of an undefined
    function appended must show 2 errors to the page's recorder and in Chromium's log.
-3. --screenshot: a PNG of the page (its size is printed).
+3. --screenshot: a PNG of the page (default runs/report-screenshot.png; its size is printed).
 
 Exit 0 only when every check holds; 1 otherwise, or when Chromium is missing.
 
-    python benchmarks/report_render.py [--run-dir DIR] [--workers 4] [--rounds 6] [--screenshot report.png]
+    python benchmarks/report_render.py [--run-dir DIR] [--workers 4] [--rounds 6] [--screenshot PNG]
 
 Chromium refuses its sandbox as root: --no-sandbox is passed when running as root.
 """
@@ -147,7 +147,7 @@ def main() -> int:
     p.add_argument("--run-dir", help="an existing coordinator run directory (default: run a small demo)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--screenshot", default="report-screenshot.png")
+    p.add_argument("--screenshot", default="runs/report-screenshot.png")
     p.add_argument("--window-size", default="1280,5200")
     p.add_argument("--chromium", help="browser binary (default: chromium on PATH)")
     args = p.parse_args()
@@ -189,6 +189,7 @@ def main() -> int:
 
         shot = Path(args.screenshot).resolve()
         shot.unlink(missing_ok=True)
+        shot.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         chromium(binary, tmp / "profile-shot", f"--window-size={args.window_size}", f"--screenshot={shot}",
                  page.resolve().as_uri())
