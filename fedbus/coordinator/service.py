@@ -307,10 +307,10 @@ class CoordinatorService:
         """The final version's manifest for the run report: the one this process wrote, else
         the registry's (a resumed run's final version may predate it); None if neither."""
         version = self.summary.model_version
-        last = self.registrar.last
-        if last is not None and last.version == version:
-            return last.model_dump(mode="json")
         try:
+            last = self.registrar.last
+            if last is not None and last.version == version:
+                return last.model_dump(mode="json")
             manifest = await asyncio.wait_for(self.registrar.registry.manifest(version), REPORT_MANIFEST_WAIT_S)
         except Exception as exc:  # none kept, unreadable or slow: the report says it is missing
             log.warning("report.manifest_unavailable", version=version, error=repr(exc)[:200])
