@@ -214,9 +214,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    span_file = args.span_file or str(run_dir / "spans.jsonl")
     with _sealing_errors():
         service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
-                                     credentials=credentials)
+                                     credentials=credentials, span_file=span_file)
 
     async def go() -> int:
         summary = await service.run()
@@ -227,7 +228,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         return 0 if summary.reason in CLEAN_FINISH else 3
 
     return _run_service(go, process="coordinator", service="fedbus-coordinator", instance=identity.id,
-                        span_file=args.span_file or str(run_dir / "spans.jsonl"), args=args, job=job.job)
+                        span_file=span_file, args=args, job=job.job)
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
@@ -580,6 +581,21 @@ def cmd_nats_nkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """fedbus report RUN_DIR: (re)build report.html from what the run directory holds."""
+    from fedbus.report import write_report
+    from fedbus.report.rundata import ReportInputError
+
+    try:
+        path = write_report(args.run_dir, span_file=args.span_file)
+    except ReportInputError as exc:
+        raise CliError(f"no report: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"cannot write the report into {args.run_dir}: {_describe(exc)}") from None
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from fedbus.protocol import schemas
 
@@ -916,6 +932,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--federation", help="federation file: the writers' public keys (without it signatures are "
                                           "not checked)")
     ver.set_defaults(func=cmd_audit_verify)
+
+    rp = sub.add_parser("report", help="(re)build a coordinator run directory's report.html: charts, one round's "
+                                       "trace, the job spec and the final model's manifest in one offline page")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="the coordinator's --run-dir (holds summary.json)")
+    rp.add_argument("--span-file", help="the run's JSONL span file (default RUN_DIR/spans.jsonl)")
+    rp.set_defaults(func=cmd_report)
 
     s = sub.add_parser("schemas", help="write or check the JSON Schemas generated from the models")
     s.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"))

@@ -538,6 +538,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if slow:
         report += f"\nstragglers {', '.join(slow)} ({slowdown:g}x slower) sent {_sent_by(run, slow)} updates"
     print(report)
+    print(f"report: {run_dir / 'report.html'}" if (run_dir / "report.html").exists() else "no report.html (see logs)")
     (run_dir / "demo-report.txt").write_text(report + "\n")
     return run.code
 

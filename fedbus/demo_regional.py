@@ -118,6 +118,8 @@ def run_regional_demo(args) -> int:
                  "JetStream API traffic)")
     report = "\n".join(lines)
     print(report)
+    reports = [run_dir / t / "report.html" for t in results]
+    print("reports: " + ", ".join(str(path) for path in reports if path.exists()))
     (run_dir / "demo-report.txt").write_text(report + "\n")
     ok = all(r["code"] == 0 and r["summary"].get("reason") == "completed" for r in results.values())
     return 0 if ok else 1

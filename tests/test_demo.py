@@ -101,6 +101,12 @@ def test_small_demo_with_a_straggler_end_to_end(tmp_path):
     # The newcomer's summary line: time to 0.93, or how far it got.
     assert ("reached 0.93 test accuracy after" in result.stdout) or ("did not reach 0.93" in result.stdout)
     assert "stragglers w03 (4x slower) sent 3 updates" in result.stdout
+    # The coordinator's report.html, path printed by the demo, with this run's final manifest in it.
+    assert f"report: {run_dir / 'report.html'}" in result.stdout
+    manifest = json.loads((run_dir / "model-manifest.json").read_text())
+    assert manifest["run"] == summary["run"] and manifest["version"] == summary["model_version"]
+    page = (run_dir / "report.html").read_text()
+    assert summary["run"] in page and manifest["model_digest"] in page and 'id="fig-waterfall"' in page
 
 
 def test_regional_demo_refuses_what_it_cannot_show_before_starting_anything(tmp_path):

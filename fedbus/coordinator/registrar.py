@@ -50,6 +50,7 @@ class Registrar:
         self._digests: dict[tuple[int, str], str] = {}
         self._objects: dict[int, str] = {}  # version -> its object's name, for kept versions
         self.manifested: int | None = None
+        self.last: ModelManifest | None = None  # the latest manifest this process wrote (the run report's)
         self.deleted: Counter[str] = Counter()  # what retention removed, by kind (summary / logs)
 
     def note_update(self, round_: int, sender: str, digest: bytes) -> None:
@@ -101,6 +102,7 @@ class Registrar:
         manifest = self.manifest_for(record, run, digest, ref, epsilon, now_ms)
         await self.registry.put_manifest(manifest, self.identity)
         self.manifested = record.model_version
+        self.last = manifest
         self._objects[manifest.version] = manifest.model_object.name
         if self.job.mode == "sync":  # (async tickets are not ordered by version: they go when folded)
             for key in [k for k in self._digests if k[0] <= manifest.round]:

@@ -109,6 +109,7 @@ ACCEPTED_NONCES = 100_000  # nonces of accepted updates remembered, to tell copi
 # Heartbeat gaps longer than this mean the worker was away (dead, restarted, partitioned),
 # not that the coordinator was slow to listen: they are left out of max_heartbeat_gap_s.
 HEARTBEAT_GAP_ALIVE_S = 30.0
+REPORT_MANIFEST_WAIT_S = 5.0  # the run report waits this long at most for the final manifest
 # A listed worker whose heartbeats were refused this often since its last cool-down is
 # storming: unsubscribe it for a while (shorter than any liveness window, >= 5 s).
 HB_STORM_REFUSALS = 1_000
@@ -126,7 +127,8 @@ def _seq(msg) -> int | None:
 
 class CoordinatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path,
-                 *, resume: bool = False, credentials: NatsCredentials | None = None):
+                 *, resume: bool = False, credentials: NatsCredentials | None = None,
+                 span_file: str | Path | None = None):
         federation.listed_as(identity, "coordinator")
         self.job = job
         self.federation = federation
@@ -134,6 +136,8 @@ class CoordinatorService:
         self.nats_url = nats_url
         self.credentials = credentials
         self.run_dir = Path(run_dir)
+        self.span_file = span_file  # the run report's waterfall and training times come from it
+        self._final_manifest: dict | None = None
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.task = load_task(job.task)
         torch.manual_seed(job.seed)
@@ -280,6 +284,7 @@ class CoordinatorService:
             self._feed(Start(now_ms()))
             await self._done.wait()
             await self._flush_rejections(final=True)
+            self._final_manifest = await self._read_final_manifest()
             await stop_tasks(tasks)
             if self.secure is not None:
                 await self.secure.close()
@@ -292,10 +297,44 @@ class CoordinatorService:
                 self.summary.add_wall(time.perf_counter() - started)
                 self.summary.set_rejections(self.ledger.totals)
                 self.summary.write(self.run_dir / "summary.json")
+                self._write_report()
             # Every publish was acknowledged already; drain() would wait on the pull consumers.
             with contextlib.suppress(Exception):
                 await self.nc.close()
         return self.summary
+
+    async def _read_final_manifest(self) -> dict | None:
+        """The final version's manifest for the run report: the one this process wrote, else
+        the registry's (a resumed run's final version may predate it); None if neither."""
+        version = self.summary.model_version
+        try:
+            last = self.registrar.last
+            if last is not None and last.version == version:
+                return last.model_dump(mode="json")
+            manifest = await asyncio.wait_for(self.registrar.registry.manifest(version), REPORT_MANIFEST_WAIT_S)
+        except Exception as exc:  # none kept, unreadable or slow: the report says it is missing
+            log.warning("report.manifest_unavailable", version=version, error=repr(exc)[:200])
+            return None
+        return manifest.model_dump(mode="json")
+
+    def _write_report(self) -> None:
+        """report.html in the run directory (fedbus.report), after summary.json. The job is
+        over by now (job.done is out); a report that cannot be written is logged, never fatal."""
+        started = time.perf_counter()
+        try:
+            # Imported here: plotly is needed once, at the end, not at every coordinator's start-up.
+            from fedbus.report import write_report
+
+            manifest = self._final_manifest
+            registrar = getattr(self, "registrar", None)
+            if manifest is None and registrar is not None and registrar.last is not None:
+                manifest = registrar.last.model_dump(mode="json")  # stopped before the job's end: the latest one
+            path = write_report(self.run_dir, span_file=self.span_file,
+                                job=self.job.model_dump(mode="json", by_alias=True), manifest=manifest)
+        except Exception as exc:
+            log.warning("report.failed", run_dir=str(self.run_dir), error=repr(exc)[:300])
+            return
+        log.info("report.written", path=str(path), seconds=round(time.perf_counter() - started, 3))
 
     async def _restore(self) -> bool:
         """Load the committed job; False when it had already finished (nothing to do)."""
