@@ -105,6 +105,8 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
         coordinator = fed.group.procs["coordinator"]
         coordinator.kill()  # SIGKILL, mid-round 2
         coordinator.wait()
+        # As if the kill had come between version 1's commit and its manifest write.
+        assert asyncio.run(drop_manifest(fed, 1)), "version 1 had no manifest before the kill"
         fed.group.start("coordinator-resumed", cli_command(
             "coordinator", "--job", str(tmp_path / "job.yaml"), "--federation", str(tmp_path / "federation.yaml"),
             "--key", str(fed.key("coordinator")), "--nats", fed.nats_url, "--run-dir", str(tmp_path), "--resume"))
@@ -148,7 +150,41 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
     assert "coordinator.already_done" in again.stdout + again.stderr
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
+    # The resumed coordinator wrote version 1's lost manifest again, from its committed
+    # record: signed, the committed model's digest, who was folded (their update digests
+    # were only in the dead process's memory: unknown).
+    recovered = asyncio.run(read_manifest(fed, 1))
+    assert recovered.kind == "aggregated" and recovered.parent_version == 0 and recovered.round == 1
+    assert sorted(c.participant for c in recovered.contributors) == ["w01", "w02", "w03", "w04"]
+    assert {c.update_digest for c in recovered.contributors} == {""}
+    assert all(c.update_digest for c in asyncio.run(read_manifest(fed, 2)).contributors)
+    assert '"model.manifest_recovered"' in log
+
     check_audit_and_tampering(fed)
+
+
+async def drop_manifest(fed: LocalFederation, version: int) -> bool:
+    from fedbus.bus.layout import REGISTRY_BUCKET
+
+    nc = await connect(fed.nats_url, name="drop-manifest", first_connect_timeout=10)
+    try:
+        kv = await nc.jetstream().key_value(REGISTRY_BUCKET)
+        key = f"{fed.job.job}.v.{version}"
+        had = (await kv.get(key)).value is not None
+        await kv.delete(key)
+        return had
+    finally:
+        await nc.close()
+
+
+async def read_manifest(fed: LocalFederation, version: int):
+    from fedbus.registry.store import ModelRegistry
+
+    nc = await connect(fed.nats_url, name="read-manifest", first_connect_timeout=10)
+    try:
+        return await ModelRegistry(nc.jetstream(), fed.job.job, fed.federation).manifest(version)
+    finally:
+        await nc.close()
 
 
 def check_audit_and_tampering(fed: LocalFederation) -> None:

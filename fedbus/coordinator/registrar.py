@@ -112,6 +112,23 @@ class Registrar:
         log.info("model.registered", version=manifest.version, parent=manifest.parent_version, kind=manifest.kind,
                  contributors=len(manifest.contributors), digest=manifest.model_digest[:20])
 
+    async def recover(self, record: JobRecord, model, run: str, now_ms: int) -> bool:
+        """On resume: the committed version keeps a manifest. One that a crash between the
+        commit and the manifest write lost is written again (True), from the committed record
+        and model; its contributors' update digests were held only in memory, so they read
+        '' (unknown). A manifest that is there (or unreadable: not ours to overwrite) stays."""
+        version = record.model_version
+        try:
+            await self.registry.manifest(version)
+        except KeyError:
+            await self.record(record, model, run, None, now_ms)
+            log.warning("model.manifest_recovered", version=version, note="written on resume; update digests unknown")
+            return True
+        except Exception as exc:
+            log.warning("registry.manifest_unreadable", version=version, error=repr(exc)[:200])
+        self.manifested = version
+        return False
+
     # ---- retention ---------------------------------------------------------------
 
     async def _object_of(self, version: int) -> str | None:

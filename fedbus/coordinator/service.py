@@ -348,7 +348,11 @@ class CoordinatorService:
                      reason=committed.record.reason, rounds_completed=committed.record.rounds_completed)
             return False
         self.machine.restore(committed.record, committed.model, committed.strategy_state, committed.history)
-        self.registrar.manifested = committed.record.model_version  # (written before the crash, or lost with it)
+        try:  # a crash between the commit and the manifest write lost the manifest: write it now
+            await self.registrar.recover(committed.record, committed.model, self.run_id, now_ms())
+        except Exception as exc:  # the registry never fails the job; the next commit writes its own
+            self.registrar.manifested = committed.record.model_version
+            log.warning("registry.manifest_failed", version=committed.record.model_version, error=repr(exc)[:300])
         previous = RunSummary.load(self.run_dir / "summary.json", run=self.run_id)
         if previous is not None:
             self.summary = previous
