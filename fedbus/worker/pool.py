@@ -135,7 +135,8 @@ class HeartbeatSchedule:
             slot, i, worker = heapq.heappop(self._heap)
             out.append(worker)
             step = self.interval_s * (1.0 + self.rng.uniform(-self.jitter, self.jitter))
-            heapq.heappush(self._heap, (max(slot, now - self.interval_s) + step, i, worker))
+            # Keeps its phase; a slot that would already be due again (it lagged) counts from now.
+            heapq.heappush(self._heap, (slot + step if slot + step > now else now + step, i, worker))
         return out
 
 
