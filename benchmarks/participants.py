@@ -16,7 +16,8 @@ Measured, from outside the coordinator and from its own records:
   * the wait for N workers (coordinator start to round 1) and its CPU;
   * heartbeat handling: heartbeats the coordinator verified and fed to its machine
     (``summary.json`` ``heartbeats.handled``) per second of the job, and per second of
-    event-loop time spent on heartbeats (``heartbeats.handling_s``): what it could take;
+    the event loop's CPU time spent on heartbeats (``heartbeats.cpu_s``): what one core
+    of the coordinator could take;
   * median round time (``summary.json`` ``round_seconds``) and its growth from the
     smallest N to the largest (printed as a ratio, measured in the same run);
   * peak RSS of each pool process, per hosted worker.
@@ -136,8 +137,8 @@ def round_windows(log_path: Path) -> tuple[float, dict[int, tuple[float, float]]
     return started, out
 
 
-def one_size(n: int, args: argparse.Namespace, tmp: Path) -> dict:
-    run_dir = tmp / f"n{n}"
+def one_size(n: int, args: argparse.Namespace, tmp: Path, repeat: int) -> dict:
+    run_dir = tmp / f"n{n}-{repeat}"
     (run_dir / "logs").mkdir(parents=True)
     federation = write_federation(run_dir, n)
     job = job_for(n, args.rounds, args.cohort, args.heartbeat_s)
@@ -187,8 +188,9 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         per_round.append({"round": r, "wall_s": t1 - t0, "cpu_s": cpu_at(coord, t1) - cpu_at(coord, t0),
                           "peak_rss": peak_rss(coord, t0, t1)})
     first_open = min(t0 for t0, _ in windows.values())
+    last_close = max(t1 for _, t1 in windows.values())
     beats = summary.get("heartbeats") or {}
-    handled, handling_s = int(beats.get("handled") or 0), float(beats.get("handling_s") or 0.0)
+    handled, handling_s = int(beats.get("handled") or 0), float(beats.get("cpu_s") or 0.0)
     pool_peaks = [max((s[2] for s in sampler.samples[k]), default=0) for k in sampler.samples if k != "coordinator"]
     return {
         "n": n,
@@ -205,16 +207,28 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         # From the moment the coordinator listens and every pool beats to round 1: taking in N workers.
         "wait_for_workers_s": first_open - max(listening, pools_up),
         "wait_cpu_s": cpu_at(coord, first_open) - cpu_at(coord, max(listening, pools_up)),
+        # Cores the coordinator used while the rounds ran (heartbeats, nats-py, rounds: all in).
+        "rounds_cores": (cpu_at(coord, last_close) - cpu_at(coord, first_open)) / (last_close - first_open),
         "hb_handled": handled,
         "hb_per_s": handled / summary["wall_seconds"] if summary["wall_seconds"] else 0.0,
         "hb_capacity_per_s": handled / handling_s if handling_s else 0.0,
         "hb_us_each": 1e6 * handling_s / handled if handled else 0.0,
         "pool_peak_rss_mib": max(pool_peaks) / MIB,
-        "pool_kib_per_worker": statistics.median(pool_peaks) / 1024 / min(n, args.per_process),
+        "hosted_per_process": min(n, args.per_process),
         "rejected": summary.get("updates_rejected", {}),
+        "redeliveries": summary.get("redeliveries", 0),
         "max_heartbeat_gap_s": summary.get("max_heartbeat_gap_s"),
         "per_round": per_round,
     }
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Each numeric measure's median over the runs of one size (the rest from the first run)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n":
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
 
 
 def main() -> int:
@@ -225,37 +239,49 @@ def main() -> int:
     p.add_argument("--per-process", type=int, default=250, help="logical workers per pool process")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="the job's transport.heartbeat_s")
     p.add_argument("--timeout", type=float, default=900.0, help="give up on one size after this many seconds")
+    p.add_argument("--repeats", type=int, default=1, help="runs per size (interleaved); the table shows medians")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--keep", metavar="DIR", help="run in DIR and keep logs, keys and summaries (default: a temporary "
                                                  "directory, removed)")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    rows = []
+    runs: dict[int, list[dict]] = {n: [] for n in sizes}
     with (contextlib.nullcontext(args.keep) if args.keep else
           tempfile.TemporaryDirectory(prefix="fedbus-participants-")) as tmp:
-        for n in sizes:
-            row = one_size(n, args, Path(tmp))
-            rows.append(row)
-            print(f"N={n}: {row['reason']}, {row['rounds_completed']} rounds, accuracy {row['accuracy']:.3f}, "
-                  f"rejected {row['rejected']}, max heartbeat gap {row['max_heartbeat_gap_s']} s", flush=True)
-    header = ("N", "procs", "round s (median)", "round CPU s", "round peak RSS MiB", "pools up s", "wait for N s",
-              "wait CPU s",
-              "hb handled/s", "hb capacity/s", "us/hb", "pool RSS MiB", "KiB/worker")
-    print("\n| " + " | ".join(header) + " |")
+        for repeat in range(args.repeats):
+            for n in sizes:
+                row = one_size(n, args, Path(tmp), repeat)
+                runs[n].append(row)
+                print(f"N={n} run {repeat + 1}: {row['reason']}, {row['rounds_completed']} rounds, median round "
+                      f"{row['median_round_s']:.3f} s, round CPU {row['median_round_cpu_s']:.3f} s, accuracy "
+                      f"{row['accuracy']:.3f}, rejected {row['rejected']}, redeliveries {row['redeliveries']}, "
+                      f"max heartbeat gap {row['max_heartbeat_gap_s']} s", flush=True)
+    rows = [median_row(runs[n]) for n in sizes]
+    print(f"\nmedians over {args.repeats} run(s) per size; {args.rounds} rounds, cohort {args.cohort}, "
+          f"heartbeat_s {args.heartbeat_s}, <= {args.per_process} workers per pool process")
+    header = ("N", "procs", "round s", "round CPU s", "round peak RSS MiB", "pools up s", "wait for N s",
+              "wait CPU s", "cores in rounds", "hb handled/s", "hb capacity/s", "CPU us/hb", "pool RSS MiB",
+              "hosted/pool")
+    print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['n']} | {r['processes']} | {r['median_round_s']:.3f} | {r['median_round_cpu_s']:.3f} | "
-              f"{r['median_round_peak_rss_mib']:.0f} | {r['processes_up_s']:.1f} | {r['wait_for_workers_s']:.1f} | {r['wait_cpu_s']:.1f} | "
-              f"{r['hb_per_s']:.0f} | {r['hb_capacity_per_s']:.0f} | {r['hb_us_each']:.0f} | "
-              f"{r['pool_peak_rss_mib']:.0f} | {r['pool_kib_per_worker']:.0f} |")
+              f"{r['median_round_peak_rss_mib']:.0f} | {r['processes_up_s']:.1f} | {r['wait_for_workers_s']:.1f} | "
+              f"{r['wait_cpu_s']:.1f} | {r['rounds_cores']:.2f} | {r['hb_per_s']:.0f} | {r['hb_capacity_per_s']:.0f} | "
+              f"{r['hb_us_each']:.0f} | {r['pool_peak_rss_mib']:.0f} | {r['hosted_per_process']} |")
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]
         print(f"\nfrom N={small['n']} to N={large['n']} ({large['n'] / small['n']:.0f}x participants): "
               f"median round time x{large['median_round_s'] / small['median_round_s']:.2f}, "
               f"coordinator CPU per round x{large['median_round_cpu_s'] / max(small['median_round_cpu_s'], 1e-9):.2f}, "
               f"peak RSS per round x{large['median_round_peak_rss_mib'] / small['median_round_peak_rss_mib']:.2f}")
+        extra = large["hosted_per_process"] - small["hosted_per_process"]
+        if extra > 0:
+            grown = large["pool_peak_rss_mib"] - small["pool_peak_rss_mib"]
+            print(f"a pool process hosting {large['hosted_per_process']} workers instead of {small['hosted_per_process']}: "
+                  f"{grown:+.1f} MiB, {1024 * grown / extra:.0f} KiB per extra hosted worker")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"medians": rows, "runs": runs}, indent=1))
     return 0
 
 
