@@ -160,7 +160,8 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path, repeat: int) -> dict:
             pools[f"pool{p}"] = group.start(f"pool{p}", cli_command(
                 "worker", *common, "--key-dir", str(run_dir / "keys"), "--ids", f"{chunk[0]}..{chunk[-1]}",
                 "--state-dir", str(run_dir / "worker-state")))
-        sampler = Sampler({"coordinator": coordinator.pid, **{k: v.pid for k, v in pools.items()}})
+        sampler = Sampler({"coordinator": coordinator.pid, "nats-server": server.pid,
+                           **{k: v.pid for k, v in pools.items()}})
         sampler.start()
         try:
             code = coordinator.wait(timeout=args.timeout)
@@ -191,7 +192,13 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path, repeat: int) -> dict:
     last_close = max(t1 for _, t1 in windows.values())
     beats = summary.get("heartbeats") or {}
     handled, handling_s = int(beats.get("handled") or 0), float(beats.get("cpu_s") or 0.0)
-    pool_peaks = [max((s[2] for s in sampler.samples[k]), default=0) for k in sampler.samples if k != "coordinator"]
+    pool_peaks = [max((s[2] for s in sampler.samples[k]), default=0) for k in pools]
+
+    def cores(name: str) -> float:
+        """Cores a process used while the rounds ran."""
+        samples = sampler.samples[name]
+        return (cpu_at(samples, last_close) - cpu_at(samples, first_open)) / (last_close - first_open)
+
     return {
         "n": n,
         "processes": len(pool_peaks),
@@ -208,7 +215,10 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path, repeat: int) -> dict:
         "wait_for_workers_s": first_open - max(listening, pools_up),
         "wait_cpu_s": cpu_at(coord, first_open) - cpu_at(coord, max(listening, pools_up)),
         # Cores the coordinator used while the rounds ran (heartbeats, nats-py, rounds: all in).
-        "rounds_cores": (cpu_at(coord, last_close) - cpu_at(coord, first_open)) / (last_close - first_open),
+        "rounds_cores": cores("coordinator"),
+        "pools_cores": sum(cores(name) for name in pools),
+        "server_cores": cores("nats-server"),
+        "load_1min": os.getloadavg()[0],  # the machine's, others' work included
         "hb_handled": handled,
         "hb_per_s": handled / summary["wall_seconds"] if summary["wall_seconds"] else 0.0,
         "hb_capacity_per_s": handled / handling_s if handling_s else 0.0,
@@ -226,7 +236,7 @@ def median_row(runs: list[dict]) -> dict:
     """Each numeric measure's median over the runs of one size (the rest from the first run)."""
     out = dict(runs[0])
     for key, value in runs[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n":
+        if isinstance(value, float):
             out[key] = statistics.median(r[key] for r in runs)
     return out
 
@@ -255,19 +265,22 @@ def main() -> int:
                 print(f"N={n} run {repeat + 1}: {row['reason']}, {row['rounds_completed']} rounds, median round "
                       f"{row['median_round_s']:.3f} s, round CPU {row['median_round_cpu_s']:.3f} s, accuracy "
                       f"{row['accuracy']:.3f}, rejected {row['rejected']}, redeliveries {row['redeliveries']}, "
-                      f"max heartbeat gap {row['max_heartbeat_gap_s']} s", flush=True)
+                      f"max heartbeat gap {row['max_heartbeat_gap_s']} s; cores in rounds: coordinator "
+                      f"{row['rounds_cores']:.2f}, pools {row['pools_cores']:.2f}, nats-server {row['server_cores']:.2f}; "
+                      f"load average {row['load_1min']:.1f}", flush=True)
     rows = [median_row(runs[n]) for n in sizes]
     print(f"\nmedians over {args.repeats} run(s) per size; {args.rounds} rounds, cohort {args.cohort}, "
           f"heartbeat_s {args.heartbeat_s}, <= {args.per_process} workers per pool process")
     header = ("N", "procs", "round s", "round CPU s", "round peak RSS MiB", "pools up s", "wait for N s",
-              "wait CPU s", "cores in rounds", "hb handled/s", "hb capacity/s", "CPU us/hb", "pool RSS MiB",
-              "hosted/pool")
+              "wait CPU s", "coordinator cores", "pool cores", "load", "hb handled/s", "hb capacity/s", "CPU us/hb",
+              "pool RSS MiB", "hosted/pool")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['n']} | {r['processes']} | {r['median_round_s']:.3f} | {r['median_round_cpu_s']:.3f} | "
               f"{r['median_round_peak_rss_mib']:.0f} | {r['processes_up_s']:.1f} | {r['wait_for_workers_s']:.1f} | "
-              f"{r['wait_cpu_s']:.1f} | {r['rounds_cores']:.2f} | {r['hb_per_s']:.0f} | {r['hb_capacity_per_s']:.0f} | "
+              f"{r['wait_cpu_s']:.1f} | {r['rounds_cores']:.2f} | {r['pools_cores']:.2f} | {r['load_1min']:.1f} | "
+              f"{r['hb_per_s']:.0f} | {r['hb_capacity_per_s']:.0f} | "
               f"{r['hb_us_each']:.0f} | {r['pool_peak_rss_mib']:.0f} | {r['hosted_per_process']} |")
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]

@@ -6,6 +6,11 @@ verified control message becomes a ``ControlVerified`` event for the sans-I/O
 (``LocalTrainer``, the same code ``fedbus sim`` runs), publishing signed updates and
 reports under the run they answer, persisting what it sent (``WorkerStateStore``) so a
 reopened round can be answered again. Spans join the round's trace.
+
+A worker pool (``fedbus.worker.pool``, a testing aid) runs many of these in one process:
+it ``attach``es each to a shared connection, hands each its verified control messages
+(``handle_verified``) and calls ``beat`` on its own schedule; ``SharedTraining`` is what
+they share.
 """
 
 from __future__ import annotations
@@ -394,9 +399,7 @@ class WorkerService:
                             self._bases.popitem(last=False)
                     with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
                         try:
-                            started = time.perf_counter()
-                            done = await self._in_slot(self.trainer.run_train, action)
-                            trained_s = time.perf_counter() - started
+                            done, trained_s = await self._in_slot(self.trainer.run_train, action)
                             metrics().trained(trained_s)  # the training itself, not a simulated stretch
                             await self._stretch(trained_s, action.round)
                         except Exception:
@@ -407,7 +410,7 @@ class WorkerService:
                 case Evaluate():
                     with self.tracer.start_as_current_span("worker.evaluate", context=parent, attributes=attrs):
                         try:
-                            done = await self._in_slot(self.trainer.run_evaluate, action)
+                            done, _ = await self._in_slot(self.trainer.run_evaluate, action)
                         except Exception:
                             pending += self.core.handle(WorkFailed("evaluate", action.run, action.round))
                             raise
@@ -434,9 +437,11 @@ class WorkerService:
                                   run=action.run)
 
     async def _in_slot(self, work, action):
-        """Training and evaluation run in a thread, one at a time per shared module."""
+        """Training and evaluation run in a thread, one at a time per shared module; returns
+        the result and the seconds it took (without the wait for the slot)."""
         async with self.shared.slot:
-            return await asyncio.to_thread(work, action)
+            started = time.perf_counter()
+            return await asyncio.to_thread(work, action), time.perf_counter() - started
 
     async def _stretch(self, trained_s: float, round_: int) -> None:
         """Testing only (--simulate-slowdown): make this round's training last factor x as long.
