@@ -50,6 +50,10 @@ from fedbus.bus.server import EmbeddedNatsServer
 from fedbus.demo import ProcessGroup, cli_command, write_federation
 from fedbus.jobspec import JobSpec
 
+# Run as a script, this file's directory is on sys.path, not the checkout it belongs to.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.chaos_support import read_events  # noqa: E402
+
 SAMPLE_S = 0.1
 MIB = 1024 * 1024
 
@@ -111,14 +115,8 @@ def peak_rss(samples: list[tuple[float, float, int]], start: float, end: float) 
 
 def log_events(log_path: Path, names: frozenset[str]):
     """(event, wall time, record) of the JSON log lines naming one of ``names``."""
-    for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") in names:
+    for rec in read_events(log_path):
+        if rec["event"] in names:
             yield rec["event"], datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp(), rec
 
 
