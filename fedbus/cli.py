@@ -324,13 +324,13 @@ def pool_identities(key_dir: str, ids_text: str | None) -> list:
             path = directory / f"{wid}.key"
             if not path.is_file():
                 raise CliError(f"--ids: no key file {path}")
-            identities.append(load_identity(path))
+            identity = load_identity(path)
+            if identity.id != wid:
+                raise CliError(f"{path} holds the key of {identity.id}, not {wid}")
+            identities.append(identity)
     else:
         paths = sorted(directory.glob("*.key"))[:MAX_POOL + 1]
         identities = [i for i in (load_identity(p) for p in paths) if i.role == "worker"]
-    for identity, expected in zip(identities, ids if ids_text else []):
-        if identity.id != expected:
-            raise CliError(f"{directory / (expected + '.key')} holds the key of {identity.id}, not {expected}")
     if not identities:
         raise CliError(f"--key-dir {key_dir}: no worker key files")
     if len(identities) > MAX_POOL:

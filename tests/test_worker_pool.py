@@ -136,3 +136,22 @@ def test_a_pool_of_a_secure_aggregation_job_is_refused(tmp_path, capsys):
             "--key-dir", str(keys)]
     assert main(argv) == 2
     assert "does not run privacy.secure_aggregation jobs" in capsys.readouterr().err
+
+
+def test_a_key_event_stops_only_the_hosted_worker_it_revokes(tmp_path):
+    from fedbus.jobspec import JobSpec
+    from fedbus.protocol.messages import KeyEvent
+    from fedbus.worker.pool import WorkerPool
+
+    coord = Identity.generate("coord", "coordinator")
+    workers = [Identity.generate(f"w{i}", "worker") for i in range(1, 4)]
+    fed = Federation(FederationFile(participants=[Participant(**i.participant_entry()) for i in [coord, *workers]]))
+    job = JobSpec(job="j", task="fedbus.tasks.digits:task", rounds=2, task_params={"partition": "iid"})
+    pool = WorkerPool(job, fed, workers, "nats://127.0.0.1:9", state_root=tmp_path)
+    # One module for all of them, and at most one stored update each.
+    assert len({id(w.trainer.model) for w in pool.workers.values()}) == 1
+    assert all(w.core.keep_sent == 1 for w in pool.workers.values())
+    change = fed.apply_key_event(KeyEvent(action="revoke", participant="w2", reason="test"), "coord")
+    pool._on_key_change(change)
+    assert [w for w, svc in pool.workers.items() if svc.stopped] == ["w2"]
+    assert pool.workers["w2"].exit_code == 4

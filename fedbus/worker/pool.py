@@ -27,7 +27,9 @@ random phase and every interval jittered by ``HEARTBEAT_JITTER``, so 1,000 worke
 evenly spread (1,000 / heartbeat_s per second), never in a burst.
 
 Secure aggregation is not supported: its key exchange runs per worker beside training,
-which one shared training slot would serialise.
+which one shared training slot would serialise. The pool exits once every hosted worker
+is done (``job.done``, or its key revoked or rotated away), with the highest exit code
+among them (4 if any was revoked).
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ class WorkerPool:
                 problem = own_key_problem(self.federation, worker.identity)
                 if problem is not None:  # revoked or rotated away before it started: not hosted
                     stop_line(worker.identity, problem)
-                    del self.workers[wid]
+                    del self.workers[wid], self._inboxes[wid]
                     self.exit_code = REVOKED_EXIT_CODE
             if not self.workers:
                 return REVOKED_EXIT_CODE
