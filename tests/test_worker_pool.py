@@ -155,3 +155,33 @@ def test_a_key_event_stops_only_the_hosted_worker_it_revokes(tmp_path):
     pool._on_key_change(change)
     assert [w for w, svc in pool.workers.items() if svc.stopped] == ["w2"]
     assert pool.workers["w2"].exit_code == 4
+
+
+def test_a_hosted_worker_sends_the_update_a_worker_of_its_own_would(tmp_path):
+    """The shared module is only a workspace: whatever another hosted worker trained into it
+    before, a hosted worker's update is bit for bit what its own process would send."""
+    import torch
+
+    from fedbus.jobspec import JobSpec
+    from fedbus.worker.core import Train
+    from fedbus.worker.pool import WorkerPool
+    from fedbus.worker.service import WorkerService
+
+    coord = Identity.generate("coord", "coordinator")
+    workers = [Identity.generate(f"w{i}", "worker") for i in range(1, 4)]
+    fed = Federation(FederationFile(participants=[Participant(**i.participant_entry()) for i in [coord, *workers]]))
+    job = JobSpec(job="j", task="fedbus.tasks.digits:task", rounds=2, task_params={"partition": "iid"})
+    pool = WorkerPool(job, fed, workers, "nats://127.0.0.1:9", state_root=tmp_path / "pool")
+    alone = WorkerService(job, fed, workers[1], "nats://127.0.0.1:9", state_dir=tmp_path / "alone")
+    model = {k: v.detach().clone() for k, v in alone.trainer.model.state_dict().items()}
+
+    def train(service: WorkerService):
+        action = Train(service.core.context("r0-00000000", 1), model, {}, job.train.model_dump(), False, 0, 0)
+        return service.trainer.run_train(action)
+
+    train(pool.workers["w1"])  # leaves its training in the shared module
+    hosted, own = train(pool.workers["w2"]), train(alone)
+    assert hosted.fields == own.fields
+    assert hosted.tensors.keys() == own.tensors.keys()
+    for name in own.tensors:
+        assert torch.equal(torch.as_tensor(hosted.tensors[name]), torch.as_tensor(own.tensors[name])), name
