@@ -255,6 +255,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.key_dir or args.ids:
+        return cmd_worker_pool(args)
+    if not args.key:
+        raise CliError("worker: --key is required (or --key-dir with --ids for a worker pool)")
     job = load_job(args.job)
     federation = load_federation(args.federation)
     identity = load_identity(args.key)
@@ -302,6 +306,70 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                 dropout=dropout)
     return _run_service(service.run, process=f"worker:{identity.id}", service="fedbus-worker",
                         instance=identity.id, span_file=args.span_file, args=args, job=job.job)
+
+
+def pool_identities(key_dir: str, ids_text: str | None) -> list:
+    """The hosted workers' keys: DIR/<id>.key for each of --ids, else every worker key in DIR."""
+    from fedbus.worker.pool import MAX_POOL, PoolError, parse_ids
+
+    directory = Path(key_dir)
+    if not directory.is_dir():
+        raise CliError(f"--key-dir {key_dir}: not a directory")
+    if ids_text:
+        try:
+            ids = parse_ids(ids_text)
+        except PoolError as exc:
+            raise CliError(f"--ids: {exc}") from None
+        identities = []
+        for wid in ids:
+            path = directory / f"{wid}.key"
+            if not path.is_file():
+                raise CliError(f"--ids: no key file {path}")
+            identity = load_identity(path)
+            if identity.id != wid:
+                raise CliError(f"{path} holds the key of {identity.id}, not {wid}")
+            identities.append(identity)
+    else:
+        paths = sorted(directory.glob("*.key"))[:MAX_POOL + 1]
+        identities = [i for i in (load_identity(p) for p in paths) if i.role == "worker"]
+    if not identities:
+        raise CliError(f"--key-dir {key_dir}: no worker key files")
+    if len(identities) > MAX_POOL:
+        raise CliError(f"--key-dir {key_dir}: more than {MAX_POOL} worker keys")
+    return identities
+
+
+def cmd_worker_pool(args: argparse.Namespace) -> int:
+    """fedbus worker --key-dir DIR [--ids ...]: many logical workers in one process (testing aid)."""
+    if not args.key_dir:
+        raise CliError("worker: --ids needs --key-dir (where <id>.key files are)")
+    single = {"--key": args.key, "--id": args.id, "--partition": args.partition,
+              "--simulate-attack": args.simulate_attack, "--simulate-slowdown": args.simulate_slowdown,
+              "--simulate-dropout": args.simulate_dropout}
+    clash = [name for name, value in single.items() if value is not None]
+    if clash:
+        raise CliError(f"worker pool (--key-dir): {', '.join(clash)} applies to a single worker")
+    job = load_job(args.job)
+    federation = load_federation(args.federation)
+    identities = pool_identities(args.key_dir, args.ids)
+    credentials = credentials_from(args)
+
+    import torch
+
+    from fedbus.worker.pool import PoolError, WorkerPool
+
+    torch.set_num_threads(args.threads)
+    try:
+        with _sealing_errors():
+            pool = WorkerPool(job, federation, identities, args.nats, state_root=args.state_dir,
+                              credentials=credentials)
+    except (PoolError, ValueError) as exc:
+        raise CliError(f"worker pool: {_describe(exc)}") from None
+    print(f"NOTE: one process hosts {len(identities)} workers ({identities[0].id} ... {identities[-1].id}): "
+          f"a testing and simulation aid", file=sys.stderr)
+    first = identities[0].id
+    return _run_service(pool.run, process=f"worker-pool:{first}+{len(identities) - 1}", service="fedbus-worker",
+                        instance=f"pool-{first}", span_file=args.span_file, args=args, job=job.job)
 
 
 def cmd_secure_sum_server(args: argparse.Namespace) -> int:
@@ -720,17 +788,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_metrics_options(a)
     a.set_defaults(func=cmd_aggregator)
 
-    w = sub.add_parser("worker", help="run a worker (data holder)")
+    w = sub.add_parser("worker", help="run a worker (data holder), or a pool of logical workers (testing aid)",
+                       description="Run one worker (--key), or, as a TESTING AND SIMULATION AID, a pool of many "
+                                   "logical workers in one process (--key-dir, --ids): each hosted worker signs its "
+                                   "own heartbeats and updates with its own key and is a participant like any other "
+                                   "to the coordinator; they share one NATS connection, one training module and one "
+                                   "verification of each control message. For load tests of the coordinator and "
+                                   "the bus, not for deployment.")
     w.add_argument("--job", required=True)
     w.add_argument("--federation", required=True)
-    w.add_argument("--key", required=True, help="this worker's " + KEY_HELP)
+    w.add_argument("--key", help="this worker's " + KEY_HELP)
     w.add_argument("--id", help="worker id (must match the key file)")
+    pool = w.add_argument_group("worker pool (TESTING AND SIMULATION AID)")
+    pool.add_argument("--key-dir", metavar="DIR",
+                      help="host many logical workers in this process, with the keys DIR/<id>.key (each must be "
+                           "readable by its owner only); without --ids, every worker key in DIR")
+    pool.add_argument("--ids", metavar="A,B,C",
+                      help="the ids to host: comma-separated, ranges like w0001..w0250 allowed (at most 10,000)")
     add_connection_options(w)
     w.add_argument("--partition", type=int, help="data partition (default: position among the federation's workers)")
     w.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     w.add_argument("--threads", type=int, default=1)
     w.add_argument("--state-dir", help="where this worker keeps its per-job state (sent updates, SCAFFOLD's c_i); "
-                   "default .fedbus-state/<job>/<worker id> in the working directory")
+                   "default .fedbus-state/<job>/<worker id> in the working directory (a pool: <state-dir>/<id>, "
+                   "default .fedbus-state/<job>/<id>)")
     w.add_argument("--simulate-attack", metavar="KIND[:PARAM]",
                    help="TESTING ONLY: misbehave (sign_flip:K, scale:K, gaussian:SIGMA, label_flip)")
     w.add_argument("--attack-seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -663,7 +663,7 @@ class RoundStateMachine(MachineBase):
     def _maybe_start(self, now: int, out: list[Action]) -> None:
         if self._pending is not None:
             return
-        if len(self.registry.alive(now)) >= self._quorum_to_start():
+        if self.registry.enough_alive(self._quorum_to_start(), now):
             self._plan_next(now, out, closing=None)
         elif now - self._wait_started_ms > self.policy.wait_for_workers_ms:
             self._plan_finish(now, out, "not_enough_workers", closing=None)

@@ -493,6 +493,14 @@ class CoordinatorService:
             await self._subscribe_heartbeat(worker)
 
     async def _on_heartbeat(self, msg) -> None:
+        started = time.thread_time()
+        handled = False
+        try:
+            handled = await self._heartbeat(msg)
+        finally:  # (no await inside suspends: this is the loop thread's CPU time on one heartbeat)
+            self.summary.heartbeat(time.thread_time() - started, handled)
+
+    async def _heartbeat(self, msg) -> bool:
         arrived = time.monotonic()
         token = msg.subject.rsplit(".", 1)[-1]
         now = now_ms()
@@ -501,16 +509,17 @@ class CoordinatorService:
             self._hb_refused[token] += 1
             if self._hb_refused[token] == HB_STORM_REFUSALS:
                 asyncio.get_running_loop().create_task(self._cool_down(token))
-            return
+            return False
         try:
             got = await self.messenger.receive(self.verifier, msg.data, sender_token=token)
         except Rejection as rej:
             h = rej.header
             self._rejected("heartbeat", rej.reason, rej.detail, h.sender if h else None, msg.subject, None)
-            return
+            return False
         hb: Heartbeat = got.fields  # type: ignore[assignment]
         self._note_heartbeat_gap(got.header.sender, arrived)
         self._feed(WorkerSeen(got.header.sender, hb.num_samples, now_ms()))
+        return True
 
     def _note_heartbeat_gap(self, sender: str, arrived: float) -> None:
         last = self._last_heartbeat.get(sender)

@@ -39,6 +39,11 @@ class RunSummary:
     privacy: dict = field(default_factory=dict)
     # Body bytes (the signed length, inline or in the Object Store) of the updates accepted.
     update_bytes: int = 0
+    # Heartbeats verified and fed to the machine, and the event loop's CPU time spent on every
+    # heartbeat received (refused ones included): handled / cpu_s is how many one coordinator
+    # core can take (benchmarks/participants.py), over every incarnation.
+    heartbeats_handled: int = 0
+    heartbeat_cpu_s: float = 0.0
 
     def set_rejections(self, this_incarnation: Counter) -> None:
         self.rejected = self.rejected_before + this_incarnation
@@ -72,7 +77,14 @@ class RunSummary:
         s.redeliveries = int(d.get("redeliveries") or 0)
         s.privacy = dict(d.get("privacy") or {})
         s.update_bytes = int(d.get("update_bytes") or 0)
+        beats = d.get("heartbeats") or {}
+        s.heartbeats_handled = int(beats.get("handled") or 0)
+        s.heartbeat_cpu_s = float(beats.get("cpu_s") or 0.0)
         return s
+
+    def heartbeat(self, cpu_s: float, handled: bool) -> None:
+        self.heartbeats_handled += handled
+        self.heartbeat_cpu_s += cpu_s
 
     def count_rejection(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -113,6 +125,7 @@ class RunSummary:
             "updates_rejected": dict(sorted(self.rejected.items())),
             "redeliveries": self.redeliveries,
             "max_heartbeat_gap_s": round(self.max_heartbeat_gap_s, 3),
+            "heartbeats": {"handled": self.heartbeats_handled, "cpu_s": round(self.heartbeat_cpu_s, 6)},
             **({"privacy": self.privacy} if self.privacy else {}),
             "rounds": self.rounds,
         }

@@ -351,7 +351,7 @@ class VersionStateMachine(MachineBase):
         if self._pending is not None:
             return
         if self.phase is Phase.WAITING_FOR_WORKERS:
-            if len(self.registry.alive(now)) >= self.base.min_workers:
+            if self.registry.enough_alive(self.base.min_workers, now):
                 self.phase = Phase.RUNNING
                 self._version_started_ms = now
             elif now - self._wait_started_ms > self.base.wait_for_workers_ms:

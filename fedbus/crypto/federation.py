@@ -105,6 +105,14 @@ class Federation:
         self.spec = spec
         self.overlay = KeyOverlay(spec.participants)
         self._keys = {p.id: VerifyKey(unb64(p.public_key)) for p in spec.participants}
+        # Ids by role in file order, and each worker's position (its default partition): a
+        # participant's role and place never change (key events revoke and rotate keys), and
+        # with 1,000 workers a scan of the file per lookup is what a worker pool's start and
+        # every sealed update would pay.
+        self._ids_by_role: dict[str, list[str]] = {}
+        for p in spec.participants:
+            self._ids_by_role.setdefault(p.role, []).append(p.id)
+        self._partitions = {w: i for i, w in enumerate(self._ids_by_role.get("worker", []))}
 
     @classmethod
     def load(cls, path: str | Path) -> Federation:
@@ -149,7 +157,7 @@ class Federation:
         return change
 
     def _current(self, role: str) -> list[Participant]:
-        return [self.overlay.get(p.id) for p in self.spec.participants if p.role == role]  # type: ignore[misc]
+        return [self.overlay.get(p) for p in self._ids_by_role.get(role, ())]  # type: ignore[misc]
 
     def encryption_key(self, participant_id: str) -> PublicKey | None:
         """The X25519 key bodies are sealed to for this participant (None: unknown id or no key)."""
@@ -173,7 +181,7 @@ class Federation:
         return coords[0]
 
     def partition_of(self, worker_id: str) -> int:
-        for index, p in enumerate(self.workers()):
-            if p.id == worker_id:
-                return index
-        raise KeyError(f"{worker_id!r} is not a worker of this federation")
+        try:
+            return self._partitions[worker_id]
+        except KeyError:
+            raise KeyError(f"{worker_id!r} is not a worker of this federation") from None

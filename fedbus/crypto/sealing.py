@@ -165,7 +165,11 @@ def unsealed_recipients(mode: SealMode, federation: Federation, *, regional: boo
     if mode is False:
         return []
     missing = set()
+    unsealed: dict[str | None, bool] = {}  # by recipient: checked once each, not once per worker
     for worker in federation.workers():
-        if update_seal_target(mode, federation, worker.id, regional=regional) is None:
-            missing.add(update_recipient(federation, worker.id, regional=regional) or f"aggregator of {worker.region}")
+        recipient = update_recipient(federation, worker.id, regional=regional)
+        if recipient not in unsealed:
+            unsealed[recipient] = update_seal_target(mode, federation, worker.id, regional=regional) is None
+        if unsealed[recipient]:
+            missing.add(recipient or f"aggregator of {worker.region}")
     return sorted(missing)

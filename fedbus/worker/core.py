@@ -201,6 +201,9 @@ class WorkerCore:
     # catching up on queued control messages trains the newest open round instead). In async
     # mode round.close numbers versions, not the tickets round.open carries: off.
     skip_closed_rounds: bool = False
+    # Updates kept in ``sent`` (a worker pool keeps 1: a reopened round is the last one, and
+    # 1,000 hosted workers x KEEP_SENT models is memory for nothing).
+    keep_sent: int = KEEP_SENT
     run: str | None = None  # the run this worker follows
     status: str = "idle"  # "idle" | "training" | "done" (heartbeats report it)
     rounds_trained: int = 0
@@ -334,7 +337,7 @@ class WorkerCore:
         if ev.run is not None and self.run is not None and ev.run != self.run:
             return [Ignore("run_superseded", ev.fields.TYPE, ev.round, ev.run)]
         self.sent[key] = SentUpdate(ev.fields, ev.tensors)
-        for old in sorted(self.sent, key=lambda k: k[1])[:-KEEP_SENT]:
+        for old in sorted(self.sent, key=lambda k: k[1])[:-max(1, self.keep_sent)]:
             del self.sent[old]
         self.rounds_trained += 1
         return [PublishUpdate(ev.run, ev.round, ev.fields, ev.tensors, resend=False, trace=ev.trace)]

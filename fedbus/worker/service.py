@@ -6,6 +6,11 @@ verified control message becomes a ``ControlVerified`` event for the sans-I/O
 (``LocalTrainer``, the same code ``fedbus sim`` runs), publishing signed updates and
 reports under the run they answer, persisting what it sent (``WorkerStateStore``) so a
 reopened round can be answered again. Spans join the round's trace.
+
+A worker pool (``fedbus.worker.pool``, a testing aid) runs many of these in one process:
+it ``attach``es each to a shared connection, hands each its verified control messages
+(``handle_verified``) and calls ``beat`` on its own schedule; ``SharedTraining`` is what
+they share.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import copy
 import os
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import structlog
+import torch
 
 from fedbus.audit import AuditTrail
 from fedbus.audit.queue import AuditQueue, report_rejections
@@ -36,13 +43,14 @@ from fedbus.messaging import Messenger, Received, verifier_for
 from fedbus.protocol.codec import spec_of
 from fedbus.protocol.messages import Heartbeat, RoundClose
 from fedbus.rejections import RejectionLedger
-from fedbus.tasks import call_train, load_task, training_context, warm_up_torch
+from fedbus.tasks import Task, call_train, load_task, training_context, warm_up_torch
 from fedbus.telemetry import current_traceparent, get_tracer, trace_context_from_traceparent
 from fedbus.telemetry.metrics import count_rejection, metrics
 from fedbus.telemetry.stacks import stop_tasks
 from fedbus.worker.attacks import Attack
 from fedbus.worker.slowdown import Slowdown
 from fedbus.worker.core import (
+    KEEP_SENT,
     Action,
     ControlVerified,
     Evaluate,
@@ -72,6 +80,18 @@ DEBUG_DUMP_ENV = "FEDBUS_TEST_SECAGG_DUMP"
 CONTROL_BATCH = 64
 
 
+@dataclass
+class SharedTraining:
+    """What the workers of one process train with: the task, and a module that a worker pool
+    shares (None: each worker builds its own). ``slot`` lets one of them train or evaluate
+    at a time, since every Train / Evaluate loads the received model into the module."""
+
+    task: Task
+    model: torch.nn.Module | None = None
+    keep_sent: int = KEEP_SENT
+    slot: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 def control_event(got: Received, now: int) -> ControlVerified:
     h = got.header
     return ControlVerified(got.fields, got.tensors, h.run, h.round, h.nonce, h.ts, now, h.trace)
@@ -81,7 +101,8 @@ class WorkerService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str,
                  partition: int | None = None, attack: Attack | None = None,
                  state_dir: str | os.PathLike[str] | None = None, slowdown: Slowdown | None = None,
-                 credentials: NatsCredentials | None = None, dropout: SimulatedDropout | None = None):
+                 credentials: NatsCredentials | None = None, dropout: SimulatedDropout | None = None,
+                 shared: SharedTraining | None = None):
         # The key itself is checked once the job's key events are replayed (it may be a rotated one).
         listed = federation.listed_as(identity, "worker", check_key=False)
         self.job = job
@@ -97,13 +118,16 @@ class WorkerService:
         self.slowdown = slowdown
         self.store = WorkerStateStore(Path(state_dir) if state_dir is not None
                                       else default_state_dir(job.job, identity.id))
-        self.trainer = LocalTrainer(load_task(job.task), job, worker_id=identity.id, partition=self.partition,
+        # A worker pool (fedbus.worker.pool) shares one task, one module and one training slot
+        # among the workers it hosts; a worker of its own has them to itself.
+        self.shared = shared if shared is not None else SharedTraining(load_task(job.task))
+        self.trainer = LocalTrainer(self.shared.task, job, worker_id=identity.id, partition=self.partition,
                                     num_partitions=self.num_partitions, attack=attack,
-                                    state_loader=self.store.load_strategy)
+                                    state_loader=self.store.load_strategy, model=self.shared.model)
         self.model_spec = spec_of(self.trainer.model.state_dict())
         self.core = WorkerCore(identity.id, self.partition, self.num_partitions, job.seed, self.model_spec,
                                sent=self.store.load_updates(), deterministic=job.deterministic,
-                               skip_closed_rounds=job.mode == "sync")
+                               skip_closed_rounds=job.mode == "sync", keep_sent=self.shared.keep_sent)
         # A control body carries at most the model's tensors and as many again of strategy extras.
         self.verifier = verifier_for(job, federation, max_tensors=2 * len(self.model_spec) + 16)
         # Refuses to start (SealingUnavailable) when seal_updates is true and a recipient has no key.
@@ -139,6 +163,14 @@ class WorkerService:
     @property
     def num_samples(self) -> int:
         return self.trainer.num_samples
+
+    @property
+    def stopped(self) -> bool:
+        """The job is over for this worker, or its key was revoked or rotated away."""
+        return self._done.is_set()
+
+    async def wait_done(self) -> None:
+        await self._done.wait()
 
     def warm_up(self) -> None:
         """Run the real train and evaluate paths once on a throwaway copy, so the first
@@ -187,11 +219,7 @@ class WorkerService:
                                  on_change=self._on_key_change)
             if not await self.keys.start_as(self.identity):
                 return REVOKED_EXIT_CODE
-            self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
-                                       inline_max_bytes=self.job.transport.inline_max_bytes)
-            # Its own audit chain: what it refused (in aggregate), on <prefix>.<job>.audit.<id>.
-            self.audit = AuditQueue(AuditTrail(self.js, self.subjects, self.identity))
-            self.audit.submit("worker.started", region=self.region, partition=self.partition)
+            self.attach(self.nc, self.js)
             self.follower = ControlFollower(self.js, self.subjects.ctl_all, self._route_control,
                                             stream=self.subjects.ctl_stream, skip=frozenset({self.keys.subject}))
             await self.follower.start()
@@ -220,6 +248,15 @@ class WorkerService:
         log.info("worker.stopped", worker=self.identity.id, rounds_trained=self.rounds_trained)
         return self.exit_code
 
+    def attach(self, nc, js) -> None:
+        """Use this connection to sign and publish as this worker, with its own audit chain."""
+        self.nc, self.js = nc, js
+        self.messenger = Messenger(nc, js, self.identity, self.subjects,
+                                   inline_max_bytes=self.job.transport.inline_max_bytes)
+        # Its own audit chain: what it refused (in aggregate), on <prefix>.<job>.audit.<id>.
+        self.audit = AuditQueue(AuditTrail(js, self.subjects, self.identity))
+        self.audit.submit("worker.started", region=self.region, partition=self.partition)
+
     def _on_key_change(self, change: KeyChange) -> None:
         """A key event was applied: if it revoked this worker or rotated its key away, stop
         (whatever it sent from now on would be refused)."""
@@ -228,15 +265,18 @@ class WorkerService:
             self._done.set()
 
     async def _heartbeat(self) -> None:
-        subject = self.subjects.hb(self.identity.id)
         while True:
-            body = Heartbeat(region=self.region, num_samples=self.num_samples, partition=self.partition,
-                             status=self.status, capabilities={"task": self.job.task})
-            try:
-                await self.messenger.publish(subject, body, round=0, persist=False)
-            except Exception as exc:  # the bus reconnects on its own; keep beating
-                log.warning("heartbeat.failed", error=repr(exc))
+            await self.beat()
             await asyncio.sleep(self.job.transport.heartbeat_s)
+
+    async def beat(self) -> None:
+        """One signed heartbeat (core NATS: a lost one is replaced by the next)."""
+        body = Heartbeat(region=self.region, num_samples=self.num_samples, partition=self.partition,
+                         status=self.status, capabilities={"task": self.job.task})
+        try:
+            await self.messenger.publish(self.subjects.hb(self.identity.id), body, round=0, persist=False)
+        except Exception as exc:  # the bus reconnects on its own; keep beating
+            log.warning("heartbeat.failed", error=repr(exc))
 
     async def _follow_control(self) -> None:
         while True:
@@ -249,13 +289,17 @@ class WorkerService:
                     received.append(await self.messenger.receive(self.verifier, msg.data))
                 except Rejection as rej:
                     self._control_rejected(rej, msg.subject)
-            # Everything that queued while this worker trained is looked at before any of it
-            # is acted on: a round already closed is not trained (skip_closed_rounds).
-            for got in received:
-                if isinstance(got.fields, RoundClose):
-                    self.core.note_closed(got.header.run, got.header.round)
-            for got in received:
-                await self.on_control(got)
+            await self.handle_verified(received)
+
+    async def handle_verified(self, received: list[Received]) -> None:
+        """A batch of verified control messages, in stream order."""
+        # Everything that queued while this worker trained is looked at before any of it
+        # is acted on: a round already closed is not trained (skip_closed_rounds).
+        for got in received:
+            if isinstance(got.fields, RoundClose):
+                self.core.note_closed(got.header.run, got.header.round)
+        for got in received:
+            await self.on_control(got)
 
     async def _route_control(self, msg) -> None:
         secagg = self.secure is not None and f"{self.subjects.ctl('secagg')}." in msg.subject
@@ -355,9 +399,7 @@ class WorkerService:
                             self._bases.popitem(last=False)
                     with self.tracer.start_as_current_span("worker.train", context=parent, attributes=attrs) as span:
                         try:
-                            started = time.perf_counter()
-                            done = await asyncio.to_thread(self.trainer.run_train, action)
-                            trained_s = time.perf_counter() - started
+                            done, trained_s = await self._in_slot(self.trainer.run_train, action)
                             metrics().trained(trained_s)  # the training itself, not a simulated stretch
                             await self._stretch(trained_s, action.round)
                         except Exception:
@@ -368,7 +410,7 @@ class WorkerService:
                 case Evaluate():
                     with self.tracer.start_as_current_span("worker.evaluate", context=parent, attributes=attrs):
                         try:
-                            done = await asyncio.to_thread(self.trainer.run_evaluate, action)
+                            done, _ = await self._in_slot(self.trainer.run_evaluate, action)
                         except Exception:
                             pending += self.core.handle(WorkFailed("evaluate", action.run, action.round))
                             raise
@@ -393,6 +435,13 @@ class WorkerService:
                     else:
                         log.debug("control.ignored", reason=action.reason, type=action.type, round=action.round,
                                   run=action.run)
+
+    async def _in_slot(self, work, action):
+        """Training and evaluation run in a thread, one at a time per shared module; returns
+        the result and the seconds it took (without the wait for the slot)."""
+        async with self.shared.slot:
+            started = time.perf_counter()
+            return await asyncio.to_thread(work, action), time.perf_counter() - started
 
     async def _stretch(self, trained_s: float, round_: int) -> None:
         """Testing only (--simulate-slowdown): make this round's training last factor x as long.

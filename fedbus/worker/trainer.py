@@ -30,7 +30,7 @@ __all__ = ["SCAFFOLD_C", "LocalTrainer"]
 class LocalTrainer:
     def __init__(self, task: Task, job: JobSpec, *, worker_id: str, partition: int, num_partitions: int,
                  attack: Attack | None = None, pipeline: Pipeline | None = None,
-                 state_loader: Callable[[str | None], dict] | None = None):
+                 state_loader: Callable[[str | None], dict] | None = None, model: torch.nn.Module | None = None):
         self.task = task
         self.job = job
         self.worker_id = worker_id
@@ -38,7 +38,10 @@ class LocalTrainer:
         self.num_partitions = num_partitions
         self.attack = attack
         torch.manual_seed(job.seed)
-        self.model = task.build_model(job.task_params)
+        # ``model``: a module shared with other trainers of this process (a worker pool, the
+        # simulator), which the caller trains one at a time; every Train / Evaluate loads
+        # the received model into it first.
+        self.model = model if model is not None else task.build_model(job.task_params)
         self.data = task.worker_data(partition=partition, num_partitions=num_partitions,
                                      params=job.task_params, seed=job.seed)
         if attack is not None and attack.poisons_data:
