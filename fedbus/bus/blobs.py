@@ -15,8 +15,10 @@ import base64
 import binascii
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import nats.js.errors
@@ -85,6 +87,27 @@ def format_digest(raw: bytes) -> str:
     return DIGEST_PREFIX + base64.urlsafe_b64encode(raw).decode()
 
 
+def _rechunk(pieces: Iterable[bytes | bytearray | memoryview], step: int) -> Iterator[bytes]:
+    """Consecutive pieces regrouped into chunks of ``step`` bytes (the last one shorter).
+    Each chunk is a new bytes object: nats-py writes payloads as bytes, and the pieces
+    (views of tensors) must not be referenced after the publish returns."""
+    pending: list[memoryview] = []
+    have = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        pos = 0
+        while pos < view.nbytes:
+            take = min(step - have, view.nbytes - pos)
+            pending.append(view[pos:pos + take])
+            have += take
+            pos += take
+            if have == step:
+                yield pending[0].tobytes() if len(pending) == 1 else b"".join(pending)
+                pending, have = [], 0
+    if have:
+        yield b"".join(pending)
+
+
 class _ChunkReader:
     """Callback state for one read: writes chunks in order into `buf` and hashes them."""
 
@@ -95,6 +118,19 @@ class _ChunkReader:
         self.received = 0
         self.hasher = hashlib.sha256()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Chunks are hashed in order on one thread of their own (hashlib releases the GIL),
+        # so the digest overlaps with receiving instead of stalling the event loop.
+        self._hash_thread = ThreadPoolExecutor(1, thread_name_prefix="blob-hash")
+        self._hashed: Any = None
+
+    async def digest(self) -> bytes:
+        """The SHA-256 of every chunk received, once the hash thread caught up."""
+        try:
+            if self._hashed is not None:
+                await asyncio.wrap_future(self._hashed)
+            return self.hasher.digest()
+        finally:
+            self._hash_thread.shutdown(wait=False)
 
     def _fail(self, reason: str, detail: str) -> None:
         if not self.done.done():
@@ -109,7 +145,7 @@ class _ChunkReader:
             self._fail("size_mismatch", f"chunks exceed the declared size {len(self.buf)}")
             return
         self.buf[self.offset : end] = data
-        self.hasher.update(data)
+        self._hashed = self._hash_thread.submit(self.hasher.update, data)
         self.offset = end
         self.received += 1
         if self.received == self.chunks:
@@ -160,24 +196,38 @@ class BlobStore:
         return ref
 
     async def put_new(self, name: str, data: bytes | bytearray | memoryview) -> BlobRef:
+        """``put_stream`` of one buffer."""
+        return await self.put_stream(name, [data])
+
+    async def put_stream(self, name: str, pieces: Iterable[bytes | bytearray | memoryview]) -> BlobRef:
         """Write an object under a name that is new (claim checks carry a random suffix), in
-        the standard layout, without first looking up what is stored under that name.
+        the standard layout, from consecutive pieces (tensor views, encrypted chunks): the
+        whole object is never held in one buffer, and each byte is hashed once.
 
         nats-py's ``put`` reads the existing entry (STREAM.MSG.GET on the bucket's stream) to
         clean up after a replaced object; granting a worker that API would let it read every
         object in the bucket, other workers' updates included. This needs nothing but
-        publishing the chunks and the meta entry (see fedbus/bus/permissions.py)."""
+        publishing the chunks and the meta entry (see fedbus/bus/permissions.py).
+
+        Each chunk is hashed in a thread while the previous one is being published and
+        acknowledged: hashlib releases the GIL, so the digest costs no wall time on a
+        second core."""
         if not isinstance(name, str) or not name:
             raise ValueError("blob name must be a non-empty string")
-        view = memoryview(data).cast("B")
         nuid = self._nc._nuid.next().decode()
         chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
-        size, step, hasher, chunks = len(view), self.chunk_size, hashlib.sha256(), 0
-        for offset in range(0, size, step):
-            piece = bytes(view[offset : offset + step])
-            hasher.update(piece)
-            await self._js.publish(chunk_subject, piece)
+        step, hasher = self.chunk_size, hashlib.sha256()
+        size = chunks = 0
+        hashing: asyncio.Future | None = None
+        for chunk in _rechunk(pieces, step):
+            if hashing is not None:
+                await hashing
+            hashing = asyncio.ensure_future(asyncio.to_thread(hasher.update, chunk))
+            await self._js.publish(chunk_subject, chunk)
+            size += len(chunk)
             chunks += 1
+        if hashing is not None:
+            await hashing
         digest = format_digest(hasher.digest())
         info = ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks, digest=digest,
                           mtime=datetime.now(timezone.utc).isoformat(),
@@ -259,9 +309,11 @@ class BlobStore:
                 await sub.unsubscribe()
             except Exception as err:  # the connection may be gone; the read result stands
                 log.warning("bus.blob.unsubscribe_failed", error=repr(err))
+            reader._hash_thread.shutdown(wait=False)  # queued hashes still run; no new ones
+        digest = await reader.digest()
         if reader.offset != size:
             raise BlobIntegrityError("size_mismatch", f"read {reader.offset} bytes, declared {size}")
-        return reader.buf, reader.hasher.digest()
+        return reader.buf, digest
 
     async def delete(self, name: str) -> None:
         """Delete a blob. Idempotent: deleting a missing blob is not an error, so

@@ -31,8 +31,9 @@ from fedbus.protocol.envelope import (
     PROTOCOL_VERSION,
     EnvelopeError,
     EnvelopeHeader,
-    body_digest,
     decode_header,
+    header_digest_of,
+    pointer_digest,
     split_frame,
 )
 from fedbus.protocol.messages import MESSAGE_TYPES, Body, BodyError, body_limit, decode_body
@@ -225,6 +226,8 @@ class EnvelopeVerifier:
             if len(inline_body) != 0 or header.blob.size != header.length:
                 raise Rejection("malformed_header", "blob pointer inconsistent with header", header)
             check_pointer(header, self.blob_bucket)
+            if pointer_digest(header.blob) != header.digest:  # one digest serves both (pointer_digest)
+                raise Rejection("digest_mismatch", "the header's digest is not the claim check's", header)
         # 9. sealing, on the header alone: a body this receiver cannot open is refused before
         # any blob is fetched for it.
         if header.sealed_to is not None:
@@ -236,12 +239,21 @@ class EnvelopeVerifier:
             raise Rejection("unsealed_body", f"{header.type} bodies must be sealed", header)
         return Opened(header, sender, inline_body)
 
-    def decode_body(self, opened: Opened, body: bytes | bytearray | memoryview) -> tuple[Body, dict[str, Tensor] | None]:
+    def decode_body(self, opened: Opened, body: bytes | bytearray | memoryview, *, fetched: bool = False
+                    ) -> tuple[Body, dict[str, Tensor] | None]:
         """Digest, decode and header/body agreement: pure, touches no shared state, so it
-        may run in a worker thread. Raises Rejection. Does not remember the nonce."""
+        may run in a worker thread. Raises Rejection. Does not remember the nonce.
+
+        ``fetched``: ``body`` is the claim check's object as ``BlobStore.get`` returned it
+        (its SHA-256, the header's digest, already checked while it was read; a buffer
+        nobody else holds). It is then not hashed again, and its tensors are views over it
+        instead of a copy."""
         header = opened.header
-        if len(body) != header.length or body_digest(body) != header.digest:
+        if len(body) != header.length:
             raise Rejection("digest_mismatch", header.sender, header)
+        if not (fetched and header.blob is not None) and header_digest_of(body, header.blob) != header.digest:
+            raise Rejection("digest_mismatch", header.sender, header)
+        owned = fetched and header.blob is not None
         if header.sealed_to is not None:  # the digest was the ciphertext's: open it only now
             if self.opener is None:
                 raise Rejection("unsealable_body", "this receiver opens no sealed bodies", header)
@@ -249,8 +261,9 @@ class EnvelopeVerifier:
                 body = self.opener.open(header.sealed_to, body)
             except SealError as exc:
                 raise Rejection("unsealable_body", str(exc), header) from None
+            owned = True  # a new buffer of its own
         try:
-            fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors)
+            fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors, copy=not owned)
         except BodyError as exc:
             raise Rejection(exc.reason, str(exc), header) from None
         # The machine acts on the body's round and the checks above on the header's:

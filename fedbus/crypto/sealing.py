@@ -42,21 +42,41 @@ opens them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from nacl.bindings import crypto_box_easy, crypto_box_seal, crypto_box_seal_open, crypto_box_seed_keypair
+from nacl.bindings import (
+    crypto_box_seed_keypair,
+    crypto_scalarmult,
+    crypto_secretstream_xchacha20poly1305_ABYTES,
+    crypto_secretstream_xchacha20poly1305_init_pull,
+    crypto_secretstream_xchacha20poly1305_pull,
+    crypto_secretstream_xchacha20poly1305_push,
+    crypto_secretstream_xchacha20poly1305_state,
+    crypto_secretstream_xchacha20poly1305_TAG_FINAL,
+    crypto_secretstream_xchacha20poly1305_TAG_MESSAGE,
+)
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey
 
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 
-# 32-byte ephemeral public key + 16-byte Poly1305 tag.
-SEAL_OVERHEAD = 48
-_NONCE_LEN = 24
+SEAL_MAGIC = b"FBS2"
+# magic, ephemeral X25519 public key, secretstream header
+SEAL_HEADER = len(SEAL_MAGIC) + 32 + 24
+# Plaintext per secretstream chunk: big enough that per-call costs vanish, small enough
+# that sealing and opening stream (a chunk in flight, not a body).
+SEAL_CHUNK = 1024 * 1024
+_ABYTES = crypto_secretstream_xchacha20poly1305_ABYTES  # 17: tag byte + Poly1305 MAC
+_TAG_MESSAGE = crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+_TAG_FINAL = crypto_secretstream_xchacha20poly1305_TAG_FINAL
+# The overhead of the smallest sealed body (empty plaintext).
+SEAL_OVERHEAD = SEAL_HEADER + _ABYTES
 _EPHEMERAL_PERSON = b"fedbus-seal-eph1"  # BLAKE2b personalisation: at most 16 bytes
+_STREAM_PERSON = b"fedbus-seal-str2"
 
 SealMode = bool | Literal["auto"]
 
@@ -93,37 +113,129 @@ class Opener:
     def opens_for(self, recipient: str) -> bool:
         return recipient in self.keys
 
-    def open(self, recipient: str, ciphertext: bytes | bytearray | memoryview) -> bytes:
+    def open(self, recipient: str, ciphertext: bytes | bytearray | memoryview) -> bytearray:
         key = self.keys.get(recipient)
         if key is None:
             raise SealError(f"no key to open bodies sealed to {recipient[:64]!r}")
         return open_body(ciphertext, key)
 
 
+def _stream_keys(plaintext_digest: bytes, recipient: bytes, sender_secret: PrivateKey | None
+                 ) -> tuple[bytes, bytes, bytes]:
+    """(ephemeral public key, stream key, stream header) for one body (module docstring)."""
+    if sender_secret is None:
+        seed = os.urandom(32)
+    else:
+        seed = hashlib.blake2b(plaintext_digest + recipient, key=bytes(sender_secret), person=_EPHEMERAL_PERSON,
+                               digest_size=32).digest()
+    eph_public, eph_secret = crypto_box_seed_keypair(seed)
+    shared = crypto_scalarmult(eph_secret, recipient)
+    material = hashlib.blake2b(shared + eph_public + recipient, person=_STREAM_PERSON, digest_size=56).digest()
+    return eph_public, material[:32], material[32:]
+
+
+def sealed_length(plaintext_length: int) -> int:
+    """Bytes of the sealed form of a plaintext of this length."""
+    chunks = max(1, -(-plaintext_length // SEAL_CHUNK))
+    return SEAL_HEADER + plaintext_length + chunks * _ABYTES
+
+
+def seal_pieces(pieces: Sequence[bytes | bytearray | memoryview], target: PublicKey, *,
+                sender_secret: PrivateKey | None = None) -> tuple[int, Iterator[bytes]]:
+    """Encrypt the plaintext made of ``pieces`` to ``target`` as a stream: (length of the
+    sealed body, its bytes in pieces, produced lazily, SEAL_CHUNK of plaintext at a time).
+
+    With ``sender_secret`` the same plaintext always seals to the same bytes; that costs
+    one SHA-256 pass over the plaintext first (module docstring). The pieces must not
+    change until the iterator is exhausted."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    total = sum(v.nbytes for v in views)
+    recipient = bytes(target)
+    digest = b""
+    if sender_secret is not None:
+        hasher = hashlib.sha256()
+        for v in views:
+            hasher.update(v)
+        digest = hasher.digest()
+    eph_public, key, header = _stream_keys(digest, recipient, sender_secret)
+
+    def stream() -> Iterator[bytes]:
+        state = crypto_secretstream_xchacha20poly1305_state()
+        # init_pull sets up exactly the state init_push would for this header: the header is
+        # ours (derived, so resends are identical) instead of libsodium's random one.
+        crypto_secretstream_xchacha20poly1305_init_pull(state, header, key)
+        yield SEAL_MAGIC + eph_public + header
+        chunks = _plain_chunks(views, SEAL_CHUNK)
+        pending = next(chunks, b"")
+        for following in chunks:
+            yield crypto_secretstream_xchacha20poly1305_push(state, pending, None, _TAG_MESSAGE)
+            pending = following
+        yield crypto_secretstream_xchacha20poly1305_push(state, pending, None, _TAG_FINAL)
+
+    return sealed_length(total), stream()
+
+
+def _plain_chunks(views: list[memoryview], step: int) -> Iterator[bytes]:
+    pending: list[memoryview] = []
+    have = 0
+    for view in views:
+        pos = 0
+        while pos < view.nbytes:
+            take = min(step - have, view.nbytes - pos)
+            pending.append(view[pos:pos + take])
+            have += take
+            pos += take
+            if have == step:
+                yield b"".join(pending)
+                pending, have = [], 0
+    if have:
+        yield b"".join(pending)
+
+
 def seal_body(plaintext: bytes | bytearray | memoryview, target: PublicKey, *,
               sender_secret: PrivateKey | None = None) -> bytes:
-    """Encrypt ``plaintext`` to ``target`` (a standard sealed box). With ``sender_secret``
-    the ephemeral key is derived from it and the plaintext (see the module docstring), so
-    the same plaintext always seals to the same bytes."""
-    recipient = bytes(target)
-    if sender_secret is None:
-        return crypto_box_seal(bytes(plaintext), recipient)
-    seed = hashlib.blake2b(hashlib.blake2b(plaintext, digest_size=32).digest() + recipient,
-                           key=bytes(sender_secret), person=_EPHEMERAL_PERSON, digest_size=32).digest()
-    eph_public, eph_secret = crypto_box_seed_keypair(seed)
-    # crypto_box_seal's construction: nonce = BLAKE2b-192(ephemeral pk || recipient pk).
-    nonce = hashlib.blake2b(eph_public + recipient, digest_size=_NONCE_LEN).digest()
-    return eph_public + crypto_box_easy(bytes(plaintext), nonce, recipient, eph_secret)
+    """The sealed form of ``plaintext`` in one buffer (``seal_pieces`` joined)."""
+    _, stream = seal_pieces([plaintext], target, sender_secret=sender_secret)
+    return b"".join(stream)
 
 
-def open_body(ciphertext: bytes | bytearray | memoryview, key: PrivateKey) -> bytes:
-    """Decrypt a sealed box addressed to ``key``; raises SealError."""
-    if len(ciphertext) < SEAL_OVERHEAD:
-        raise SealError(f"{len(ciphertext)} bytes is shorter than a sealed box")
+def open_body(ciphertext: bytes | bytearray | memoryview, key: PrivateKey) -> bytearray:
+    """Decrypt a sealed body addressed to ``key`` into a new (writable) buffer, chunk by
+    chunk; raises SealError. Every chunk must open, in order, the last one and only it
+    marked final, so a body cut short, extended or reordered does not open."""
+    view = memoryview(ciphertext).cast("B")
+    if view.nbytes < SEAL_HEADER + _ABYTES or bytes(view[:len(SEAL_MAGIC)]) != SEAL_MAGIC:
+        raise SealError(f"{view.nbytes} bytes is not a sealed body")
+    eph_public = bytes(view[len(SEAL_MAGIC):len(SEAL_MAGIC) + 32])
+    header = bytes(view[len(SEAL_MAGIC) + 32:SEAL_HEADER])
+    body = view.nbytes - SEAL_HEADER
+    chunks = -(-body // (SEAL_CHUNK + _ABYTES))
+    plain = bytearray(body - chunks * _ABYTES)
     try:
-        return crypto_box_seal_open(bytes(ciphertext), bytes(key.public_key), bytes(key))
-    except CryptoError:
-        raise SealError("the sealed box does not open with this recipient's key") from None
+        shared = crypto_scalarmult(bytes(key), eph_public)
+    except Exception:  # a low-order point (libsodium refuses an all-zero shared secret)
+        raise SealError("the sealed body's ephemeral key is not usable") from None
+    recipient = bytes(key.public_key)
+    material = hashlib.blake2b(shared + eph_public + recipient, person=_STREAM_PERSON, digest_size=56).digest()
+    if material[32:] != header:  # not derived from this key pair: cannot be ours
+        raise SealError("the sealed body does not open with this recipient's key")
+    state = crypto_secretstream_xchacha20poly1305_state()
+    crypto_secretstream_xchacha20poly1305_init_pull(state, header, material[:32])
+    pos, out = SEAL_HEADER, 0
+    for i in range(chunks):
+        end = min(view.nbytes, pos + SEAL_CHUNK + _ABYTES)
+        try:
+            piece, tag = crypto_secretstream_xchacha20poly1305_pull(state, bytes(view[pos:end]), None)
+        except (CryptoError, RuntimeError, ValueError):
+            raise SealError("the sealed body does not open with this recipient's key") from None
+        if tag != (_TAG_FINAL if i == chunks - 1 else _TAG_MESSAGE):
+            raise SealError("the sealed body's chunks are cut short or out of order")
+        plain[out:out + len(piece)] = piece
+        out += len(piece)
+        pos = end
+    if out != len(plain):
+        raise SealError("the sealed body's chunks do not add up")
+    return plain
 
 
 # ---- who seals to whom (the job's policy over the federation file) ----------------------
