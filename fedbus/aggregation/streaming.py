@@ -25,9 +25,37 @@ from typing import ClassVar
 import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
-                                     check_finite_result, float64_sums, float_keys, tensor_group,
+                                     all_finite, check_finite_result, float64_sums, float_keys, tensor_group,
                                      validate_contribution, widened)
 from fedbus.aggregation.partial import Contributor, PartialAggregate, check_partial_tensors
+
+
+# Models with at least this many float elements are accumulated lean: 32M float32 values
+# (128 MB) would otherwise cost 256 MB of float64 base plus 256 MB of float64 sums and a
+# float64 delta per update. Lean sums are float32 for float32 (and narrower) models: the
+# rounding error of a float32 sum of n deltas is about n * 2^-24 of their magnitude, far
+# below what one training step changes, and it is what keeps the coordinator within 3x the
+# model (docs/data-path.md). Smaller models keep the exact float64 path.
+LEAN_MIN_ELEMENTS = 32 * 2**20
+FOLD_SLICE = 1 << 20  # elements per slice when folding lean: a 4-8 MB scratch buffer
+
+
+def lean_sum_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.is_complex():
+        return torch.complex128 if t.dtype == torch.complex128 else torch.complex64
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _add_delta_sliced(acc: torch.Tensor, value: torch.Tensor, base: torch.Tensor, coeff: float) -> None:
+    """acc += coeff * (value - base), FOLD_SLICE elements at a time, in acc's dtype."""
+    a, v, b = acc.view(-1), value.reshape(-1), base.reshape(-1)
+    scratch = torch.empty(min(FOLD_SLICE, a.numel()), dtype=acc.dtype)
+    for start in range(0, a.numel(), FOLD_SLICE):
+        end = min(start + FOLD_SLICE, a.numel())
+        d = scratch[: end - start]
+        d.copy_(v[start:end])
+        d.sub_(b[start:end])
+        a[start:end].add_(d, alpha=coeff)
 
 
 class StreamingAccumulator:
@@ -37,15 +65,28 @@ class StreamingAccumulator:
 
     def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "",
                  groups: tuple[str, ...] = ()):
-        # The base in float64 (complex128): deltas and the final x + Δ are computed there.
-        self._global = widened(global_state)
         self._dtypes = {k: v.dtype for k, v in global_state.items()}
         self.base_version = int(base_version)
         self.rule = rule
         self._keys = float_keys(global_state)
-        # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
-        # would stall; the division happens once, in finalize().
-        self._sums = float64_sums(global_state)
+        # A large model is accumulated lean (see LEAN_MIN_ELEMENTS): no widened copy of
+        # the base, sums in float32 (float64 stays float64), deltas slice by slice.
+        # (only where fold is this class's own: a rule that changes how a contribution enters,
+        # e.g. central DP clipping, sees every contribution whole)
+        self.lean = (not groups and type(self).fold is StreamingAccumulator.fold
+                     and sum(global_state[k].numel() for k in self._keys) >= LEAN_MIN_ELEMENTS)
+        self._finalized = False
+        if self.lean:
+            # The base as it is: the round's model, which nothing modifies in place.
+            self._global = {k: v.detach() for k, v in global_state.items()}
+            self._sums = {k: torch.zeros(global_state[k].shape, dtype=lean_sum_dtype(global_state[k]))
+                          for k in self._keys}
+        else:
+            # The base in float64 (complex128): deltas and the final x + Δ are computed there.
+            self._global = widened(global_state)
+            # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
+            # would stall; the division happens once, in finalize().
+            self._sums = float64_sums(global_state)
         self._groups: dict[str, State] = {g: float64_sums(global_state) for g in groups}
         self._carry = IntegerBufferCarry(global_state)
         self._scalars: dict[str, float] = {k: 0.0 for k in self.scalar_names}
@@ -80,6 +121,7 @@ class StreamingAccumulator:
 
     def fold(self, c: Contribution) -> None:
         """Add one contribution; InvalidUpdate (and no change) if the rule cannot use it."""
+        self._check_open()
         w = validate_contribution(self._global, self.base_version, c)
         coeff = self.coefficient(c, w)
         if not (math.isfinite(coeff) and coeff >= 0):
@@ -98,6 +140,51 @@ class StreamingAccumulator:
         self._total_weight += w
         self._count += 1
         self._contributors.append(Contributor(c.worker_id, w, int(c.base_version)))
+
+    def fold_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
+                         num_steps: int = 0, base_version: int | None = None) -> None:
+        """``fold(from_local_state(...))`` without building the contribution: for a lean
+        accumulator the deltas are computed and added slice by slice (FOLD_SLICE elements
+        in a scratch buffer), so folding costs no memory beyond the update itself.
+        InvalidUpdate (and no change) if the rule cannot use it."""
+        base_version = self.base_version if base_version is None else base_version
+        if not self.lean or not all(isinstance(local_state.get(k), torch.Tensor) and all_finite(local_state[k])
+                                    for k in self._keys):
+            # (non-finite values may still give finite deltas where they equal the base's:
+            # the exact path decides)
+            self.fold(self.from_local_state(worker_id, weight, local_state, extras, num_steps=num_steps,
+                                            base_version=base_version))
+            return
+        self._check_open()
+        # Everything but the float deltas, built and validated as usual (integer buffers are small).
+        rest = {k: v for k, v in self._global.items() if k not in self._keys}
+        probe = Contribution.from_local_state(worker_id, base_version, weight, local_state, rest, extras,
+                                              num_steps=num_steps)
+        for k in self._keys:
+            value = local_state[k]
+            if value.shape != self._global[k].shape or value.is_complex() != self._global[k].is_complex():
+                raise InvalidUpdate(f"update from {worker_id!r}: tensor {k!r} is {value.dtype} {tuple(value.shape)}, "
+                                    f"the model has {self._global[k].dtype} {tuple(self._global[k].shape)}")
+        if base_version > self.base_version:
+            raise InvalidUpdate(f"contribution from {worker_id!r} was trained from version {base_version}, "
+                                f"newer than this aggregate's base {self.base_version}")
+        w = probe.weight
+        coeff = self.coefficient(probe, w)
+        if not (math.isfinite(coeff) and coeff >= 0):
+            raise InvalidUpdate(f"contribution from {worker_id!r}: its coefficient {coeff!r} is not finite")
+        scalars = self.scalars_of(probe, w)
+        for name, acc in self._sums.items():
+            _add_delta_sliced(acc, local_state[name].detach(), self._global[name], coeff)
+        for k, v in scalars.items():
+            self._scalars[k] += v
+        self._carry.fold(probe, w)
+        self._total_weight += w
+        self._count += 1
+        self._contributors.append(Contributor(worker_id, w, int(base_version)))
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise RuntimeError("this accumulator was finalized in place (lean): it takes no more updates")
 
     def partial(self) -> PartialAggregate:
         """A copy of the mergeable statistics (later folds do not change it)."""
@@ -151,9 +238,21 @@ class StreamingAccumulator:
         """x_base + aggregated delta: the same keys, dtypes and order as the base."""
         if self._count == 0:
             raise ValueError("no updates to aggregate")
+        self._check_open()
         out = self._carry.result()
         for name in self._keys:
-            out[name] = (self._global[name] + self.aggregate_delta(name, self._sums[name])).to(self._dtypes[name])
+            if self.lean:
+                # In place, into the sums: the new model costs no memory beyond them. The
+                # accumulator is spent afterwards.
+                total = self._sums[name]
+                delta = self.aggregate_delta(name, total)
+                if delta is not total:
+                    total.copy_(delta)
+                    del delta
+                out[name] = total.add_(self._global[name]).to(self._dtypes[name])
+            else:
+                out[name] = (self._global[name] + self.aggregate_delta(name, self._sums[name])).to(self._dtypes[name])
+        self._finalized = self.lean
         check_finite_result(out, self._global)
         return {k: out[k] for k in self._global}
 

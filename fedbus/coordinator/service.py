@@ -141,7 +141,13 @@ class CoordinatorService:
         self.test_data = self.task.server_test_data(job.task_params, job.seed) if job.evaluation.server_test else None
         if self.test_data is not None:
             self.task.evaluate(self.model, self.test_data)  # pay torch's one-time costs before round 1
-        initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.test_data is None:
+            # Nothing will evaluate with the module: its tensors become the initial model as
+            # they are (no clone) and the module is let go, so a large model is held once.
+            initial = {k: v.detach() for k, v in self.model.state_dict().items()}
+            self.model = None
+        else:
+            initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
                                    federation=federation, reopened_min_ms=int((ACK_WAIT_S + 2.0) * 1000))
         # A body carries at most the model's tensors and as many again of strategy extras.

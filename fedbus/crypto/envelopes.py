@@ -15,6 +15,7 @@ the event loop's thread touches).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -318,6 +319,11 @@ def _all_finite(value: Tensor) -> bool:
         if value.is_floating_point() or value.is_complex():
             if value.element_size() == 1:  # float8: torch has no isfinite for every variant
                 value = value.to(torch.float16)
+            # A float64 sum reads the tensor once without a mask as large as it (NaN and inf
+            # propagate); only a non-finite sum (or an overflow of finite values) needs the exact check.
+            if value.numel() and math.isfinite(float(torch.view_as_real(value).sum(dtype=torch.float64)
+                                                     if value.is_complex() else value.sum(dtype=torch.float64))):
+                return True
             return bool(torch.isfinite(value).all())
         return True
     if np.issubdtype(value.dtype, np.inexact):
