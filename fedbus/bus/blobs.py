@@ -40,6 +40,16 @@ MAX_CHUNK_SIZE = 1024 * 1024
 MIN_CHUNK_SIZE = 4 * 1024
 
 
+# A read may take READ_TIMEOUT_FLOOR_S plus the object's size at READ_TIMEOUT_RATE: a 1 GB
+# model is not cut off at a fixed 30 s on a loaded machine, a small one still fails fast.
+READ_TIMEOUT_FLOOR_S = 30.0
+READ_TIMEOUT_RATE = 10 * 10**6  # bytes per second, far below what a read achieves (~500 MB/s)
+
+
+def read_timeout_s(size: int) -> float:
+    return READ_TIMEOUT_FLOOR_S + size / READ_TIMEOUT_RATE
+
+
 def chunk_size_for(max_payload: int) -> int:
     """Largest chunk that stays under the server's max_payload with header room."""
     return max(MIN_CHUNK_SIZE, min(MAX_CHUNK_SIZE, max_payload - HEADER_ROOM))
@@ -251,9 +261,10 @@ class BlobStore:
         *,
         expected_size: int | None = None,
         expected_digest: str | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = None,
     ) -> bytearray:
-        """Read and verify a blob. Raises BlobNotFound, BlobIntegrityError, TimeoutError."""
+        """Read and verify a blob. Raises BlobNotFound, BlobIntegrityError, TimeoutError.
+        ``timeout`` (seconds for the whole read) defaults to ``read_timeout_s`` of its size."""
         info = await self.info(name)
         if info.is_link():
             raise BlobNotFound(f"blob {name!r} is a link; links are not supported")
@@ -272,7 +283,7 @@ class BlobStore:
                 raise BlobIntegrityError("missing_chunks", f"declared {size} bytes in 0 chunks")
             buf, actual = bytearray(), hashlib.sha256().digest()
         else:
-            buf, actual = await self._read_chunks(info, timeout)
+            buf, actual = await self._read_chunks(info, read_timeout_s(size) if timeout is None else timeout)
         if actual != stored_digest:
             raise BlobIntegrityError("digest_mismatch", f"read {format_digest(actual)}, declared {info.digest}")
         return buf

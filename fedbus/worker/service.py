@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from fedbus.sizing import model_fits
 from fedbus.audit import AuditTrail
 from fedbus.audit.queue import AuditQueue, report_rejections
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, wait_for_stream
@@ -156,6 +157,10 @@ class WorkerService:
             task.evaluate(scratch, data.val)
 
     async def run(self) -> int:
+        too_large = model_fits(self.job, self.trainer.model.state_dict())
+        if too_large is not None:  # its updates would be refused by every recipient
+            log.error("job.refused", reason="model_too_large", detail=too_large)
+            return 2
         # Announce ourselves (heartbeats) only once we can train at full speed.
         await asyncio.to_thread(self.warm_up)
 
