@@ -54,8 +54,9 @@ def model_fits(job: JobSpec, state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def scaled_round_deadline_s(job: JobSpec, state: Mapping[str, torch.Tensor]) -> float:
-    """``round_deadline_s`` as set in the job spec, or when left at its default, the
-    default plus the time the model takes at DEADLINE_MODEL_RATE."""
-    if "round_deadline_s" in job.model_fields_set:
+    """``round_deadline_s`` as set in the job spec, or when it is the default (30 s: a spec
+    written out with its defaults cannot tell an explicit 30 from none), the default plus
+    the time the model takes at DEADLINE_MODEL_RATE. Any other value is kept as it is."""
+    if job.round_deadline_s != DEFAULT_ROUND_DEADLINE_S:
         return job.round_deadline_s
     return DEFAULT_ROUND_DEADLINE_S + pieces_length(tensor_pieces(state)) / DEADLINE_MODEL_RATE

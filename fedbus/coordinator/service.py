@@ -114,9 +114,6 @@ HEARTBEAT_GAP_ALIVE_S = 30.0
 # storming: unsubscribe it for a while (shorter than any liveness window, >= 5 s).
 HB_STORM_REFUSALS = 1_000
 HB_COOL_DOWN_S = 2.0
-# Memory the coordinator may spend on updates in hand at once (see _update_parallelism).
-PARALLEL_UPDATE_BUDGET = 1024 * 1024 * 1024
-PARALLEL_MIN_MODEL = 16 * 1024 * 1024
 LIVE_WORKERS_EVERY_TICKS = 10  # the live-workers gauge is refreshed every 0.5 s
 
 
@@ -152,16 +149,11 @@ class CoordinatorService:
             self.model = None
         else:
             initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        # Updates read at once: as many as fit PARALLEL_UPDATE_BUDGET (each holds its body
-        # and its opened plaintext while in hand), one for a model that alone fills it; small
-        # models (inline bodies, < PARALLEL_MIN_MODEL) are handled one by one, as always.
-        model_bytes = sum(v.numel() * v.element_size() for v in initial.values())
-        self._update_parallelism = (1 if model_bytes < PARALLEL_MIN_MODEL
-                                    else max(1, min(4, PARALLEL_UPDATE_BUDGET // (2 * model_bytes))))
         # A model over the job's message limit is refused at start (run), with the limit to raise.
         self.too_large = model_fits(job, initial)
-        if "round_deadline_s" not in job.model_fields_set:  # left at its default: follows the model
-            job = self.job = job.model_copy(update={"round_deadline_s": scaled_round_deadline_s(job, initial)})
+        deadline = scaled_round_deadline_s(job, initial)  # the default follows the model's size
+        if deadline != job.round_deadline_s:
+            job = self.job = job.model_copy(update={"round_deadline_s": deadline})
         self.machine = machine_for(job, initial, num_workers_total=len(federation.workers()),
                                    federation=federation, reopened_min_ms=int((ACK_WAIT_S + 2.0) * 1000))
         # A body carries at most the model's tensors and as many again of strategy extras.
@@ -288,8 +280,7 @@ class CoordinatorService:
                                        "coordinator-partials", self._on_partial)
             else:
                 intake = self._consume(self.subjects.upd_listed((w.region, w.id) for w in workers),
-                                       self.subjects.upd_stream, "coordinator-updates", self._on_update,
-                                       parallel=self._update_parallelism)
+                                       self.subjects.upd_stream, "coordinator-updates", self._on_update)
             tasks = [asyncio.create_task(intake),
                      asyncio.create_task(self._consume(reports, self.subjects.metrics_stream,
                                                       "coordinator-metrics", self._on_eval_report)),
@@ -509,14 +500,15 @@ class CoordinatorService:
                 self._gap_logged = arrived
                 log.warning("heartbeat.gap", worker=sender, gap_s=round(gap, 3), phase=self.machine.phase.value)
 
-    async def _consume(self, subjects: list[str], stream: str, durable: str, handler, *, parallel: int = 1) -> None:
+    async def _consume(self, subjects: list[str], stream: str, durable: str, handler) -> None:
         """Pull from a durable consumer that the server filters to listed workers' subjects:
         junk published under any other id never reaches us, and honest messages never
         queue behind it.
 
-        ``parallel`` > 1: up to that many messages of a batch are handled at once (their
-        blobs read, opened and decoded concurrently; the machine still takes them one at a
-        time on the loop), so one update's read overlaps another's decoding and folding."""
+        Messages are handled one at a time. (Reading two 200 MB updates at once measured no
+        faster on 2 cores, and two ordered consumers pushing at full speed into one
+        connection while the loop folded got it closed by the server as a slow consumer:
+        docs/data-path.md.)"""
         config = ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
                                 ack_wait=ACK_WAIT_S, max_ack_pending=10_000, filter_subjects=subjects)
         try:
@@ -541,8 +533,7 @@ class CoordinatorService:
                 await asyncio.sleep(0.2)
                 continue
             in_hand = self._in_hand[durable] = list(msgs)  # this one and the rest of the batch
-
-            async def handle(msg) -> None:
+            for msg in msgs:
                 hold = False
                 try:
                     hold = bool(await handler(msg))
@@ -552,19 +543,7 @@ class CoordinatorService:
                 if not hold:
                     with contextlib.suppress(Exception):
                         await msg.ack()
-                in_hand.remove(msg)
-
-            if parallel <= 1 or len(msgs) == 1:
-                for msg in msgs:
-                    await handle(msg)
-            else:
-                slots = asyncio.Semaphore(parallel)
-
-                async def bounded(msg) -> None:
-                    async with slots:
-                        await handle(msg)
-
-                await asyncio.gather(*(bounded(m) for m in msgs))
+                in_hand.pop(0)
 
     async def _keep_unacked_alive(self) -> None:
         """Updates wait unacknowledged until their round commits; tell the server we

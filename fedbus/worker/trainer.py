@@ -22,7 +22,7 @@ from fedbus.transforms import LocalUpdate, Pipeline, TrainPlan, UpdateContext, b
 from fedbus.transforms.strategy import SCAFFOLD_C, ScaffoldStep
 from fedbus.protocol.messages import EvalReport, finite_metrics
 from fedbus.worker.attacks import Attack
-from fedbus.worker.core import Evaluate, EvaluationFinished, Train, TrainingFinished
+from fedbus.worker.core import UPDATE_ALIAS_MIN_BYTES, Evaluate, EvaluationFinished, Train, TrainingFinished
 
 __all__ = ["SCAFFOLD_C", "LocalTrainer"]
 
@@ -95,7 +95,13 @@ class LocalTrainer:
         anchor = ({k: v.detach().clone() for k, v in global_state.items()} if plan.settings.proximal_mu > 0 else None)
         result = call_train(self.task, self.model, self.data.train, plan.settings, context=ctx,
                             global_state=anchor, **plan.train_kwargs)
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        live = self.model.state_dict()
+        if sum(v.numel() * v.element_size() for v in live.values()) >= UPDATE_ALIAS_MIN_BYTES:
+            # A large model's update is the model's own tensors, not a copy: valid until the
+            # next load, and the worker core lets go of a large sent update before any (core.py).
+            state = {k: v.detach() for k, v in live.items()}
+        else:
+            state = {k: v.detach().clone() for k, v in live.items()}
         update = LocalUpdate(round=round_, base_version=base_version, state=state, num_samples=result.num_samples,
                              num_steps=result.num_steps, train_metrics={k: float(v) for k, v in result.metrics.items()},
                              eval_metrics=dict(eval_metrics or {}), eval_samples=eval_samples)
