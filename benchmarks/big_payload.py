@@ -237,7 +237,7 @@ def run_raw(server_url: str, size: int, workers: int, rounds: int, work: Path) -
 
 
 def run_fedbus(server_url: str, size: int, workers: int, rounds: int, work: Path, tensors: int,
-               deadline_s: float | None) -> dict:
+               deadline_s: float | None, seal: str = "auto") -> dict:
     from fedbus.demo import ProcessGroup, cli_command, write_federation
     from fedbus.jobspec import CohortSpec, EvaluationSpec, JobSpec, SecuritySpec
 
@@ -248,7 +248,8 @@ def run_fedbus(server_url: str, size: int, workers: int, rounds: int, work: Path
                   task_params={"bytes": size, "tensors": tensors, "offset": 0.001},
                   cohort=CohortSpec(min_workers=workers, min_updates=workers, wait_for_workers_s=600),
                   evaluation=EvaluationSpec(server_test=False, federated=False, final_round=False),
-                  security=SecuritySpec(max_message_bytes=min(2**30, size + 8 * 1024 * 1024)),
+                  security=SecuritySpec(max_message_bytes=min(2**30, size + 8 * 1024 * 1024),
+                                        seal_updates={"auto": "auto", "true": True, "false": False}[seal]),
                   **({"round_deadline_s": deadline_s} if deadline_s else {}))
     job.dump(run_dir / "job.yaml")
     group = ProcessGroup(run_dir / "logs", dict(os.environ, FEDBUS_LOG_JSON="1"))
@@ -304,14 +305,15 @@ def one_size(size: int, workers: int, args, work: Path) -> dict:
 
     server = EmbeddedNatsServer(work / "nats-store").start()
     try:
-        fed = run_fedbus(server.url, size, workers, args.rounds, work, args.tensors, args.deadline)
+        fed = run_fedbus(server.url, size, workers, args.rounds, work, args.tensors, args.deadline, args.seal)
         left = asyncio.run(stream_bytes(server.url))
         raw = None if args.skip_raw else run_raw(server.url, size, workers, args.raw_rounds, work)
     finally:
         server.stop()
     s = fed["summary"]
     fed_round = statistics.median(fed["cycle_s"]) if fed["cycle_s"] else float("nan")
-    print(f"\n== {size / 1e6:.0f} MB model, {workers} workers, {args.rounds} rounds "
+    print(f"\n== {size / 1e6:.0f} MB model, {workers} workers, {args.rounds} rounds, seal_updates {args.seal}, "
+          f"updates sealed {s['updates_sealed']} of {s['updates_accepted']} "
           f"({s['reason']}, {s['rounds_completed']} rounds; final model {fed['final_check']})")
     print(f"fedbus round (close to close, rounds 2..): median {fed_round:.2f} s  {[round(c, 2) for c in fed['cycle_s']]}"
           f"; open to close {[round(c, 2) for c in fed['open_to_close_s']]}")
@@ -351,6 +353,8 @@ def main() -> int:
     p.add_argument("--raw-rounds", type=int, default=3)
     p.add_argument("--tensors", type=int, default=4)
     p.add_argument("--deadline", type=float, default=None, help="round_deadline_s (default: the job's default)")
+    p.add_argument("--seal", choices=["auto", "true", "false"], default="auto",
+                   help="security.seal_updates (auto, the default, seals: the federation lists encryption keys)")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep each size's work directory (logs, summary.json)")
     p.add_argument("--json", type=Path, help="write the rows here too")

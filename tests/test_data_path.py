@@ -78,7 +78,6 @@ def test_rechunk_regroups_pieces_into_exact_chunks(sizes, step):
 @pytest.fixture
 def lean(monkeypatch):
     monkeypatch.setattr(streaming, "LEAN_MIN_ELEMENTS", 100)
-    monkeypatch.setattr(streaming, "FOLD_SLICE", 64)
 
 
 def _updates(base, n=3):
@@ -106,6 +105,16 @@ def test_the_lean_fold_matches_the_exact_one_within_float32_rounding(cls, lean, 
     for k in want:
         assert got[k].dtype == want[k].dtype
         assert torch.allclose(got[k].double(), want[k].double(), atol=1e-6), k
+    # A partial of a lean accumulator carries delta sums like any other: merged into an
+    # exact one (same dtypes: a float32 model), it gives the same result.
+    half = cls(base)
+    for i, u in enumerate(ups[:2]):
+        half.fold_local_state(f"w{i}", 1.0 + i, u, num_steps=2 + i)
+    rest = cls(base)
+    rest.fold_local_state("w2", 3.0, ups[2], num_steps=4)
+    rest.merge(half.partial())
+    merged = rest.finalize()
+    assert all(torch.allclose(merged[k].double(), want[k].double(), atol=1e-6) for k in want)
     # The base was not touched, and the lean accumulator is spent by its in-place finalize.
     assert all(torch.equal(base[k], state()[k]) for k in base)
     with pytest.raises(RuntimeError):

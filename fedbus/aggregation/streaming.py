@@ -32,30 +32,18 @@ from fedbus.aggregation.partial import Contributor, PartialAggregate, check_part
 
 # Models with at least this many float elements are accumulated lean: 32M float32 values
 # (128 MB) would otherwise cost 256 MB of float64 base plus 256 MB of float64 sums and a
-# float64 delta per update. Lean sums are float32 for float32 (and narrower) models: the
-# rounding error of a float32 sum of n deltas is about n * 2^-24 of their magnitude, far
+# float64 delta per update. Lean sums are float32 for float32 (and narrower) models and
+# hold sum c*y (the base comes off once, at finalize): the result is within a few float32
+# ulps of the model's own values (n * 2^-24 relative for n updates), far
 # below what one training step changes, and it is what keeps the coordinator within 3x the
 # model (docs/data-path.md). Smaller models keep the exact float64 path.
 LEAN_MIN_ELEMENTS = 32 * 2**20
-FOLD_SLICE = 1 << 20  # elements per slice when folding lean: a 4-8 MB scratch buffer
 
 
 def lean_sum_dtype(t: torch.Tensor) -> torch.dtype:
     if t.is_complex():
         return torch.complex128 if t.dtype == torch.complex128 else torch.complex64
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _add_delta_sliced(acc: torch.Tensor, value: torch.Tensor, base: torch.Tensor, coeff: float) -> None:
-    """acc += coeff * (value - base), FOLD_SLICE elements at a time, in acc's dtype."""
-    a, v, b = acc.view(-1), value.reshape(-1), base.reshape(-1)
-    scratch = torch.empty(min(FOLD_SLICE, a.numel()), dtype=acc.dtype)
-    for start in range(0, a.numel(), FOLD_SLICE):
-        end = min(start + FOLD_SLICE, a.numel())
-        d = scratch[: end - start]
-        d.copy_(v[start:end])
-        d.sub_(b[start:end])
-        a[start:end].add_(d, alpha=coeff)
 
 
 class StreamingAccumulator:
@@ -76,6 +64,7 @@ class StreamingAccumulator:
         self.lean = (not groups and type(self).fold is StreamingAccumulator.fold
                      and sum(global_state[k].numel() for k in self._keys) >= LEAN_MIN_ELEMENTS)
         self._finalized = False
+        self._lean_coeffs = 0.0  # sum of the coefficients folded lean (their sums are of y, not y - x)
         if self.lean:
             # The base as it is: the round's model, which nothing modifies in place.
             self._global = {k: v.detach() for k, v in global_state.items()}
@@ -143,10 +132,11 @@ class StreamingAccumulator:
 
     def fold_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
                          num_steps: int = 0, base_version: int | None = None) -> None:
-        """``fold(from_local_state(...))`` without building the contribution: for a lean
-        accumulator the deltas are computed and added slice by slice (FOLD_SLICE elements
-        in a scratch buffer), so folding costs no memory beyond the update itself.
-        InvalidUpdate (and no change) if the rule cannot use it."""
+        """``fold(from_local_state(...))`` without building the contribution: a lean
+        accumulator adds coefficient * y to its sums in place (one pass, no temporary) and
+        subtracts the coefficients' total times the base once, at finalize, so folding
+        costs no memory beyond the update itself. InvalidUpdate (and no change) if the rule
+        cannot use it."""
         base_version = self.base_version if base_version is None else base_version
         if not self.lean or not all(isinstance(local_state.get(k), torch.Tensor) and all_finite(local_state[k])
                                     for k in self._keys):
@@ -174,7 +164,10 @@ class StreamingAccumulator:
             raise InvalidUpdate(f"contribution from {worker_id!r}: its coefficient {coeff!r} is not finite")
         scalars = self.scalars_of(probe, w)
         for name, acc in self._sums.items():
-            _add_delta_sliced(acc, local_state[name].detach(), self._global[name], coeff)
+            # Lean sums hold sum_c coeff_c * y_c; sum_c coeff_c * x comes off at finalize:
+            # one pass per update, no temporary.
+            acc.add_(local_state[name].detach(), alpha=coeff)
+        self._lean_coeffs += coeff
         for k, v in scalars.items():
             self._scalars[k] += v
         self._carry.fold(probe, w)
@@ -188,9 +181,12 @@ class StreamingAccumulator:
 
     def partial(self) -> PartialAggregate:
         """A copy of the mergeable statistics (later folds do not change it)."""
+        self._check_open()
         return PartialAggregate(
             rule=self.rule, base_version=self.base_version,
-            sums={k: v.clone() for k, v in self._sums.items()},
+            # (lean sums hold sum c*y: exported as sum c*(y - x), what every partial carries)
+            sums={k: v.clone().sub_(self._global[k], alpha=self._lean_coeffs) if self._lean_coeffs else v.clone()
+                  for k, v in self._sums.items()},
             carry={k: v.clone() for k, v in self._carry.sums.items()},
             total_weight=self._total_weight, count=self._count, contributors=list(self._contributors),
             scalars=dict(self._scalars),
@@ -244,7 +240,7 @@ class StreamingAccumulator:
             if self.lean:
                 # In place, into the sums: the new model costs no memory beyond them. The
                 # accumulator is spent afterwards.
-                total = self._sums[name]
+                total = self._sums[name].sub_(self._global[name], alpha=self._lean_coeffs)
                 delta = self.aggregate_delta(name, total)
                 if delta is not total:
                     total.copy_(delta)

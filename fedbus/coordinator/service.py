@@ -27,6 +27,7 @@ import torch
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
+from fedbus.allocator import keep_large_buffers_mapped
 from fedbus.sizing import model_fits, scaled_round_deadline_s
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
@@ -129,6 +130,7 @@ class CoordinatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path,
                  *, resume: bool = False, credentials: NatsCredentials | None = None):
         federation.listed_as(identity, "coordinator")
+        keep_large_buffers_mapped()  # freed update buffers go back to the OS (fedbus/allocator.py)
         self.job = job
         self.federation = federation
         self.identity = identity

@@ -319,10 +319,11 @@ def _all_finite(value: Tensor) -> bool:
         if value.is_floating_point() or value.is_complex():
             if value.element_size() == 1:  # float8: torch has no isfinite for every variant
                 value = value.to(torch.float16)
-            # A float64 sum reads the tensor once without a mask as large as it (NaN and inf
-            # propagate); only a non-finite sum (or an overflow of finite values) needs the exact check.
-            if value.numel() and math.isfinite(float(torch.view_as_real(value).sum(dtype=torch.float64)
-                                                     if value.is_complex() else value.sum(dtype=torch.float64))):
+            # A sum reads the tensor once without a mask as large as it (NaN and inf propagate);
+            # only a non-finite sum (or an overflow of finite values) needs the exact check.
+            flat = torch.view_as_real(value) if value.is_complex() else value
+            acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+            if flat.numel() and math.isfinite(float(flat.sum(dtype=acc))):
                 return True
             return bool(torch.isfinite(value).all())
         return True

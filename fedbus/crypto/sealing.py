@@ -1,4 +1,4 @@
-"""Sealed bodies: a worker's update readable only by its recipient (X25519 sealed box).
+"""Sealed bodies: a worker's update readable only by its recipient (X25519 + secretstream).
 
 (Not to be confused with ``fedbus.crypto.envelopes.seal``, which *signs* an envelope.)
 
@@ -9,34 +9,44 @@ nor another member can read it. The envelope is otherwise unchanged: its header 
 digest and length of the *ciphertext* and names the recipient (``sealed_to``), and the
 Ed25519 signature covers that header.
 
-Why an anonymous sealed box is enough. A sealed box (libsodium ``crypto_box_seal``) gives
-confidentiality and integrity but says nothing about who sealed it. Here the sender is
-authenticated by the envelope signature: the signed header holds the ciphertext's digest,
-so the ciphertext a receiver opens is exactly the one the listed sender signed, for this
-job, round, run and nonce. Anyone else can seal their own bytes to the recipient, but
-cannot make them pass as another participant's without that participant's signing key;
-and they cannot splice a sealed body under another header, since the digest binds it.
-Authenticated encryption between sender and recipient (``crypto_box`` with the sender's
-static key) would add nothing but a second sender identity to keep consistent.
+The construction streams, so a large update is never sealed or opened as one buffer
+(docs/data-path.md). Like a sealed box, it is anonymous public-key encryption: an
+ephemeral X25519 key pair, its shared secret with the recipient hashed (BLAKE2b, with
+both public keys) into a 32-byte key and a 24-byte header, and libsodium's secretstream
+(XChaCha20-Poly1305) over the plaintext in SEAL_CHUNK pieces, the last one tagged final::
+
+    b"FBS2" | ephemeral public key (32) | secretstream header (24) | chunk | ... | final chunk
+
+Every chunk carries its own Poly1305 tag (17 bytes of overhead each) and the stream state
+chains them, so a body cut short, extended, or with chunks reordered does not open.
+
+Why anonymous encryption is enough. It gives confidentiality and integrity but says
+nothing about who sealed it. Here the sender is authenticated by the envelope signature:
+the signed header holds the ciphertext's digest, so the ciphertext a receiver opens is
+exactly the one the listed sender signed, for this job, round, run and nonce. Anyone else
+can seal their own bytes to the recipient, but cannot make them pass as another
+participant's without that participant's signing key; and they cannot splice a sealed
+body under another header, since the digest binds it.
 
 Verification order and cost stay as before until the body is needed: size, header,
 sender, signature, freshness, nonce, job and round, declared length, recipient (a body
 sealed to someone else is refused before any blob is fetched), then the ciphertext's
-digest, then the box is opened, then the plaintext is decoded. A box that does not open
-is rejected as ``unsealable_body``; a plain body where the receiver requires sealing as
-``unsealed_body``.
+digest, then the stream is opened, then the plaintext is decoded. A body that does not
+open is rejected as ``unsealable_body``; a plain body where the receiver requires sealing
+as ``unsealed_body``.
 
 Resends stay recognisable. The coordinator tells an identical resend of an update from a
 second update by the body digest, and a worker resends its stored update after a
 coordinator resume. So the ephemeral key is not random but derived (keyed BLAKE2b) from
-the sender's own X25519 secret, the plaintext's digest and the recipient: the same update
+the sender's own X25519 secret, the plaintext's SHA-256 and the recipient: the same update
 to the same recipient seals to the same bytes, a different update never reuses an
-ephemeral key (a fresh key per plaintext, so no keystream is ever reused), and nobody
-without the sender's secret can predict or recompute it. What leaks is only that two
-sealed bodies from one sender are the same update. A sender without an encryption key
-(an old key file) seals with a random ephemeral key, as ``crypto_box_seal`` does. The
-bytes are a standard sealed box either way: ``nacl.public.SealedBox(private).decrypt``
-opens them.
+ephemeral key (a fresh key, and so a fresh stream key, per plaintext: no keystream is ever
+reused), and nobody without the sender's secret can predict or recompute it. libsodium's
+``init_push`` picks the secretstream header at random; here the header is derived too and
+the state set up with ``init_pull``, which computes exactly the state ``init_push`` would
+for that header. What leaks is only that two sealed bodies from one sender are the same
+update. Determinism costs one SHA-256 pass over the plaintext before sealing. A sender
+without an encryption key (an old key file) seals with a random ephemeral key.
 """
 
 from __future__ import annotations

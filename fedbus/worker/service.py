@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from fedbus.allocator import keep_large_buffers_mapped
 from fedbus.sizing import model_fits
 from fedbus.audit import AuditTrail
 from fedbus.audit.queue import AuditQueue, report_rejections
@@ -85,6 +86,7 @@ class WorkerService:
                  credentials: NatsCredentials | None = None, dropout: SimulatedDropout | None = None):
         # The key itself is checked once the job's key events are replayed (it may be a rotated one).
         listed = federation.listed_as(identity, "worker", check_key=False)
+        keep_large_buffers_mapped()  # freed model buffers go back to the OS (fedbus/allocator.py)
         self.job = job
         self.federation = federation
         self.identity = identity
