@@ -106,6 +106,10 @@ def test_a_multi_chunk_body_opens_only_whole_and_in_order(monkeypatch):
     for bad in damaged:
         with pytest.raises(SealError):
             open_body(bad, COORD.encryption_key)
+    # Opened over itself (a fetched blob): the same plaintext, as a view of the buffer's start.
+    buf = bytearray(box)
+    opened = open_body(buf, COORD.encryption_key, in_place=True)
+    assert bytes(opened) == plain and opened.obj is buf
     empty = seal_body(b"", COORD.encryption_public_key)
     assert len(empty) == SEAL_OVERHEAD and open_body(empty, COORD.encryption_key) == b""
 

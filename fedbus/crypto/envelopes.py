@@ -259,10 +259,11 @@ class EnvelopeVerifier:
             if self.opener is None:
                 raise Rejection("unsealable_body", "this receiver opens no sealed bodies", header)
             try:
-                body = self.opener.open(header.sealed_to, body)
+                # A fetched body is ours: opened over itself, so a large update is held once.
+                body = self.opener.open(header.sealed_to, body, in_place=owned and not memoryview(body).readonly)
             except SealError as exc:
                 raise Rejection("unsealable_body", str(exc), header) from None
-            owned = True  # a new buffer of its own
+            owned = True  # a buffer of its own (new, or the fetched one)
         try:
             fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors, copy=not owned)
         except BodyError as exc:

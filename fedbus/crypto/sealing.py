@@ -123,11 +123,12 @@ class Opener:
     def opens_for(self, recipient: str) -> bool:
         return recipient in self.keys
 
-    def open(self, recipient: str, ciphertext: bytes | bytearray | memoryview) -> bytearray:
+    def open(self, recipient: str, ciphertext: bytes | bytearray | memoryview, *,
+             in_place: bool = False) -> bytearray | memoryview:
         key = self.keys.get(recipient)
         if key is None:
             raise SealError(f"no key to open bodies sealed to {recipient[:64]!r}")
-        return open_body(ciphertext, key)
+        return open_body(ciphertext, key, in_place=in_place)
 
 
 def _stream_keys(plaintext_digest: bytes, recipient: bytes, sender_secret: PrivateKey | None
@@ -209,18 +210,28 @@ def seal_body(plaintext: bytes | bytearray | memoryview, target: PublicKey, *,
     return b"".join(stream)
 
 
-def open_body(ciphertext: bytes | bytearray | memoryview, key: PrivateKey) -> bytearray:
-    """Decrypt a sealed body addressed to ``key`` into a new (writable) buffer, chunk by
-    chunk; raises SealError. Every chunk must open, in order, the last one and only it
-    marked final, so a body cut short, extended or reordered does not open."""
+def open_body(ciphertext: bytes | bytearray | memoryview, key: PrivateKey, *,
+              in_place: bool = False) -> bytearray | memoryview:
+    """Decrypt a sealed body addressed to ``key``, chunk by chunk; raises SealError. Every
+    chunk must open, in order, the last one and only it marked final, so a body cut
+    short, extended or reordered does not open.
+
+    The plaintext goes into a new buffer, or with ``in_place`` (a writable ``ciphertext``
+    the caller gives up, e.g. a blob just read) over the ciphertext itself, returned as a
+    view of its start: plaintext chunk i lands at i * SEAL_CHUNK, never past the start of
+    ciphertext chunk i (SEAL_HEADER + i * (SEAL_CHUNK + 17)), so nothing is overwritten
+    before it is read, and a large body is held once. On failure the buffer is garbage."""
     view = memoryview(ciphertext).cast("B")
+    if in_place and view.readonly:
+        raise ValueError("in-place opening needs a writable buffer")
     if view.nbytes < SEAL_HEADER + _ABYTES or bytes(view[:len(SEAL_MAGIC)]) != SEAL_MAGIC:
         raise SealError(f"{view.nbytes} bytes is not a sealed body")
     eph_public = bytes(view[len(SEAL_MAGIC):len(SEAL_MAGIC) + 32])
     header = bytes(view[len(SEAL_MAGIC) + 32:SEAL_HEADER])
     body = view.nbytes - SEAL_HEADER
     chunks = -(-body // (SEAL_CHUNK + _ABYTES))
-    plain = bytearray(body - chunks * _ABYTES)
+    plain_len = body - chunks * _ABYTES
+    plain = view[:plain_len] if in_place else bytearray(plain_len)
     try:
         shared = crypto_scalarmult(bytes(key), eph_public)
     except Exception:  # a low-order point (libsodium refuses an all-zero shared secret)
