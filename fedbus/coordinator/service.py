@@ -1014,6 +1014,13 @@ class CoordinatorService:
             reason=a.reason),
             round=self.machine.round, run=self.run_id)
         await self.audit.publish("job.done", reason=a.reason, rounds_completed=a.rounds_completed, run=self.run_id)
+        if self.job.mode == "sync" and not self.job.retention.keep_updates:
+            # Nothing reads this job's claim checks any more: the last rounds' ones (kept while
+            # their updates were held) would otherwise stay in the bucket, a model's size each.
+            try:
+                await self.registrar.retain(a.model_version, self.machine.round)
+            except Exception as exc:
+                log.warning("retention.failed", error=repr(exc)[:300])
         await asyncio.to_thread(atomic_torch_save, self.machine.state, self.run_dir / "final_model.pt")
         log.info("job.done", reason=a.reason, rounds=a.rounds_completed, **{k: round(v, 4) for k, v in metrics.items()})
         self._done.set()
