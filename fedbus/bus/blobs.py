@@ -324,7 +324,8 @@ class BlobStore:
         digest = await reader.digest()
         if reader.offset != size:
             raise BlobIntegrityError("size_mismatch", f"read {reader.offset} bytes, declared {size}")
-        return reader.buf, digest
+        buf, reader.buf = reader.buf, bytearray()  # nats-py may keep the callback (and so the reader) alive
+        return buf, digest
 
     async def delete(self, name: str) -> None:
         """Delete a blob. Idempotent: deleting a missing blob is not an error, so
