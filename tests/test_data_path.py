@@ -18,7 +18,8 @@ from fedbus.aggregation import streaming
 from fedbus.aggregation.base import InvalidUpdate
 from fedbus.aggregation.fedavg import WeightedMeanAccumulator
 from fedbus.aggregation.fednova import FedNovaAccumulator
-from fedbus.bus.blobs import _rechunk, read_timeout_s
+from fedbus.bus.blobs import read_timeout_s
+from fedbus.chunking import regroup
 from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.protocol.codec import decode_tensors, encode_tensors, tensor_pieces
 from fedbus.protocol.messages import Update, body_pieces, decode_body, encode_body, pieces_length
@@ -63,13 +64,13 @@ def test_decoding_a_writable_buffer_without_copy_gives_views_over_it():
 
 
 @pytest.mark.parametrize("sizes,step", [([10, 0, 7, 30], 8), ([1], 4), ([4, 4], 4), ([100], 100), ([], 5)])
-def test_rechunk_regroups_pieces_into_exact_chunks(sizes, step):
+def test_regroup_makes_exact_chunks_of_pieces(sizes, step):
     data = bytes(range(sum(sizes))) if sum(sizes) < 256 else bytes(sum(sizes))
     pieces, pos = [], 0
     for n in sizes:
         pieces.append(memoryview(data)[pos:pos + n])
         pos += n
-    chunks = list(_rechunk(pieces, step))
+    chunks = list(regroup(pieces, step))
     assert b"".join(chunks) == data
     assert all(len(c) == step for c in chunks[:-1]) and all(isinstance(c, bytes) for c in chunks)
     assert not chunks or 0 < len(chunks[-1]) <= step

@@ -18,13 +18,15 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import nats.js.errors
 import structlog
 from nats.js.api import Header, ObjectInfo, ObjectMeta, ObjectMetaOptions
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
+
+from fedbus.chunking import regroup
 
 from .layout import BLOBS_BUCKET
 
@@ -95,27 +97,6 @@ def _digest_bytes(digest: str) -> bytes:
 
 def format_digest(raw: bytes) -> str:
     return DIGEST_PREFIX + base64.urlsafe_b64encode(raw).decode()
-
-
-def _rechunk(pieces: Iterable[bytes | bytearray | memoryview], step: int) -> Iterator[bytes]:
-    """Consecutive pieces regrouped into chunks of ``step`` bytes (the last one shorter).
-    Each chunk is a new bytes object: nats-py writes payloads as bytes, and the pieces
-    (views of tensors) must not be referenced after the publish returns."""
-    pending: list[memoryview] = []
-    have = 0
-    for piece in pieces:
-        view = memoryview(piece).cast("B")
-        pos = 0
-        while pos < view.nbytes:
-            take = min(step - have, view.nbytes - pos)
-            pending.append(view[pos:pos + take])
-            have += take
-            pos += take
-            if have == step:
-                yield pending[0].tobytes() if len(pending) == 1 else b"".join(pending)
-                pending, have = [], 0
-    if have:
-        yield b"".join(pending)
 
 
 class _ChunkReader:
@@ -229,7 +210,7 @@ class BlobStore:
         step, hasher = self.chunk_size, hashlib.sha256()
         size = chunks = 0
         hashing: asyncio.Future | None = None
-        for chunk in _rechunk(pieces, step):
+        for chunk in regroup(pieces, step):  # (nats-py writes payloads as bytes)
             if hashing is not None:
                 await hashing
             hashing = asyncio.ensure_future(asyncio.to_thread(hasher.update, chunk))

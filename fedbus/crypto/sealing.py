@@ -71,6 +71,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey
 
+from fedbus.chunking import regroup
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 
@@ -176,7 +177,7 @@ def seal_pieces(pieces: Sequence[bytes | bytearray | memoryview], target: Public
         # ours (derived, so resends are identical) instead of libsodium's random one.
         crypto_secretstream_xchacha20poly1305_init_pull(state, header, key)
         yield SEAL_MAGIC + eph_public + header
-        chunks = _plain_chunks(views, SEAL_CHUNK)
+        chunks = regroup(views, SEAL_CHUNK)
         pending = next(chunks, b"")
         for following in chunks:
             yield crypto_secretstream_xchacha20poly1305_push(state, pending, None, _TAG_MESSAGE)
@@ -184,23 +185,6 @@ def seal_pieces(pieces: Sequence[bytes | bytearray | memoryview], target: Public
         yield crypto_secretstream_xchacha20poly1305_push(state, pending, None, _TAG_FINAL)
 
     return sealed_length(total), stream()
-
-
-def _plain_chunks(views: list[memoryview], step: int) -> Iterator[bytes]:
-    pending: list[memoryview] = []
-    have = 0
-    for view in views:
-        pos = 0
-        while pos < view.nbytes:
-            take = min(step - have, view.nbytes - pos)
-            pending.append(view[pos:pos + take])
-            have += take
-            pos += take
-            if have == step:
-                yield b"".join(pending)
-                pending, have = [], 0
-    if have:
-        yield b"".join(pending)
 
 
 def seal_body(plaintext: bytes | bytearray | memoryview, target: PublicKey, *,
