@@ -56,7 +56,10 @@ def model_fits(job: JobSpec, state: Mapping[str, torch.Tensor]) -> str | None:
 def scaled_round_deadline_s(job: JobSpec, state: Mapping[str, torch.Tensor]) -> float:
     """``round_deadline_s`` as set in the job spec, or when it is the default (30 s: a spec
     written out with its defaults cannot tell an explicit 30 from none), the default plus
-    the time the model takes at DEADLINE_MODEL_RATE. Any other value is kept as it is."""
+    the time the model takes at DEADLINE_MODEL_RATE when that is a second or more. Any
+    other value is kept as it is."""
     if job.round_deadline_s != DEFAULT_ROUND_DEADLINE_S:
         return job.round_deadline_s
-    return DEFAULT_ROUND_DEADLINE_S + pieces_length(tensor_pieces(state)) / DEADLINE_MODEL_RATE
+    extra = pieces_length(tensor_pieces(state)) / DEADLINE_MODEL_RATE
+    # (under a second more: a small model's rounds keep exactly the default)
+    return DEFAULT_ROUND_DEADLINE_S + extra if extra >= 1.0 else DEFAULT_ROUND_DEADLINE_S

@@ -155,7 +155,7 @@ def test_a_model_over_the_message_limit_is_refused_naming_the_limit():
 def test_the_round_deadline_follows_the_model_only_when_left_at_its_default():
     small = offset_task.build_model({"bytes": 1000}).state_dict()
     big = offset_task.build_model({"bytes": 80_000_000}).state_dict()
-    assert scaled_round_deadline_s(_job(), small) == pytest.approx(30.0, abs=0.1)
+    assert scaled_round_deadline_s(_job(), small) == 30.0  # exactly: small models keep the default
     assert scaled_round_deadline_s(_job(), big) == pytest.approx(40.0, abs=0.1)
     assert scaled_round_deadline_s(_job(round_deadline_s=5.0), big) == 5.0
     assert read_timeout_s(0) == 30.0 and read_timeout_s(10**9) == 130.0
