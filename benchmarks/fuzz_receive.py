@@ -620,7 +620,8 @@ def fam_pointer(rng):
     elif kind == 5:
         blobs = {name: body + b"\0"}  # stored size differs
     # kind 6, 7: a well-formed claim check (refused only where the type has none)
-    hdr = header_for(ident, t, body, rng, round=f.get("round", 1), blob=pointer)
+    # An out-of-line body's header digest is the SHA-256 its pointer names (pointer_digest).
+    hdr = header_for(ident, t, body, rng, round=f.get("round", 1), blob=pointer, digest=hashlib.sha256(body).digest())
     return Input("pointer", frame_raw(ident, hdr, b""), ident.id, blobs=blobs)
 
 
@@ -671,7 +672,11 @@ class FakeFetch:
             raise BlobNotFound(name)
         if len(data) != expected_size:
             raise BlobIntegrityError("size_mismatch")
-        return data
+        # As BlobStore.get: the stored bytes must have the digest the (signed) pointer names.
+        if expected_digest is not None and "SHA-256=" + base64.urlsafe_b64encode(
+                hashlib.sha256(data).digest()).decode() != expected_digest:
+            raise BlobIntegrityError("digest_mismatch")
+        return bytearray(data)  # a buffer of the receiver's own, as the store returns
 
 
 def new_receiver() -> tuple[Messenger, EnvelopeVerifier, FakeFetch]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -25,11 +25,11 @@ from fedbus.bus import BLOBS_BUCKET, BlobStore, Subjects, publish_with_retry
 from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, check_pointer, seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
-from fedbus.crypto.sealing import Opener, SealTarget, seal_body
+from fedbus.crypto.sealing import Opener, SealTarget, seal_pieces
 from fedbus.jobspec import JobSpec, SecuritySpec
 from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
-from fedbus.protocol.messages import Body, Update, body_limit, encode_body
+from fedbus.protocol.messages import Body, Update, body_limit, body_pieces, pieces_length
 from fedbus.telemetry.metrics import metrics
 
 log = structlog.get_logger(__name__)
@@ -92,29 +92,40 @@ class Messenger:
         self.inline_max_bytes = inline_max_bytes
         self.blobs = BlobStore(nc, js)
 
-    def _body(self, fields: Body, tensors: Mapping[str, Tensor] | None, seal_to: SealTarget | None) -> bytes:
-        body = encode_body(fields, tensors)
+    def _pieces(self, fields: Body, tensors: Mapping[str, Tensor] | None, seal_to: SealTarget | None
+                ) -> tuple[int, Iterable[bytes | memoryview]]:
+        """(body length, the body in pieces): tensor bytes are views, sealing is lazy."""
+        pieces = body_pieces(fields, tensors)
         if seal_to is None:
-            return body
-        return seal_body(body, seal_to.key, sender_secret=self.identity.encryption_key)
+            return pieces_length(pieces), pieces
+        return seal_pieces(pieces, seal_to.key, sender_secret=self.identity.encryption_key)
 
     async def seal(self, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
                    round: int, trace: str | None = None, run: str | None = None,
                    seal_to: SealTarget | None = None) -> tuple[bytes, EnvelopeHeader]:
-        """Encode (and with ``seal_to`` encrypt), store out of line if large, and sign."""
+        """Encode (and with ``seal_to`` encrypt), store out of line if large, and sign.
+
+        A large body is never built in one buffer: its pieces (views of the tensors, or
+        sealed chunks made one at a time) go straight into the Object Store, hashed once
+        on the way (the header signs that SHA-256). The tensors must not change until
+        this returns."""
         if seal_to is not None and not fields.SEALABLE:
             raise ValueError(f"{fields.TYPE} bodies are never sealed")
-        if fields.HAS_TENSORS:
-            body = await asyncio.to_thread(self._body, fields, tensors, seal_to)
+        if fields.HAS_TENSORS:  # (sealing hashes the plaintext first: a thread)
+            length, pieces = await asyncio.to_thread(self._pieces, fields, tensors, seal_to)
         else:
-            body = self._body(fields, tensors, seal_to)
-        blob = None
-        if len(body) > self.inline_max_bytes:
-            name = f"{self.subjects.job}/{self.identity.id}/{fields.TYPE}/{round}/{os.urandom(8).hex()}"
-            ref = await self.blobs.put_new(name, body)  # the name is new: no lookup (permissions.py)
-            blob = BlobPointer(bucket=ref.bucket, name=ref.name, size=ref.size, digest=ref.digest)
-        return seal(self.identity, fields.TYPE, job=self.subjects.job, round=round, body=body, trace=trace, blob=blob,
-                    run=run, sealed_to=seal_to.recipient if seal_to is not None else None)
+            length, pieces = self._pieces(fields, tensors, seal_to)
+        sealed_to = seal_to.recipient if seal_to is not None else None
+        if length <= self.inline_max_bytes:
+            return seal(self.identity, fields.TYPE, job=self.subjects.job, round=round, body=b"".join(pieces),
+                        trace=trace, run=run, sealed_to=sealed_to)
+        name = f"{self.subjects.job}/{self.identity.id}/{fields.TYPE}/{round}/{os.urandom(8).hex()}"
+        ref = await self.blobs.put_stream(name, pieces)  # the name is new: no lookup (permissions.py)
+        if ref.size != length:
+            raise RuntimeError(f"{name}: wrote {ref.size} bytes, expected {length}")
+        blob = BlobPointer(bucket=ref.bucket, name=ref.name, size=ref.size, digest=ref.digest)
+        return seal(self.identity, fields.TYPE, job=self.subjects.job, round=round, body=None, trace=trace, blob=blob,
+                    run=run, sealed_to=sealed_to)
 
     async def publish(self, subject: str, fields: Body, tensors: Mapping[str, Tensor] | None = None, *,
                       round: int, trace: str | None = None, persist: bool = True,
@@ -140,10 +151,12 @@ class Messenger:
         metrics().received(len(wire))  # counted before verification: junk costs bandwidth too
         opened = verifier.open(wire, round_ok=round_ok, sender_token=sender_token, stored_ms=stored_ms)
         body = await self._body_of(opened, verifier)
+        fetched = opened.header.blob is not None  # read and checked by BlobStore.get (_body_of)
         if offload and len(body) > OFFLOAD_MIN_BYTES:
-            fields, tensors = await asyncio.to_thread(verifier.decode_body, opened, body)
+            fields, tensors = await asyncio.to_thread(verifier.decode_body, opened, body, fetched=fetched)
         else:
-            fields, tensors = verifier.decode_body(opened, body)
+            fields, tensors = verifier.decode_body(opened, body, fetched=fetched)
+        del body
         verifier.remember(opened)  # on the loop's thread: the replay guard is not shared
         return Received(opened.header, fields, tensors)
 

@@ -96,7 +96,10 @@ def test_sealed_updates_leave_no_plaintext_on_the_bus_or_on_disk(tmp_path, nats_
     server = nats_server_factory(store_dir=store)
     job = JobSpec(job="sealed", task="tests.pattern_task:task", rounds=1, seed=0,
                   cohort=CohortSpec(min_workers=2, min_updates=2, wait_for_workers_s=120), round_deadline_s=60,
-                  evaluation={"server_test": False, "federated": False, "final_round": False})
+                  evaluation={"server_test": False, "federated": False, "final_round": False},
+                  # keep the updates and their claim checks after the job (by default a finished
+                  # job deletes them), so the store still holds w02's plain one for the check below
+                  retention={"keep_updates": True})
     assert job.security.seal_updates == "auto"  # the default
     fed = LocalFederation(tmp_path / "run", server.url, job, num_workers=2)
     old = fed.federation.spec.model_copy(deep=True)

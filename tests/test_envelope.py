@@ -3,6 +3,9 @@ replay guard (a tampered copy must never burn the nonce of the genuine message).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import msgpack
 import numpy as np
 import pytest
@@ -130,9 +133,13 @@ def test_nonces_are_random_and_headers_deterministic():
     assert h2 == encode_header(ha)
 
 
+def object_digest(body: bytes) -> str:
+    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode()
+
+
 def test_blob_body_travels_out_of_line(verifier):
     body = update_body()
-    pointer = BlobPointer(bucket="fedbus-blobs", name="job-1/w1/1", size=len(body), digest="SHA-256=x")
+    pointer = BlobPointer(bucket="fedbus-blobs", name="job-1/w1/1", size=len(body), digest=object_digest(body))
     wire, header = seal(W1, "update", job=JOB, round=1, body=body, ts_ms=NOW, blob=pointer)
     assert len(split_frame(wire)[2]) == 0
     opened = verifier.open(wire, now=NOW)
@@ -143,8 +150,14 @@ def test_blob_body_travels_out_of_line(verifier):
 
 def test_blob_body_from_the_store_is_digest_checked(verifier):
     body = update_body()
-    pointer = BlobPointer(bucket="fedbus-blobs", name="job-1/w1/x", size=len(body), digest="SHA-256=x")
-    wire, _ = seal(W1, "update", job=JOB, round=1, body=body, ts_ms=NOW, blob=pointer)
+    pointer = BlobPointer(bucket="fedbus-blobs", name="job-1/w1/x", size=len(body), digest=object_digest(body))
+    wire, header = seal(W1, "update", job=JOB, round=1, body=body, ts_ms=NOW, blob=pointer)
+    # One digest for both: the header signs the SHA-256 the claim check names.
+    assert header.digest == hashlib.sha256(body).digest()
+    assert seal(W1, "update", job=JOB, round=1, body=None, ts_ms=NOW, blob=pointer)[1].digest == header.digest
+    other = pointer.model_copy(update={"digest": object_digest(body + b"x")})
+    assert rejected(verifier, seal(W1, "update", job=JOB, round=1, body=body, ts_ms=NOW, blob=other)[0]) \
+        == "digest_mismatch"  # a header digest that is not its pointer's is refused on the header
     forged = bytearray(body)
     forged[-1] ^= 1
     assert rejected(verifier, wire, body=bytes(forged)) == "digest_mismatch"

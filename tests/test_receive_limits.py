@@ -3,6 +3,10 @@ rejection it gets. Each test here failed on the code before the limits (f8acf68)
 
 from __future__ import annotations
 
+import base64
+
+import hashlib
+
 import asyncio
 import struct
 import threading
@@ -121,7 +125,7 @@ def test_oversize_is_decided_on_the_claimed_length_before_any_body_work(monkeypa
     import fedbus.crypto.envelopes as env
 
     monkeypatch.setattr(env, "decode_body", lambda *a, **k: pytest.fail("decoded"))
-    monkeypatch.setattr(env, "body_digest", lambda *a, **k: pytest.fail("digested"))
+    monkeypatch.setattr(env, "header_digest_of", lambda *a, **k: pytest.fail("digested"))
     pointer = BlobPointer(bucket=BLOBS_BUCKET, name=f"{JOB}/w1/heartbeat/1/x", size=60 << 20, digest="SHA-256=x")
     hdr = EnvelopeHeader(type="heartbeat", job=JOB, round=1, sender="w1", nonce=b"n" * 16, ts=NOW,
                          digest=b"d" * 32, length=60 << 20, blob=pointer)
@@ -424,7 +428,8 @@ def test_honest_messages_of_every_type_still_pass():
 def pointer_wire(identity: Identity, msg_type: str, body: bytes, *, bucket: str = BLOBS_BUCKET,
                  name: str | None = None) -> bytes:
     name = f"{JOB}/{identity.id}/{msg_type}/1/abc" if name is None else name
-    pointer = BlobPointer(bucket=bucket, name=name, size=len(body), digest="SHA-256=x")
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode()
+    pointer = BlobPointer(bucket=bucket, name=name, size=len(body), digest=digest)
     return wire_of(identity, msg_type, body, blob=pointer)
 
 

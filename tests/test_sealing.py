@@ -8,14 +8,18 @@ import asyncio
 import pytest
 import torch
 import yaml
-from nacl.public import PrivateKey, SealedBox
+from nacl.public import PrivateKey
 from pydantic import ValidationError
 
 from fedbus.bus import Subjects, connect, ensure_job_infrastructure
 from fedbus.crypto.envelopes import EnvelopeVerifier, Rejection, seal
 from fedbus.crypto.federation import Federation, FederationFile
 from fedbus.crypto.keys import Identity, b64
+from fedbus.crypto import sealing
 from fedbus.crypto.sealing import (
+    SEAL_HEADER,
+    sealed_length,
+    seal_pieces,
     SEAL_OVERHEAD,
     Opener,
     SealError,
@@ -75,16 +79,39 @@ def receive(verifier: EnvelopeVerifier, wire: bytes):
 
 # ---- the box ----------------------------------------------------------------------------
 
-def test_a_sealed_body_is_a_standard_sealed_box_without_the_plaintext():
+def test_a_sealed_body_is_a_chunked_stream_without_the_plaintext():
     plain = encode_body(FIELDS, STATE)
     box = seal_body(plain, COORD.encryption_public_key, sender_secret=W1.encryption_key)
-    assert len(box) == len(plain) + SEAL_OVERHEAD
+    assert len(box) == sealed_length(len(plain)) == len(plain) + SEAL_OVERHEAD
     assert PATTERN * 4 in plain and PATTERN * 4 not in box
-    assert SealedBox(COORD.encryption_key).decrypt(box) == plain  # libsodium's own opener
     assert open_body(box, COORD.encryption_key) == plain
-    random_box = seal_body(plain, COORD.encryption_public_key)  # no sender key: crypto_box_seal
+    random_box = seal_body(plain, COORD.encryption_public_key)  # no sender key: a random ephemeral key
     assert random_box != seal_body(plain, COORD.encryption_public_key)
     assert open_body(random_box, COORD.encryption_key) == plain
+
+
+def test_a_multi_chunk_body_opens_only_whole_and_in_order(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK", 64)
+    step = 64 + 17
+    plain = bytes(range(256)) * 2  # 8 chunks of 64
+    length, pieces = seal_pieces([plain[:100], memoryview(plain)[100:]], COORD.encryption_public_key,
+                                 sender_secret=W1.encryption_key)
+    box = b"".join(pieces)
+    assert len(box) == length == SEAL_HEADER + 8 * step
+    assert open_body(box, COORD.encryption_key) == plain
+    head, chunks = box[:SEAL_HEADER], [box[SEAL_HEADER + i * step:SEAL_HEADER + (i + 1) * step] for i in range(8)]
+    damaged = [head + b"".join(chunks[:-1]),                            # last chunk dropped
+               head + b"".join([chunks[1], chunks[0], *chunks[2:]]),      # two chunks swapped
+               head + b"".join(chunks) + chunks[-1]]                      # a chunk appended
+    for bad in damaged:
+        with pytest.raises(SealError):
+            open_body(bad, COORD.encryption_key)
+    # Opened over itself (a fetched blob): the same plaintext, as a view of the buffer's start.
+    buf = bytearray(box)
+    opened = open_body(buf, COORD.encryption_key, in_place=True)
+    assert bytes(opened) == plain and opened.obj is buf
+    empty = seal_body(b"", COORD.encryption_public_key)
+    assert len(empty) == SEAL_OVERHEAD and open_body(empty, COORD.encryption_key) == b""
 
 
 def test_the_same_update_seals_to_the_same_bytes_and_nothing_else_does():
@@ -97,7 +124,7 @@ def test_the_same_update_seals_to_the_same_bytes_and_nothing_else_does():
               seal_body(plain, AGG.encryption_public_key, sender_secret=W1.encryption_key),
               seal_body(plain, COORD.encryption_public_key, sender_secret=W2.encryption_key)]
     # A fresh ephemeral key (the first 32 bytes) for any other plaintext, recipient or sender.
-    assert len({b[:32] for b in [box, *others]}) == 4
+    assert len({b[4:36] for b in [box, *others]}) == 4
 
 
 @pytest.mark.parametrize("damage", ["wrong_key", "flipped", "truncated", "short"])

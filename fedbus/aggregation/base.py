@@ -109,15 +109,17 @@ def check_weight(worker_id: str, weight: Any) -> float:
 def all_finite(t: torch.Tensor) -> bool:
     """No inf or NaN in a float tensor.
 
-    A float64 sum propagates NaN and ±inf and reads the tensor once without allocating a
-    mask (~5x faster than ``torch.isfinite(t).all()`` on 4M elements); only when the sum is
-    not finite — a non-finite entry, or finite ones overflowing it — is the exact check run.
+    A sum propagates NaN and ±inf and reads the tensor once without allocating a mask;
+    only when the sum is not finite — a non-finite entry, or finite ones overflowing it — is
+    the exact check run. The sum is in the tensor's own float32/float64 (a float64 sum of
+    float32 values converts every element: ~20x slower on 50M elements), float32 for
+    narrower types.
     """
     if t.numel() == 0 or not is_averageable(t):
         return True
     if t.is_complex():
         t = torch.view_as_real(t)
-    if math.isfinite(float(t.sum(dtype=torch.float64))):
+    if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
     return bool(torch.isfinite(t).all())
 

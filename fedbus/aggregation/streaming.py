@@ -25,9 +25,25 @@ from typing import ClassVar
 import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
-                                     check_finite_result, float64_sums, float_keys, tensor_group,
+                                     all_finite, check_finite_result, float64_sums, float_keys, tensor_group,
                                      validate_contribution, widened)
 from fedbus.aggregation.partial import Contributor, PartialAggregate, check_partial_tensors
+
+
+# Models with at least this many float elements are accumulated lean: 32M float32 values
+# (128 MB) would otherwise cost 256 MB of float64 base plus 256 MB of float64 sums and a
+# float64 delta per update. Lean sums are float32 for float32 (and narrower) models and
+# hold sum c*y (the base comes off once, at finalize): the result is within a few float32
+# ulps of the model's own values (n * 2^-24 relative for n updates), far
+# below what one training step changes, and it is what keeps the coordinator within 3x the
+# model (docs/data-path.md). Smaller models keep the exact float64 path.
+LEAN_MIN_ELEMENTS = 32 * 2**20
+
+
+def lean_sum_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.is_complex():
+        return torch.complex128 if t.dtype == torch.complex128 else torch.complex64
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class StreamingAccumulator:
@@ -37,15 +53,29 @@ class StreamingAccumulator:
 
     def __init__(self, global_state: State, base_version: int = 0, *, rule: str = "",
                  groups: tuple[str, ...] = ()):
-        # The base in float64 (complex128): deltas and the final x + Δ are computed there.
-        self._global = widened(global_state)
         self._dtypes = {k: v.dtype for k, v in global_state.items()}
         self.base_version = int(base_version)
         self.rule = rule
         self._keys = float_keys(global_state)
-        # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
-        # would stall; the division happens once, in finalize().
-        self._sums = float64_sums(global_state)
+        # A large model is accumulated lean (see LEAN_MIN_ELEMENTS): no widened copy of
+        # the base, sums in float32 (float64 stays float64), deltas slice by slice.
+        # (only where fold is this class's own: a rule that changes how a contribution enters,
+        # e.g. central DP clipping, sees every contribution whole)
+        self.lean = (not groups and type(self).fold is StreamingAccumulator.fold
+                     and sum(global_state[k].numel() for k in self._keys) >= LEAN_MIN_ELEMENTS)
+        self._finalized = False
+        self._lean_coeffs = 0.0  # sum of the coefficients folded lean (their sums are of y, not y - x)
+        if self.lean:
+            # The base as it is: the round's model, which nothing modifies in place.
+            self._global = {k: v.detach() for k, v in global_state.items()}
+            self._sums = {k: torch.zeros(global_state[k].shape, dtype=lean_sum_dtype(global_state[k]))
+                          for k in self._keys}
+        else:
+            # The base in float64 (complex128): deltas and the final x + Δ are computed there.
+            self._global = widened(global_state)
+            # float64 (complex128) sums: summing thousands of float16 updates in their own dtype
+            # would stall; the division happens once, in finalize().
+            self._sums = float64_sums(global_state)
         self._groups: dict[str, State] = {g: float64_sums(global_state) for g in groups}
         self._carry = IntegerBufferCarry(global_state)
         self._scalars: dict[str, float] = {k: 0.0 for k in self.scalar_names}
@@ -80,6 +110,7 @@ class StreamingAccumulator:
 
     def fold(self, c: Contribution) -> None:
         """Add one contribution; InvalidUpdate (and no change) if the rule cannot use it."""
+        self._check_open()
         w = validate_contribution(self._global, self.base_version, c)
         coeff = self.coefficient(c, w)
         if not (math.isfinite(coeff) and coeff >= 0):
@@ -99,11 +130,63 @@ class StreamingAccumulator:
         self._count += 1
         self._contributors.append(Contributor(c.worker_id, w, int(c.base_version)))
 
+    def fold_local_state(self, worker_id: str, weight: float, local_state: State, extras: dict | None = None, *,
+                         num_steps: int = 0, base_version: int | None = None) -> None:
+        """``fold(from_local_state(...))`` without building the contribution: a lean
+        accumulator adds coefficient * y to its sums in place (one pass, no temporary) and
+        subtracts the coefficients' total times the base once, at finalize, so folding
+        costs no memory beyond the update itself. InvalidUpdate (and no change) if the rule
+        cannot use it."""
+        base_version = self.base_version if base_version is None else base_version
+        if not self.lean or not all(isinstance(local_state.get(k), torch.Tensor) and all_finite(local_state[k])
+                                    for k in self._keys):
+            # (non-finite values may still give finite deltas where they equal the base's:
+            # the exact path decides)
+            self.fold(self.from_local_state(worker_id, weight, local_state, extras, num_steps=num_steps,
+                                            base_version=base_version))
+            return
+        self._check_open()
+        # Everything but the float deltas, built and validated as usual (integer buffers are small).
+        rest = {k: v for k, v in self._global.items() if k not in self._keys}
+        probe = Contribution.from_local_state(worker_id, base_version, weight, local_state, rest, extras,
+                                              num_steps=num_steps)
+        for k in self._keys:
+            value = local_state[k]
+            if value.shape != self._global[k].shape or value.is_complex() != self._global[k].is_complex():
+                raise InvalidUpdate(f"update from {worker_id!r}: tensor {k!r} is {value.dtype} {tuple(value.shape)}, "
+                                    f"the model has {self._global[k].dtype} {tuple(self._global[k].shape)}")
+        if base_version > self.base_version:
+            raise InvalidUpdate(f"contribution from {worker_id!r} was trained from version {base_version}, "
+                                f"newer than this aggregate's base {self.base_version}")
+        w = probe.weight
+        coeff = self.coefficient(probe, w)
+        if not (math.isfinite(coeff) and coeff >= 0):
+            raise InvalidUpdate(f"contribution from {worker_id!r}: its coefficient {coeff!r} is not finite")
+        scalars = self.scalars_of(probe, w)
+        for name, acc in self._sums.items():
+            # Lean sums hold sum_c coeff_c * y_c; sum_c coeff_c * x comes off at finalize:
+            # one pass per update, no temporary.
+            acc.add_(local_state[name].detach(), alpha=coeff)
+        self._lean_coeffs += coeff
+        for k, v in scalars.items():
+            self._scalars[k] += v
+        self._carry.fold(probe, w)
+        self._total_weight += w
+        self._count += 1
+        self._contributors.append(Contributor(worker_id, w, int(base_version)))
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise RuntimeError("this accumulator was finalized in place (lean): it takes no more updates")
+
     def partial(self) -> PartialAggregate:
         """A copy of the mergeable statistics (later folds do not change it)."""
+        self._check_open()
         return PartialAggregate(
             rule=self.rule, base_version=self.base_version,
-            sums={k: v.clone() for k, v in self._sums.items()},
+            # (lean sums hold sum c*y: exported as sum c*(y - x), what every partial carries)
+            sums={k: v.clone().sub_(self._global[k], alpha=self._lean_coeffs) if self._lean_coeffs else v.clone()
+                  for k, v in self._sums.items()},
             carry={k: v.clone() for k, v in self._carry.sums.items()},
             total_weight=self._total_weight, count=self._count, contributors=list(self._contributors),
             scalars=dict(self._scalars),
@@ -151,9 +234,21 @@ class StreamingAccumulator:
         """x_base + aggregated delta: the same keys, dtypes and order as the base."""
         if self._count == 0:
             raise ValueError("no updates to aggregate")
+        self._check_open()
         out = self._carry.result()
         for name in self._keys:
-            out[name] = (self._global[name] + self.aggregate_delta(name, self._sums[name])).to(self._dtypes[name])
+            if self.lean:
+                # In place, into the sums: the new model costs no memory beyond them. The
+                # accumulator is spent afterwards.
+                total = self._sums[name].sub_(self._global[name], alpha=self._lean_coeffs)
+                delta = self.aggregate_delta(name, total)
+                if delta is not total:
+                    total.copy_(delta)
+                    del delta
+                out[name] = total.add_(self._global[name]).to(self._dtypes[name])
+            else:
+                out[name] = (self._global[name] + self.aggregate_delta(name, self._sums[name])).to(self._dtypes[name])
+        self._finalized = self.lean
         check_finite_result(out, self._global)
         return {k: out[k] for k in self._global}
 

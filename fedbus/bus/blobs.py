@@ -15,14 +15,18 @@ import base64
 import binascii
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Iterable
 from typing import Any
 
 import nats.js.errors
 import structlog
 from nats.js.api import Header, ObjectInfo, ObjectMeta, ObjectMetaOptions
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
+
+from fedbus.chunking import regroup
 
 from .layout import BLOBS_BUCKET
 
@@ -36,6 +40,16 @@ HEADER_ROOM = 4 * 1024
 # client's outgoing buffer and the reader's pending queue.
 MAX_CHUNK_SIZE = 1024 * 1024
 MIN_CHUNK_SIZE = 4 * 1024
+
+
+# A read may take READ_TIMEOUT_FLOOR_S plus the object's size at READ_TIMEOUT_RATE: a 1 GB
+# model is not cut off at a fixed 30 s on a loaded machine, a small one still fails fast.
+READ_TIMEOUT_FLOOR_S = 30.0
+READ_TIMEOUT_RATE = 10 * 10**6  # bytes per second, far below what a read achieves (~500 MB/s)
+
+
+def read_timeout_s(size: int) -> float:
+    return READ_TIMEOUT_FLOOR_S + size / READ_TIMEOUT_RATE
 
 
 def chunk_size_for(max_payload: int) -> int:
@@ -95,6 +109,19 @@ class _ChunkReader:
         self.received = 0
         self.hasher = hashlib.sha256()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Chunks are hashed in order on one thread of their own (hashlib releases the GIL),
+        # so the digest overlaps with receiving instead of stalling the event loop.
+        self._hash_thread = ThreadPoolExecutor(1, thread_name_prefix="blob-hash")
+        self._hashed: Any = None
+
+    async def digest(self) -> bytes:
+        """The SHA-256 of every chunk received, once the hash thread caught up."""
+        try:
+            if self._hashed is not None:
+                await asyncio.wrap_future(self._hashed)
+            return self.hasher.digest()
+        finally:
+            self._hash_thread.shutdown(wait=False)
 
     def _fail(self, reason: str, detail: str) -> None:
         if not self.done.done():
@@ -109,7 +136,7 @@ class _ChunkReader:
             self._fail("size_mismatch", f"chunks exceed the declared size {len(self.buf)}")
             return
         self.buf[self.offset : end] = data
-        self.hasher.update(data)
+        self._hashed = self._hash_thread.submit(self.hasher.update, data)
         self.offset = end
         self.received += 1
         if self.received == self.chunks:
@@ -160,24 +187,38 @@ class BlobStore:
         return ref
 
     async def put_new(self, name: str, data: bytes | bytearray | memoryview) -> BlobRef:
+        """``put_stream`` of one buffer."""
+        return await self.put_stream(name, [data])
+
+    async def put_stream(self, name: str, pieces: Iterable[bytes | bytearray | memoryview]) -> BlobRef:
         """Write an object under a name that is new (claim checks carry a random suffix), in
-        the standard layout, without first looking up what is stored under that name.
+        the standard layout, from consecutive pieces (tensor views, encrypted chunks): the
+        whole object is never held in one buffer, and each byte is hashed once.
 
         nats-py's ``put`` reads the existing entry (STREAM.MSG.GET on the bucket's stream) to
         clean up after a replaced object; granting a worker that API would let it read every
         object in the bucket, other workers' updates included. This needs nothing but
-        publishing the chunks and the meta entry (see fedbus/bus/permissions.py)."""
+        publishing the chunks and the meta entry (see fedbus/bus/permissions.py).
+
+        Each chunk is hashed in a thread while the previous one is being published and
+        acknowledged: hashlib releases the GIL, so the digest costs no wall time on a
+        second core."""
         if not isinstance(name, str) or not name:
             raise ValueError("blob name must be a non-empty string")
-        view = memoryview(data).cast("B")
         nuid = self._nc._nuid.next().decode()
         chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
-        size, step, hasher, chunks = len(view), self.chunk_size, hashlib.sha256(), 0
-        for offset in range(0, size, step):
-            piece = bytes(view[offset : offset + step])
-            hasher.update(piece)
-            await self._js.publish(chunk_subject, piece)
+        step, hasher = self.chunk_size, hashlib.sha256()
+        size = chunks = 0
+        hashing: asyncio.Future | None = None
+        for chunk in regroup(pieces, step):  # (nats-py writes payloads as bytes)
+            if hashing is not None:
+                await hashing
+            hashing = asyncio.ensure_future(asyncio.to_thread(hasher.update, chunk))
+            await self._js.publish(chunk_subject, chunk)
+            size += len(chunk)
             chunks += 1
+        if hashing is not None:
+            await hashing
         digest = format_digest(hasher.digest())
         info = ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks, digest=digest,
                           mtime=datetime.now(timezone.utc).isoformat(),
@@ -201,9 +242,10 @@ class BlobStore:
         *,
         expected_size: int | None = None,
         expected_digest: str | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = None,
     ) -> bytearray:
-        """Read and verify a blob. Raises BlobNotFound, BlobIntegrityError, TimeoutError."""
+        """Read and verify a blob. Raises BlobNotFound, BlobIntegrityError, TimeoutError.
+        ``timeout`` (seconds for the whole read) defaults to ``read_timeout_s`` of its size."""
         info = await self.info(name)
         if info.is_link():
             raise BlobNotFound(f"blob {name!r} is a link; links are not supported")
@@ -222,7 +264,7 @@ class BlobStore:
                 raise BlobIntegrityError("missing_chunks", f"declared {size} bytes in 0 chunks")
             buf, actual = bytearray(), hashlib.sha256().digest()
         else:
-            buf, actual = await self._read_chunks(info, timeout)
+            buf, actual = await self._read_chunks(info, read_timeout_s(size) if timeout is None else timeout)
         if actual != stored_digest:
             raise BlobIntegrityError("digest_mismatch", f"read {format_digest(actual)}, declared {info.digest}")
         return buf
@@ -259,9 +301,12 @@ class BlobStore:
                 await sub.unsubscribe()
             except Exception as err:  # the connection may be gone; the read result stands
                 log.warning("bus.blob.unsubscribe_failed", error=repr(err))
+            reader._hash_thread.shutdown(wait=False)  # queued hashes still run; no new ones
+        digest = await reader.digest()
         if reader.offset != size:
             raise BlobIntegrityError("size_mismatch", f"read {reader.offset} bytes, declared {size}")
-        return reader.buf, reader.hasher.digest()
+        buf, reader.buf = reader.buf, bytearray()  # nats-py may keep the callback (and so the reader) alive
+        return buf, digest
 
     async def delete(self, name: str) -> None:
         """Delete a blob. Idempotent: deleting a missing blob is not an error, so

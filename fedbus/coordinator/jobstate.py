@@ -22,7 +22,7 @@ from fedbus.aggregation.base import State
 from fedbus.bus import KV_BUCKET, MODELS_BUCKET, BlobStore
 from fedbus.coordinator.records import JobRecord, SignedRecordError, open_signed_record, sign_record
 from fedbus.crypto.keys import Identity
-from fedbus.protocol.codec import decode_tensors, encode_tensors
+from fedbus.protocol.codec import decode_tensors, tensor_pieces
 
 log = structlog.get_logger(__name__)
 
@@ -136,11 +136,11 @@ class JobStateStore:
         if self._model_version != record.model_version or self._model_ref is None:
             tensors, kinds = flatten_state(strategy_state, STRATEGY_PREFIX)
             tensors.update({f"{MODEL_PREFIX}{k}": v for k, v in model.items()})
-            data = await asyncio.to_thread(encode_tensors, tensors)
             # A unique name per commit: a rival writer whose compare-and-set is about to fail
-            # must not overwrite the object the current record points at.
+            # must not overwrite the object the current record points at. Written from the
+            # tensors' own memory (no encoded copy of the model).
             name = f"{self.job_id}/v{record.model_version}/{os.urandom(6).hex()}"
-            ref = await self.models.put(name, data)
+            ref = await self.models.put_stream(name, tensor_pieces(tensors))
             if self._model_ref is not None and self._model_version is not None and self.keep_versions > 0:
                 self._history.append((self._model_version, self._model_ref))
                 self._history = [(v, r) for v, r in self._history

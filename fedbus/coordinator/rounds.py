@@ -326,6 +326,10 @@ def fold_update(accumulator, update: ClientUpdate) -> None:
     """Fold a verified update into a round's accumulator as a Contribution: its delta from
     the round's base, weighted by its (capped) sample count. InvalidUpdate leaves the
     accumulator unchanged."""
+    fold_local = getattr(accumulator, "fold_local_state", None)
+    if fold_local is not None:  # streaming rules: no contribution built (lean for big models)
+        fold_local(update.worker_id, float(update.num_samples), update.state, update.extra, num_steps=update.num_steps)
+        return
     contribution = accumulator.from_local_state(update.worker_id, float(update.num_samples), update.state,
                                                 update.extra, num_steps=update.num_steps)
     accumulator.fold(contribution)

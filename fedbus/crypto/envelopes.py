@@ -15,6 +15,7 @@ the event loop's thread touches).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,8 +32,9 @@ from fedbus.protocol.envelope import (
     PROTOCOL_VERSION,
     EnvelopeError,
     EnvelopeHeader,
-    body_digest,
     decode_header,
+    header_digest_of,
+    pointer_digest,
     split_frame,
 )
 from fedbus.protocol.messages import MESSAGE_TYPES, Body, BodyError, body_limit, decode_body
@@ -225,6 +227,8 @@ class EnvelopeVerifier:
             if len(inline_body) != 0 or header.blob.size != header.length:
                 raise Rejection("malformed_header", "blob pointer inconsistent with header", header)
             check_pointer(header, self.blob_bucket)
+            if pointer_digest(header.blob) != header.digest:  # one digest serves both (pointer_digest)
+                raise Rejection("digest_mismatch", "the header's digest is not the claim check's", header)
         # 9. sealing, on the header alone: a body this receiver cannot open is refused before
         # any blob is fetched for it.
         if header.sealed_to is not None:
@@ -236,21 +240,32 @@ class EnvelopeVerifier:
             raise Rejection("unsealed_body", f"{header.type} bodies must be sealed", header)
         return Opened(header, sender, inline_body)
 
-    def decode_body(self, opened: Opened, body: bytes | bytearray | memoryview) -> tuple[Body, dict[str, Tensor] | None]:
+    def decode_body(self, opened: Opened, body: bytes | bytearray | memoryview, *, fetched: bool = False
+                    ) -> tuple[Body, dict[str, Tensor] | None]:
         """Digest, decode and header/body agreement: pure, touches no shared state, so it
-        may run in a worker thread. Raises Rejection. Does not remember the nonce."""
+        may run in a worker thread. Raises Rejection. Does not remember the nonce.
+
+        ``fetched``: ``body`` is the claim check's object as ``BlobStore.get`` returned it
+        (its SHA-256, the header's digest, already checked while it was read; a buffer
+        nobody else holds). It is then not hashed again, and its tensors are views over it
+        instead of a copy."""
         header = opened.header
-        if len(body) != header.length or body_digest(body) != header.digest:
+        if len(body) != header.length:
             raise Rejection("digest_mismatch", header.sender, header)
+        if not (fetched and header.blob is not None) and header_digest_of(body, header.blob) != header.digest:
+            raise Rejection("digest_mismatch", header.sender, header)
+        owned = fetched and header.blob is not None
         if header.sealed_to is not None:  # the digest was the ciphertext's: open it only now
             if self.opener is None:
                 raise Rejection("unsealable_body", "this receiver opens no sealed bodies", header)
             try:
-                body = self.opener.open(header.sealed_to, body)
+                # A fetched body is ours: opened over itself, so a large update is held once.
+                body = self.opener.open(header.sealed_to, body, in_place=owned and not memoryview(body).readonly)
             except SealError as exc:
                 raise Rejection("unsealable_body", str(exc), header) from None
+            owned = True  # a buffer of its own (new, or the fetched one)
         try:
-            fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors)
+            fields, tensors = decode_body(opened.body_cls, body, max_tensors=self.max_tensors, copy=not owned)
         except BodyError as exc:
             raise Rejection(exc.reason, str(exc), header) from None
         # The machine acts on the body's round and the checks above on the header's:
@@ -305,6 +320,12 @@ def _all_finite(value: Tensor) -> bool:
         if value.is_floating_point() or value.is_complex():
             if value.element_size() == 1:  # float8: torch has no isfinite for every variant
                 value = value.to(torch.float16)
+            # A sum reads the tensor once without a mask as large as it (NaN and inf propagate);
+            # only a non-finite sum (or an overflow of finite values) needs the exact check.
+            flat = torch.view_as_real(value) if value.is_complex() else value
+            acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+            if flat.numel() and math.isfinite(float(flat.sum(dtype=acc))):
+                return True
             return bool(torch.isfinite(value).all())
         return True
     if np.issubdtype(value.dtype, np.inexact):

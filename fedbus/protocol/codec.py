@@ -190,8 +190,14 @@ def _as_bytes_view(value: Tensor) -> tuple[str, str, tuple[int, ...], memoryview
     raise CodecError(f"cannot encode {type(value).__name__}")
 
 
-def encode_tensors(tensors: Mapping[str, Tensor]) -> bytes:
-    """Encode a name -> tensor mapping (torch or numpy) into one contiguous byte string."""
+def tensor_pieces(tensors: Mapping[str, Tensor]) -> list[bytes | memoryview]:
+    """The encoding of ``tensors`` as consecutive pieces: the header (with its padding),
+    then each tensor's bytes as a view of the tensor's own memory (zero padding between).
+
+    Nothing is copied: ``b"".join`` of the pieces is ``encode_tensors``, and a writer
+    that streams them (``BlobStore.put_stream``, a file) never builds the whole body.
+    The views keep the tensors alive; they must not change until the pieces are used.
+    """
     entries = []
     views = []
     offset = 0
@@ -202,13 +208,24 @@ def encode_tensors(tensors: Mapping[str, Tensor]) -> bytes:
         offset = _align(offset + view.nbytes)
     header = msgpack.packb(entries, use_bin_type=True)
     data_start = _align(len(MAGIC) + _LEN.size + len(header))
-    out = bytearray(data_start + offset)
-    out[0:4] = MAGIC
-    out[4:8] = _LEN.pack(len(header))
-    out[8 : 8 + len(header)] = header
+    pieces: list[bytes | memoryview] = [
+        MAGIC + _LEN.pack(len(header)) + header + bytes(data_start - 8 - len(header))]
+    end = 0
     for off, view in views:
-        out[data_start + off : data_start + off + view.nbytes] = view
-    return bytes(out)
+        if off > end:
+            pieces.append(bytes(off - end))  # alignment padding (< ALIGN bytes)
+        if view.nbytes:
+            pieces.append(view)
+        end = off + view.nbytes
+    if offset > end:
+        pieces.append(bytes(offset - end))
+    return pieces
+
+
+def encode_tensors(tensors: Mapping[str, Tensor]) -> bytes:
+    """Encode a name -> tensor mapping (torch or numpy) into one contiguous byte string
+    (one copy of the tensor bytes: ``tensor_pieces`` joined)."""
+    return b"".join(tensor_pieces(tensors))
 
 
 _TORCH_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in TORCH_DTYPES.items()}
@@ -314,8 +331,10 @@ def read_specs(data: bytes | bytearray | memoryview, *, max_tensors: int = DEFAU
 
 
 def decode_tensors(data: bytes | bytearray | memoryview, *, max_tensors: int = DEFAULT_MAX_TENSORS,
-                   allow_numpy: bool = True) -> dict[str, Tensor]:
-    """Inverse of encode_tensors. Copies the raw data exactly once.
+                   allow_numpy: bool = True, copy: bool = True) -> dict[str, Tensor]:
+    """Inverse of encode_tensors. Copies the raw data exactly once, or with ``copy=False``
+    and a writable buffer not at all: the tensors are then views over ``data`` (the
+    caller hands over a buffer nothing else writes, e.g. a blob just read).
 
     ``max_tensors`` bounds the count (pass the model's own count plus its extras when
     known); ``allow_numpy=False`` refuses numpy-kind entries (message bodies: the model
@@ -323,7 +342,8 @@ def decode_tensors(data: bytes | bytearray | memoryview, *, max_tensors: int = D
     """
     buf = memoryview(data)
     entries, start = _checked_entries(buf, max_tensors, allow_numpy)
-    raw = bytearray(buf[start:])  # the single copy: makes every tensor writable
+    # Tensors must be writable: views over a writable buffer the caller gave up, or one copy.
+    raw = buf[start:] if not copy and not buf.readonly else bytearray(buf[start:])
     out: dict[str, Tensor] = {}
     for name, kind, dtype, shape, off, nbytes in entries:
         if kind == "t":

@@ -15,6 +15,8 @@ This module does no cryptography and no I/O; ``fedbus.crypto`` signs and verifie
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import struct
 
@@ -59,7 +61,9 @@ class EnvelopeHeader(BaseModel):
     sender: str = Field(max_length=128)
     nonce: bytes = Field(min_length=NONCE_LEN, max_length=64, description="random, never reused")
     ts: int = Field(ge=0, description="sender's clock, milliseconds since the Unix epoch")
-    digest: bytes = Field(min_length=32, max_length=32, description="BLAKE2b-256 of the body bytes")
+    digest: bytes = Field(min_length=32, max_length=32,
+                          description="BLAKE2b-256 of an inline body; of an out-of-line body its SHA-256, the "
+                                      "digest its blob pointer names")
     length: int = Field(ge=0, description="body length in bytes")
     blob: BlobPointer | None = Field(None, description="set when the body lives in the Object Store")
     trace: str | None = Field(None, max_length=128, description="W3C traceparent of the sender's span")
@@ -72,7 +76,33 @@ class EnvelopeHeader(BaseModel):
 
 
 def body_digest(body: bytes | bytearray | memoryview) -> bytes:
+    """The digest of an inline body (the header's ``digest``)."""
     return hashlib.blake2b(body, digest_size=32).digest()
+
+
+OBJECT_DIGEST_PREFIX = "SHA-256="
+
+
+def pointer_digest(pointer: BlobPointer) -> bytes | None:
+    """The raw SHA-256 a claim check names ("SHA-256=<base64url>"), None if malformed.
+
+    An out-of-line body's header ``digest`` is this value: the Object Store computes and
+    checks SHA-256 anyway, so one digest pass serves both the signature (which covers the
+    header, pointer included) and the object check (docs/data-path.md)."""
+    text = pointer.digest
+    if not text.upper().startswith(OBJECT_DIGEST_PREFIX):
+        return None
+    encoded = text[len(OBJECT_DIGEST_PREFIX):]
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def header_digest_of(body: bytes | bytearray | memoryview, blob: BlobPointer | None) -> bytes:
+    """What a header's ``digest`` must be for ``body``: BLAKE2b-256 inline, SHA-256 out of line."""
+    return body_digest(body) if blob is None else hashlib.sha256(body).digest()
 
 
 def encode_header(header: EnvelopeHeader) -> bytes:

@@ -27,7 +27,7 @@ from fedbus.protocol.codec import (
     Tensor,
     container_header,
     decode_tensors,
-    encode_tensors,
+    tensor_pieces,
     unpack_values,
 )
 
@@ -307,14 +307,24 @@ MESSAGE_TYPES: dict[str, type[Body]] = {
 }
 
 
-def encode_body(fields: Body, tensors: Mapping[str, Tensor] | None = None) -> bytes:
+def body_pieces(fields: Body, tensors: Mapping[str, Tensor] | None = None) -> list[bytes | memoryview]:
+    """The body as consecutive pieces, tensor bytes as views of the tensors (no copy):
+    streamed to the Object Store or a file as is, or joined by ``encode_body``."""
     if fields.HAS_TENSORS != (tensors is not None):
         raise ValueError(f"{fields.TYPE} {'needs' if fields.HAS_TENSORS else 'takes no'} tensors")
     packed = msgpack.packb(fields.model_dump(mode="json"), use_bin_type=True)
-    parts = [_LEN.pack(len(packed)), packed]
+    parts: list[bytes | memoryview] = [_LEN.pack(len(packed)) + packed]
     if tensors is not None:
-        parts.append(encode_tensors(tensors))
-    return b"".join(parts)
+        parts.extend(tensor_pieces(tensors))
+    return parts
+
+
+def pieces_length(pieces) -> int:
+    return sum(memoryview(p).nbytes for p in pieces)
+
+
+def encode_body(fields: Body, tensors: Mapping[str, Tensor] | None = None) -> bytes:
+    return b"".join(body_pieces(fields, tensors))  # one copy of the tensor bytes
 
 
 def body_limit(cls: type[Body], job_max_bytes: int) -> int:
@@ -369,9 +379,10 @@ def unpack_fields(cls: type[Body], packed: bytes | bytearray | memoryview) -> di
 
 
 def decode_body(cls: type[Body], body: bytes | bytearray | memoryview, *,
-                max_tensors: int = DEFAULT_MAX_TENSORS) -> tuple[Body, dict[str, Tensor] | None]:
+                max_tensors: int = DEFAULT_MAX_TENSORS, copy: bool = True) -> tuple[Body, dict[str, Tensor] | None]:
     """Fields and (for types that carry them) torch tensors. Raises BodyError with the
-    rejection reason: oversize, invalid_metrics or malformed_body."""
+    rejection reason: oversize, invalid_metrics or malformed_body. ``copy=False``: the
+    tensors are views over ``body`` when it is writable (``decode_tensors``)."""
     buf = memoryview(body)
     if buf.nbytes < _LEN.size:
         raise BodyError("body too short")
@@ -395,7 +406,7 @@ def decode_body(cls: type[Body], body: bytes | bytearray | memoryview, *,
         try:
             # The model is torch: numpy-kind entries would pass the name/dtype/shape
             # checks and then crash every aggregation rule.
-            tensors = decode_tensors(buf[end:], max_tensors=max_tensors, allow_numpy=False)
+            tensors = decode_tensors(buf[end:], max_tensors=max_tensors, allow_numpy=False, copy=copy)
         except CodecError as exc:
             raise BodyError(f"{cls.TYPE}: tensors: {exc}") from None
     elif end != buf.nbytes:

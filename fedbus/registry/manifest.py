@@ -21,7 +21,7 @@ from nacl.exceptions import BadSignatureError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from fedbus.crypto.keys import Identity, b64, unb64
-from fedbus.protocol.codec import encode_tensors
+from fedbus.protocol.codec import tensor_pieces
 
 MAX_CONTRIBUTORS = 100_000
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # 100k contributors with digests fit; nothing is parsed beyond it
@@ -77,7 +77,10 @@ class ModelManifest(BaseModel):
 def model_digest(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 of the model's canonical encoding: tensors sorted by name, fedbus tensor codec."""
     ordered = {name: state[name].detach().contiguous() for name in sorted(state)}
-    return "sha256:" + hashlib.sha256(encode_tensors(ordered)).hexdigest()
+    hasher = hashlib.sha256()
+    for piece in tensor_pieces(ordered):  # the encoding, hashed from the tensors' memory
+        hasher.update(piece)
+    return "sha256:" + hasher.hexdigest()
 
 
 def _canonical(doc: Mapping[str, Any]) -> bytes:

@@ -56,6 +56,10 @@ from fedbus.tasks import TrainingContext, training_context
 SEEN_NONCES = 4096
 # Stored updates kept per core (the latest rounds answered; a reopened round is the last one).
 KEEP_SENT = 4
+# Updates of at least this many bytes are the trainer's model tensors themselves, not
+# copies (trainer.py): they are kept for a resend only until the model is loaded again,
+# i.e. until the next round.open or eval.open is acted on (_release_large_sent).
+UPDATE_ALIAS_MIN_BYTES = 16 * 1024 * 1024
 
 RunKey = tuple[str | None, int]  # (run, round)
 
@@ -307,10 +311,19 @@ class WorkerCore:
             model, groups = self._model_of(ev)
         except Rejection as rej:
             return [Reject(rej.reason, ro.TYPE, ro.round, ev.run, rej.detail)]
+        self._release_large_sent()
         self._in_progress.add(key)
         self.status = "training"
         return [Train(self.context(ev.run, ro.round), model, groups, dict(ro.train), ro.evaluate, ro.model_version,
                       ro.deadline_ms, ev.trace)]
+
+    def _release_large_sent(self) -> None:
+        """The model is about to be loaded again: large sent updates (its own tensors) go.
+        A resend of one after this retrains instead (the state directory keeps it on disk
+        for a restarted worker)."""
+        for key in [k for k, sent in self.sent.items()
+                    if sum(t.nbytes for t in sent.tensors.values()) >= UPDATE_ALIAS_MIN_BYTES]:
+            del self.sent[key]
 
     def _on_eval_open(self, ev: ControlVerified, eo: EvalOpen) -> list[Action]:
         if self.worker_id not in eo.cohort:
@@ -326,6 +339,7 @@ class WorkerCore:
         except Rejection as rej:
             return [Reject(rej.reason, eo.TYPE, eo.round, ev.run, rej.detail)]
         self._evaluated[key] = None
+        self._release_large_sent()
         return [Evaluate(self.context(ev.run, eo.round), model, eo.model_version, ev.trace)]
 
     # -- finished work ------------------------------------------------------------------------

@@ -28,6 +28,8 @@ import numpy as np
 import structlog
 import torch
 
+from fedbus.allocator import keep_large_buffers_mapped
+from fedbus.sizing import model_fits
 from fedbus.audit import AuditTrail
 from fedbus.audit.queue import AuditQueue, report_rejections
 from fedbus.bus import JOB_STREAMS_WAIT_S, NatsCredentials, Subjects, connect, wait_for_stream
@@ -105,6 +107,7 @@ class WorkerService:
                  shared: SharedTraining | None = None):
         # The key itself is checked once the job's key events are replayed (it may be a rotated one).
         listed = federation.listed_as(identity, "worker", check_key=False)
+        keep_large_buffers_mapped()  # freed model buffers go back to the OS (fedbus/allocator.py)
         self.job = job
         self.federation = federation
         self.identity = identity
@@ -188,6 +191,10 @@ class WorkerService:
             task.evaluate(scratch, data.val)
 
     async def run(self) -> int:
+        too_large = model_fits(self.job, self.trainer.model.state_dict())
+        if too_large is not None:  # its updates would be refused by every recipient
+            log.error("job.refused", reason="model_too_large", detail=too_large)
+            return 2
         # Announce ourselves (heartbeats) only once we can train at full speed.
         await asyncio.to_thread(self.warm_up)
 

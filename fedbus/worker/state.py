@@ -28,14 +28,14 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import structlog
 import torch
 
 from fedbus.protocol.codec import decode_tensors, encode_tensors
-from fedbus.protocol.messages import Update, decode_body, encode_body
+from fedbus.protocol.messages import Update, body_pieces, decode_body
 from fedbus.protocol.runs import is_run_id, run_started_ms
 from fedbus.worker.core import KEEP_SENT, RunKey, SentUpdate
 
@@ -50,14 +50,17 @@ def default_state_dir(job_id: str, worker_id: str) -> Path:
     return Path(".fedbus-state") / job_id / worker_id
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Replace ``path`` with ``data``, one buffer or consecutive pieces (an update's
+    tensors as views: the body is never built in memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for piece in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+            view = memoryview(piece).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -87,7 +90,7 @@ class WorkerStateStore:
 
     def save_update(self, run: str | None, round_: int, fields: Update, tensors: Mapping) -> None:
         directory = self._run_dir(run)
-        _atomic_write(directory / f"update-{int(round_)}.body", encode_body(fields, tensors))
+        _atomic_write(directory / f"update-{int(round_)}.body", body_pieces(fields, tensors))
         rounds = sorted(int(m.group(1)) for p in directory.iterdir() if (m := _UPDATE_RE.match(p.name)))
         for old in rounds[:-KEEP_SENT]:
             (directory / f"update-{old}.body").unlink(missing_ok=True)

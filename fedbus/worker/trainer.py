@@ -22,7 +22,7 @@ from fedbus.transforms import LocalUpdate, Pipeline, TrainPlan, UpdateContext, b
 from fedbus.transforms.strategy import SCAFFOLD_C, ScaffoldStep
 from fedbus.protocol.messages import EvalReport, finite_metrics
 from fedbus.worker.attacks import Attack
-from fedbus.worker.core import Evaluate, EvaluationFinished, Train, TrainingFinished
+from fedbus.worker.core import UPDATE_ALIAS_MIN_BYTES, Evaluate, EvaluationFinished, Train, TrainingFinished
 
 __all__ = ["SCAFFOLD_C", "LocalTrainer"]
 
@@ -92,15 +92,23 @@ class LocalTrainer:
               eval_metrics: dict[str, float] | None = None, eval_samples: int = 0) -> LocalUpdate:
         """Train from the already loaded global model and run the pipeline; returns the encoded update."""
         ctx = context if context is not None else self.context(round_)
-        global_copy = {k: v.detach().clone() for k, v in global_state.items()}
         plan = self.pipeline.prepare(ctx, broadcast, list(self.model.named_parameters()), TrainPlan(settings))
+        # Only the task's train could modify what it is given (FedProx's anchor): a copy for it
+        # alone; the transforms read the global model and never modify it (UpdateContext).
+        anchor = ({k: v.detach().clone() for k, v in global_state.items()} if plan.settings.proximal_mu > 0 else None)
         result = call_train(self.task, self.model, self.data.train, plan.settings, context=ctx,
-                            global_state=global_copy if plan.settings.proximal_mu > 0 else None, **plan.train_kwargs)
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                            global_state=anchor, **plan.train_kwargs)
+        live = self.model.state_dict()
+        if sum(v.numel() * v.element_size() for v in live.values()) >= UPDATE_ALIAS_MIN_BYTES:
+            # A large model's update is the model's own tensors, not a copy: valid until the
+            # next load, and the worker core lets go of a large sent update before any (core.py).
+            state = {k: v.detach() for k, v in live.items()}
+        else:
+            state = {k: v.detach().clone() for k, v in live.items()}
         update = LocalUpdate(round=round_, base_version=base_version, state=state, num_samples=result.num_samples,
                              num_steps=result.num_steps, train_metrics={k: float(v) for k, v in result.metrics.items()},
                              eval_metrics=dict(eval_metrics or {}), eval_samples=eval_samples)
-        uctx = UpdateContext(training=ctx, settings=plan.settings, global_state=global_copy, broadcast=broadcast,
+        uctx = UpdateContext(training=ctx, settings=plan.settings, global_state=global_state, broadcast=broadcast,
                              base_version=base_version)
         return self.pipeline.apply(uctx, update)
 
@@ -112,7 +120,9 @@ class LocalTrainer:
             self.pipeline.load_state_dict(self.state_loader(action.run))
             self.state_run = action.run
         self.load(action.model)
-        global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # The received tensors are the round's global model and a copy of their own (decoded
+        # from the fetched body): no clone needed, and transforms never modify it.
+        global_state = dict(action.model)
         eval_metrics, eval_samples = {}, 0
         if action.evaluate and len(self.data.val) > 0:
             ev = self.evaluate(context=action.context)
