@@ -185,3 +185,36 @@ def test_a_hosted_worker_sends_the_update_a_worker_of_its_own_would(tmp_path):
     assert hosted.tensors.keys() == own.tensors.keys()
     for name in own.tensors:
         assert torch.equal(torch.as_tensor(hosted.tensors[name]), torch.as_tensor(own.tensors[name])), name
+
+
+def test_a_hosted_workers_update_does_not_alias_the_shared_module(tmp_path, monkeypatch):
+    """Large updates alias the trainer's module (no copy) only in a worker of its own: in a
+    pool the next hosted worker trains into the same module while the first one's update is
+    still to be sent (or kept for a resend)."""
+    import torch
+
+    import fedbus.worker.trainer as trainer
+    from fedbus.jobspec import JobSpec
+    from fedbus.worker.core import Train
+    from fedbus.worker.pool import WorkerPool
+    from fedbus.worker.service import WorkerService
+
+    monkeypatch.setattr(trainer, "UPDATE_ALIAS_MIN_BYTES", 0)  # every update counts as large
+    coord = Identity.generate("coord", "coordinator")
+    workers = [Identity.generate(f"w{i}", "worker") for i in range(1, 3)]
+    fed = Federation(FederationFile(participants=[Participant(**i.participant_entry()) for i in [coord, *workers]]))
+    job = JobSpec(job="j", task="fedbus.tasks.digits:task", rounds=2, task_params={"partition": "iid"})
+    pool = WorkerPool(job, fed, workers, "nats://127.0.0.1:9", state_root=tmp_path / "pool")
+    alone = WorkerService(job, fed, workers[0], "nats://127.0.0.1:9", state_dir=tmp_path / "alone")
+    assert alone.trainer.owns_model and not pool.workers["w1"].trainer.owns_model
+    model = {k: v.detach().clone() for k, v in alone.trainer.model.state_dict().items()}
+
+    def train(service: WorkerService):
+        action = Train(service.core.context("r0-00000000", 1), model, {}, job.train.model_dump(), False, 0, 0)
+        return service.trainer.run_train(action)
+
+    first = train(pool.workers["w1"])
+    kept = {k: torch.as_tensor(v).clone() for k, v in first.tensors.items()}
+    train(pool.workers["w2"])  # trains into the shared module
+    for name, value in kept.items():
+        assert torch.equal(torch.as_tensor(first.tensors[name]), value), name

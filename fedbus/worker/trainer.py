@@ -42,6 +42,9 @@ class LocalTrainer:
         # simulator), which the caller trains one at a time; every Train / Evaluate loads
         # the received model into it first.
         self.model = model if model is not None else task.build_model(job.task_params)
+        # A large update may alias the module's own tensors only when no other trainer loads
+        # models into that module before this one's update has been sent (see train below).
+        self.owns_model = model is None
         self.data = task.worker_data(partition=partition, num_partitions=num_partitions,
                                      params=job.task_params, seed=job.seed)
         if attack is not None and attack.poisons_data:
@@ -99,7 +102,7 @@ class LocalTrainer:
         result = call_train(self.task, self.model, self.data.train, plan.settings, context=ctx,
                             global_state=anchor, **plan.train_kwargs)
         live = self.model.state_dict()
-        if sum(v.numel() * v.element_size() for v in live.values()) >= UPDATE_ALIAS_MIN_BYTES:
+        if self.owns_model and sum(v.numel() * v.element_size() for v in live.values()) >= UPDATE_ALIAS_MIN_BYTES:
             # A large model's update is the model's own tensors, not a copy: valid until the
             # next load, and the worker core lets go of a large sent update before any (core.py).
             state = {k: v.detach() for k, v in live.items()}
