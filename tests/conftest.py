@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 from fedbus.bus.server import EmbeddedNatsServer
@@ -16,6 +17,16 @@ from fedbus.bus.server import EmbeddedNatsServer
 settings.register_profile("fedbus", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fedbus-ci", parent=settings.get_profile("fedbus"), derandomize=True)
 settings.load_profile("fedbus-ci" if os.environ.get("CI") else "fedbus")
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_per_test() -> Iterator[None]:
+    """A test that runs a CLI command in-process (``fedbus.cli.main``) configures structlog
+    for that command: its level, and pytest's captured stream of that test, closed after
+    it. Later tests get the configuration they started with back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture
