@@ -157,30 +157,40 @@ def test_a_key_event_stops_only_the_hosted_worker_it_revokes(tmp_path):
     assert pool.workers["w2"].exit_code == 4
 
 
+class PoolAndLoneWorker:
+    """Three hosted workers (w1..w3) in a pool sharing one module, a lone worker with w2's
+    key and its own module, and one global model to train from."""
+
+    def __init__(self, tmp_path):
+        from fedbus.jobspec import JobSpec
+        from fedbus.worker.pool import WorkerPool
+        from fedbus.worker.service import WorkerService
+
+        coord = Identity.generate("coord", "coordinator")
+        workers = [Identity.generate(f"w{i}", "worker") for i in range(1, 4)]
+        fed = Federation(FederationFile(participants=[Participant(**i.participant_entry())
+                                                      for i in [coord, *workers]]))
+        self.job = JobSpec(job="j", task="fedbus.tasks.digits:task", rounds=2, task_params={"partition": "iid"})
+        self.pool = WorkerPool(self.job, fed, workers, "nats://127.0.0.1:9", state_root=tmp_path / "pool")
+        self.alone = WorkerService(self.job, fed, workers[1], "nats://127.0.0.1:9", state_dir=tmp_path / "alone")
+        self.model = {k: v.detach().clone() for k, v in self.alone.trainer.model.state_dict().items()}
+
+    def train(self, service):
+        from fedbus.worker.core import Train
+
+        action = Train(service.core.context("r0-00000000", 1), self.model, {}, self.job.train.model_dump(),
+                       False, 0, 0)
+        return service.trainer.run_train(action)
+
+
 def test_a_hosted_worker_sends_the_update_a_worker_of_its_own_would(tmp_path):
     """The shared module is only a workspace: whatever another hosted worker trained into it
     before, a hosted worker's update is bit for bit what its own process would send."""
     import torch
 
-    from fedbus.jobspec import JobSpec
-    from fedbus.worker.core import Train
-    from fedbus.worker.pool import WorkerPool
-    from fedbus.worker.service import WorkerService
-
-    coord = Identity.generate("coord", "coordinator")
-    workers = [Identity.generate(f"w{i}", "worker") for i in range(1, 4)]
-    fed = Federation(FederationFile(participants=[Participant(**i.participant_entry()) for i in [coord, *workers]]))
-    job = JobSpec(job="j", task="fedbus.tasks.digits:task", rounds=2, task_params={"partition": "iid"})
-    pool = WorkerPool(job, fed, workers, "nats://127.0.0.1:9", state_root=tmp_path / "pool")
-    alone = WorkerService(job, fed, workers[1], "nats://127.0.0.1:9", state_dir=tmp_path / "alone")
-    model = {k: v.detach().clone() for k, v in alone.trainer.model.state_dict().items()}
-
-    def train(service: WorkerService):
-        action = Train(service.core.context("r0-00000000", 1), model, {}, job.train.model_dump(), False, 0, 0)
-        return service.trainer.run_train(action)
-
-    train(pool.workers["w1"])  # leaves its training in the shared module
-    hosted, own = train(pool.workers["w2"]), train(alone)
+    setup = PoolAndLoneWorker(tmp_path)
+    setup.train(setup.pool.workers["w1"])  # leaves its training in the shared module
+    hosted, own = setup.train(setup.pool.workers["w2"]), setup.train(setup.alone)
     assert hosted.fields == own.fields
     assert hosted.tensors.keys() == own.tensors.keys()
     for name in own.tensors:
@@ -194,27 +204,12 @@ def test_a_hosted_workers_update_does_not_alias_the_shared_module(tmp_path, monk
     import torch
 
     import fedbus.worker.trainer as trainer
-    from fedbus.jobspec import JobSpec
-    from fedbus.worker.core import Train
-    from fedbus.worker.pool import WorkerPool
-    from fedbus.worker.service import WorkerService
 
     monkeypatch.setattr(trainer, "UPDATE_ALIAS_MIN_BYTES", 0)  # every update counts as large
-    coord = Identity.generate("coord", "coordinator")
-    workers = [Identity.generate(f"w{i}", "worker") for i in range(1, 3)]
-    fed = Federation(FederationFile(participants=[Participant(**i.participant_entry()) for i in [coord, *workers]]))
-    job = JobSpec(job="j", task="fedbus.tasks.digits:task", rounds=2, task_params={"partition": "iid"})
-    pool = WorkerPool(job, fed, workers, "nats://127.0.0.1:9", state_root=tmp_path / "pool")
-    alone = WorkerService(job, fed, workers[0], "nats://127.0.0.1:9", state_dir=tmp_path / "alone")
-    assert alone.trainer.owns_model and not pool.workers["w1"].trainer.owns_model
-    model = {k: v.detach().clone() for k, v in alone.trainer.model.state_dict().items()}
-
-    def train(service: WorkerService):
-        action = Train(service.core.context("r0-00000000", 1), model, {}, job.train.model_dump(), False, 0, 0)
-        return service.trainer.run_train(action)
-
-    first = train(pool.workers["w1"])
+    setup = PoolAndLoneWorker(tmp_path)
+    assert setup.alone.trainer.owns_model and not setup.pool.workers["w1"].trainer.owns_model
+    first = setup.train(setup.pool.workers["w1"])
     kept = {k: torch.as_tensor(v).clone() for k, v in first.tensors.items()}
-    train(pool.workers["w2"])  # trains into the shared module
+    setup.train(setup.pool.workers["w2"])  # trains into the shared module
     for name, value in kept.items():
         assert torch.equal(torch.as_tensor(first.tensors[name]), value), name
