@@ -306,3 +306,21 @@ def test_a_held_update_excused_after_a_resume_is_folded_even_if_versions_passed(
     assert not [r for r in out if isinstance(r, RejectUpdate)]
     close = next(a for a in out if isinstance(a, CloseRound))
     assert close.accepted == ("a",) and close.staleness == (3,)
+
+
+def test_an_assignment_outstanding_at_the_kill_on_a_forgotten_model_is_too_stale_after_a_resume():
+    """A straggler was assigned version 0 and is still training when the coordinator dies at
+    version 3 with max_staleness 1: the resumed machine keeps no model 0 to re-announce it,
+    but still knows the ticket, so the straggler's answer is ``too_stale`` (as the dead
+    machine would have said), not ``not_in_cohort``."""
+    from fedbus.coordinator.records import JobRecord
+
+    m = machine(buffer_size=1, rounds=6, concurrency=2, max_staleness=1)
+    record = JobRecord(round=4, phase="async", model_version=3, rounds_completed=3, declared={"a": 1000, "b": 1000},
+                       async_state={"outstanding": [["slow", 1, 0], ["b", 4, 3]], "late": [], "held": [],
+                                    "recent": []})
+    m.restore(record, model(3.0), {}, {2: model(2.0), 3: model(3.0)})
+    out = start(m, ["a", "b", "slow"], now=5)
+    assert ("slow", 1) not in {(w, o.round) for o in opens(out) for w in o.cohort}  # nothing to train from
+    rejected = [r for r in update(m, "slow", 1, 0, model(0.5), now=6) if isinstance(r, RejectUpdate)]
+    assert [(r.worker_id, r.reason) for r in rejected] == [("slow", "too_stale")]

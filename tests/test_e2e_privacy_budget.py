@@ -35,7 +35,10 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_survives_a_coordinator_k
     fed = LocalFederation(tmp_path, nats_server.url, job, WORKERS)
     try:
         fed.start_coordinator()
-        fed.start_workers()
+        for w in fed.federation.workers():
+            # Slowed, so that round 3 (the last the budget allows) is still open at the kill:
+            # unslowed, a round takes ~0.1 s and the job could end before the kill lands.
+            fed.start_worker(w.id, "--simulate-slowdown", "20")
         wait_for_round(fed, 2, timeout=120)
         fed.kill("coordinator")  # nothing survives but what was committed
         assert fed.start_coordinator(resume=True).wait(timeout=180) == 0, fed.tail_logs()
@@ -46,7 +49,7 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_survives_a_coordinator_k
 
     summary = fed.summary()
     assert summary["reason"] == "privacy_budget_exhausted", fed.tail_logs()
-    assert summary["incarnations"] == 2
+    assert summary["incarnations"] == 2, fed.tail_logs()  # (the resumed coordinator made round 3)
     assert summary["rounds_completed"] == 3 and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     expected = [eps_after(k) for k in (1, 2, 3)]
     assert [r["dp_epsilon"] for r in summary["rounds"]] == pytest.approx(expected, rel=1e-9)

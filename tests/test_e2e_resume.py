@@ -140,7 +140,9 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
     log = (tmp_path / "logs" / "coordinator-resumed.log").read_text()
     assert '"coordinator.resumed"' in log
 
-    # Resuming the finished job does nothing: exit 0, its results untouched.
+    # Resuming the finished job does nothing but announce its end again (as if a kill had
+    # come between committing the end and announcing it): exit 0, its results untouched.
+    assert asyncio.run(job_done_messages(fed, purge=True)) == 1
     before = {name: (tmp_path / name).read_bytes() for name in ("summary.json", "final_model.pt")}
     again = subprocess.run(cli_command(
         "coordinator", "--job", str(tmp_path / "job.yaml"), "--federation", str(tmp_path / "federation.yaml"),
@@ -148,6 +150,8 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
         capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "coordinator.already_done" in again.stdout + again.stderr
+    assert "job.done.announced_again" in again.stdout + again.stderr
+    assert asyncio.run(job_done_messages(fed)) == 1  # the workers' exit is announced again
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
     # The resumed coordinator wrote version 1's lost manifest again, from its committed
@@ -161,6 +165,22 @@ def test_coordinator_crash_mid_round_resumes_without_losing_updates(nats_server,
     assert '"model.manifest_recovered"' in log
 
     check_audit_and_tampering(fed)
+
+
+async def job_done_messages(fed: LocalFederation, purge: bool = False) -> int:
+    """How many job.done announcements the control stream holds (after purging them)."""
+    subjects = Subjects(fed.job.job)
+    nc = await connect(fed.nats_url, name="job-done-check", first_connect_timeout=10)
+    try:
+        js = nc.jetstream()
+        subject = subjects.ctl("job.done")
+        info = await js.stream_info(subjects.ctl_stream, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        if purge:
+            await js.purge_stream(subjects.ctl_stream, subject=subject)
+        return count
+    finally:
+        await nc.close()
 
 
 async def drop_manifest(fed: LocalFederation, version: int) -> bool:

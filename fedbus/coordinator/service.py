@@ -200,6 +200,7 @@ class CoordinatorService:
         self._in_hand: dict[str, list] = {}
         self.exit_code = 0
         self.already_done = False
+        self._done_record = None  # the committed record of a job found finished at --resume
         self._recovered_close: dict | None = None
         self.keys: KeyWatch | None = None
         # privacy.secure_aggregation: each round's SecAgg+ exchange (workers' secagg.* arrive as updates).
@@ -255,6 +256,7 @@ class CoordinatorService:
             if self.resume:
                 if not await self._restore():
                     write_summary = False  # a finished job's results stay as they are
+                    await self._announce_done_again()
                     return self.summary
             else:
                 await self._fresh_start()
@@ -366,6 +368,7 @@ class CoordinatorService:
         self.run_id = committed.run
         if committed.record.phase == "done":
             self.already_done = True
+            self._done_record = committed.record
             log.info("coordinator.already_done", job=self.job.job, run=self.run_id,
                      reason=committed.record.reason, rounds_completed=committed.record.rounds_completed)
             return False
@@ -805,6 +808,22 @@ class CoordinatorService:
                     # An announcement that cannot go out (after retries) must not leave
                     # workers waiting forever: end the job and say why.
                     await self._stop(f"{type(action).__name__.lower()}_publish_failed", exc)
+
+    async def _announce_done_again(self) -> None:
+        """The job's end is committed, but a kill between that commit and the job.done
+        announcement would leave the workers waiting for it: announce it again. Workers end
+        at the first job.done of the run they serve, so a second one changes nothing."""
+        record = self._done_record
+        messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
+                              inline_max_bytes=self.job.transport.inline_max_bytes)
+        try:
+            await messenger.publish(self.subjects.ctl("job.done"), JobDone(
+                rounds_completed=record.rounds_completed, model_version=record.model_version,
+                reason=record.reason or "completed"), round=record.round, run=self.run_id)
+        except Exception as exc:  # the results stand; the workers' own deadlines end them
+            log.warning("job.done.announce_failed", error=repr(exc)[:300])
+            return
+        log.info("job.done.announced_again", reason=record.reason, rounds_completed=record.rounds_completed)
 
     async def _stop(self, reason: str, exc: Exception) -> None:
         self.summary.reason = reason

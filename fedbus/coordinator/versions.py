@@ -270,6 +270,8 @@ class VersionStateMachine(MachineBase):
         for w, ticket, version in a.get("outstanding", ()):
             if int(version) in self.history:
                 self._reannounce.append(Assignment(str(w), int(ticket), int(version), 0))
+            else:  # its model is gone: its answer is too stale, as it would have been had we lived
+                self._late_tickets[(str(w), int(ticket))] = int(version)
         for w, ticket, version in a.get("late", ()):
             self._late_tickets[(str(w), int(ticket))] = int(version)
         for w, ticket, version in a.get("held", ()):
