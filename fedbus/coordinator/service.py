@@ -253,6 +253,8 @@ class CoordinatorService:
             self.jobstate = JobStateStore(self.nc, self.js, self.job.job, self.identity,
                                           keep_versions=history_versions(self.job))
             self.registrar = Registrar(self.nc, self.js, self.job, self.federation, self.identity, self.jobstate)
+            self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
+                                       inline_max_bytes=self.job.transport.inline_max_bytes)
             if self.resume:
                 if not await self._restore():
                     write_summary = False  # a finished job's results stay as they are
@@ -260,8 +262,6 @@ class CoordinatorService:
                     return self.summary
             else:
                 await self._fresh_start()
-            self.messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
-                                       inline_max_bytes=self.job.transport.inline_max_bytes)
             self.audit = AuditTrail(self.js, self.subjects, self.identity)
             self.audit_queue = AuditQueue(self.audit)
             await self.audit.resume()
@@ -814,12 +814,9 @@ class CoordinatorService:
         announcement would leave the workers waiting for it: announce it again. Workers end
         at the first job.done of the run they serve, so a second one changes nothing."""
         record = self._done_record
-        messenger = Messenger(self.nc, self.js, self.identity, self.subjects,
-                              inline_max_bytes=self.job.transport.inline_max_bytes)
         try:
-            await messenger.publish(self.subjects.ctl("job.done"), JobDone(
-                rounds_completed=record.rounds_completed, model_version=record.model_version,
-                reason=record.reason or "completed"), round=record.round, run=self.run_id)
+            await self._publish_job_done(record.reason or "completed", record.rounds_completed,
+                                         record.model_version, record.round)
         except Exception as exc:  # the results stand; the workers' own deadlines end them
             log.warning("job.done.announce_failed", error=repr(exc)[:300])
             return
@@ -830,10 +827,16 @@ class CoordinatorService:
         self.summary.error = repr(exc)[:300]
         self.exit_code = 1
         with contextlib.suppress(Exception):
-            await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
-                rounds_completed=self.machine.rounds_completed, model_version=self.machine.model_version,
-                reason=reason), round=self.machine.round, run=self.run_id)
+            await self._publish_job_done(reason, self.machine.rounds_completed, self.machine.model_version,
+                                         self.machine.round)
         self._done.set()
+
+    async def _publish_job_done(self, reason: str, rounds_completed: int, model_version: int, round_: int,
+                                metrics: dict | None = None) -> None:
+        """The job is over, for the workers of this run: they exit at the first one."""
+        await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
+            rounds_completed=rounds_completed, model_version=model_version, metrics=metrics or {}, reason=reason),
+            round=round_, run=self.run_id)
 
     async def _perform(self, action) -> None:
         match action:
@@ -1080,10 +1083,8 @@ class CoordinatorService:
         self._note_privacy(None)
         if a.reason == "commit_failed":
             self.exit_code = 1
-        await self.messenger.publish(self.subjects.ctl("job.done"), JobDone(
-            rounds_completed=a.rounds_completed, model_version=a.model_version, metrics=finite_metrics(metrics),
-            reason=a.reason),
-            round=self.machine.round, run=self.run_id)
+        await self._publish_job_done(a.reason, a.rounds_completed, a.model_version, self.machine.round,
+                                     finite_metrics(metrics))
         await self.audit.publish("job.done", reason=a.reason, rounds_completed=a.rounds_completed, run=self.run_id)
         if self.job.mode == "sync" and not self.job.retention.keep_updates:
             # Nothing reads this job's claim checks any more: the last rounds' ones (kept while
