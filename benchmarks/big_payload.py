@@ -170,14 +170,23 @@ async def raw_worker(url: str, wid: str) -> None:
 class MemorySampler:
     """Peak RSS (VmHWM) of every process of a ProcessGroup (and extra pids), sampled until stopped."""
 
-    def __init__(self, group, every: float = 0.25):
+    def __init__(self, group, every: float = 0.25, extra: dict[str, int] | None = None):
         self.group, self.every = group, every
+        self.extra = dict(extra or {})
+        self.cpu_s: dict[str, float] = {}  # user + system CPU seconds, last seen before exit
+        self._start_cpu = {name: cpu_seconds(pid) for name, pid in self.extra.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.group.sample_memory()
+            pids = {name: p.pid for name, p in self.group.procs.items() if p.poll() is None}
+            pids.update(self.extra)
+            for name, pid in pids.items():
+                seen = cpu_seconds(pid)
+                if seen is not None:
+                    self.cpu_s[name] = seen - (self._start_cpu.get(name) or 0.0)
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -187,6 +196,15 @@ class MemorySampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (/proc/PID/stat fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_procs(group, names, timeout: float) -> None:
@@ -213,14 +231,14 @@ async def stream_bytes(url: str) -> dict[str, int]:
     return out
 
 
-def run_raw(server_url: str, size: int, workers: int, rounds: int, work: Path) -> dict:
+def run_raw(server_url: str, size: int, workers: int, rounds: int, work: Path, server_pid: int) -> dict:
     from fedbus.demo import ProcessGroup
 
     (work / "raw-logs").mkdir(parents=True, exist_ok=True)
     group = ProcessGroup(work / "raw-logs", dict(os.environ))
     me = [sys.executable, str(Path(__file__).resolve())]
     try:
-        with MemorySampler(group):
+        with MemorySampler(group, extra={"nats-server": server_pid}) as sampler:
             group.start("raw-coordinator", [*me, "raw-coordinator", "--url", server_url, "--size", str(size),
                                             "--workers", str(workers), "--rounds", str(rounds)])
             for i in range(workers):
@@ -233,11 +251,11 @@ def run_raw(server_url: str, size: int, workers: int, rounds: int, work: Path) -
     line = next((ln for ln in out.splitlines() if ln.startswith("{")), None)
     if group.procs["raw-coordinator"].returncode != 0 or line is None:
         raise SystemExit(f"raw coordinator failed:\n{out[-3000:]}")
-    return {"round_s": json.loads(line)["raw_round_s"], "peak_rss": dict(group.peak_rss)}
+    return {"round_s": json.loads(line)["raw_round_s"], "peak_rss": dict(group.peak_rss), "cpu_s": sampler.cpu_s}
 
 
 def run_fedbus(server_url: str, size: int, workers: int, rounds: int, work: Path, tensors: int,
-               deadline_s: float | None, seal: str = "auto") -> dict:
+               deadline_s: float | None, seal: str = "auto", server_pid: int = 0) -> dict:
     from fedbus.demo import ProcessGroup, cli_command, write_federation
     from fedbus.jobspec import CohortSpec, EvaluationSpec, JobSpec, SecuritySpec
 
@@ -257,7 +275,7 @@ def run_fedbus(server_url: str, size: int, workers: int, rounds: int, work: Path
               "--nats", server_url]
     started = time.perf_counter()
     try:
-        with MemorySampler(group):
+        with MemorySampler(group, extra={"nats-server": server_pid}) as sampler:
             group.start("coordinator", cli_command("coordinator", *common, "--key", str(run_dir / "keys/coordinator.key"),
                                                    "--run-dir", str(run_dir)))
             for w in federation.workers():
@@ -278,7 +296,8 @@ def run_fedbus(server_url: str, size: int, workers: int, rounds: int, work: Path
     cycles = [b - a for a, b in zip(elapsed, elapsed[1:])]
     check = check_final(run_dir, rounds, size, tensors)
     return {"summary": summary, "cycle_s": cycles, "open_to_close_s": summary["round_seconds"],
-            "peak_rss": dict(group.peak_rss), "wall_s": wall, "final_check": check}
+            "peak_rss": dict(group.peak_rss), "wall_s": wall, "final_check": check,
+            "cpu_s": sampler.cpu_s}
 
 
 def check_final(run_dir: Path, rounds: int, size: int, tensors: int) -> str:
@@ -296,6 +315,10 @@ def check_final(run_dir: Path, rounds: int, size: int, tensors: int) -> str:
     return f"{'ok' if ok else 'WRONG'} (max |x - {want:g}| = {worst:.2e}, {n} params)"
 
 
+def cpu_line(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())) + f" (total {sum(cpu.values()):.1f})"
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
@@ -305,9 +328,10 @@ def one_size(size: int, workers: int, args, work: Path) -> dict:
 
     server = EmbeddedNatsServer(work / "nats-store").start()
     try:
-        fed = run_fedbus(server.url, size, workers, args.rounds, work, args.tensors, args.deadline, args.seal)
+        fed = run_fedbus(server.url, size, workers, args.rounds, work, args.tensors, args.deadline, args.seal,
+                         server_pid=server.pid)
         left = asyncio.run(stream_bytes(server.url))
-        raw = None if args.skip_raw else run_raw(server.url, size, workers, args.raw_rounds, work)
+        raw = None if args.skip_raw else run_raw(server.url, size, workers, args.raw_rounds, work, server.pid)
     finally:
         server.stop()
     s = fed["summary"]
@@ -322,6 +346,7 @@ def one_size(size: int, workers: int, args, work: Path) -> dict:
           f"max heartbeat gap {s['max_heartbeat_gap_s']} s")
     print("fedbus peak RSS MiB: " + ", ".join(f"{k} {mib(v)}" for k, v in sorted(fed["peak_rss"].items()))
           + f"  (model {size / 2**20:.0f} MiB)")
+    print(f"fedbus CPU s over {fed['wall_s']:.1f} s wall: " + cpu_line(fed["cpu_s"]))
     print("bytes left in the store after the job: " + ", ".join(f"{k} {v}" for k, v in sorted(left.items()) if v))
     row = {"size": size, "workers": workers, "fedbus_round_s": fed_round, "fedbus_cycles_s": fed["cycle_s"],
            "fedbus_peak_rss": fed["peak_rss"], "rejected": s["updates_rejected"], "redeliveries": s["redeliveries"],
@@ -329,6 +354,7 @@ def one_size(size: int, workers: int, args, work: Path) -> dict:
     if raw is not None:
         raw_round = statistics.median(raw["round_s"])
         print(f"raw round: median {raw_round:.2f} s  {[round(c, 2) for c in raw['round_s']]}")
+        print("raw CPU s: " + cpu_line(raw["cpu_s"]))
         print("raw peak RSS MiB: " + ", ".join(f"{k} {mib(v)}" for k, v in sorted(raw["peak_rss"].items())))
         print(f"throughput fedbus / raw: {raw_round / fed_round:.2f}x")
         row.update(raw_round_s=raw_round, raw_rounds_s=raw["round_s"], ratio=raw_round / fed_round)
