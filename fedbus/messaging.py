@@ -4,7 +4,10 @@ This is the only place where envelopes meet the bus: bodies larger than the inli
 go to the Object Store (claim check) and the signed header names them; on receipt the
 header is verified first and the blob is fetched only for a message that passed every
 header check, and only from the job's own bucket, under the sender's own names, and no
-larger than the message type allows.
+larger than the message type allows. An announcement (round.open, eval.open) of a large
+model names the coordinator's committed object of that version in the models bucket
+instead of carrying the model (``model``); it is read the same way, bounded and checked
+against the size and SHA-256 the signed body names, and its tensors join the body's.
 
 Digest and decode of a large body can run off the event loop (``receive(offload=True)``);
 the replay guard is still touched only from the loop. Likewise a body that carries tensors
@@ -21,15 +24,15 @@ from dataclasses import dataclass
 
 import structlog
 
-from fedbus.bus import BLOBS_BUCKET, BlobStore, Subjects, publish_with_retry
+from fedbus.bus import BLOBS_BUCKET, MODELS_BUCKET, BlobStore, Subjects, publish_with_retry
 from fedbus.crypto.envelopes import EnvelopeVerifier, Opened, Rejection, RoundCheck, check_pointer, seal
 from fedbus.crypto.federation import Federation
 from fedbus.crypto.keys import Identity
 from fedbus.crypto.sealing import Opener, SealTarget, seal_pieces
 from fedbus.jobspec import JobSpec, SecuritySpec
-from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, Tensor
+from fedbus.protocol.codec import DEFAULT_MAX_TENSORS, CodecError, Tensor, decode_tensors
 from fedbus.protocol.envelope import BlobPointer, EnvelopeHeader
-from fedbus.protocol.messages import Body, Update, body_limit, body_pieces, pieces_length
+from fedbus.protocol.messages import MODEL_PREFIX, Body, Update, body_limit, body_pieces, pieces_length
 from fedbus.telemetry.metrics import metrics
 
 log = structlog.get_logger(__name__)
@@ -91,6 +94,7 @@ class Messenger:
         self.subjects = subjects
         self.inline_max_bytes = inline_max_bytes
         self.blobs = BlobStore(nc, js)
+        self.models = BlobStore(nc, js, MODELS_BUCKET)
 
     def _pieces(self, fields: Body, tensors: Mapping[str, Tensor] | None, seal_to: SealTarget | None
                 ) -> tuple[int, Iterable[bytes | memoryview]]:
@@ -157,8 +161,38 @@ class Messenger:
         else:
             fields, tensors = verifier.decode_body(opened, body, fetched=fetched)
         del body
+        if getattr(fields, "model", None) is not None:
+            tensors = await self._with_model(fields, tensors, verifier, opened.header)
         verifier.remember(opened)  # on the loop's thread: the replay guard is not shared
         return Received(opened.header, fields, tensors)
+
+    async def _with_model(self, fields: Body, tensors: dict[str, Tensor] | None, verifier: EnvelopeVerifier,
+                          header: EnvelopeHeader) -> dict[str, Tensor]:
+        """The body's tensors plus the model its signed ``model`` pointer names: only the
+        models bucket, only this job's objects, no larger than the type's body limit, and
+        the size and SHA-256 checked as it is read (``BlobStore.get``)."""
+        ref: BlobPointer = fields.model  # type: ignore[attr-defined]
+        if ref.bucket != MODELS_BUCKET or not ref.name.startswith(f"{self.subjects.job}/v"):
+            raise Rejection("pointer_not_allowed", f"model at {ref.bucket[:64]}/{ref.name[:80]}", header)
+        limit = body_limit(type(fields), verifier.max_body_bytes)
+        if ref.size > limit:
+            raise Rejection("oversize", f"model object of {ref.size} bytes, limit {limit}", header)
+        try:
+            data = await self.models.get(ref.name, expected_size=ref.size, expected_digest=ref.digest)
+        except Exception as exc:  # missing (retention took an old version), tampered, timed out
+            raise Rejection("blob_unavailable", f"{ref.name[:80]}: {exc!r:.200}", header) from None
+        metrics().received(len(data))
+        try:
+            stored = decode_tensors(data, max_tensors=verifier.max_tensors, allow_numpy=False, copy=False)
+        except CodecError as exc:
+            raise Rejection("malformed_body", f"model object: {exc}", header) from None
+        del data  # the tensors are views over it
+        out = dict(tensors or {})
+        for name, value in stored.items():
+            if not name.startswith(MODEL_PREFIX) or name[len(MODEL_PREFIX):] in out:
+                raise Rejection("malformed_body", f"model object tensor {name[:80]!r}", header)
+            out[name[len(MODEL_PREFIX):]] = value
+        return out
 
     async def _body_of(self, opened: Opened, verifier: EnvelopeVerifier):
         header = opened.header

@@ -100,6 +100,11 @@ async def stored_marks(url: str, pki, s: Subjects) -> int:
 
 def test_job_completes_under_generated_mtls_config_and_server_refuses_a_workers_abuse(tmp_path):
     job = small_job("secured", rounds=3, min_workers=2, min_updates=2)
+    # Bodies above 8 KiB go out of line, so both large-body paths run under the permissions:
+    # updates as claim checks (workers write the blob bucket, never read it) and round.open
+    # by reference to the committed model (workers read the models bucket). The digits MLP
+    # (~38 KiB) is above that: a round.open carrying it in a blob would not reach them.
+    job = job.model_copy(update={"transport": job.transport.model_copy(update={"inline_max_bytes": 8 * 1024})})
     ids = ["coordinator", "w01", "w02"]
     pki = make_pki(tmp_path / "certs", ids)
     fed = LocalFederation(tmp_path, "", job, 2, credentials_of=lambda pid: credentials_args(pki, pid))

@@ -23,10 +23,10 @@ from fedbus.bus import KV_BUCKET, MODELS_BUCKET, BlobStore
 from fedbus.coordinator.records import JobRecord, SignedRecordError, open_signed_record, sign_record
 from fedbus.crypto.keys import Identity
 from fedbus.protocol.codec import decode_tensors, tensor_pieces
+from fedbus.protocol.messages import MODEL_PREFIX
 
 log = structlog.get_logger(__name__)
 
-MODEL_PREFIX = "model/"
 STRATEGY_PREFIX = "strategy/"
 
 
@@ -107,6 +107,7 @@ class JobStateStore:
         self.revision: int | None = None
         self._attempted: bytes | None = None  # the value of a commit attempt that raised
         self._model_ref: dict | None = None
+        self._strategy_ref: dict | None = None
         self._kinds: dict[str, str] = {}
         self._model_version: int | None = None
 
@@ -132,24 +133,44 @@ class JobStateStore:
             log.debug("jobstate.purge_skipped", error=repr(exc))
         self.revision = None
 
+    def model_ref_for(self, version: int) -> dict | None:
+        """The object ref of ``version``'s model if the committed record names it (the
+        current version or a kept earlier one): announcements point at it instead of
+        carrying the model again."""
+        if version == self._model_version and self._model_ref is not None:
+            return self._model_ref
+        return dict(self._history).get(version)
+
+    @property
+    def strategy_ref(self) -> dict | None:
+        """{bucket, name, size, digest} of the current version's strategy-state object (None: no tensors)."""
+        return self._strategy_ref
+
+    async def _put(self, name: str, tensors: dict[str, torch.Tensor]) -> dict:
+        # Written from the tensors' own memory (no encoded copy of the model).
+        ref = await self.models.put_stream(name, tensor_pieces(tensors))
+        return {"bucket": ref.bucket, "name": ref.name, "size": ref.size, "digest": ref.digest}
+
     async def commit(self, *, run: str, record: JobRecord, model: State, strategy_state: dict, now_ms: int) -> None:
         if self._model_version != record.model_version or self._model_ref is None:
-            tensors, kinds = flatten_state(strategy_state, STRATEGY_PREFIX)
-            tensors.update({f"{MODEL_PREFIX}{k}": v for k, v in model.items()})
-            # A unique name per commit: a rival writer whose compare-and-set is about to fail
-            # must not overwrite the object the current record points at. Written from the
-            # tensors' own memory (no encoded copy of the model).
+            # Two objects: the model alone (workers and aggregators read it: round.open points at
+            # it), and the strategy's server state (momenta: as large as the model, read only by a
+            # resuming coordinator). A unique name per commit: a rival writer whose
+            # compare-and-set is about to fail must not overwrite the object the current record
+            # points at.
             name = f"{self.job_id}/v{record.model_version}/{os.urandom(6).hex()}"
-            ref = await self.models.put_stream(name, tensor_pieces(tensors))
+            model_ref = await self._put(name, {f"{MODEL_PREFIX}{k}": v for k, v in model.items()})
+            tensors, kinds = flatten_state(strategy_state, STRATEGY_PREFIX)
+            strategy_ref = await self._put(f"{name}.strategy", tensors) if tensors else None
             if self._model_ref is not None and self._model_version is not None and self.keep_versions > 0:
                 self._history.append((self._model_version, self._model_ref))
                 self._history = [(v, r) for v, r in self._history
                                  if v >= record.model_version - self.keep_versions][-self.keep_versions:]
-            self._model_ref = {"bucket": ref.bucket, "name": ref.name, "size": ref.size, "digest": ref.digest}
+            self._model_ref, self._strategy_ref = model_ref, strategy_ref
             self._kinds = kinds
             self._model_version = record.model_version
         doc = {"job": self.job_id, "run": run, "record": record.as_dict(), "model": self._model_ref,
-               "strategy_kinds": self._kinds, "coordinator": self.identity.id, "updated_ms": now_ms,
+               "strategy": self._strategy_ref, "strategy_kinds": self._kinds, "coordinator": self.identity.id, "updated_ms": now_ms,
                "history": [[v, r] for v, r in self._history]}
         value = self._signed(doc)
         kv = await self._kv()
@@ -197,11 +218,13 @@ class JobStateStore:
         try:
             record = JobRecord.from_dict(doc["record"])
             ref = doc["model"]
+            strategy_ref = doc.get("strategy")  # (records before the split kept both in one object)
             kinds = {str(k): str(v) for k, v in doc.get("strategy_kinds", {}).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise JobStateError(f"job state record for {self.job_id!r} is malformed: {exc!r}") from None
-        data = await self.models.get(ref["name"], expected_size=ref["size"], expected_digest=ref["digest"])
-        tensors = await asyncio.to_thread(lambda: dict(decode_tensors(data)))
+        tensors = await self._get(ref)
+        if strategy_ref is not None:
+            tensors.update(await self._get(strategy_ref))
         model = model_part(tensors)
         strategy = unflatten_state(tensors, kinds)
         history: dict[int, State] = {}
@@ -217,11 +240,15 @@ class JobStateStore:
             history[version] = model_part(old_tensors)
             kept.append((version, old))
         self.revision = entry.revision
-        self._model_ref = ref
+        self._model_ref, self._strategy_ref = ref, strategy_ref
         self._kinds = kinds
         self._model_version = record.model_version
         self._history = kept
         return CommittedJob(doc["run"], record, model, strategy.get("strategy", {}), history)
+
+    async def _get(self, ref: dict) -> dict[str, torch.Tensor]:
+        data = await self.models.get(ref["name"], expected_size=ref["size"], expected_digest=ref["digest"])
+        return await asyncio.to_thread(lambda: dict(decode_tensors(data)))
 
     def _signed(self, doc: dict) -> bytes:
         return sign_record(doc, self.identity.sign)

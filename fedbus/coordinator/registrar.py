@@ -152,8 +152,9 @@ class Registrar:
             self.deleted["manifests"] += 1
         keep_names = {name for v in sorted(plan.keep) if (name := await self._object_of(v)) is not None}
         keep_names |= {r["name"] for _, r in self.jobstate.kept_refs}
-        if self.jobstate.model_ref is not None:
-            keep_names.add(self.jobstate.model_ref["name"])
+        for current_ref in (self.jobstate.model_ref, self.jobstate.strategy_ref):
+            if current_ref is not None:
+                keep_names.add(current_ref["name"])
         for name in model_objects_to_delete(await self.models.names(), self.job.job, keep_names):
             await self.models.delete_completely(name)
             self.deleted["model_objects"] += 1

@@ -83,7 +83,7 @@ from fedbus.keywatch import KeyWatch, stored_ms_of
 from fedbus.messaging import Messenger, verifier_for
 from fedbus.coordinator.partials import verified_partial
 from fedbus.privacy.budget import privacy_summary
-from fedbus.protocol.envelope import SIGNATURE_LEN, decode_header
+from fedbus.protocol.envelope import SIGNATURE_LEN, BlobPointer, decode_header
 from fedbus.protocol.messages import (EvalReport, Heartbeat, JobDone, ModelCommand, Partial, RoundClose, Update,
                                       finite_metrics)
 from fedbus.protocol.runs import new_run_id
@@ -985,10 +985,21 @@ class CoordinatorService:
                 "fedbus.job": self.job.job, "fedbus.run": self.run_id, "fedbus.model_version": key})
         return self._round_spans[key]
 
+    def _model_by_reference(self, body, tensors: dict, model: dict, version: int):
+        """An announcement of a model above the inline limit points at the version's committed
+        object (``model``) instead of carrying the model: it is then written once per version
+        (by the commit), not once more per announcement, and workers read it from the models
+        bucket. The strategy's broadcast groups stay in the body."""
+        ref = self.jobstate.model_ref_for(version)
+        if ref is None or sum(t.numel() * t.element_size() for t in model.values()) <= self.job.transport.inline_max_bytes:
+            return body, tensors
+        return (body.model_copy(update={"model": BlobPointer(**ref)}),
+                {k: v for k, v in tensors.items() if k not in model})
+
     async def _open_round(self, a: OpenRound) -> None:
         span = self._span_for(a)
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
-        body, tensors = round_open_message(self.job, a)
+        body, tensors = self._model_by_reference(*round_open_message(self.job, a), a.state, a.model_version)
         await self.messenger.publish(self.subjects.ctl("round.open"), body, tensors,
                                      round=a.round, trace=traceparent, run=self.run_id)
         if self.secure is not None:
@@ -1067,7 +1078,7 @@ class CoordinatorService:
             "fedbus.job": self.job.job, "fedbus.round": a.round, "fedbus.model_version": a.model_version})
         self._round_spans[a.round] = span
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
-        body, tensors = eval_open_message(a)
+        body, tensors = self._model_by_reference(*eval_open_message(a), a.state, a.model_version)
         await self.messenger.publish(self.subjects.ctl("eval.open"), body, tensors, round=a.round, trace=traceparent,
                                      run=self.run_id)
         log.info("eval.opened", round=a.round, model_version=a.model_version, cohort=len(a.cohort))

@@ -21,6 +21,7 @@ from typing import Annotated, ClassVar, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from fedbus.protocol.envelope import BlobPointer
 from fedbus.protocol.codec import (
     DEFAULT_MAX_TENSORS,
     CodecError,
@@ -42,6 +43,8 @@ MAX_FIELDS_BYTES = 256 * KIB  # the msgpack fields section (tensors excluded), u
 MAX_LIST_LEN = 100_000
 MAX_MAP_LEN = 1024
 MAX_STR_BYTES = 4096
+# Tensor names in a committed model object (round.open/eval.open ``model``): "model/<name>".
+MODEL_PREFIX = "model/"
 MAX_COUNT = 2**53 - 1  # integers that are added, weighted or averaged stay exact as floats
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
@@ -130,6 +133,11 @@ class RoundOpen(Body):
     declared: Annotated[list[Count], Field(max_length=MAX_LIST_LEN)] = Field(
         default_factory=list, description="each cohort member's committed sample count, in cohort order: the cap on "
                                           "its update's claim (regional aggregators apply it); empty when unknown")
+    model: BlobPointer | None = Field(
+        None, description="the model by reference: the coordinator's committed object of model_version in the models "
+                          "bucket (its tensors named 'model/<name>', checked against this size and SHA-256 as it is "
+                          "read). Set for models above the inline limit: a version's model is stored once, not once "
+                          "more per announcement. Absent: the model's tensors are in the body")
 
 
 class Update(Body):
@@ -181,6 +189,11 @@ class EvalOpen(Body):
     model_version: Count
     cohort: Cohort
     deadline_ms: Count
+    model: BlobPointer | None = Field(
+        None, description="the model by reference: the coordinator's committed object of model_version in the models "
+                          "bucket (its tensors named 'model/<name>', checked against this size and SHA-256 as it is "
+                          "read). Set for models above the inline limit: a version's model is stored once, not once "
+                          "more per announcement. Absent: the model's tensors are in the body")
 
 
 class EvalReport(Body):
