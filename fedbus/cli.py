@@ -12,6 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedbus.allocator import prefer_huge_pages
+
+prefer_huge_pages()  # before torch's first allocation: its huge-page switch is read once
+
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 USAGE_ERROR = 2  # exit code for bad input files and arguments (argparse uses it too)
 # A job that ends by its own rule exits 0: all rounds done, or stopped before a round that would

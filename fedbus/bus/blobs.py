@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import json
+import mmap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ import structlog
 from nats.js.api import Header, ObjectInfo, ObjectMeta, ObjectMetaOptions
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
 
+from fedbus.allocator import large_buffer
 from fedbus.chunking import regroup
 
 from .layout import BLOBS_BUCKET
@@ -103,7 +105,7 @@ class _ChunkReader:
     """Callback state for one read: writes chunks in order into `buf` and hashes them."""
 
     def __init__(self, size: int, chunks: int) -> None:
-        self.buf = bytearray(size)
+        self.buf = large_buffer(size)  # (huge pages: most of a fresh buffer's first fill is page faults)
         self.chunks = chunks
         self.offset = 0
         self.received = 0
@@ -243,8 +245,9 @@ class BlobStore:
         expected_size: int | None = None,
         expected_digest: str | None = None,
         timeout: float | None = None,
-    ) -> bytearray:
-        """Read and verify a blob. Raises BlobNotFound, BlobIntegrityError, TimeoutError.
+    ) -> bytearray | mmap.mmap:
+        """Read and verify a blob into a writable buffer of its own (``large_buffer``).
+        Raises BlobNotFound, BlobIntegrityError, TimeoutError.
         ``timeout`` (seconds for the whole read) defaults to ``read_timeout_s`` of its size."""
         info = await self.info(name)
         if info.is_link():
@@ -269,7 +272,7 @@ class BlobStore:
             raise BlobIntegrityError("digest_mismatch", f"read {format_digest(actual)}, declared {info.digest}")
         return buf
 
-    async def _read_chunks(self, info: ObjectInfo, timeout: float) -> tuple[bytearray, bytes]:
+    async def _read_chunks(self, info: ObjectInfo, timeout: float) -> tuple[bytearray | mmap.mmap, bytes]:
         size, chunks = info.size or 0, info.chunks or 0
         subject = f"$O.{self.bucket}.C.{info.nuid}"
         # Count the stored chunks first (a small JSON answer): a purged object fails
