@@ -126,10 +126,11 @@ def test_full_size_chunks_from_unaligned_pieces_seal_lazily_and_open_in_place():
     plain = bytes(range(251)) * 10_000  # 2.4 full chunks, gathered across piece boundaries
     pieces = [plain[:5], memoryview(plain)[5:1_500_000], bytearray(plain[1_500_000:])]
     length, stream = seal_pieces(pieces, COORD.encryption_public_key, sender_secret=W1.encryption_key)
-    sizes = [len(piece) for piece in stream]
-    assert sizes == [SEAL_HEADER, 2 ** 20 + SEAL_TAG, 2 ** 20 + SEAL_TAG, len(plain) - 2 ** 21 + SEAL_TAG]
+    produced = list(stream)
+    assert [len(p) for p in produced] == [SEAL_HEADER, 2 ** 20 + SEAL_TAG, 2 ** 20 + SEAL_TAG,
+                                          len(plain) - 2 ** 21 + SEAL_TAG]
     box = seal_body(plain, COORD.encryption_public_key, sender_secret=W1.encryption_key)
-    assert len(box) == length == sum(sizes)
+    assert b"".join(produced) == box and len(box) == length
     assert bytes(open_body(bytearray(box), COORD.encryption_key, in_place=True)) == plain
     assert open_body(box, COORD.encryption_key) == plain
 
