@@ -8,6 +8,8 @@ import asyncio
 import pytest
 import torch
 import yaml
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from nacl.bindings import crypto_scalarmult
 from nacl.public import PrivateKey
 from pydantic import ValidationError
 
@@ -18,6 +20,8 @@ from fedbus.crypto.keys import Identity, b64
 from fedbus.crypto import sealing
 from fedbus.crypto.sealing import (
     SEAL_HEADER,
+    SEAL_MAGIC,
+    SEAL_TAG,
     sealed_length,
     seal_pieces,
     SEAL_OVERHEAD,
@@ -92,17 +96,21 @@ def test_a_sealed_body_is_a_chunked_stream_without_the_plaintext():
 
 def test_a_multi_chunk_body_opens_only_whole_and_in_order(monkeypatch):
     monkeypatch.setattr(sealing, "SEAL_CHUNK", 64)
-    step = 64 + 17
+    step = 64 + SEAL_TAG
     plain = bytes(range(256)) * 2  # 8 chunks of 64
-    length, pieces = seal_pieces([plain[:100], memoryview(plain)[100:]], COORD.encryption_public_key,
+    # Pieces that chunks straddle (gathered) and lie within (encrypted from the view), one empty.
+    length, pieces = seal_pieces([plain[:100], b"", memoryview(plain)[100:]], COORD.encryption_public_key,
                                  sender_secret=W1.encryption_key)
     box = b"".join(pieces)
     assert len(box) == length == SEAL_HEADER + 8 * step
     assert open_body(box, COORD.encryption_key) == plain
     head, chunks = box[:SEAL_HEADER], [box[SEAL_HEADER + i * step:SEAL_HEADER + (i + 1) * step] for i in range(8)]
-    damaged = [head + b"".join(chunks[:-1]),                            # last chunk dropped
+    damaged = [head + b"".join(chunks[:-1]),                            # cut at a chunk boundary
+               head + chunks[0],                                          # only the first chunk
                head + b"".join([chunks[1], chunks[0], *chunks[2:]]),      # two chunks swapped
-               head + b"".join(chunks) + chunks[-1]]                      # a chunk appended
+               head + b"".join([chunks[0], chunks[0], *chunks[2:]]),      # a chunk repeated
+               head + b"".join(chunks) + chunks[-1],                      # a chunk appended
+               box + bytes(5)]                                            # no length a body seals to
     for bad in damaged:
         with pytest.raises(SealError):
             open_body(bad, COORD.encryption_key)
@@ -112,6 +120,68 @@ def test_a_multi_chunk_body_opens_only_whole_and_in_order(monkeypatch):
     assert bytes(opened) == plain and opened.obj is buf
     empty = seal_body(b"", COORD.encryption_public_key)
     assert len(empty) == SEAL_OVERHEAD and open_body(empty, COORD.encryption_key) == b""
+
+
+def test_full_size_chunks_from_unaligned_pieces_seal_lazily_and_open_in_place():
+    plain = bytes(range(251)) * 10_000  # 2.4 full chunks, gathered across piece boundaries
+    pieces = [plain[:5], memoryview(plain)[5:1_500_000], bytearray(plain[1_500_000:])]
+    length, stream = seal_pieces(pieces, COORD.encryption_public_key, sender_secret=W1.encryption_key)
+    produced = list(stream)
+    assert [len(p) for p in produced] == [SEAL_HEADER, 2 ** 20 + SEAL_TAG, 2 ** 20 + SEAL_TAG,
+                                          len(plain) - 2 ** 21 + SEAL_TAG]
+    box = seal_body(plain, COORD.encryption_public_key, sender_secret=W1.encryption_key)
+    assert b"".join(produced) == box and len(box) == length
+    assert bytes(open_body(bytearray(box), COORD.encryption_key, in_place=True)) == plain
+    assert open_body(box, COORD.encryption_key) == plain
+
+
+def _restream(box: bytes, chunks: list[bytes], last_flags: list[int], *, ad: bytes | None = None) -> bytes:
+    """``chunks`` re-encrypted under ``box``'s header and key (sealed to COORD), with the
+    given last-chunk flags: what only the recipient or the sender could forge."""
+    header = box[:SEAL_HEADER]
+    eph = header[len(SEAL_MAGIC):]
+    key = sealing._body_key(crypto_scalarmult(bytes(COORD.encryption_key), eph), eph,
+                            bytes(COORD.encryption_public_key))
+    aead = AESGCM(key)
+    return header + b"".join(aead.encrypt(i.to_bytes(11, "big") + bytes([flag]), chunk, header if ad is None else ad)
+                             for i, (chunk, flag) in enumerate(zip(chunks, last_flags, strict=True)))
+
+
+def test_only_the_last_chunk_may_carry_the_last_flag_and_it_must(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK", 64)
+    plain = bytes(range(256)) * 2
+    box = seal_body(plain, COORD.encryption_public_key, sender_secret=W1.encryption_key)
+    parts = [plain[i * 64:(i + 1) * 64] for i in range(8)]
+    # The construction as specified: counter || flag nonces, the header as associated data.
+    assert _restream(box, parts, [0] * 7 + [1]) == box
+    # Re-flagged, a shorter body is a body (so what fails below is the flag, not the length).
+    assert open_body(_restream(box, parts[:7], [0] * 6 + [1]), COORD.encryption_key) == plain[:448]
+    forged = {"cut at a chunk boundary": _restream(box, parts[:7], [0] * 7),
+              "no last chunk": _restream(box, parts, [0] * 8),
+              "last flag moved": _restream(box, parts, [0, 0, 0, 1, 0, 0, 0, 0]),
+              "last flag twice": _restream(box, parts, [0, 0, 0, 1, 0, 0, 0, 1]),
+              "another header bound": _restream(box, parts, [0] * 7 + [1], ad=b"FBS3" + bytes(32)),
+              # authentic chunks, but an empty last chunk after full ones is no sealed length
+              "empty last chunk": _restream(box, [*parts, b""], [0] * 8 + [1])}
+    for what, bad in forged.items():
+        with pytest.raises(SealError):
+            open_body(bad, COORD.encryption_key)
+            pytest.fail(f"{what} opened")
+
+
+def test_a_chunk_from_another_body_does_not_open_under_this_header(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK", 64)
+    step = 64 + SEAL_TAG
+    plain = bytes(range(256)) * 2
+    other = bytes(reversed(plain))  # same length, so every chunk lines up
+    box, foreign = (seal_body(p, COORD.encryption_public_key, sender_secret=W1.encryption_key) for p in (plain, other))
+    spliced = box[:SEAL_HEADER + 2 * step] + foreign[SEAL_HEADER + 2 * step:SEAL_HEADER + 3 * step] \
+        + box[SEAL_HEADER + 3 * step:]
+    assert len(spliced) == len(box) and spliced != box
+    for bad in (spliced, box[:SEAL_HEADER] + foreign[SEAL_HEADER:]):
+        with pytest.raises(SealError):
+            open_body(bad, COORD.encryption_key)
+    assert open_body(foreign, COORD.encryption_key) == other
 
 
 def test_the_same_update_seals_to_the_same_bytes_and_nothing_else_does():
