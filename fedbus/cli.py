@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,45 @@ def add_metrics_options(parser: argparse.ArgumentParser) -> None:
                    help="serve /metrics on this port (0: any free port, logged as metrics.serving); default: off")
     g.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
                    help="address /metrics binds to (default 127.0.0.1: only this machine can scrape)")
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A byte count: an integer, optionally with K, M, G or T (powers of 1024; ``512M``, ``2GiB``)."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
+    number = raw[: len(raw) - len(unit)].strip()
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 0, 268435456, 512M, 2G)")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def add_spill_options(parser: argparse.ArgumentParser, default_dir: str) -> None:
+    g = parser.add_argument_group("spilling buffered robust rules (docs/data-path.md)")
+    g.add_argument("--spill-above", type=byte_size, default=None, metavar="BYTES",
+                   help="a robust rule (median, trimmed_mean, krum, bulyan, geometric_median, with nnm or bucketing) "
+                        "keeps up to BYTES of a round's updates in memory and the rest in an unlinked memory-mapped "
+                        "file (page cache the kernel can drop and re-read); 0 spills every update, 512M, 2G; "
+                        "default: off")
+    g.add_argument("--spill-dir", metavar="DIR",
+                   help=f"where the spill files go: a directory on a disk, not tmpfs (default {default_dir})")
+
+
+def configure_spill_from(args: argparse.Namespace, default_dir: Path) -> None:
+    """Apply --spill-above/--spill-dir to this process (fedbus/spill.py); CliError if unusable."""
+    if args.spill_above is None:
+        if args.spill_dir:
+            raise CliError("--spill-dir needs --spill-above BYTES")
+        return
+    from fedbus.spill import configure_spill
+
+    directory = Path(args.spill_dir) if args.spill_dir else default_dir
+    try:
+        configure_spill(directory, args.spill_above)
+    except OSError as exc:
+        raise CliError(f"--spill-dir {directory}: {_describe(exc)}") from None
 
 
 def credentials_from(args: argparse.Namespace):
@@ -218,6 +258,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/{job.job}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    configure_spill_from(args, run_dir / "spill")
     span_file = args.span_file or str(run_dir / "spans.jsonl")
     with _sealing_errors():
         service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
@@ -250,6 +291,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedbus.aggregator.service import AggregatorService
 
     torch.set_num_threads(args.threads)
+    # A region_strategy may be a robust rule, buffered like the coordinator's.
+    configure_spill_from(args, Path(tempfile.gettempdir()))
     try:
         service = AggregatorService(job, federation, identity, args.region, args.nats, credentials=credentials)
     except ValueError as exc:
@@ -777,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     c.add_argument("--resume", action="store_true",
                    help="continue the job from its last committed round (KV job state) instead of starting over")
+    add_spill_options(c, "<run-dir>/spill")
     add_metrics_options(c)
     c.set_defaults(func=cmd_coordinator)
 
@@ -789,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(a)
     a.add_argument("--span-file", help="JSONL span file (env FEDBUS_SPAN_FILE)")
     a.add_argument("--threads", type=int, default=1)
+    add_spill_options(a, "the temporary directory, $TMPDIR or /tmp")
     add_metrics_options(a)
     a.set_defaults(func=cmd_aggregator)
 

@@ -198,3 +198,16 @@ def test_sim_overrides_are_validated(tmp_path, extra, expected):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(expected), line
+
+
+def test_coordinator_spill_options_are_checked_before_it_starts(tmp_path):
+    files = _setup(tmp_path)
+    argv = _role_argv("coordinator", files, job=files["job"])
+    (tmp_path / "afile").write_text("")
+    unusable = tmp_path / "afile" / "spill"
+    result = fedbus(*argv, "--spill-above", "512M", "--spill-dir", str(unusable), cwd=tmp_path)
+    _assert_one_line_error(result, f"fedbus: --spill-dir {unusable}: Not a directory")
+    result = fedbus(*argv, "--spill-dir", str(tmp_path), cwd=tmp_path)
+    _assert_one_line_error(result, "fedbus: --spill-dir needs --spill-above BYTES")
+    result = fedbus(*argv, "--spill-above", "1.5G", cwd=tmp_path)
+    assert result.returncode == 2 and "is not a byte count" in result.stderr

@@ -11,6 +11,14 @@ Buffered rules are not mergeable: they compare contributions with each other, so
 need each one in the clear (``needs_plaintext``); ``partial()`` and ``merge()`` raise
 StrategyConfigError.
 
+Above a threshold the buffer spills (``fedbus/spill.py``, configured per process by
+``fedbus coordinator|aggregator --spill-above BYTES``): once the contributions it keeps in
+memory would pass ``threshold`` bytes, every further contribution's tensors (deltas and
+tensor extras) are written to a file and kept through a copy-on-write mapping of it, page
+cache the kernel can drop and read again instead of anonymous memory. The values are the
+same bits, so every rule's result is identical; if a contribution cannot be written (a
+full disk), it and the rest of the round stay in memory, with a warning.
+
 The rules see a ``Cohort``: the float tensors of every contribution as one flat vector of
 deltas Δ_i = y_i − x_t per client, in float64 (complex tensors as real/imaginary pairs). That
 vector is never materialised for the whole model when it is large: ``chunks()`` yields
@@ -23,15 +31,20 @@ buffers go through ``IntegerBufferCarry`` exactly as in FedAvg.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 
 import numpy as np
+import structlog
 import torch
 
 from fedbus.aggregation.base import (ClientUpdate, Contribution, IntegerBufferCarry, InvalidUpdate, State,
                                      StrategyConfigError,
                                      as_contribution, check_finite_result, float_keys, from_real64, require,
                                      to_real64, validate_contribution, wide_dtype, widened)
+from fedbus.spill import SpillPolicy, SpillWriter, is_spilled, spill_policy, spill_state, state_bytes
+
+log = structlog.get_logger(__name__)
 
 # float64 working set per chunk: large enough to vectorise, small next to the buffered cohort.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -162,22 +175,41 @@ class Cohort:
                 flat[key][s:e].copy_(block[r])
         return [{k: out[k] if k in out else carried[k].clone() for k in self.global_state} for out in outs]
 
-    def mix_deltas(self, coeffs: torch.Tensor, dtypes: dict[str, torch.dtype] | None = None) -> list[State]:
+    def delta_layout(self, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Shape and dtype of each float tensor's delta as ``mix_deltas`` makes it."""
+        return {k: (self.global_state[k].shape, (dtypes or {}).get(k) or wide_dtype(self.global_state[k]))
+                for k in self.keys}
+
+    def mix_deltas(self, coeffs: torch.Tensor, dtypes: dict[str, torch.dtype] | None = None,
+                   spill_to: SpillWriter | None = None) -> list[State]:
         """For each row r of ``coeffs`` (k × n): the delta sum_j coeffs[r, j] Δ_j per float tensor,
         computed in float64 in one pass over the chunks and stored in ``dtypes[key]`` (default
         float64/complex128; complex tensors take the complex dtype). Integer buffers are not
-        included: pre-aggregations carry them over the original contributions."""
+        included: pre-aggregations carry them over the original contributions.
+
+        Rows that ``spill_to`` lays out (keys ``(r, name)``, each as ``delta_layout(dtypes)``)
+        are written to its file chunk by chunk and come back file-backed, all in one mapping;
+        the others are built in memory.
+        """
         require(coeffs.dim() == 2 and coeffs.shape[1] == self.n, f"mix: coefficients must be k x {self.n}")
         c = coeffs.to(torch.float64)
-        wanted = {k: (dtypes or {}).get(k) or wide_dtype(self.global_state[k]) for k in self.keys}
-        outs: list[State] = [{k: torch.empty(self.global_state[k].shape, dtype=wanted[k]) for k in self.keys}
-                             for _ in range(c.shape[0])]
+        layout = self.delta_layout(dtypes)
+        spilled = {r for r, _ in spill_to.keys} if spill_to is not None else set()
+        outs: list[State] = [{} if r in spilled else {k: torch.empty(shape, dtype=dtype)
+                                                      for k, (shape, dtype) in layout.items()}
+                             for r in range(c.shape[0])]
         flats = [{k: (torch.view_as_real(t) if t.is_complex() else t).reshape(-1) for k, t in out.items()}
                  for out in outs]
         for key, s, e, m in self.chunks():
             block = c @ m
             for r, flat in enumerate(flats):
-                flat[key][s:e].copy_(block[r])
+                if r in spilled:
+                    spill_to.write_values((r, key), s, block[r])  # the same rounding as copy_ below
+                else:
+                    flat[key][s:e].copy_(block[r])
+        if spilled:
+            for (r, key), t in spill_to.finish().items():
+                outs[r][key] = t
         return outs
 
     # ---- back to a model --------------------------------------------------------------
@@ -198,9 +230,37 @@ class Cohort:
         return {k: out[k] for k in self.global_state}
 
 
+def contribution_tensors(c: Contribution) -> dict[tuple[str, ...], torch.Tensor]:
+    """Every tensor a contribution holds: its deltas, and its extras that are a tensor or a
+    group of tensors (scalars are left alone)."""
+    out: dict[tuple[str, ...], torch.Tensor] = {("delta", k): t for k, t in c.delta.items()}
+    for name, v in c.extras.items():
+        if isinstance(v, torch.Tensor):
+            out[("extra", name)] = v
+        elif isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+            out.update({("extra", name, k): t for k, t in v.items()})
+    return out
+
+
+def spilled(c: Contribution, directory=None) -> Contribution:
+    """``c`` with every tensor it holds moved to one copy-on-write mapped file (``fedbus/spill.py``),
+    except those already in one (``is_spilled``)."""
+    mapped = spill_state({k: t for k, t in contribution_tensors(c).items() if not is_spilled(t)}, directory)
+    delta = {k: mapped.get(("delta", k), t) for k, t in c.delta.items()}
+    extras = dict(c.extras)
+    for key, t in mapped.items():
+        if key[0] == "extra" and len(key) == 2:
+            extras[key[1]] = t
+        elif key[0] == "extra":
+            extras[key[1]] = {**extras[key[1]], key[2]: t}
+    return replace(c, delta=delta, extras=extras)
+
+
 class UpdateBuffer:
     """Keeps a round's validated contributions for rules that need the whole cohort at once:
-    O(cohort x model) memory. Not mergeable (see the module docstring)."""
+    O(cohort x model) memory, of which at most the spill threshold in anonymous memory when
+    spilling is configured (``resident_bytes``; the rest is file-backed, ``spilled_bytes``).
+    Not mergeable (see the module docstring)."""
 
     def __init__(self, global_state: State, base_version: int = 0, rule: str = ""):
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
@@ -209,6 +269,9 @@ class UpdateBuffer:
         self._wide: State | None = None  # the base in float64, built on the first conversion
         self._updates: list[Contribution] = []
         self._total_weight = 0.0
+        self._spill: SpillPolicy | None = spill_policy()  # fixed for the round
+        self.resident_bytes = 0  # contributions' tensor bytes kept in memory
+        self.spilled_bytes = 0  # ... and in spill files
 
     @property
     def count(self) -> int:
@@ -224,8 +287,26 @@ class UpdateBuffer:
 
     def fold(self, c: Contribution) -> None:
         w = validate_contribution(self._global, self.base_version, c)
-        self._updates.append(c)
+        self._updates.append(self._kept(c))
         self._total_weight += w
+
+    def _kept(self, c: Contribution) -> Contribution:
+        """``c`` as the buffer keeps it: in memory up to the spill threshold, file-backed beyond."""
+        tensors = contribution_tensors(c)
+        self.spilled_bytes += state_bytes({k: t for k, t in tensors.items() if is_spilled(t)})  # written already
+        size = state_bytes({k: t for k, t in tensors.items() if not is_spilled(t)})
+        if self._spill is not None and size and self.resident_bytes + size > self._spill.threshold:
+            try:
+                kept = spilled(c, self._spill.directory)
+            except OSError as exc:  # a full or vanished disk: memory is still correct
+                log.warning("spill.failed", worker=c.worker_id, bytes=size, directory=str(self._spill.directory),
+                            error=f"{type(exc).__name__}: {exc}", detail="the rest of this round stays in memory")
+                self._spill = None
+            else:
+                self.spilled_bytes += size
+                return kept
+        self.resident_bytes += size
+        return c
 
     def _wide_base(self) -> State:
         if self._wide is None:
@@ -266,6 +347,7 @@ class UpdateBuffer:
         self.partial()
 
     def finalize(self) -> State:
+        self._wide = None  # only from_local_state needs the float64 base: 2P less while the rule runs
         return self.result()
 
     def result(self) -> State:

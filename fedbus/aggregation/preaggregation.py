@@ -14,7 +14,9 @@ AggregationRule wrapper, which is whatever its rule is (name, buffered nature, e
 tensor groups, server state) and refuses streaming rules, for which a mean of means is
 just the mean.
 
-Memory: the k inputs, in the model's dtype, on top of the buffered cohort.
+Memory: the k inputs, in the model's dtype, on top of the buffered cohort. When the
+buffer spills (``fedbus/spill.py``), the inputs beyond the spill threshold are written to
+one file as the one pass over the cohort computes them, so they never sit in memory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from fedbus.aggregation.base import (
@@ -37,6 +40,9 @@ from fedbus.aggregation.base import (
     scalar_of,
 )
 from fedbus.aggregation.cohort import Cohort, UpdateBuffer
+from fedbus.spill import SpillWriter, state_bytes
+
+log = structlog.get_logger(__name__)
 
 ROUNDS_BEGUN = "preaggregation.rounds_begun"
 ROBUST_RULES = "median, trimmed_mean, geometric_median, krum, multi_krum or bulyan"
@@ -86,13 +92,41 @@ class PreAggregator(UpdateBuffer):
         # the original contributions (an average of counters is not a counter).
         zero_counters = {k: torch.zeros(v.shape, dtype=torch.int64) for k in counter_keys(self._global)
                          for v in (self._global[k],)}
-        # Mixed inputs in the model's dtypes, like the updates they came from (memory: k models).
-        mixed = cohort.mix_deltas(mixing.coeffs, self.model_dtypes())
-        for wid, weight, delta in zip(mixing.ids, mixing.num_samples, mixed):
+        # Mixed inputs in the model's dtypes, like the updates they came from (memory: k models,
+        # or up to the spill threshold).
+        mixed = self._mixed(cohort, mixing.coeffs, state_bytes(zero_counters))
+        for wid, weight in zip(mixing.ids, mixing.num_samples):
+            delta = mixed.pop(0)
             self.inner.fold(Contribution(wid, self.base_version, float(weight), {**delta, **zero_counters}))
         out = self.inner.finalize()
         out.update(cohort.carry())
         return {k: out[k] for k in self._global}
+
+    def _mixed(self, cohort: Cohort, coeffs: torch.Tensor, extra_bytes: int) -> list[State]:
+        """The inner rule's inputs. Spilling, the first ones are kept in memory as long as the
+        inner buffer (the same threshold) would keep them, and the rest go to one spill file as
+        they are computed; if it cannot be written, all of them are computed in memory."""
+        dtypes = self.model_dtypes()
+        if self._spill is None:
+            return cohort.mix_deltas(coeffs, dtypes)
+        layout = cohort.delta_layout(dtypes)
+        size = sum(shape.numel() * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values()) \
+            + extra_bytes
+        in_memory = self._spill.threshold // size if size else coeffs.shape[0]
+        rows = range(min(in_memory, coeffs.shape[0]), coeffs.shape[0])
+        if not rows:
+            return cohort.mix_deltas(coeffs, dtypes)
+        writer = None
+        try:
+            writer = SpillWriter({(r, k): v for r in rows for k, v in layout.items()}, self._spill.directory)
+            return cohort.mix_deltas(coeffs, dtypes, writer)
+        except OSError as exc:  # a full or vanished disk: memory is still correct
+            log.warning("spill.failed", rule=self.rule, directory=str(self._spill.directory),
+                        error=f"{type(exc).__name__}: {exc}", detail="the mixed inputs stay in memory")
+        finally:
+            if writer is not None:
+                writer.abort()  # nothing left of one that finished
+        return cohort.mix_deltas(coeffs, dtypes)
 
 
 class PreAggregation(AggregationRule):
