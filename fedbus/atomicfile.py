@@ -10,11 +10,11 @@ the target, then fsync the directory so the rename itself survives a power cut.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import math
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
     applies. On any failure the old file (or its absence) is left as it was and the
     temporary file is removed.
     """
+    atomic_write_with(path, lambda fd: _write_all(fd, data), mode=mode)
+
+
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[int], None], *, mode: int = 0o666) -> None:
+    """``atomic_write_bytes`` with the content written by ``write(fd)`` (a stream, never one buffer)."""
     target = Path(path)
     directory = target.parent
     tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
         try:
-            _write_all(fd, data)
+            write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -100,9 +105,37 @@ def atomic_write_json(path: str | os.PathLike[str], value: Any, *, indent: int |
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` that never leaves a truncated file: serialize to memory, then replace."""
+    """``torch.save`` that never leaves a truncated file: written to a temporary file, then
+    replaced. (Straight to the file: serializing into memory first cost a model's size of
+    memory at the end of every job.)"""
     import torch  # imported here: key handling and the CLI's fast paths do not need torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getbuffer())
+    def write(fd: int) -> None:
+        writer = _FdWriter(fd)
+        try:
+            torch.save(obj, writer)
+        except Exception:
+            if writer.error is not None:  # torch's writer reports a failed write as a RuntimeError
+                raise writer.error from None
+            raise
+
+    atomic_write_with(path, write)
+
+
+class _FdWriter:
+    """A write-only file object over a descriptor (torch.save streams its records into it)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            _write_all(self.fd, data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass

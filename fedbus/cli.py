@@ -81,6 +81,11 @@ def byte_size(text: str) -> int:
     return int(number) * _SIZE_UNITS[unit]
 
 
+def optional_byte_size(text: str) -> int | None:
+    """``byte_size``, or None for "off"."""
+    return None if text.strip().lower() == "off" else byte_size(text)
+
+
 def add_spill_options(parser: argparse.ArgumentParser, default_dir: str) -> None:
     g = parser.add_argument_group("spilling buffered robust rules (docs/data-path.md)")
     g.add_argument("--spill-above", type=byte_size, default=None, metavar="BYTES",
@@ -262,7 +267,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     span_file = args.span_file or str(run_dir / "spans.jsonl")
     with _sealing_errors():
         service = CoordinatorService(job, federation, identity, args.nats, run_dir, resume=args.resume,
-                                     credentials=credentials, span_file=span_file)
+                                     credentials=credentials, span_file=span_file, page_out_above=args.page_out_above)
 
     async def go() -> int:
         summary = await service.run()
@@ -821,6 +826,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue the job from its last committed round (KV job state) instead of starting over")
     add_spill_options(c, "<run-dir>/spill")
+    c.add_argument("--page-out-above", type=optional_byte_size, default="256M", metavar="BYTES",
+                   help="a model of at least BYTES waits for its next use (the round's aggregation) in an unlinked "
+                        "file under <run-dir>/spill, mapped, instead of anonymous memory: the coordinator then holds "
+                        "about twice the model, not three times (docs/data-path.md); 'off' keeps it in memory "
+                        "(default 256M)")
     add_metrics_options(c)
     c.set_defaults(func=cmd_coordinator)
 

@@ -291,6 +291,15 @@ def page_out_(state: Mapping[object, torch.Tensor], directory: str | Path | None
     (a module's parameters do, for its ``state_dict()``: page out the parameters themselves).
     Writing a paged-out tensor in place works; the pages written become anonymous again.
     """
+    prepare_page_out(state, directory)()
+
+
+def prepare_page_out(state: Mapping[object, torch.Tensor], directory: str | Path | None = None
+                     ) -> Callable[[], None]:
+    """``page_out_`` in two steps: this one writes and maps the file (it only reads the
+    tensors, so it may run in a worker thread while nothing writes them) and returns the
+    rebinding, which the thread that owns the tensors calls (``Tensor.set_`` swaps a
+    storage under whoever might be reading it on another thread)."""
     tensors: list[torch.Tensor] = []
     seen: set[int] = set()
     for name, t in state.items():
@@ -323,13 +332,21 @@ def page_out_(state: Mapping[object, torch.Tensor], directory: str | Path | None
     mapped, file_offset = _written({k: ((p.numel(),), torch.uint8) for k, p in pieces.items()}, pieces.__getitem__,
                                    directory).finish_storage()
     del pieces
-    with torch.no_grad():  # set_ on a leaf that requires grad (a Parameter) is no autograd operation
-        for t, key, start in live:
-            at = file_offset[key] + start - spans[key][1]
-            t.set_(mapped, at // t.element_size(), t.shape, t.stride())
-        for t in tensors:
-            if t.numel() == 0:  # hold no reference to whatever storage it viewed
-                t.set_(torch.empty(0, dtype=t.dtype).untyped_storage(), 0, t.shape, t.stride())
+    starts = {key: span[1] for key, span in spans.items()}
+    del spans  # (they hold the old storages)
+
+    def rebind() -> None:
+        with torch.no_grad():  # set_ on a leaf that requires grad (a Parameter) is no autograd operation
+            for t, key, start in live:
+                at = file_offset[key] + start - starts[key]
+                t.set_(mapped, at // t.element_size(), t.shape, t.stride())
+            for t in tensors:
+                if t.numel() == 0:  # hold no reference to whatever storage it viewed
+                    t.set_(torch.empty(0, dtype=t.dtype).untyped_storage(), 0, t.shape, t.stride())
+        live.clear()
+        tensors.clear()
+
+    return rebind
 
 
 def state_bytes(state: Mapping[object, torch.Tensor]) -> int:
@@ -338,4 +355,4 @@ def state_bytes(state: Mapping[object, torch.Tensor]) -> int:
 
 
 __all__ = ["SpillPolicy", "SpillWriter", "configure_spill", "disable_spill", "filesystem_type", "is_spilled",
-           "page_out_", "spill_policy", "spill_state", "state_bytes"]
+           "page_out_", "prepare_page_out", "spill_policy", "spill_state", "state_bytes"]

@@ -66,8 +66,10 @@ class StreamingAccumulator:
         self._finalized = False
         self._lean_coeffs = 0.0  # sum of the coefficients folded lean (their sums are of y, not y - x)
         if self.lean:
-            # The base as it is: the round's model, which nothing modifies in place.
-            self._global = {k: v.detach() for k, v in global_state.items()}
+            # The base as it is: the round's model, which nothing modifies in place. The same
+            # tensor objects (not detached aliases), so a coordinator that pages the model out
+            # to a file mapping between its uses (fedbus.spill.page_out_) rebinds these too.
+            self._global = {k: v if not v.requires_grad else v.detach() for k, v in global_state.items()}
             self._sums = {k: torch.zeros(global_state[k].shape, dtype=lean_sum_dtype(global_state[k]))
                           for k in self._keys}
         else:

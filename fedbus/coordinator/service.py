@@ -28,6 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
 from fedbus.allocator import keep_large_buffers_mapped
+from fedbus.spill import prepare_page_out, state_bytes
 from fedbus.sizing import model_fits, scaled_round_deadline_s
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
@@ -127,10 +128,15 @@ def _seq(msg) -> int | None:
         return None
 
 
+# A model this large waits for its next use in a file mapping (CoordinatorService._page_out_model):
+# 256 MiB, where a third copy of the model starts to matter next to the interpreter's ~0.35 GB.
+DEFAULT_PAGE_OUT_ABOVE = 256 * 1024 * 1024
+
+
 class CoordinatorService:
     def __init__(self, job: JobSpec, federation: Federation, identity: Identity, nats_url: str, run_dir: Path,
                  *, resume: bool = False, credentials: NatsCredentials | None = None,
-                 span_file: str | Path | None = None):
+                 span_file: str | Path | None = None, page_out_above: int | None = DEFAULT_PAGE_OUT_ABOVE):
         federation.listed_as(identity, "coordinator")
         keep_large_buffers_mapped()  # freed update buffers go back to the OS (fedbus/allocator.py)
         self.job = job
@@ -140,6 +146,9 @@ class CoordinatorService:
         self.credentials = credentials
         self.run_dir = Path(run_dir)
         self.span_file = span_file  # the run report's waterfall and training times come from it
+        # Models of at least this many bytes wait for their next use in a file mapping (None: never).
+        self.page_out_above = page_out_above
+        self._paged_version: int | None = None
         self._final_manifest: dict | None = None
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.task = load_task(job.task)
@@ -996,6 +1005,30 @@ class CoordinatorService:
         return (body.model_copy(update={"model": BlobPointer(**ref)}),
                 {k: v for k, v in tensors.items() if k not in model})
 
+    async def _page_out_model(self, a: OpenRound) -> None:
+        """Move a large model out of anonymous memory until it is needed again.
+
+        Once a round is announced, nothing reads the model until the round is aggregated
+        (a lean fold adds updates to its sums, never reads the base): its tensors are written
+        to an unlinked file in ``<run-dir>/spill`` and rebound in place to a mapping of it
+        (``fedbus.spill.prepare_page_out``), so the memory that holds them is the file's page
+        cache, which the kernel may drop and read back, until finalize reads the base again.
+        That keeps a round's peak at the sums plus one update in hand (docs/data-path.md). The
+        file is written in a worker thread (it only reads the tensors: the commit and the
+        registry digest are done, the announcement points at the committed object); the
+        rebinding, which swaps storages, runs here on the loop."""
+        if (self.page_out_above is None or a.model_version == self._paged_version
+                or state_bytes(a.state) < self.page_out_above):
+            return
+        try:
+            rebind = await asyncio.to_thread(prepare_page_out, a.state, self.run_dir / "spill")
+        except OSError as exc:  # a full or missing disk: the model stays in memory
+            log.warning("model.page_out_failed", model_version=a.model_version, error=repr(exc)[:200])
+            return
+        rebind()
+        self._paged_version = a.model_version
+        log.debug("model.paged_out", model_version=a.model_version, bytes=state_bytes(a.state))
+
     async def _open_round(self, a: OpenRound) -> None:
         span = self._span_for(a)
         traceparent = inject_trace_headers(otel_trace.set_span_in_context(span)).get("traceparent")
@@ -1004,6 +1037,7 @@ class CoordinatorService:
                                      round=a.round, trace=traceparent, run=self.run_id)
         if self.secure is not None:
             self.secure.open(a)
+        await self._page_out_model(a)
         if self.job.mode == "async":
             log.info("work.assigned", ticket=a.round, model_version=a.model_version, workers=len(a.cohort))
         else:
