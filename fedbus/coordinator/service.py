@@ -1020,8 +1020,10 @@ class CoordinatorService:
         if (self.page_out_above is None or a.model_version == self._paged_version
                 or state_bytes(a.state) < self.page_out_above):
             return
+        directory = self.run_dir / "spill"
         try:
-            rebind = await asyncio.to_thread(prepare_page_out, a.state, self.run_dir / "spill")
+            directory.mkdir(exist_ok=True)
+            rebind = await asyncio.to_thread(prepare_page_out, a.state, directory)
         except OSError as exc:  # a full or missing disk: the model stays in memory
             log.warning("model.page_out_failed", model_version=a.model_version, error=repr(exc)[:200])
             return
