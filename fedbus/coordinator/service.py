@@ -1029,7 +1029,7 @@ class CoordinatorService:
             return
         rebind()
         self._paged_version = a.model_version
-        log.debug("model.paged_out", model_version=a.model_version, bytes=state_bytes(a.state))
+        log.info("model.paged_out", model_version=a.model_version, bytes=state_bytes(a.state))
 
     async def _open_round(self, a: OpenRound) -> None:
         span = self._span_for(a)
