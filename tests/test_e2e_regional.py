@@ -97,7 +97,10 @@ def test_async_fedbuff_through_regional_aggregators(nats_server, tmp_path):
     job = small_job("e2e-regional-async", rounds=8, min_workers=4, min_updates=1, deadline_s=30.0,
                     evaluation={"final_round": False})
     job = type(job).model_validate({**job.model_dump(by_alias=True), "topology": "regional", "mode": "async",
-                                    "async": {"buffer_size": 2, "region_buffer_size": 1, "max_staleness": 4}})
+                                    "async": {"buffer_size": 2, "region_buffer_size": 1, "max_staleness": 4},
+                                    # Bodies above 8 KiB out of line: assignments name their version's
+                                    # committed model (aggregators and workers read the models bucket).
+                                    "transport": {**job.transport.model_dump(), "inline_max_bytes": 8 * 1024}})
     fed = LocalFederation(tmp_path, nats_server.url, job, 4, regions=2, aggregators=True)
     summary = fed.run_job()
     assert summary["reason"] == "completed", fed.tail_logs()
