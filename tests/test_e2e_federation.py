@@ -28,8 +28,11 @@ def test_coordinator_and_three_workers_complete_a_job(nats_server, tmp_path):
     assert summary["updates_accepted"] == 9
     assert summary["updates_rejected"] == {}
     assert [r["accepted"] for r in summary["rounds"]] == [3, 3, 3]
-    # The model learns: round 3 beats round 1 on the coordinator's own test set.
-    assert summary["rounds"][-1]["test_accuracy"] > summary["rounds"][0]["test_accuracy"]
+    # The model learns, on the coordinator's own test set: far above chance (0.1) from round 1
+    # on. (Not "round 3 beats round 1": one IID epoch already reaches ~0.94, and the next
+    # rounds move it by noise; a clean-clone CI run once saw 0.939 then 0.933.)
+    accuracies = [r["test_accuracy"] for r in summary["rounds"]]
+    assert min(accuracies) > 0.8, accuracies
     assert summary["final_metrics"]["federated_accuracy"] > 0.3
     assert (tmp_path / "final_model.pt").exists()
 
