@@ -199,12 +199,14 @@ class MemorySampler:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process (/proc/PID/stat fields 14 and 15)."""
+    """User + system CPU seconds of a live process (None once it is gone)."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        cpu = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu.user + cpu.system
 
 
 def wait_procs(group, names, timeout: float) -> None:

@@ -42,8 +42,6 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 4 * 1024 * 1024
 TRIM_THRESHOLD = 16 * 1024 * 1024
 
-_done = False
-
 
 def prefer_huge_pages() -> None:
     """Ask torch to back its large CPU tensors with transparent huge pages (unless the
@@ -99,6 +97,9 @@ def _mapping(size: int) -> mmap.mmap:
         except OSError:  # no THP on this kernel: 4 KiB pages, as a bytearray would have
             pass
     return buf
+
+
+_done = False
 
 
 def keep_large_buffers_mapped() -> bool:

@@ -178,7 +178,7 @@ class SpillWriter:
         end = 0
         for k, (shape, dtype) in self._layout.items():
             self._offsets[k] = end
-            end = _aligned(end + shape.numel() * torch.empty(0, dtype=dtype).element_size())
+            end = _aligned(end + shape.numel() * dtype.itemsize)
         self.size = end
         self._fd: int | None = None
         self._path: str | None = None
@@ -197,7 +197,7 @@ class SpillWriter:
     def write_bytes(self, key: K, byte_start: int, data: torch.Tensor) -> None:
         """1-D uint8 ``data`` at byte ``byte_start`` of ``key``'s tensor."""
         shape, dtype = self._layout[key]
-        nbytes = shape.numel() * torch.empty(0, dtype=dtype).element_size()
+        nbytes = shape.numel() * dtype.itemsize
         if data.dtype != torch.uint8 or data.dim() != 1 or not 0 <= byte_start <= nbytes - data.numel():
             raise ValueError(f"{key!r}: {data.numel()} bytes at {byte_start} do not fit its {nbytes}")
         if not data.numel():
@@ -213,7 +213,7 @@ class SpillWriter:
         tensor counts real and imaginary parts as elements, as ``view_as_real`` does)."""
         real = _real_dtype(self._layout[key][1])
         data = values.detach().reshape(-1).to(real).contiguous().view(torch.uint8)
-        self.write_bytes(key, start * torch.empty(0, dtype=real).element_size(), data)
+        self.write_bytes(key, start * real.itemsize, data)
 
     def finish_storage(self) -> tuple[torch.UntypedStorage | None, dict[K, int]]:
         """The file mapped copy-on-write (None for an empty layout) and each tensor's byte offset in it."""

@@ -110,7 +110,7 @@ class PreAggregator(UpdateBuffer):
         if self._spill is None:
             return cohort.mix_deltas(coeffs, dtypes)
         layout = cohort.delta_layout(dtypes)
-        size = sum(shape.numel() * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values()) \
+        size = sum(shape.numel() * dt.itemsize for shape, dt in layout.values()) \
             + extra_bytes
         in_memory = self._spill.threshold // size if size else coeffs.shape[0]
         rows = range(min(in_memory, coeffs.shape[0]), coeffs.shape[0])

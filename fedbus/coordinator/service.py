@@ -1000,7 +1000,7 @@ class CoordinatorService:
         (by the commit), not once more per announcement, and workers read it from the models
         bucket. The strategy's broadcast groups stay in the body."""
         ref = self.jobstate.model_ref_for(version)
-        if ref is None or sum(t.numel() * t.element_size() for t in model.values()) <= self.job.transport.inline_max_bytes:
+        if ref is None or state_bytes(model) <= self.job.transport.inline_max_bytes:
             return body, tensors
         return (body.model_copy(update={"model": BlobPointer(**ref)}),
                 {k: v for k, v in tensors.items() if k not in model})
