@@ -29,7 +29,9 @@ dropped are read back from disk when the rule passes over the cohort.
 The file is unlinked right after it is mapped: Linux keeps its blocks while the mapping
 exists, nothing is left behind if the process dies, and the space returns when the last
 tensor on it is garbage-collected. (A crash between creating and mapping the file leaves
-it behind; such files are named ``fedbus-spill-*``.) A directory on tmpfs or ramfs gains
+it behind; such files are named ``fedbus-spill-*``, and ``remove_leftovers`` deletes them:
+the coordinator does at start, in its run directory's ``spill``, which no other process
+shares; a shared directory such as ``$TMPDIR`` is left alone.) A directory on tmpfs or ramfs gains
 nothing (its pages are shared memory, not reclaimable file pages): ``configure_spill``
 warns about it.
 
@@ -98,6 +100,24 @@ def configure_spill(directory: str | Path, threshold: int) -> SpillPolicy:
     _policy = SpillPolicy(path, threshold)
     log.info("spill.configured", directory=str(path), threshold=threshold)
     return _policy
+
+
+def remove_leftovers(directory: str | Path) -> int:
+    """Delete the spill files a killed process left in ``directory`` (a kill between creating
+    a file and mapping it, after which it is unlinked); how many. Only names this module
+    makes, only in that directory. Call before this process spills there."""
+    removed = 0
+    try:
+        entries = list(Path(directory).iterdir())
+    except FileNotFoundError:
+        return 0
+    for path in entries:
+        if path.name.startswith(PREFIX) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("spill.leftovers_removed", directory=str(directory), files=removed)
+    return removed
 
 
 def disable_spill() -> None:
@@ -355,4 +375,4 @@ def state_bytes(state: Mapping[object, torch.Tensor]) -> int:
 
 
 __all__ = ["SpillPolicy", "SpillWriter", "configure_spill", "disable_spill", "filesystem_type", "is_spilled",
-           "page_out_", "prepare_page_out", "spill_policy", "spill_state", "state_bytes"]
+           "page_out_", "prepare_page_out", "remove_leftovers", "spill_policy", "spill_state", "state_bytes"]

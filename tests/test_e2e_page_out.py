@@ -58,11 +58,15 @@ def test_a_paged_out_model_gives_the_same_job_bit_for_bit(nats_server_factory, t
     (paged.run_dir / "federation.yaml").write_bytes((kept.run_dir / "federation.yaml").read_bytes())
     for key in (kept.run_dir / "keys").iterdir():
         (paged.run_dir / "keys" / key.name).write_bytes(key.read_bytes())
+    # What a coordinator SIGKILLed mid page-out leaves (a spill file created, never mapped and
+    # unlinked): the next coordinator on this run directory removes it at start.
+    (paged.run_dir / "spill").mkdir()
+    (paged.run_dir / "spill" / "fedbus-spill-left-by-a-kill").write_bytes(b"\0" * 65536)
     paged_out = run(paged, "0")
 
     assert paged_versions(kept.run_dir) == []
     assert paged_versions(paged.run_dir) == list(range(ROUNDS)), "every round's base was paged out"
-    assert list((paged.run_dir / "spill").iterdir()) == [], "the files are unlinked once mapped"
+    assert list((paged.run_dir / "spill").iterdir()) == [], "the files are unlinked once mapped, leftovers removed"
     assert set(paged_out) == set(in_memory)
     for name, t in in_memory.items():
         assert torch.equal(paged_out[name], t), name

@@ -295,3 +295,18 @@ def test_mixed_inputs_are_written_as_computed_or_else_computed_in_memory(tmp_pat
     assert acc.spilled_bytes > 0 and acc.inner.spilled_bytes > 0  # the inner buffer spilled them itself
     assert all(same_bits(got[k], expected[k]) for k in expected)
     assert not os.listdir(tmp_path)
+
+
+def test_leftovers_of_a_killed_process_are_removed_and_nothing_else(tmp_path):
+    from fedbus.spill import PREFIX, remove_leftovers
+
+    stale = tmp_path / f"{PREFIX}abc123"
+    stale.write_bytes(b"x" * 4096)  # created, never mapped: the process died in between
+    other = tmp_path / "notes.txt"
+    other.write_text("keep")
+    target = tmp_path / "elsewhere"
+    target.write_text("keep")
+    (tmp_path / f"{PREFIX}link").symlink_to(target)
+    assert remove_leftovers(tmp_path) == 1
+    assert not stale.exists() and other.exists() and target.exists() and (tmp_path / f"{PREFIX}link").is_symlink()
+    assert remove_leftovers(tmp_path / "missing") == 0

@@ -28,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace as otel_trace
 
 from fedbus.allocator import keep_large_buffers_mapped
-from fedbus.spill import prepare_page_out, state_bytes
+from fedbus.spill import prepare_page_out, remove_leftovers, state_bytes
 from fedbus.sizing import model_fits, scaled_round_deadline_s
 from fedbus.atomicfile import atomic_torch_save
 from fedbus.audit import AuditTrail
@@ -149,6 +149,7 @@ class CoordinatorService:
         # Models of at least this many bytes wait for their next use in a file mapping (None: never).
         self.page_out_above = page_out_above
         self._paged_version: int | None = None
+        remove_leftovers(self.run_dir / "spill")  # a kill mid page-out leaves its file behind
         self._final_manifest: dict | None = None
         self.subjects = Subjects(job.job, prefix=job.transport.prefix)
         self.task = load_task(job.task)
